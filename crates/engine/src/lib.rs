@@ -1,0 +1,26 @@
+//! forgeline's inference engine. candle lives here and only here.
+//!
+//! # Layout
+//! - `error`: the crate's `Error` and `Result`.
+//! - `tokenizer`: tokenizer from tokenizer.json or GGUF metadata; incremental detokenization.
+//! - `chat`: chat templates rendered with minijinja.
+//! - `device`: CPU, or CUDA / Metal behind cargo features.
+//! - `loader`: a located model to a loaded one (weights, tokenizer, template) or its info.
+//! - `model`: forgeline's llama/qwen2 model code, weight loaders, attention kernels.
+//! - `generate`: a generation loop over many sequences, prefill chunks and decodes mixed.
+//! - `kv_cache`: the paged KV cache owned by the engine.
+//! - `registry`: where models come from (path, models/ manifests, Hugging Face cache).
+//! - `sampling`: logits to tokens (greedy, temperature, top-k/p, min-p, repetition penalty).
+
+pub mod chat;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod loader;
+pub mod model;
+pub mod registry;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,166 @@
+//! Loading a located model: weights, tokenizer and chat template, and a description of it
+//! (`ModelInfo`) that can be read without loading the weights.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde::Serialize;
+
+use crate::chat::ChatTemplate;
+use crate::model::weights::{GgufSource, SafetensorsSource, WeightSource};
+use crate::model::{Model, ModelConfig};
+use crate::registry::{Format, ModelLocation};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub format: Format,
+    pub path: PathBuf,
+    pub architecture: String,
+    pub parameters: u64,
+    pub quantization: String,
+    pub size_bytes: u64,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub chat_template: String,
+}
+
+/// A model ready to run: weights, tokenizer, chat template.
+pub struct LoadedModel {
+    pub info: ModelInfo,
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+enum Opened {
+    Gguf(GgufSource),
+    Safetensors(SafetensorsSource, ModelConfig),
+}
+
+struct Parts {
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    source: Opened,
+}
+
+fn open(loc: &ModelLocation) -> Result<Parts> {
+    match loc.format {
+        Format::Gguf => {
+            let src = GgufSource::open(&loc.path)?;
+            let cfg = ModelConfig::from_gguf(&src.content, &loc.path)?;
+            let tokenizer = Tokenizer::from_gguf(&src.content, &loc.path)?;
+            let template = ChatTemplate::from_gguf(&src.content, &tokenizer)?
+                .unwrap_or_else(|| ChatTemplate::chatml(&tokenizer));
+            Ok(Parts {
+                cfg,
+                tokenizer,
+                template,
+                source: Opened::Gguf(src),
+            })
+        }
+        Format::Safetensors => {
+            let dir = &loc.path;
+            let cfg_path = dir.join("config.json");
+            let json = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let cfg = ModelConfig::from_hf_config(&json, &cfg_path)?;
+            let tok_path = dir.join("tokenizer.json");
+            if !tok_path.exists() {
+                return Err(Error::bad_model(dir, "missing tokenizer.json"));
+            }
+            let tokenizer = Tokenizer::from_file(&tok_path)?;
+            let tc = dir.join("tokenizer_config.json");
+            let template = if tc.exists() {
+                ChatTemplate::from_tokenizer_config(&tc, &tokenizer)?
+            } else {
+                None
+            }
+            .unwrap_or_else(|| ChatTemplate::chatml(&tokenizer));
+            let src = SafetensorsSource::open(dir)?;
+            Ok(Parts {
+                cfg: cfg.clone(),
+                tokenizer,
+                template,
+                source: Opened::Safetensors(src, cfg),
+            })
+        }
+    }
+}
+
+fn info(loc: &ModelLocation, p: &Parts) -> ModelInfo {
+    let src: &dyn WeightSource = match &p.source {
+        Opened::Gguf(s) => s,
+        Opened::Safetensors(s, _) => s,
+    };
+    let (size_bytes, quantization) = src.summary();
+    let c = &p.cfg;
+    let (h, i, v) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
+    let (q, kv) = (
+        (c.num_heads * c.head_dim) as u64,
+        (c.num_kv_heads * c.head_dim) as u64,
+    );
+    let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
+    let head = if c.tie_word_embeddings { 0 } else { v * h };
+    ModelInfo {
+        name: loc.name.clone(),
+        format: loc.format,
+        path: loc.path.clone(),
+        architecture: c.arch.as_str().into(),
+        parameters: v * h + c.num_layers as u64 * per_layer + h + head,
+        quantization,
+        size_bytes,
+        context_length: c.context_length,
+        vocab_size: c.vocab_size,
+        layers: c.num_layers,
+        hidden_size: c.hidden_size,
+        heads: c.num_heads,
+        kv_heads: c.num_kv_heads,
+        chat_template: p.template.source().to_string(),
+    }
+}
+
+/// Describes a model without loading its weights.
+pub fn inspect(loc: &ModelLocation) -> Result<ModelInfo> {
+    Ok(info(loc, &open(loc)?))
+}
+
+pub fn load(loc: &ModelLocation, device: &Device) -> Result<LoadedModel> {
+    let _span = tracing::info_span!("load", model = %loc.name).entered();
+    let started = std::time::Instant::now();
+    let mut parts = open(loc)?;
+    let info = info(loc, &parts);
+    let model = match &mut parts.source {
+        Opened::Gguf(src) => {
+            let permute = src.rope_interleaved();
+            Model::load(parts.cfg.clone(), src, permute, device)?
+        }
+        Opened::Safetensors(src, cfg) => Model::load(cfg.clone(), src, false, device)?,
+    };
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    Ok(LoadedModel {
+        info,
+        model,
+        tokenizer: parts.tokenizer,
+        chat_template: parts.template,
+    })
+}
+
+impl LoadedModel {
+    pub fn path(&self) -> &Path {
+        &self.info.path
+    }
+}

@@ -1,0 +1,352 @@
+//! Attention over the paged KV cache, for a batch that mixes sequences of different lengths.
+//!
+//! Two implementations of the same math:
+//! - `cpu`: two fused kernels (write rotated K and V into their slots; attend each query to its
+//!   own sequence's slots), parallel over (token, head) on candle's CPU thread pool. One op per
+//!   step instead of a dozen small ones: on a small model, per-op overhead is most of the time.
+//! - `generic`: candle tensor ops only (scatter into the cache, gather each sequence's slots,
+//!   matmul attention with a causal mask). Runs on every device; CUDA and Metal use it. Tests
+//!   run it on CPU and compare it with the fused kernels.
+
+use candle_core::{CpuStorage, CustomOp2, InplaceOp2, Layout, Shape, Tensor};
+
+use crate::model::ModelConfig;
+
+/// Per-token and per-sequence indices of one forward call.
+pub struct BatchLayout {
+    /// Position of each token in its sequence.
+    pub positions: Vec<u32>,
+    /// Cache slot each token's K and V are written to.
+    pub write_slots: Vec<u32>,
+    /// Index of each token's sequence.
+    pub token_seq: Vec<u32>,
+    /// For each sequence, the slots of positions 0..=its last position in this batch.
+    pub seq_slots: Vec<Vec<u32>>,
+    /// For each sequence, the range of its tokens in the batch.
+    pub seq_tokens: Vec<std::ops::Range<usize>>,
+}
+
+/// cos/sin of the rotary embedding per position: [positions, head_dim / 2].
+pub struct RopeTable {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+}
+
+impl RopeTable {
+    pub fn new(cfg: &ModelConfig, positions: usize) -> Self {
+        let inv = cfg.rope_inv_freq();
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self { cos, sin, half }
+    }
+
+    /// Rotates `x` (one head, non-interleaved halves) to position `pos`, into `out`.
+    #[inline]
+    fn rotate(&self, x: &[f32], pos: usize, out: &mut [f32]) {
+        let h = self.half;
+        let (c, s) = (
+            &self.cos[pos * h..(pos + 1) * h],
+            &self.sin[pos * h..(pos + 1) * h],
+        );
+        for i in 0..h {
+            let (x0, x1) = (x[i], x[i + h]);
+            out[i] = x0 * c[i] - x1 * s[i];
+            out[i + h] = x0 * s[i] + x1 * c[i];
+        }
+    }
+}
+
+/// Head geometry shared by both implementations.
+#[derive(Clone, Copy)]
+pub struct Heads {
+    pub q: usize,
+    pub kv: usize,
+    pub dim: usize,
+}
+
+impl Heads {
+    pub fn qkv_width(&self) -> usize {
+        (self.q + 2 * self.kv) * self.dim
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// Writes the rotated K and the V of every token of `qkv` [T, qkv_width] into its slot of
+/// the layer's cache [slots, 2, kv_heads, head_dim].
+pub struct WriteKv<'a> {
+    pub heads: Heads,
+    pub batch: &'a BatchLayout,
+    pub rope: &'a RopeTable,
+}
+
+impl InplaceOp2 for WriteKv<'_> {
+    fn name(&self) -> &'static str {
+        "forgeline-write-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let qkv = f32_slice(src, src_l, "qkv")?;
+        let Some((off, _)) = dst_l.contiguous_offsets() else {
+            candle_core::bail!("kv cache must be contiguous")
+        };
+        let cache = match dst {
+            CpuStorage::F32(v) => &mut v[off..],
+            _ => candle_core::bail!("kv cache must be f32"),
+        };
+        let Heads { q, kv, dim } = self.heads;
+        let w = self.heads.qkv_width();
+        let slot_len = 2 * kv * dim;
+        for (t, (&slot, &pos)) in self
+            .batch
+            .write_slots
+            .iter()
+            .zip(&self.batch.positions)
+            .enumerate()
+        {
+            let row = &qkv[t * w..(t + 1) * w];
+            let dst = &mut cache[slot as usize * slot_len..(slot as usize + 1) * slot_len];
+            let (k_dst, v_dst) = dst.split_at_mut(kv * dim);
+            for g in 0..kv {
+                let k = &row[(q + g) * dim..(q + g + 1) * dim];
+                self.rope
+                    .rotate(k, pos as usize, &mut k_dst[g * dim..(g + 1) * dim]);
+            }
+            v_dst.copy_from_slice(&row[(q + kv) * dim..(q + 2 * kv) * dim]);
+        }
+        Ok(())
+    }
+}
+
+/// Attention of every query of `qkv` [T, qkv_width] over its own sequence's cached positions
+/// up to its own; returns [T, q_heads * head_dim].
+pub struct PagedAttention<'a> {
+    pub heads: Heads,
+    pub batch: &'a BatchLayout,
+    pub rope: &'a RopeTable,
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent lanes so that the compiler emits one vector FMA per step.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+impl CustomOp2 for PagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "forgeline-paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s1, l1, "qkv")?;
+        let cache = f32_slice(s2, l2, "kv cache")?;
+        let Heads { q: nh, kv, dim } = self.heads;
+        let w = self.heads.qkv_width();
+        let n_tokens = self.batch.positions.len();
+        let group = nh / kv;
+        let slot_len = 2 * kv * dim;
+        let scale = 1.0 / (dim as f32).sqrt();
+        let mut out = vec![0f32; n_tokens * nh * dim];
+        let out_ptr = out.as_mut_ptr() as usize;
+        let max_ctx = self
+            .batch
+            .seq_slots
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(0);
+
+        candle_core::utils::barrier_pool().execute_chunked(n_tokens * nh, |items| {
+            let mut scores = vec![0f32; max_ctx];
+            let mut qr = vec![0f32; dim];
+            for item in items {
+                let (t, h) = (item / nh, item % nh);
+                let g = h / group;
+                let pos = self.batch.positions[t] as usize;
+                let slots = &self.batch.seq_slots[self.batch.token_seq[t] as usize][..=pos];
+                self.rope
+                    .rotate(&qkv[t * w + h * dim..t * w + (h + 1) * dim], pos, &mut qr);
+                let mut max = f32::NEG_INFINITY;
+                for (j, &slot) in slots.iter().enumerate() {
+                    let base = slot as usize * slot_len + g * dim;
+                    let s = dot(&qr, &cache[base..base + dim]) * scale;
+                    scores[j] = s;
+                    max = max.max(s);
+                }
+                let mut sum = 0f32;
+                for s in &mut scores[..slots.len()] {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                // SAFETY: each (token, head) item owns its own `dim` outputs.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(item * dim), dim)
+                };
+                for (j, &slot) in slots.iter().enumerate() {
+                    let p = scores[j] * inv;
+                    let base = slot as usize * slot_len + kv * dim + g * dim;
+                    for (o, v) in o.iter_mut().zip(&cache[base..base + dim]) {
+                        *o += p * v;
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n_tokens, nh * dim))))
+    }
+}
+
+/// Tensors the generic path builds once per forward call and reuses in every layer.
+pub struct GenericBatch {
+    cos: Tensor,
+    sin: Tensor,
+    /// [T, 2, kv_heads, head_dim] copies of each token's write slot, for scatter_set.
+    write_index: Tensor,
+    seq_slots: Vec<Tensor>,
+    masks: Vec<Tensor>,
+}
+
+impl GenericBatch {
+    pub fn new(
+        heads: Heads,
+        batch: &BatchLayout,
+        rope: &RopeTable,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        let half = rope.half;
+        let pick = |table: &[f32]| -> Vec<f32> {
+            batch
+                .positions
+                .iter()
+                .flat_map(|&p| {
+                    table[p as usize * half..(p as usize + 1) * half]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
+        let n = batch.positions.len();
+        let cos = Tensor::from_vec(pick(&rope.cos), (n, half), device)?;
+        let sin = Tensor::from_vec(pick(&rope.sin), (n, half), device)?;
+        let write_index = Tensor::new(batch.write_slots.as_slice(), device)?
+            .reshape((n, 1, 1, 1))?
+            .broadcast_as((n, 2, heads.kv, heads.dim))?
+            .contiguous()?;
+        let mut seq_slots = Vec::new();
+        let mut masks = Vec::new();
+        for (s, range) in batch.seq_tokens.iter().enumerate() {
+            let slots = &batch.seq_slots[s];
+            seq_slots.push(Tensor::new(slots.as_slice(), device)?);
+            // 1 where a query may not look: keys after its own position.
+            let mask: Vec<u8> = range
+                .clone()
+                .flat_map(|t| {
+                    let p = batch.positions[t] as usize;
+                    (0..slots.len()).map(move |j| u8::from(j > p))
+                })
+                .collect();
+            masks.push(Tensor::from_vec(mask, (range.len(), slots.len()), device)?);
+        }
+        Ok(Self {
+            cos,
+            sin,
+            write_index,
+            seq_slots,
+            masks,
+        })
+    }
+}
+
+/// The generic path: K/V written with scatter_set, attention by matmul, per sequence.
+pub fn generic_attention(
+    heads: Heads,
+    batch: &BatchLayout,
+    gb: &GenericBatch,
+    qkv: &Tensor,
+    cache: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let Heads { q: nh, kv, dim } = heads;
+    let n = qkv.dim(0)?;
+    let q = qkv
+        .narrow(1, 0, nh * dim)?
+        .contiguous()?
+        .reshape((1, n, nh, dim))?;
+    let k = qkv
+        .narrow(1, nh * dim, kv * dim)?
+        .contiguous()?
+        .reshape((1, n, kv, dim))?;
+    let v = qkv
+        .narrow(1, (nh + kv) * dim, kv * dim)?
+        .reshape((n, 1, kv, dim))?;
+    let q = candle_nn::rotary_emb::rope_thd(&q, &gb.cos, &gb.sin)?.squeeze(0)?;
+    let k = candle_nn::rotary_emb::rope_thd(&k, &gb.cos, &gb.sin)?.reshape((n, 1, kv, dim))?;
+    let new_kv = Tensor::cat(&[&k, &v], 1)?;
+    cache.scatter_set(&gb.write_index, &new_kv, 0)?;
+
+    let scale = 1.0 / (dim as f64).sqrt();
+    let neg_inf = Tensor::new(f32::NEG_INFINITY, qkv.device())?;
+    let mut outs = Vec::with_capacity(batch.seq_tokens.len());
+    for (s, range) in batch.seq_tokens.iter().enumerate() {
+        let kv_s = cache.index_select(&gb.seq_slots[s], 0)?; // [L, 2, kv, dim]
+        let len = kv_s.dim(0)?;
+        let expand = |t: Tensor| -> candle_core::Result<Tensor> {
+            // [L, kv, dim] -> [nh, L, dim], each kv head repeated for its query heads.
+            t.transpose(0, 1)?
+                .unsqueeze(1)?
+                .broadcast_as((kv, nh / kv, len, dim))?
+                .reshape((nh, len, dim))
+        };
+        let k_s = expand(kv_s.narrow(1, 0, 1)?.squeeze(1)?)?;
+        let v_s = expand(kv_s.narrow(1, 1, 1)?.squeeze(1)?)?;
+        let q_s = q
+            .narrow(0, range.start, range.len())?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let att = (q_s.matmul(&k_s.t()?)? * scale)?;
+        let mask = gb.masks[s].unsqueeze(0)?.broadcast_as(att.shape())?;
+        let att = mask.where_cond(&neg_inf.broadcast_as(att.shape())?, &att)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let o = att.matmul(&v_s)?; // [nh, n_s, dim]
+        outs.push(o.transpose(0, 1)?.reshape((range.len(), nh * dim))?);
+    }
+    Tensor::cat(&outs, 0)
+}

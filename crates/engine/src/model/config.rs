@@ -1,0 +1,286 @@
+//! The hyper-parameters forgeline's model code needs, read from GGUF metadata or config.json.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Llama,
+    Qwen2,
+}
+
+impl Arch {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "llama" | "LlamaForCausalLM" | "MistralForCausalLM" => Some(Arch::Llama),
+            "qwen2" | "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// llama-3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct Llama3RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub context_length: usize,
+    pub tie_word_embeddings: bool,
+}
+
+impl ModelConfig {
+    /// Checks the relations the forward pass relies on; `path` names the file in errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| Err(Error::bad_model(path, msg));
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
+            return bad(format!(
+                "heads ({}), kv heads ({}) and layers ({}) must all be positive",
+                self.num_heads, self.num_kv_heads, self.num_layers
+            ));
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "{} attention heads are not a multiple of {} kv heads",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head dimension {} is odd", self.head_dim));
+        }
+        if self.context_length == 0 {
+            return bad("context length is 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Self> {
+        let arch_name = md_string(ct, "general.architecture", path)?;
+        let arch = Arch::parse(&arch_name).ok_or_else(|| {
+            Error::bad_model(
+                path,
+                format!("unsupported architecture `{arch_name}` (supported: llama, qwen2)"),
+            )
+        })?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let u = |k: &str| md_u32(ct, &key(k), path).map(|v| v as usize);
+        let hidden_size = u("embedding_length")?;
+        let num_heads = u("attention.head_count")?;
+        let num_kv_heads = u("attention.head_count_kv").unwrap_or(num_heads);
+        let head_dim = if num_heads == 0 {
+            0
+        } else {
+            hidden_size / num_heads
+        };
+        let rope_dim = u("rope.dimension_count").unwrap_or(head_dim);
+        if rope_dim != head_dim {
+            return Err(Error::bad_model(
+                path,
+                format!("partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim}) are not supported"),
+            ));
+        }
+        let vocab_size = match ct.metadata.get(&key("vocab_size")) {
+            Some(v) => v.to_u32()? as usize,
+            None => match ct.metadata.get("tokenizer.ggml.tokens") {
+                Some(v) => v.to_vec()?.len(),
+                None => tensor_dims(ct, "token_embd.weight", path)?[0],
+            },
+        };
+        let cfg = ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: u("feed_forward_length")?,
+            num_layers: u("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: md_f32(ct, &key("attention.layer_norm_rms_epsilon"), path)? as f64,
+            rope_theta: md_f32(ct, &key("rope.freq_base"), path).unwrap_or(10_000.0),
+            rope_scaling: None,
+            context_length: u("context_length").unwrap_or(4096),
+            tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Parses a Hugging Face config.json.
+    pub fn from_hf_config(json: &str, path: &Path) -> Result<Self> {
+        let c: HfConfig = serde_json::from_str(json)
+            .map_err(|e| Error::bad_model(path, format!("invalid config.json: {e}")))?;
+        let arch_name = c
+            .architectures
+            .first()
+            .cloned()
+            .or(c.model_type.clone())
+            .unwrap_or_default();
+        let arch = Arch::parse(&arch_name)
+            .or_else(|| c.model_type.as_deref().and_then(Arch::parse))
+            .ok_or_else(|| {
+                Error::bad_model(
+                    path,
+                    format!("unsupported architecture `{arch_name}` (supported: LlamaForCausalLM, Qwen2ForCausalLM)"),
+                )
+            })?;
+        let rope_scaling = match c.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => {
+                let kind = v
+                    .get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("");
+                match kind {
+                    "llama3" => Some(serde_json::from_value(v.clone()).map_err(|e| {
+                        Error::bad_model(path, format!("invalid llama3 rope_scaling: {e}"))
+                    })?),
+                    "default" | "" => None,
+                    other => {
+                        return Err(Error::bad_model(
+                            path,
+                            format!("unsupported rope_scaling type `{other}`"),
+                        ))
+                    }
+                }
+            }
+        };
+        let num_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+        let head_dim = c
+            .head_dim
+            .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+        let cfg = ModelConfig {
+            arch,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: c.vocab_size,
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta.unwrap_or(10_000.0),
+            rope_scaling,
+            context_length: c.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Inverse frequencies of the rotary embedding, one per pair of dimensions.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f32> = (0..d)
+            .step_by(2)
+            .map(|i| 1f32 / self.rope_theta.powf(i as f32 / d as f32))
+            .collect();
+        let Some(s) = &self.rope_scaling else {
+            return base;
+        };
+        let low_wavelen = s.original_max_position_embeddings as f32 / s.low_freq_factor;
+        let high_wavelen = s.original_max_position_embeddings as f32 / s.high_freq_factor;
+        base.into_iter()
+            .map(|freq| {
+                let wavelen = 2. * std::f32::consts::PI / freq;
+                if wavelen < high_wavelen {
+                    freq
+                } else if wavelen > low_wavelen {
+                    freq / s.factor
+                } else {
+                    let smooth = (s.original_max_position_embeddings as f32 / wavelen
+                        - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1. - smooth) * freq / s.factor + smooth * freq
+                }
+            })
+            .collect()
+    }
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    rms_norm_eps: f64,
+    rope_theta: Option<f32>,
+    rope_scaling: Option<serde_json::Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+}
+
+fn md<'a>(ct: &'a gguf_file::Content, key: &str, path: &Path) -> Result<&'a gguf_file::Value> {
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| Error::bad_model(path, format!("missing GGUF metadata key `{key}`")))
+}
+
+fn wrong_type(path: &Path, key: &str, e: candle_core::Error) -> Error {
+    Error::bad_model(path, format!("GGUF metadata key `{key}`: {e}"))
+}
+
+pub(crate) fn md_u32(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<u32> {
+    let v = md(ct, key, path)?;
+    // Writers differ on integer widths; accept any that fits.
+    v.to_u32()
+        .or_else(|_| v.to_u64().map(|x| x as u32))
+        .or_else(|_| v.to_i32().map(|x| x as u32))
+        .map_err(|e| wrong_type(path, key, e))
+}
+
+pub(crate) fn md_f32(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<f32> {
+    let v = md(ct, key, path)?;
+    v.to_f32()
+        .or_else(|_| v.to_f64().map(|x| x as f32))
+        .map_err(|e| wrong_type(path, key, e))
+}
+
+pub(crate) fn md_string(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<String> {
+    md(ct, key, path)?
+        .to_string()
+        .cloned()
+        .map_err(|e| wrong_type(path, key, e))
+}
+
+pub(crate) fn tensor_dims(ct: &gguf_file::Content, name: &str, path: &Path) -> Result<Vec<usize>> {
+    ct.tensor_infos
+        .get(name)
+        .map(|t| t.shape.dims().to_vec())
+        .ok_or_else(|| Error::bad_model(path, format!("missing tensor `{name}`")))
+}

@@ -1,0 +1,343 @@
+//! forgeline's own model code for the llama and qwen2 architectures.
+//!
+//! Weights are immutable and shared (`Model` is `Send + Sync` and takes `&self`); the KV cache
+//! is owned by the caller; every token carries its own position, so one `forward` runs many
+//! sequences of different lengths at once, prompt chunks and single-token decode steps mixed.
+//!
+//! Rotary embeddings use the non-interleaved ("neox") convention throughout. GGUF llama files
+//! store q/k rows for the interleaved convention; their rows are permuted once at load time,
+//! which leaves every attention score unchanged (q and k get the same permutation).
+
+pub mod attention;
+pub mod config;
+pub mod weights;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::kv_cache::{BlockTable, KvCache};
+use crate::{Error, Result};
+use attention::{BatchLayout, GenericBatch, Heads, PagedAttention, RopeTable, WriteKv};
+pub use config::{Arch, ModelConfig};
+use weights::{RawLinear, Weight, WeightSource};
+
+/// A linear layer: quantized or dense weight, optional bias.
+struct Linear {
+    w: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Several linears over the same input, stacked into one matmul when their storage allows.
+enum Stacked {
+    Fused(Linear),
+    Split(Vec<Linear>),
+}
+
+impl Stacked {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Stacked::Fused(l) => l.forward(x),
+            Stacked::Split(ls) => {
+                let ys = ls
+                    .iter()
+                    .map(|l| l.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&ys, 1)?)
+            }
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    qkv: Stacked,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate_up: Stacked,
+    down: Linear,
+}
+
+/// How attention runs: the fused CPU kernels, or candle tensor ops on any device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionImpl {
+    FusedCpu,
+    Generic,
+}
+
+pub struct Model {
+    cfg: ModelConfig,
+    device: Device,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: RopeTable,
+    attention: AttentionImpl,
+}
+
+/// One sequence's part of a forward call: `tokens` at positions `start_pos..`, whose KV goes
+/// into `table` (which must already cover them). `logits`: whether to return the logits of
+/// its last token.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+    pub table: &'a BlockTable,
+    pub logits: bool,
+}
+
+impl Model {
+    pub fn load(
+        cfg: ModelConfig,
+        src: &mut dyn WeightSource,
+        permute_qk: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        // interleaved pair (2j, 2j+1) -> non-interleaved pair (j, j + d/2), within each head.
+        let perm = |heads: usize| -> Vec<usize> {
+            (0..heads)
+                .flat_map(|hd| {
+                    let base = hd * d;
+                    (0..d / 2)
+                        .map(move |j| base + 2 * j)
+                        .chain((0..d / 2).map(move |j| base + 2 * j + 1))
+                })
+                .collect()
+        };
+        let linear = |src: &mut dyn WeightSource, w: Weight, rows, cols| src.linear(w, rows, cols);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let mut q = linear(src, Weight::Q(l), nh * d, h)?;
+            let mut k = linear(src, Weight::K(l), nkv * d, h)?;
+            let v = linear(src, Weight::V(l), nkv * d, h)?;
+            let mut biases = None;
+            if src.has(Weight::QBias(l)) {
+                let qb = src.dense(Weight::QBias(l), &[nh * d], device)?;
+                let kb = src.dense(Weight::KBias(l), &[nkv * d], device)?;
+                let vb = src.dense(Weight::VBias(l), &[nkv * d], device)?;
+                biases = Some((qb, kb, vb));
+            }
+            if permute_qk {
+                q = q.permute_rows(&perm(nh))?;
+                k = k.permute_rows(&perm(nkv))?;
+                if let Some((qb, kb, vb)) = biases.take() {
+                    let p = |t: Tensor, heads| -> Result<Tensor> {
+                        let idx: Vec<u32> = perm(heads).into_iter().map(|x| x as u32).collect();
+                        Ok(t.index_select(&Tensor::new(idx.as_slice(), device)?, 0)?)
+                    };
+                    biases = Some((p(qb, nh)?, p(kb, nkv)?, vb));
+                }
+            }
+            let qkv = stack(vec![q, k, v], biases.map(|(a, b, c)| vec![a, b, c]), device)?;
+            let gate = linear(src, Weight::Gate(l), i, h)?;
+            let up = linear(src, Weight::Up(l), i, h)?;
+            layers.push(Layer {
+                attn_norm: src.dense(Weight::AttnNorm(l), &[h], device)?,
+                qkv,
+                o: plain(linear(src, Weight::O(l), h, nh * d)?, device)?,
+                ffn_norm: src.dense(Weight::FfnNorm(l), &[h], device)?,
+                gate_up: stack(vec![gate, up], None, device)?,
+                down: plain(linear(src, Weight::Down(l), h, i)?, device)?,
+            });
+        }
+        let embed = src.dense(Weight::Embed, &[cfg.vocab_size, h], device)?;
+        let lm_head = plain(linear(src, Weight::LmHead, cfg.vocab_size, h)?, device)?;
+        let norm = src.dense(Weight::Norm, &[h], device)?;
+        let attention = if device.is_cpu() {
+            AttentionImpl::FusedCpu
+        } else {
+            AttentionImpl::Generic
+        };
+        Ok(Self {
+            rope: RopeTable::new(&cfg, cfg.context_length),
+            cfg,
+            device: device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            attention,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Chooses the attention implementation (tests compare them; CPU defaults to fused).
+    pub fn set_attention(&mut self, a: AttentionImpl) -> Result<()> {
+        if a == AttentionImpl::FusedCpu && !self.device.is_cpu() {
+            return Err(Error::InvalidRequest(
+                "the fused attention kernels run on CPU only".into(),
+            ));
+        }
+        self.attention = a;
+        Ok(())
+    }
+
+    fn heads(&self) -> Heads {
+        Heads {
+            q: self.cfg.num_heads,
+            kv: self.cfg.num_kv_heads,
+            dim: self.cfg.head_dim,
+        }
+    }
+
+    fn layout(&self, seqs: &[SeqInput], block_size: usize) -> Result<BatchLayout> {
+        let mut b = BatchLayout {
+            positions: Vec::new(),
+            write_slots: Vec::new(),
+            token_seq: Vec::new(),
+            seq_slots: Vec::with_capacity(seqs.len()),
+            seq_tokens: Vec::with_capacity(seqs.len()),
+        };
+        for (s, seq) in seqs.iter().enumerate() {
+            let end = seq.start_pos + seq.tokens.len();
+            if seq.tokens.is_empty() {
+                return Err(Error::InvalidRequest(format!("sequence {s} has no tokens")));
+            }
+            if end > self.cfg.context_length {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence {s} reaches position {end}, beyond the context length {}",
+                    self.cfg.context_length
+                )));
+            }
+            if seq.table.blocks().len() * block_size < end {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence {s}: its block table covers {} positions, {end} are needed",
+                    seq.table.blocks().len() * block_size
+                )));
+            }
+            if let Some(&bad) = seq
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {bad} is outside the vocabulary ({} tokens)",
+                    self.cfg.vocab_size
+                )));
+            }
+            let first = b.positions.len();
+            b.positions.extend(seq.start_pos as u32..end as u32);
+            b.write_slots
+                .extend(seq.table.slots(block_size, seq.start_pos..end));
+            b.token_seq
+                .extend(std::iter::repeat_n(s as u32, seq.tokens.len()));
+            b.seq_slots.push(seq.table.slots(block_size, 0..end));
+            b.seq_tokens.push(first..b.positions.len());
+        }
+        Ok(b)
+    }
+
+    /// Runs one forward pass over all `seqs`, writing their KV into `kv`. Returns the logits
+    /// [n, vocab] of the last token of each sequence whose `logits` flag is set, in order.
+    pub fn forward(&self, seqs: &[SeqInput], kv: &KvCache) -> Result<Tensor> {
+        let _span = tracing::trace_span!("forward", seqs = seqs.len()).entered();
+        let batch = self.layout(seqs, kv.block_size())?;
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let heads = self.heads();
+        let generic = match self.attention {
+            AttentionImpl::Generic => {
+                Some(GenericBatch::new(heads, &batch, &self.rope, &self.device)?)
+            }
+            AttentionImpl::FusedCpu => None,
+        };
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let qkv = layer.qkv.forward(&h)?;
+            let cache = kv.layer(l);
+            let attn = match &generic {
+                None => {
+                    cache.inplace_op2(
+                        &qkv,
+                        &WriteKv {
+                            heads,
+                            batch: &batch,
+                            rope: &self.rope,
+                        },
+                    )?;
+                    qkv.apply_op2_no_bwd(
+                        cache,
+                        &PagedAttention {
+                            heads,
+                            batch: &batch,
+                            rope: &self.rope,
+                        },
+                    )?
+                }
+                Some(gb) => attention::generic_attention(heads, &batch, gb, &qkv, cache)?,
+            };
+            x = (x + layer.o.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gu = layer.gate_up.forward(&h)?;
+            let i = self.cfg.intermediate_size;
+            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, i)?)? * gu.narrow(1, i, i)?)?;
+            x = (x + layer.down.forward(&act)?)?;
+        }
+        let rows: Vec<u32> = seqs
+            .iter()
+            .zip(&batch.seq_tokens)
+            .filter(|(s, _)| s.logits)
+            .map(|(_, r)| (r.end - 1) as u32)
+            .collect();
+        if rows.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.cfg.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
+        }
+        let x = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        self.lm_head.forward(&x)
+    }
+}
+
+fn plain(w: RawLinear, device: &Device) -> Result<Linear> {
+    Ok(Linear {
+        w: w.into_qmatmul(device)?,
+        bias: None,
+    })
+}
+
+fn stack(parts: Vec<RawLinear>, biases: Option<Vec<Tensor>>, device: &Device) -> Result<Stacked> {
+    Ok(match RawLinear::concat_rows(parts)? {
+        Ok(w) => Stacked::Fused(Linear {
+            w: w.into_qmatmul(device)?,
+            bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+        }),
+        Err(parts) => {
+            let mut biases = biases.map(|b| b.into_iter());
+            Stacked::Split(
+                parts
+                    .into_iter()
+                    .map(|p| {
+                        Ok(Linear {
+                            w: p.into_qmatmul(device)?,
+                            bias: biases.as_mut().and_then(|b| b.next()),
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            )
+        }
+    })
+}

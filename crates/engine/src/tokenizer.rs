@@ -1,0 +1,582 @@
+//! Tokenizer: a real `tokenizers::Tokenizer`, loaded from tokenizer.json or built from the
+//! gpt2-style BPE vocabulary in a GGUF file's metadata, plus incremental detokenization.
+//!
+//! GGUF files carry no tokenizer.json. Their `tokenizer.ggml.*` keys hold the vocabulary, the
+//! merges, the token types and the name of the pre-tokenizer (`tokenizer.ggml.pre`), which
+//! llama.cpp maps to a list of regexes applied one after the other. The same regexes become a
+//! sequence of `Split` pre-tokenizers (matches isolated, the rest kept) ahead of a byte-level
+//! step without its own regex, so that encoding gives llama.cpp's ids.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{Error, Result};
+
+/// GPT-2's split regex as llama.cpp writes it (no trailing `\s+`: unmatched spans stay pieces).
+const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const QWEN2_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Tokens that end a turn or a document. Those in `ALWAYS_EOS` end generation whenever the
+/// vocabulary has them as special tokens; the others only when the chat template uses them.
+const TURN_END_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<｜end▁of▁sentence｜>",
+];
+const ALWAYS_EOS: &[&str] = &["<|endoftext|>", "<|end_of_text|>", "</s>"];
+
+/// The pre-tokenizers of llama.cpp's `llama-vocab.cpp` that forgeline reproduces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreTokenizer {
+    /// llama.cpp's fallback: punctuation runs, GPT-2, number runs, then groups of three digits.
+    Default,
+    /// Plain GPT-2 byte-level regex (`gpt-2`, `phi-2`, `mpt`, `olmo`, `jais`).
+    Gpt2,
+    /// Every digit alone, then GPT-2 (`smollm`, `starcoder`, `refact`, `command-r`, ...).
+    Smollm,
+    /// Qwen2's regex: single digits, letters with one leading non-letter (`qwen2`, `stablelm2`).
+    Qwen2,
+    /// Llama 3's regex: digits in groups of up to three; whole words in the vocabulary skip
+    /// the merges (`llama-bpe`, `llama3`, `llama-v3`, `falcon3`, `pixtral`).
+    Llama3,
+}
+
+impl PreTokenizer {
+    /// Maps a `tokenizer.ggml.pre` name; an unknown or empty name falls back to `Default`
+    /// with a warning (encoding may then differ from the model's training tokenizer).
+    pub fn from_gguf_name(name: &str) -> Self {
+        match name {
+            "default" => Self::Default,
+            "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "exaone4" => Self::Gpt2,
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
+            | "minerva-7b" => Self::Smollm,
+            "qwen2" | "deepseek-r1-qwen" | "megrez" | "stablelm2" => Self::Qwen2,
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => Self::Llama3,
+            other => {
+                tracing::warn!(
+                    pre = other,
+                    "unknown pre-tokenizer, using llama.cpp's default"
+                );
+                Self::Default
+            }
+        }
+    }
+
+    /// The regexes, applied in order, each splitting the pieces the previous ones left.
+    pub fn regexes(self) -> &'static [&'static str] {
+        match self {
+            Self::Default => &[
+                r"[\p{P}\$\+<=>\^~\|]+",
+                GPT2_RE,
+                r"\p{N}+",
+                r"[0-9][0-9][0-9]",
+            ],
+            Self::Gpt2 => &[GPT2_RE],
+            Self::Smollm => &[r"\p{N}", GPT2_RE],
+            Self::Qwen2 => &[QWEN2_RE],
+            Self::Llama3 => &[LLAMA3_RE],
+        }
+    }
+
+    fn ignore_merges(self) -> bool {
+        self == Self::Llama3
+    }
+
+    fn build(self) -> Result<PreTokenizerWrapper> {
+        let mut steps = Vec::new();
+        for re in self.regexes() {
+            let split = Split::new(
+                SplitPattern::Regex((*re).to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex {re:?}: {e}")))?;
+            steps.push(split.into());
+        }
+        steps.push(ByteLevel::new(false, true, false).into());
+        Ok(Sequence::new(steps).into())
+    }
+}
+
+/// A tokenizer with the ids the engine needs: BOS, every token that ends generation.
+#[derive(Clone)]
+pub struct Tokenizer {
+    hf: tokenizers::Tokenizer,
+    bos_id: Option<u32>,
+    pad_id: Option<u32>,
+    /// The primary EOS first, then other end-of-turn tokens.
+    eos_ids: Vec<u32>,
+    bos: Option<String>,
+    eos: Option<String>,
+    add_bos: bool,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size)
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("eos_ids", &self.eos_ids)
+            .field("add_bos", &self.add_bos)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Reads the GGUF header at `path` and builds the tokenizer from its metadata.
+    pub fn from_gguf_file(path: &Path) -> Result<Self> {
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = Content::read(&mut f)
+            .map_err(|e| Error::bad_model(path, format!("not a GGUF file: {e}")))?;
+        Self::from_gguf(&content, path)
+    }
+
+    /// Builds a gpt2-style BPE tokenizer from `tokenizer.ggml.*` metadata; `path` names the
+    /// file in errors.
+    pub fn from_gguf(content: &Content, path: &Path) -> Result<Self> {
+        let md = &content.metadata;
+        let bad = |msg: String| Error::bad_model(path, msg);
+        if let Some(model) = md.get("tokenizer.ggml.model") {
+            let model = gguf_str(model, "tokenizer.ggml.model", path)?;
+            if model != "gpt2" {
+                return Err(bad(format!(
+                    "tokenizer.ggml.model is `{model}`: only gpt2-style BPE GGUF tokenizers are \
+                     supported (use a tokenizer.json for this model)"
+                )));
+            }
+        }
+        let tokens = gguf_strings(md, "tokenizer.ggml.tokens", path)?;
+        let merges = gguf_strings(md, "tokenizer.ggml.merges", path)?;
+        let types = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => gguf_array(v, "tokenizer.ggml.token_type", path)?
+                .iter()
+                .map(|t| gguf_int(t, "tokenizer.ggml.token_type", path).map(|t| t as i32))
+                .collect::<Result<Vec<_>>>()?,
+            None => {
+                tracing::warn!(path = %path.display(), "no tokenizer.ggml.token_type: no special tokens");
+                vec![1; tokens.len()]
+            }
+        };
+        if types.len() != tokens.len() {
+            return Err(bad(format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            )));
+        }
+        let pre = match md.get("tokenizer.ggml.pre") {
+            Some(v) => PreTokenizer::from_gguf_name(gguf_str(v, "tokenizer.ggml.pre", path)?),
+            None => PreTokenizer::from_gguf_name(""),
+        };
+        let hf = build_bpe(&tokens, &types, &merges, pre).map_err(|e| bad(e.to_string()))?;
+
+        let id = |key: &str| -> Result<Option<u32>> {
+            let Some(v) = md.get(key) else {
+                return Ok(None);
+            };
+            let id = gguf_int(v, key, path)?;
+            if id < 0 || id as usize >= tokens.len() {
+                // llama.cpp writes -1 (or u32::MAX) for "none".
+                return Ok(None);
+            }
+            Ok(Some(id as u32))
+        };
+        let bos_id = id("tokenizer.ggml.bos_token_id")?;
+        let pad_id = id("tokenizer.ggml.padding_token_id")?;
+        let mut eos_ids: Vec<u32> = Vec::new();
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
+            eos_ids.extend(id(key)?);
+        }
+        let template = match md.get("tokenizer.chat_template") {
+            Some(v) => Some(gguf_str(v, "tokenizer.chat_template", path)?),
+            None => None,
+        };
+        add_end_tokens(&hf, template, &mut eos_ids);
+        let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
+            Some(v) => v
+                .to_bool()
+                .map_err(|_| bad("tokenizer.ggml.add_bos_token is not a bool".into()))?,
+            None => pre == PreTokenizer::Llama3,
+        };
+        let mut tok = Self::assemble(hf, bos_id, eos_ids, add_bos, tokens.len());
+        tok.pad_id = pad_id;
+        Ok(tok)
+    }
+
+    /// Loads a tokenizer.json. BOS/EOS come from tokenizer_config.json and
+    /// generation_config.json beside it when present.
+    pub fn from_file(tokenizer_json: &Path) -> Result<Self> {
+        let bytes = std::fs::read(tokenizer_json).map_err(|e| Error::io(tokenizer_json, e))?;
+        let hf = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::bad_model(tokenizer_json, format!("bad tokenizer.json: {e}")))?;
+        let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
+        let config = read_json_if_exists(&dir.join("tokenizer_config.json"))?;
+        let gen = read_json_if_exists(&dir.join("generation_config.json"))?;
+        let field = |name: &str| config.as_ref().and_then(|c| c.get(name));
+        let named_id = |name: &str| {
+            field(name)
+                .and_then(token_content)
+                .and_then(|t| hf.token_to_id(t))
+        };
+        let gen_ids = |name: &str| -> Vec<u32> {
+            match gen.as_ref().and_then(|g| g.get(name)) {
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(json_u32).collect(),
+                Some(v) => json_u32(v).into_iter().collect(),
+                None => Vec::new(),
+            }
+        };
+        let bos_id = named_id("bos_token").or_else(|| gen_ids("bos_token_id").first().copied());
+        let mut eos_ids: Vec<u32> = named_id("eos_token").into_iter().collect();
+        eos_ids.extend(gen_ids("eos_token_id"));
+        let template = match field("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => Some(
+                list.iter()
+                    .filter_map(|t| t.get("template").and_then(|t| t.as_str()))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        add_end_tokens(&hf, template.as_deref(), &mut eos_ids);
+        let add_bos = match field("add_bos_token").and_then(|v| v.as_bool()) {
+            Some(b) => b,
+            // No flag: ask the tokenizer.json's own post-processor whether it prepends BOS.
+            None => bos_id.is_some_and(|bos| {
+                hf.encode("a", true)
+                    .is_ok_and(|e| e.get_ids().first() == Some(&bos))
+            }),
+        };
+        let pad_id = named_id("pad_token").or_else(|| gen_ids("pad_token_id").first().copied());
+        let vocab_size = hf.get_vocab_size(true);
+        let mut tok = Self::assemble(hf, bos_id, eos_ids, add_bos, vocab_size);
+        tok.pad_id = pad_id;
+        Ok(tok)
+    }
+
+    fn assemble(
+        hf: tokenizers::Tokenizer,
+        bos_id: Option<u32>,
+        mut eos_ids: Vec<u32>,
+        add_bos: bool,
+        vocab_size: usize,
+    ) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        eos_ids.retain(|id| seen.insert(*id));
+        let bos = bos_id.and_then(|id| hf.id_to_token(id));
+        let eos = eos_ids.first().and_then(|&id| hf.id_to_token(id));
+        Self {
+            hf,
+            bos_id,
+            pad_id: None,
+            eos_ids,
+            bos,
+            eos,
+            add_bos,
+            vocab_size,
+        }
+    }
+
+    /// Encodes `text`; special tokens written in it (`<|im_start|>`) become their ids.
+    /// `add_bos` prepends the BOS token (an error if the model has none).
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .hf
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encode: {e}")))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_bos {
+            let bos = self
+                .bos_id
+                .ok_or_else(|| Error::Tokenizer("BOS requested but the model has none".into()))?;
+            ids.push(bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// Decodes to text, leaving out control tokens (BOS, EOS, `<|im_end|>`, ...).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.decode_inner(ids, true)
+    }
+
+    /// Decodes to text with control tokens written out.
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
+        self.decode_inner(ids, false)
+    }
+
+    fn decode_inner(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.hf
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer(format!("decode: {e}")))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.hf.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.hf.id_to_token(id)
+    }
+
+    /// Number of token ids (for a GGUF: the length of `tokenizer.ggml.tokens`).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.pad_id
+    }
+
+    /// The tokens that end generation: the model's EOS first, then end-of-turn tokens.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos_ids.contains(&id)
+    }
+
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos.as_deref()
+    }
+
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos.as_deref()
+    }
+
+    /// Whether the model expects BOS before a prompt (`tokenizer.ggml.add_bos_token`).
+    pub fn add_bos_token(&self) -> bool {
+        self.add_bos
+    }
+
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.hf
+    }
+
+    pub fn stream(&self) -> TokenStream<'_> {
+        TokenStream {
+            tok: self,
+            ids: Vec::new(),
+            prev: 0,
+            cur: 0,
+        }
+    }
+}
+
+/// Builds the BPE model, byte-level pre-tokenizer/decoder and the added special tokens.
+fn build_bpe(
+    tokens: &[String],
+    types: &[i32],
+    merges: &[String],
+    pre: PreTokenizer,
+) -> Result<tokenizers::Tokenizer> {
+    let mut vocab = Vocab::default();
+    let mut duplicates = 0usize;
+    for (id, tok) in tokens.iter().enumerate() {
+        if vocab.contains_key(tok) {
+            duplicates += 1;
+        } else {
+            vocab.insert(tok.clone(), id as u32);
+        }
+    }
+    if duplicates > 0 {
+        tracing::warn!(
+            duplicates,
+            "duplicate token strings; later ids cannot be decoded"
+        );
+    }
+    let mut pairs = Vec::with_capacity(merges.len());
+    let mut dropped = 0usize;
+    for m in merges {
+        // The first piece may itself start with a space, so search from the second char.
+        let split = m.char_indices().skip(1).find(|&(_, c)| c == ' ');
+        let Some((at, _)) = split else {
+            return Err(Error::Tokenizer(format!("malformed merge {m:?}")));
+        };
+        let (a, b) = (&m[..at], &m[at + 1..]);
+        if vocab.contains_key(a) && vocab.contains_key(b) && vocab.contains_key(&format!("{a}{b}"))
+        {
+            pairs.push((a.to_string(), b.to_string()));
+        } else {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "merges with pieces outside the vocabulary were dropped"
+        );
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, pairs)
+        .ignore_merges(pre.ignore_merges())
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("BPE model: {e}")))?;
+    let mut hf = tokenizers::Tokenizer::new(bpe);
+    hf.with_pre_tokenizer(Some(pre.build()?));
+    hf.with_decoder(Some(ByteLevel::new(false, true, false)));
+    hf.with_post_processor(Some(ByteLevel::new(false, true, false)));
+    // llama.cpp keeps unknown (2), control (3) and user-defined (4) tokens whole when parsing
+    // special tokens; control and unknown ones are not printed when decoding.
+    let mut special = Vec::new();
+    let mut user = Vec::new();
+    for (tok, &ty) in tokens.iter().zip(types) {
+        match ty {
+            _ if tok.is_empty() => {}
+            2 | 3 => special.push(AddedToken::from(tok.clone(), true)),
+            4 => user.push(AddedToken::from(tok.clone(), false).normalized(false)),
+            _ => {}
+        }
+    }
+    hf.add_special_tokens(&special);
+    hf.add_tokens(&user);
+    Ok(hf)
+}
+
+/// Adds the end-of-turn tokens the chat template uses and the document-end tokens.
+fn add_end_tokens(hf: &tokenizers::Tokenizer, template: Option<&str>, eos_ids: &mut Vec<u32>) {
+    let specials = hf.get_added_tokens_decoder();
+    let special_id = |name: &str| {
+        let id = hf.token_to_id(name)?;
+        specials.get(&id).filter(|t| t.special).map(|_| id)
+    };
+    for name in TURN_END_TOKENS {
+        // Without a template, any end-of-turn token the vocabulary has counts.
+        if template.is_none_or(|t| t.contains(name)) {
+            eos_ids.extend(special_id(name));
+        }
+    }
+    for name in ALWAYS_EOS {
+        eos_ids.extend(special_id(name));
+    }
+}
+
+fn gguf_array<'a>(v: &'a Value, key: &str, path: &Path) -> Result<&'a Vec<Value>> {
+    v.to_vec()
+        .map_err(|_| Error::bad_model(path, format!("{key} is not an array")))
+}
+
+fn gguf_strings(md: &HashMap<String, Value>, key: &str, path: &Path) -> Result<Vec<String>> {
+    let v = md
+        .get(key)
+        .ok_or_else(|| Error::bad_model(path, format!("missing GGUF key {key}")))?;
+    gguf_array(v, key, path)?
+        .iter()
+        .map(|s| gguf_str(s, key, path).map(str::to_string))
+        .collect()
+}
+
+fn gguf_str<'a>(v: &'a Value, key: &str, path: &Path) -> Result<&'a str> {
+    v.to_string()
+        .map(String::as_str)
+        .map_err(|_| Error::bad_model(path, format!("{key} is not a string")))
+}
+
+fn gguf_int(v: &Value, key: &str, path: &Path) -> Result<i64> {
+    Ok(match *v {
+        Value::U8(x) => x.into(),
+        Value::I8(x) => x.into(),
+        Value::U16(x) => x.into(),
+        Value::I16(x) => x.into(),
+        Value::U32(x) => x.into(),
+        Value::I32(x) => x.into(),
+        Value::U64(x) => i64::try_from(x).unwrap_or(-1),
+        Value::I64(x) => x,
+        _ => return Err(Error::bad_model(path, format!("{key} is not an integer"))),
+    })
+}
+
+fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::bad_model(path, format!("bad JSON: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// A token field of tokenizer_config.json: `"</s>"` or `{"content": "</s>", ...}`.
+fn token_content(v: &serde_json::Value) -> Option<&str> {
+    v.as_str()
+        .or_else(|| v.get("content").and_then(|c| c.as_str()))
+}
+
+fn json_u32(v: &serde_json::Value) -> Option<u32> {
+    v.as_u64().and_then(|x| u32::try_from(x).ok())
+}
+
+/// Incremental detokenizer: feed generated ids one at a time, get the newly complete text.
+///
+/// Text is held back while it ends in an incomplete UTF-8 sequence (a byte-level token can
+/// carry part of a character), so no chunk ever holds half a character. Each step decodes
+/// the last emitted chunk together with the new tokens and returns only what was added,
+/// which keeps decoders that drop a leading space (SentencePiece) right.
+pub struct TokenStream<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    /// `ids[prev..cur]` is the last emitted chunk, `ids[cur..]` is not emitted yet.
+    prev: usize,
+    cur: usize,
+}
+
+impl TokenStream<'_> {
+    /// Pushes one token; returns the text it completes, if any.
+    pub fn next(&mut self, id: u32) -> Result<Option<String>> {
+        let emitted = self.tok.decode(&self.ids[self.prev..self.cur])?;
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids[self.prev..])?;
+        if text.len() > emitted.len() && !text.ends_with(char::REPLACEMENT_CHARACTER) {
+            let new = suffix_after(&text, &emitted).to_string();
+            self.ids.drain(..self.cur);
+            self.prev = 0;
+            self.cur = self.ids.len();
+            Ok(Some(new))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Returns whatever text is still held back (at the end of generation) and resets.
+    pub fn flush(&mut self) -> Result<Option<String>> {
+        let emitted = self.tok.decode(&self.ids[self.prev..self.cur])?;
+        let text = self.tok.decode(&self.ids[self.prev..])?;
+        self.ids.clear();
+        self.prev = 0;
+        self.cur = 0;
+        Ok((text.len() > emitted.len()).then(|| suffix_after(&text, &emitted).to_string()))
+    }
+}
+
+fn suffix_after<'t>(text: &'t str, prefix: &str) -> &'t str {
+    if let Some(rest) = text.strip_prefix(prefix) {
+        return rest;
+    }
+    let mut at = prefix.len().min(text.len());
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    &text[at..]
+}
