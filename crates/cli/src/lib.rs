@@ -1,3 +1,174 @@
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! forgeline's command line. It parses and wires; the crates do the work.
+//!
+//! # Layout
+//! - `prompt`: `forgeline prompt`, one completion streamed to stdout.
+//! - `models`: `forgeline models list|show`.
+//! - `bench`: `forgeline bench engine` (and the sandbox bench from `bench_sandbox`).
+//! - `check`: `forgeline check`, generated Python run in the sandbox.
+//!
+//! Conventions: data on stdout, messages on stderr, `--json` for machine-readable results,
+//! `RUST_LOG` filters logs, `NO_COLOR` turns colour off. Exit codes: 0 success; 1 the code or
+//! task failed its checks; 2 bad usage or input (flags, files, unknown or unreadable model);
+//! 3 a runtime failure (engine error, out of memory).
+
+mod bench;
+mod models;
+mod prompt;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use forgeline_engine::device::DeviceChoice;
+use forgeline_engine::loader::LoadedModel;
+use forgeline_engine::registry::{Registry, DEFAULT_MODEL};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "forgeline",
+    version,
+    about = "Offline multi-stage Python code generator on local open-weight models"
+)]
+pub struct Cli {
+    /// Directory of model manifests and weights [default: ./models, else the source tree's models/]
+    #[arg(long, global = true, env = "FORGELINE_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+    /// Device to run models on: cpu, cuda[:N] (feature `cuda`), metal[:N] (feature `metal`)
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Complete a prompt (or answer a chat message) and stream the text to stdout
+    Prompt(prompt::PromptArgs),
+    /// List and describe the models forgeline can load
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
+    /// Measure throughput and latency
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Prompt processing, decode and batched decode against candle-transformers' reference
+    Engine(bench::BenchEngineArgs),
+}
+
+/// Exit code for an error: 2 for input errors, 3 for runtime failures.
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    use forgeline_engine::Error as E;
+    for cause in e.chain() {
+        if let Some(f) = cause.downcast_ref::<E>() {
+            return match f {
+                E::InvalidRequest(_)
+                | E::ModelNotFound { .. }
+                | E::BadModel { .. }
+                | E::Io { .. }
+                | E::Tokenizer(_)
+                | E::Template(_) => 2,
+                _ => 3,
+            };
+        }
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return 2;
+        }
+    }
+    3
+}
+
+/// A problem with what the user asked for (a flag, a file).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::error::Error for UsageError {}
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub(crate) fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let ansi = std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .without_time()
+        .try_init();
+}
+
+/// Shared state of a command: where models are, which device.
+pub(crate) struct Env {
+    pub registry: Registry,
+    pub device: DeviceChoice,
+}
+
+impl Env {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        let models_dir = cli.models_dir.clone().unwrap_or_else(|| {
+            let here = PathBuf::from("models");
+            if here.is_dir() {
+                here
+            } else {
+                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models"))
+            }
+        });
+        let device = cli.device.parse::<DeviceChoice>()?;
+        Ok(Self {
+            registry: Registry::new(models_dir),
+            device,
+        })
+    }
+
+    /// Resolves and loads a model (the default one when `name` is None).
+    pub fn load_model(&self, name: Option<&str>) -> anyhow::Result<LoadedModel> {
+        let loc = self.registry.resolve(name.unwrap_or(DEFAULT_MODEL))?;
+        let device = self.device.open()?;
+        Ok(forgeline_engine::loader::load(&loc, &device)?)
+    }
+}
+
+pub(crate) fn stderr_is_terminal() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+pub fn main() -> ExitCode {
+    // A closed pipe (`forgeline ... | head`) ends the process quietly, as in other Unix tools.
+    // SAFETY: called first thing, before any other thread exists.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
+    let cli = Cli::parse();
+    init_logging();
+    let result = Env::new(&cli).and_then(|env| run(cli.command, env));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code_of(&e))
+        }
+    }
+}
+
+fn run(command: Command, env: Env) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Prompt(a) => prompt::run(a, &env),
+        Command::Models(c) => models::run(c, &env),
+        Command::Bench(BenchCommand::Engine(a)) => bench::run(a, &env),
+    }
 }

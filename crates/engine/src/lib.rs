@@ -3,6 +3,7 @@
 //! # Layout
 //! - `error`: the crate's `Error` and `Result`.
 //! - `tokenizer`: tokenizer from tokenizer.json or GGUF metadata; incremental detokenization.
+//! - `bench`: the engine benchmark (prefill, decode, batched decode, candle reference).
 //! - `chat`: chat templates rendered with minijinja.
 //! - `device`: CPU, or CUDA / Metal behind cargo features.
 //! - `loader`: a located model to a loaded one (weights, tokenizer, template) or its info.
@@ -12,6 +13,7 @@
 //! - `registry`: where models come from (path, models/ manifests, Hugging Face cache).
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/p, min-p, repetition penalty).
 
+pub mod bench;
 pub mod chat;
 pub mod device;
 pub mod error;

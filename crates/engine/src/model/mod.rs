@@ -10,9 +10,10 @@
 
 pub mod attention;
 pub mod config;
+pub mod q4_1;
 pub mod weights;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::kv_cache::{BlockTable, KvCache};
@@ -21,15 +22,46 @@ use attention::{BatchLayout, GenericBatch, Heads, PagedAttention, RopeTable, Wri
 pub use config::{Arch, ModelConfig};
 use weights::{RawLinear, Weight, WeightSource};
 
+/// The weight of a linear layer, and which kernel multiplies by it.
+enum LinearWeight {
+    /// candle's quantized or dense matmul, on any device.
+    Candle(QMatMul),
+    /// forgeline's own Q4_1 kernel (CPU only; candle has no SIMD kernel for this type).
+    Q4_1(q4_1::Q4_1Weights),
+}
+
 /// A linear layer: quantized or dense weight, optional bias.
 struct Linear {
-    w: QMatMul,
+    w: LinearWeight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
+    fn new(w: RawLinear, bias: Option<Tensor>, device: &Device) -> Result<Self> {
+        let w = match w {
+            RawLinear::Quantized {
+                dtype: GgmlDType::Q4_1,
+                data,
+                rows,
+                cols,
+            } if device.is_cpu() => match q4_1::Q4_1Weights::new(data, rows, cols) {
+                Some(w) => LinearWeight::Q4_1(w),
+                None => {
+                    return Err(Error::InvalidRequest(format!(
+                        "Q4_1 weight of {rows}x{cols} has a malformed size"
+                    )))
+                }
+            },
+            w => LinearWeight::Candle(w.into_qmatmul(device)?),
+        };
+        Ok(Self { w, bias })
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
+        let y = match &self.w {
+            LinearWeight::Candle(w) => w.forward(x)?,
+            LinearWeight::Q4_1(w) => x.apply_op1_no_bwd(&q4_1::Q4_1MatMul(w))?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -313,29 +345,22 @@ impl Model {
 }
 
 fn plain(w: RawLinear, device: &Device) -> Result<Linear> {
-    Ok(Linear {
-        w: w.into_qmatmul(device)?,
-        bias: None,
-    })
+    Linear::new(w, None, device)
 }
 
 fn stack(parts: Vec<RawLinear>, biases: Option<Vec<Tensor>>, device: &Device) -> Result<Stacked> {
     Ok(match RawLinear::concat_rows(parts)? {
-        Ok(w) => Stacked::Fused(Linear {
-            w: w.into_qmatmul(device)?,
-            bias: biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
-        }),
+        Ok(w) => Stacked::Fused(Linear::new(
+            w,
+            biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+            device,
+        )?),
         Err(parts) => {
             let mut biases = biases.map(|b| b.into_iter());
             Stacked::Split(
                 parts
                     .into_iter()
-                    .map(|p| {
-                        Ok(Linear {
-                            w: p.into_qmatmul(device)?,
-                            bias: biases.as_mut().and_then(|b| b.next()),
-                        })
-                    })
+                    .map(|p| Linear::new(p, biases.as_mut().and_then(|b| b.next()), device))
                     .collect::<Result<_>>()?,
             )
         }

@@ -1,0 +1,86 @@
+//! `forgeline bench engine`.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use forgeline_engine::bench::{run_engine_bench, EngineBenchConfig};
+
+use crate::Env;
+
+#[derive(Args, Debug)]
+pub struct BenchEngineArgs {
+    /// Model name, path, or Hugging Face repo id [default: smollm2-135m-instruct]
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Tokens of the prompt-processing run
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens decoded in the single-stream run (half as many per sequence in batched runs)
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Batch sizes of the aggregate decode runs
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    pub batches: Vec<usize>,
+    /// Runs per figure; the best is reported
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Skip candle-transformers' reference model
+    #[arg(long)]
+    pub no_reference: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: BenchEngineArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    if a.batches.contains(&0) || a.prompt_tokens == 0 || a.decode_tokens == 0 {
+        return Err(crate::usage(
+            "batch sizes, --prompt-tokens and --decode-tokens must be positive",
+        ));
+    }
+    let m = env.load_model(a.model.as_deref())?;
+    let cfg = EngineBenchConfig {
+        prompt_tokens: a.prompt_tokens,
+        decode_tokens: a.decode_tokens,
+        batches: a.batches,
+        repeats: a.repeats,
+        reference: !a.no_reference,
+    };
+    let verbose = crate::stderr_is_terminal();
+    let r = run_engine_bench(&m, &cfg, |stage| {
+        if verbose {
+            eprintln!("bench: {stage} ...");
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("model: {} ({} threads)", r.model, r.threads);
+    let ratio = |x: f64| match r.reference_decode_tok_s {
+        Some(refr) if refr > 0.0 => format!(" ({:.2}x reference decode)", x / refr),
+        _ => String::new(),
+    };
+    println!(
+        "prompt processing ({} tokens): {:.1} tok/s{}",
+        cfg.prompt_tokens,
+        r.prefill_tok_s,
+        ratio(r.prefill_tok_s)
+    );
+    println!(
+        "decode, 1 stream:              {:.1} tok/s{}",
+        r.decode_tok_s,
+        ratio(r.decode_tok_s)
+    );
+    for b in &r.batched {
+        println!(
+            "decode, {:>2} sequences:         {:.1} tok/s{}",
+            b.batch,
+            b.tok_s,
+            ratio(b.tok_s)
+        );
+    }
+    if let Some(x) = r.reference_decode_tok_s {
+        println!("reference decode (candle-transformers): {x:.1} tok/s");
+    }
+    Ok(ExitCode::SUCCESS)
+}

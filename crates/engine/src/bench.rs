@@ -1,0 +1,234 @@
+//! The engine benchmark: prompt processing, single-stream decode, aggregate decode of several
+//! sequences together, and candle-transformers' reference model decoding the same prompt, all
+//! measured in one run so that the figures can be read as ratios.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::kv_cache::{BlockTable, KvCache};
+use crate::loader::LoadedModel;
+use crate::model::{Arch, SeqInput};
+use crate::registry::Format;
+use crate::sampling::argmax;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct EngineBenchConfig {
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub batches: Vec<usize>,
+    pub repeats: usize,
+    pub reference: bool,
+}
+
+impl Default for EngineBenchConfig {
+    fn default() -> Self {
+        Self {
+            prompt_tokens: 512,
+            decode_tokens: 128,
+            batches: vec![1, 2, 4, 8, 16],
+            repeats: 3,
+            reference: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchFigure {
+    pub batch: usize,
+    pub tok_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineBenchReport {
+    pub model: String,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub reference_decode_tok_s: Option<f64>,
+    pub batched: Vec<BatchFigure>,
+    pub threads: usize,
+}
+
+/// Deterministic text, tokenized and cut to exactly `n` tokens.
+fn prompt_of(m: &LoadedModel, n: usize) -> Result<Vec<u32>> {
+    let para = "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n    out, i, j = [], 0, 0\n    while i < len(a) and j < len(b):\n        if a[i] <= b[j]:\n            out.append(a[i]); i += 1\n        else:\n            out.append(b[j]); j += 1\n    return out + a[i:] + b[j:]\n\n";
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        text.push_str(para);
+        ids = m.tokenizer.encode(&text, false)?;
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
+fn best_of<F: FnMut() -> Result<f64>>(repeats: usize, mut f: F) -> Result<f64> {
+    let mut best = 0f64;
+    for _ in 0..repeats.max(1) {
+        best = best.max(f()?);
+    }
+    Ok(best)
+}
+
+/// Prefills `batch` copies of `prompt` (as separate sequences), then decodes `steps` tokens
+/// for each, greedily, all in one forward per step. Returns decode tokens per second.
+fn batched_decode(
+    m: &LoadedModel,
+    kv: &mut KvCache,
+    prompt: &[u32],
+    batch: usize,
+    steps: usize,
+) -> Result<f64> {
+    let mut tables = vec![BlockTable::default(); batch];
+    let mut run = || -> Result<f64> {
+        for t in &mut tables {
+            kv.reserve(t, prompt.len() + steps)?;
+        }
+        let inputs: Vec<SeqInput> = tables
+            .iter()
+            .map(|t| SeqInput {
+                tokens: prompt,
+                start_pos: 0,
+                table: t,
+                logits: true,
+            })
+            .collect();
+        let logits = m.model.forward(&inputs, kv)?.to_vec2::<f32>()?;
+        let mut last: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
+        let started = Instant::now();
+        for step in 0..steps {
+            let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+            let inputs: Vec<SeqInput> = tables
+                .iter()
+                .zip(&toks)
+                .map(|(t, tok)| SeqInput {
+                    tokens: tok,
+                    start_pos: prompt.len() + step,
+                    table: t,
+                    logits: true,
+                })
+                .collect();
+            let logits = m.model.forward(&inputs, kv)?.to_vec2::<f32>()?;
+            last = logits.iter().map(|l| argmax(l)).collect();
+        }
+        Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())
+    };
+    let r = run();
+    for t in &mut tables {
+        kv.release(t);
+    }
+    r
+}
+
+pub fn run_engine_bench(
+    m: &LoadedModel,
+    cfg: &EngineBenchConfig,
+    mut progress: impl FnMut(&str),
+) -> Result<EngineBenchReport> {
+    let mc = m.model.config();
+    let max_batch = cfg.batches.iter().copied().max().unwrap_or(1);
+    let short = 16usize;
+    let need = (cfg.prompt_tokens + 16).max(max_batch * (short + cfg.decode_tokens + 16));
+    if cfg.prompt_tokens + 1 > mc.context_length || short + cfg.decode_tokens > mc.context_length {
+        return Err(Error::InvalidRequest(format!(
+            "the benchmark needs {} positions, the model's context holds {}",
+            cfg.prompt_tokens.max(short + cfg.decode_tokens),
+            mc.context_length
+        )));
+    }
+    let mut kv = KvCache::new(
+        mc,
+        KvCache::DEFAULT_BLOCK_SIZE,
+        need.div_ceil(KvCache::DEFAULT_BLOCK_SIZE) + max_batch,
+        m.model.device(),
+    )?;
+    let long = prompt_of(m, cfg.prompt_tokens)?;
+    let prompt = &long[..short];
+
+    progress("prompt processing");
+    let prefill_tok_s = best_of(cfg.repeats, || {
+        let mut t = BlockTable::default();
+        kv.reserve(&mut t, long.len())?;
+        let started = Instant::now();
+        let r = m
+            .model
+            .forward(
+                &[SeqInput {
+                    tokens: &long,
+                    start_pos: 0,
+                    table: &t,
+                    logits: true,
+                }],
+                &kv,
+            )
+            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+        let secs = started.elapsed().as_secs_f64();
+        kv.release(&mut t);
+        r?;
+        Ok(long.len() as f64 / secs)
+    })?;
+
+    progress("single-stream decode");
+    let decode_tok_s = best_of(cfg.repeats, || {
+        batched_decode(m, &mut kv, prompt, 1, cfg.decode_tokens)
+    })?;
+
+    let mut batched = Vec::new();
+    for &b in &cfg.batches {
+        progress(&format!("aggregate decode, {b} sequences"));
+        let steps = (cfg.decode_tokens / 2).max(8);
+        let tok_s = best_of(cfg.repeats.min(2), || {
+            batched_decode(m, &mut kv, prompt, b, steps)
+        })?;
+        batched.push(BatchFigure { batch: b, tok_s });
+    }
+
+    let reference_decode_tok_s = if cfg.reference && m.info.format == Format::Gguf {
+        progress("reference (candle-transformers) decode");
+        Some(best_of(cfg.repeats, || {
+            reference_decode(m, prompt, cfg.decode_tokens)
+        })?)
+    } else {
+        None
+    };
+    Ok(EngineBenchReport {
+        model: m.info.name.clone(),
+        prefill_tok_s,
+        decode_tok_s,
+        reference_decode_tok_s,
+        batched,
+        threads: candle_core::utils::get_num_threads(),
+    })
+}
+
+/// candle-transformers' own quantized model, single stream, same prompt, greedy.
+fn reference_decode(m: &LoadedModel, prompt: &[u32], steps: usize) -> Result<f64> {
+    use candle_transformers::models::{quantized_llama, quantized_qwen2};
+    let path = &m.info.path;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f)?;
+    let dev = Device::Cpu;
+    let mut fwd: Box<dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>> =
+        match m.model.config().arch {
+            Arch::Llama => {
+                let mut w = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev)?;
+                Box::new(move |x, p| w.forward(x, p))
+            }
+            Arch::Qwen2 => {
+                let mut w = quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev)?;
+                Box::new(move |x, p| w.forward(x, p))
+            }
+        };
+    let x = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
+    let logits = fwd(&x, 0)?.squeeze(0)?.to_vec1::<f32>()?;
+    let mut tok = argmax(&logits);
+    let started = Instant::now();
+    for step in 0..steps {
+        let x = Tensor::new(&[tok], &dev)?.unsqueeze(0)?;
+        let logits = fwd(&x, prompt.len() + step)?.squeeze(0)?.to_vec1::<f32>()?;
+        tok = argmax(&logits);
+    }
+    Ok(steps as f64 / started.elapsed().as_secs_f64())
+}

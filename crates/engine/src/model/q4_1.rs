@@ -1,0 +1,309 @@
+//! A CPU matmul for Q4_1 weights (the default model's format).
+//!
+//! candle's Q4_1 dot product is its scalar fallback (no SIMD version exists for this type), and
+//! its matmul re-decodes each weight row for every input row. This kernel quantizes the input
+//! rows to 8 bits once, decodes each block of a weight row once per tile of up to four input
+//! rows, and uses AVX2 integer multiply-adds where the CPU has them (a portable loop
+//! otherwise). Work is split over candle's CPU thread pool. Results match candle's own Q4_1
+//! matmul up to the rounding of the activation scale (f32 here, f16 in candle).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use half::f16;
+
+const QK: usize = 32;
+const BLOCK_BYTES: usize = 20;
+/// Input rows that share one decode of a weight block.
+const ROW_TILE: usize = 4;
+/// Input rows per work item: keeps their quantized blocks in cache while weight rows stream.
+const M_CHUNK: usize = 64;
+
+/// Q4_1 weights as GGUF stores them: per block of 32, f16 scale `d`, f16 minimum `m`, and 16
+/// bytes of nibbles (element j in the low nibble of byte j, element j+16 in its high nibble).
+pub struct Q4_1Weights {
+    data: Vec<u8>,
+    rows: usize,
+    cols: usize,
+}
+
+/// One quantized input block: x ≈ d * q, and s = d * Σq.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Q8Block {
+    q: [i8; QK],
+    d: f32,
+    s: f32,
+}
+
+impl Q4_1Weights {
+    pub fn new(data: Vec<u8>, rows: usize, cols: usize) -> Option<Self> {
+        (cols % QK == 0 && data.len() == rows * cols / QK * BLOCK_BYTES).then_some(Self {
+            data,
+            rows,
+            cols,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let len = self.cols / QK * BLOCK_BYTES;
+        &self.data[r * len..(r + 1) * len]
+    }
+}
+
+fn quantize_rows(x: &[f32]) -> Vec<Q8Block> {
+    let mut out = Vec::with_capacity(x.len() / QK);
+    for chunk in x.chunks_exact(QK) {
+        let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut q = [0i8; QK];
+        let mut sum = 0i32;
+        for (qi, &v) in q.iter_mut().zip(chunk) {
+            *qi = (v * inv).round() as i8;
+            sum += *qi as i32;
+        }
+        out.push(Q8Block {
+            q,
+            d,
+            s: d * sum as f32,
+        });
+    }
+    out
+}
+
+#[inline]
+fn block_dm(w: &[u8]) -> (f32, f32) {
+    (
+        f16::from_le_bytes([w[0], w[1]]).to_f32(),
+        f16::from_le_bytes([w[2], w[3]]).to_f32(),
+    )
+}
+
+/// Dot products of one weight row with `xs.len()` (≤ ROW_TILE) quantized input rows.
+fn dot_rows_portable(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32; ROW_TILE]) {
+    *out = [0.0; ROW_TILE];
+    for (b, wb) in w.chunks_exact(BLOCK_BYTES).enumerate() {
+        let (d, m) = block_dm(wb);
+        let mut vals = [0i32; QK];
+        for j in 0..16 {
+            vals[j] = (wb[4 + j] & 0x0F) as i32;
+            vals[j + 16] = (wb[4 + j] >> 4) as i32;
+        }
+        for (o, x) in out.iter_mut().zip(xs) {
+            let xb = &x[b];
+            let dot: i32 = vals.iter().zip(&xb.q).map(|(a, b)| a * *b as i32).sum();
+            *o += d * xb.d * dot as f32 + m * xb.s;
+        }
+    }
+}
+
+/// `N` input rows at a time, with the accumulators in registers (`N` is a constant so the
+/// loops unroll; indexing an accumulator array by a runtime row count spills it to memory).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_tile_avx2<const N: usize>(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32; ROW_TILE]) {
+    use std::arch::x86_64::*;
+    let mask = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut mins = [0f32; N];
+    for (b, wb) in w.chunks_exact(BLOCK_BYTES).enumerate() {
+        let (d, m) = block_dm(wb);
+        let qs = _mm_loadu_si128(wb.as_ptr().add(4) as *const __m128i);
+        let lo = _mm_and_si128(qs, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+        let wq = _mm256_set_m128i(hi, lo);
+        for r in 0..N {
+            let xb = xs.get_unchecked(r).get_unchecked(b);
+            let xq = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xb.d), acc[r]);
+            mins[r] += m * xb.s;
+        }
+    }
+    for r in 0..N {
+        let v = acc[r];
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        out[r] = _mm_cvtss_f32(s) + mins[r];
+    }
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn dot_rows(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32; ROW_TILE]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); blocks are 32-byte aligned and
+        // every row in `xs` has as many blocks as `w`.
+        unsafe {
+            match xs.len() {
+                1 => dot_tile_avx2::<1>(w, xs, out),
+                2 => dot_tile_avx2::<2>(w, xs, out),
+                3 => dot_tile_avx2::<3>(w, xs, out),
+                _ => dot_tile_avx2::<4>(w, xs, out),
+            }
+        }
+        return;
+    }
+    dot_rows_portable(w, xs, out)
+}
+
+/// `x` [m, cols] times the transposed weights: [m, rows].
+pub fn matmul(w: &Q4_1Weights, x: &[f32], m: usize) -> Vec<f32> {
+    let (k, n) = (w.cols, w.rows);
+    let xq = quantize_rows(x);
+    let bpr = k / QK;
+    let mut dst = vec![0f32; m * n];
+    let dst_ptr = dst.as_mut_ptr() as usize;
+    let m_chunks = m.div_ceil(M_CHUNK);
+    // Weight rows per work item: enough to amortise scheduling, small enough to balance.
+    let n_chunk = if m == 1 { 16 } else { 64 };
+    let n_chunks = n.div_ceil(n_chunk);
+    candle_core::utils::barrier_pool().execute_chunked(m_chunks * n_chunks, |items| {
+        let mut tile = [0f32; ROW_TILE];
+        for item in items {
+            let (mc, nc) = (item / n_chunks, item % n_chunks);
+            let (m0, m1) = (mc * M_CHUNK, ((mc + 1) * M_CHUNK).min(m));
+            let (n0, n1) = (nc * n_chunk, ((nc + 1) * n_chunk).min(n));
+            for col in n0..n1 {
+                let wr = w.row(col);
+                let mut r0 = m0;
+                while r0 < m1 {
+                    let r1 = (r0 + ROW_TILE).min(m1);
+                    let mut rows: [&[Q8Block]; ROW_TILE] = [&[]; ROW_TILE];
+                    for (i, r) in (r0..r1).enumerate() {
+                        rows[i] = &xq[r * bpr..(r + 1) * bpr];
+                    }
+                    dot_rows(wr, &rows[..r1 - r0], &mut tile);
+                    for (i, r) in (r0..r1).enumerate() {
+                        // SAFETY: each (row, col) is written by exactly one work item.
+                        unsafe { *(dst_ptr as *mut f32).add(r * n + col) = tile[i] };
+                    }
+                    r0 = r1;
+                }
+            }
+        }
+    });
+    dst
+}
+
+/// `x.apply_op1_no_bwd(&Q4_1MatMul(&w))`: [m, cols] f32 -> [m, rows] f32, on CPU.
+pub struct Q4_1MatMul<'a>(pub &'a Q4_1Weights);
+
+impl CustomOp1 for Q4_1MatMul<'_> {
+    fn name(&self) -> &'static str {
+        "forgeline-q4_1-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("q4_1 matmul input must be contiguous")
+        };
+        let x = &s.as_slice::<f32>()?[a..b];
+        let dims = l.shape().dims();
+        let k = *dims.last().unwrap_or(&0);
+        if k != self.0.cols {
+            candle_core::bail!(
+                "q4_1 matmul: input has {k} columns, weights {}",
+                self.0.cols
+            )
+        }
+        let m = x.len() / k;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("non-empty") = self.0.rows;
+        Ok((CpuStorage::F32(matmul(self.0, x, m)), Shape::from(out_dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    /// Deterministic values in [-1, 1).
+    fn pseudo_random(len: usize, seed: u64) -> Tensor {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, len, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn matches_candles_q4_1_matmul_for_decode_and_prefill_shapes() {
+        let dev = Device::Cpu;
+        let (n, k) = (72, 128);
+        let w = pseudo_random(n * k, 1).reshape((n, k)).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let ours = Q4_1Weights::new(q.data().unwrap().into_owned(), n, k).unwrap();
+        let theirs = QMatMul::from_qtensor(q).unwrap();
+        for m in [1usize, 3, 4, 7, 130] {
+            let x = pseudo_random(m * k, m as u64 + 7).reshape((m, k)).unwrap();
+            let want: Vec<f32> = theirs
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = x
+                .apply_op1_no_bwd(&Q4_1MatMul(&ours))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() < 2e-2 * (1.0 + w.abs()),
+                    "m={m} [{i}]: {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn portable_and_simd_paths_agree() {
+        let (n, k) = (8, 64);
+        let w = pseudo_random(n * k, 3).reshape((n, k)).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let ours = Q4_1Weights::new(q.data().unwrap().into_owned(), n, k).unwrap();
+        let x: Vec<f32> = (0..3 * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let xq = quantize_rows(&x);
+        let rows: Vec<&[Q8Block]> = xq.chunks(k / QK).collect();
+        let (mut a, mut b) = ([0f32; ROW_TILE], [0f32; ROW_TILE]);
+        for r in 0..n {
+            dot_rows_portable(ours.row(r), &rows, &mut a);
+            dot_rows(ours.row(r), &rows, &mut b);
+            for i in 0..3 {
+                assert!(
+                    (a[i] - b[i]).abs() < 1e-3 * (1.0 + a[i].abs()),
+                    "{a:?} vs {b:?}"
+                );
+            }
+        }
+    }
+}

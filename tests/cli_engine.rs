@@ -1,0 +1,107 @@
+//! End-to-end tests of the engine commands: they run the real binary on the default model.
+
+use std::process::{Command, Output};
+
+fn forgeline(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_forgeline"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run forgeline");
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts the exit code, printing the command's output when it differs.
+fn expect(args: &[&str], code: i32) -> Output {
+    let out = forgeline(args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "forgeline {args:?}\nstdout:\n{}\nstderr:\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn models_list_and_show_describe_the_default_model() {
+    let out = expect(&["models", "list", "--json"], 0);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "smollm2-135m-instruct")
+        .expect("default model listed");
+    assert_eq!(m["present"], true, "run scripts/fetch-default-model");
+
+    let out = expect(&["models", "show", "smollm2-135m-instruct", "--json"], 0);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["architecture"], "llama");
+    assert_eq!(info["quantization"], "Q4_1");
+    assert_eq!(info["context_length"], 8192);
+    let params = info["parameters"].as_u64().unwrap();
+    assert!((130_000_000..140_000_000).contains(&params), "{params}");
+    assert!(info["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+}
+
+#[test]
+fn prompt_streams_text_to_stdout_and_timings_to_stderr() {
+    let out = expect(
+        &["prompt", "--chat", "--max-tokens", "16", "Write a Python function that adds two numbers."],
+        0,
+    );
+    assert!(!text(&out.stdout).trim().is_empty());
+    let err = text(&out.stderr);
+    assert!(err.contains("tok/s") && err.contains("completion 16 tokens"), "{err}");
+
+    let out = expect(&["prompt", "--json", "--max-tokens", "5", "def add(a, b):"], 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["completion_tokens"], 5);
+    assert_eq!(v["stop_reason"], "max_tokens");
+    assert!(v["text"].as_str().is_some());
+}
+
+#[test]
+fn bad_input_gets_exit_code_2_and_names_the_problem() {
+    let out = expect(&["prompt", "--model", "no-such-model", "hi"], 2);
+    assert!(text(&out.stderr).contains("no-such-model"));
+
+    let out = expect(&["prompt", "--temperature", "1", "--top-p", "0", "hi"], 2);
+    assert!(text(&out.stderr).contains("top_p"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("bogus.gguf");
+    std::fs::write(&bogus, b"GGUF\x03\x00\x00\x00truncated").unwrap();
+    let out = expect(&["prompt", "--model", bogus.to_str().unwrap(), "hi"], 2);
+    assert!(text(&out.stderr).contains("bogus.gguf"), "{}", text(&out.stderr));
+
+    let out = expect(&["--device", "cuda", "prompt", "hi"], 2);
+    assert!(text(&out.stderr).contains("`cuda` feature"));
+}
+
+#[test]
+fn bench_engine_reports_every_figure_as_json() {
+    let out = expect(
+        &[
+            "bench", "engine", "--json", "--prompt-tokens", "32", "--decode-tokens", "8",
+            "--batches", "1,2", "--repeats", "1",
+        ],
+        0,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["model"], "smollm2-135m-instruct");
+    for k in ["prefill_tok_s", "decode_tok_s", "reference_decode_tok_s"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+    }
+    let batched = v["batched"].as_array().unwrap();
+    assert_eq!(batched.len(), 2);
+    assert_eq!(batched[1]["batch"], 2);
+    assert!(batched[1]["tok_s"].as_f64().unwrap() > 0.0);
+}
