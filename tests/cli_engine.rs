@@ -48,20 +48,35 @@ fn models_list_and_show_describe_the_default_model() {
     assert_eq!(info["context_length"], 8192);
     let params = info["parameters"].as_u64().unwrap();
     assert!((130_000_000..140_000_000).contains(&params), "{params}");
-    assert!(info["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+    assert!(info["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
 }
 
 #[test]
 fn prompt_streams_text_to_stdout_and_timings_to_stderr() {
     let out = expect(
-        &["prompt", "--chat", "--max-tokens", "16", "Write a Python function that adds two numbers."],
+        &[
+            "prompt",
+            "--chat",
+            "--max-tokens",
+            "16",
+            "Write a Python function that adds two numbers.",
+        ],
         0,
     );
     assert!(!text(&out.stdout).trim().is_empty());
     let err = text(&out.stderr);
-    assert!(err.contains("tok/s") && err.contains("completion 16 tokens"), "{err}");
+    assert!(
+        err.contains("tok/s") && err.contains("completion 16 tokens"),
+        "{err}"
+    );
 
-    let out = expect(&["prompt", "--json", "--max-tokens", "5", "def add(a, b):"], 0);
+    let out = expect(
+        &["prompt", "--json", "--max-tokens", "5", "def add(a, b):"],
+        0,
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["completion_tokens"], 5);
     assert_eq!(v["stop_reason"], "max_tokens");
@@ -80,7 +95,11 @@ fn bad_input_gets_exit_code_2_and_names_the_problem() {
     let bogus = dir.path().join("bogus.gguf");
     std::fs::write(&bogus, b"GGUF\x03\x00\x00\x00truncated").unwrap();
     let out = expect(&["prompt", "--model", bogus.to_str().unwrap(), "hi"], 2);
-    assert!(text(&out.stderr).contains("bogus.gguf"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("bogus.gguf"),
+        "{}",
+        text(&out.stderr)
+    );
 
     let out = expect(&["--device", "cuda", "prompt", "hi"], 2);
     assert!(text(&out.stderr).contains("`cuda` feature"));
@@ -90,8 +109,17 @@ fn bad_input_gets_exit_code_2_and_names_the_problem() {
 fn bench_engine_reports_every_figure_as_json() {
     let out = expect(
         &[
-            "bench", "engine", "--json", "--prompt-tokens", "32", "--decode-tokens", "8",
-            "--batches", "1,2", "--repeats", "1",
+            "bench",
+            "engine",
+            "--json",
+            "--prompt-tokens",
+            "32",
+            "--decode-tokens",
+            "8",
+            "--batches",
+            "1,2",
+            "--repeats",
+            "1",
         ],
         0,
     );

@@ -12,6 +12,8 @@
 //! 3 a runtime failure (engine error, out of memory).
 
 mod bench;
+mod bench_sandbox;
+mod check;
 mod models;
 mod prompt;
 
@@ -51,12 +53,16 @@ enum Command {
     /// Measure throughput and latency
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run a Python file (and its tests) in the sandbox and report what happened
+    Check(check::CheckArgs),
 }
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
     /// Prompt processing, decode and batched decode against candle-transformers' reference
     Engine(bench::BenchEngineArgs),
+    /// Trivial sandboxed Python programs per second, one at a time and in parallel
+    Sandbox(bench_sandbox::BenchSandboxArgs),
 }
 
 /// Exit code for an error: 2 for input errors, 3 for runtime failures.
@@ -74,7 +80,17 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
                 _ => 3,
             };
         }
-        if cause.downcast_ref::<UsageError>().is_some() {
+        if let Some(f) = cause.downcast_ref::<forgeline_sandbox::Error>() {
+            use forgeline_sandbox::Error as S;
+            return match f {
+                S::InvalidLimits(_) | S::InvalidInput(_) => 2,
+                _ => 3,
+            };
+        }
+        // Reading the user's files, or a problem with what they asked for.
+        if cause.downcast_ref::<UsageError>().is_some()
+            || cause.downcast_ref::<std::io::Error>().is_some()
+        {
             return 2;
         }
     }
@@ -170,5 +186,13 @@ fn run(command: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Prompt(a) => prompt::run(a, &env),
         Command::Models(c) => models::run(c, &env),
         Command::Bench(BenchCommand::Engine(a)) => bench::run(a, &env),
+        Command::Bench(BenchCommand::Sandbox(a)) => runtime()?.block_on(bench_sandbox::run(a)),
+        Command::Check(a) => runtime()?.block_on(check::run(a)),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

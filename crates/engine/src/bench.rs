@@ -203,6 +203,9 @@ pub fn run_engine_bench(
     })
 }
 
+/// One forward of a reference model: (tokens [1, n], position) -> logits [1, vocab].
+type ReferenceForward = Box<dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>>;
+
 /// candle-transformers' own quantized model, single stream, same prompt, greedy.
 fn reference_decode(m: &LoadedModel, prompt: &[u32], steps: usize) -> Result<f64> {
     use candle_transformers::models::{quantized_llama, quantized_qwen2};
@@ -210,17 +213,16 @@ fn reference_decode(m: &LoadedModel, prompt: &[u32], steps: usize) -> Result<f64
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f)?;
     let dev = Device::Cpu;
-    let mut fwd: Box<dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>> =
-        match m.model.config().arch {
-            Arch::Llama => {
-                let mut w = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev)?;
-                Box::new(move |x, p| w.forward(x, p))
-            }
-            Arch::Qwen2 => {
-                let mut w = quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev)?;
-                Box::new(move |x, p| w.forward(x, p))
-            }
-        };
+    let mut fwd: ReferenceForward = match m.model.config().arch {
+        Arch::Llama => {
+            let mut w = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev)?;
+            Box::new(move |x, p| w.forward(x, p))
+        }
+        Arch::Qwen2 => {
+            let mut w = quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev)?;
+            Box::new(move |x, p| w.forward(x, p))
+        }
+    };
     let x = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
     let logits = fwd(&x, 0)?.squeeze(0)?.to_vec1::<f32>()?;
     let mut tok = argmax(&logits);

@@ -67,13 +67,13 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads, self.num_layers
             ));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "{} attention heads are not a multiple of {} kv heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {} is odd", self.head_dim));
         }
         if self.context_length == 0 {
@@ -95,11 +95,7 @@ impl ModelConfig {
         let hidden_size = u("embedding_length")?;
         let num_heads = u("attention.head_count")?;
         let num_kv_heads = u("attention.head_count_kv").unwrap_or(num_heads);
-        let head_dim = if num_heads == 0 {
-            0
-        } else {
-            hidden_size / num_heads
-        };
+        let head_dim = hidden_size.checked_div(num_heads).unwrap_or(0);
         let rope_dim = u("rope.dimension_count").unwrap_or(head_dim);
         if rope_dim != head_dim {
             return Err(Error::bad_model(

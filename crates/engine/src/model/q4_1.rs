@@ -36,7 +36,7 @@ struct Q8Block {
 
 impl Q4_1Weights {
     pub fn new(data: Vec<u8>, rows: usize, cols: usize) -> Option<Self> {
-        (cols % QK == 0 && data.len() == rows * cols / QK * BLOCK_BYTES).then_some(Self {
+        (cols.is_multiple_of(QK) && data.len() == rows * cols / QK * BLOCK_BYTES).then_some(Self {
             data,
             rows,
             cols,
@@ -252,7 +252,6 @@ mod tests {
 
     #[test]
     fn matches_candles_q4_1_matmul_for_decode_and_prefill_shapes() {
-        let dev = Device::Cpu;
         let (n, k) = (72, 128);
         let w = pseudo_random(n * k, 1).reshape((n, k)).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();

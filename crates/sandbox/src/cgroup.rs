@@ -1,0 +1,207 @@
+//! A pids cgroup per run, to cap the number of processes when running as root.
+//!
+//! `RLIMIT_NPROC` is not enforced for root, and the sandbox keeps the caller's user ID (a user
+//! namespace takes its capabilities away): without a cgroup a fork bomb run by root would only
+//! be stopped by the timeout. The run's cgroup also finds every process left over, whatever
+//! session or process group it moved to.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The directory under which each run gets its own pids cgroup.
+#[derive(Debug)]
+pub(crate) struct CgroupPool {
+    base: PathBuf,
+    next: AtomicU64,
+}
+
+/// One run's cgroup; removed (after killing what is left in it) when dropped.
+#[derive(Debug)]
+pub(crate) struct RunCgroup {
+    dir: PathBuf,
+    procs: CString,
+}
+
+impl CgroupPool {
+    /// Finds a writable pids controller (cgroup v1 `pids` hierarchy, or cgroup v2 with `pids`
+    /// enabled at its root) and creates `forgeline-sandbox` in it. None when there is none.
+    pub(crate) fn detect() -> Option<CgroupPool> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+        let base = v1_base(&mountinfo, &own).or_else(|| v2_base(&mountinfo))?;
+        if fs::create_dir_all(&base).is_err() {
+            return None;
+        }
+        // v2 needs the controller enabled for the children of our directory; v1 has no such file.
+        let subtree = base.join("cgroup.subtree_control");
+        if subtree.exists() && fs::write(&subtree, "+pids").is_err() {
+            return None;
+        }
+        // Runs of a process that died leave empty cgroups behind; the busy ones stay.
+        if let Ok(entries) = fs::read_dir(&base) {
+            for entry in entries.flatten() {
+                if entry.path().is_dir() {
+                    let _ = fs::remove_dir(entry.path());
+                }
+            }
+        }
+        let pool = CgroupPool {
+            base,
+            next: AtomicU64::new(0),
+        };
+        drop(pool.create(1).ok()?);
+        Some(pool)
+    }
+
+    /// A fresh cgroup allowing `max_pids` processes.
+    pub(crate) fn create(&self, max_pids: u32) -> io::Result<RunCgroup> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let dir = self.base.join(format!("run-{}-{n}", std::process::id()));
+        fs::create_dir(&dir)?;
+        let cgroup = RunCgroup {
+            procs: CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            dir,
+        };
+        fs::write(cgroup.dir.join("pids.max"), max_pids.to_string())?;
+        Ok(cgroup)
+    }
+}
+
+impl RunCgroup {
+    /// The file the child writes itself into.
+    pub(crate) fn procs_path(&self) -> &CString {
+        &self.procs
+    }
+
+    /// SIGKILLs every process in the cgroup until it is empty (or a short deadline passes).
+    pub(crate) fn kill_all(&self) {
+        for _ in 0..50 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.dir.join("cgroup.procs"))
+            .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RunCgroup {
+    fn drop(&mut self) {
+        self.kill_all();
+        // Killed processes leave the cgroup a moment after they are reaped.
+        for _ in 0..100 {
+            match fs::remove_dir(&self.dir) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                _ => return,
+            }
+        }
+        tracing::warn!(dir = %self.dir.display(), "could not remove a sandbox cgroup");
+    }
+}
+
+/// cgroup v1: the mount of the `pids` hierarchy, plus our own path in it.
+fn v1_base(mountinfo: &str, own: &str) -> Option<PathBuf> {
+    let mount = mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut fields = right.split_whitespace();
+        let fstype = fields.next()?;
+        let _source = fields.next()?;
+        let options = fields.next()?;
+        (fstype == "cgroup" && options.split(',').any(|o| o == "pids"))
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })?;
+    let path = own.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let _id = parts.next()?;
+        let controllers = parts.next()?;
+        let path = parts.next()?;
+        controllers.split(',').any(|c| c == "pids").then_some(path)
+    })?;
+    Some(
+        mount
+            .join(path.trim_start_matches('/'))
+            .join("forgeline-sandbox"),
+    )
+}
+
+/// cgroup v2: `forgeline-sandbox` at the root, when the root delegates `pids`. Processes
+/// cannot stay in a v2 cgroup whose controllers are enabled for children, so our own cgroup
+/// is no place for it.
+fn v2_base(mountinfo: &str) -> Option<PathBuf> {
+    let mount = mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })?;
+    let enabled = fs::read_to_string(mount.join("cgroup.subtree_control")).ok()?;
+    enabled
+        .split_whitespace()
+        .any(|c| c == "pids")
+        .then(|| mount.join("forgeline-sandbox"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+29 23 0:26 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+37 29 0:34 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+38 29 0:35 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn finds_the_v1_pids_hierarchy_and_our_place_in_it() {
+        let own = "8:pids:/jobs/forty-two\n4:memory:/x\n0::/\n";
+        let base = v1_base(MOUNTINFO, own).unwrap();
+        assert_eq!(
+            base,
+            Path::new("/sys/fs/cgroup/pids/jobs/forty-two/forgeline-sandbox")
+        );
+    }
+
+    #[test]
+    fn no_v1_base_without_a_pids_hierarchy() {
+        let mountinfo = "37 29 0:34 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        assert_eq!(v1_base(mountinfo, "4:memory:/\n"), None);
+    }
+
+    #[test]
+    fn a_run_cgroup_caps_processes_and_is_removed() {
+        let Some(pool) = CgroupPool::detect() else {
+            eprintln!("no writable pids cgroup here (not root?): nothing to exercise");
+            return;
+        };
+        let cgroup = pool.create(7).unwrap();
+        let dir = cgroup.dir.clone();
+        assert_eq!(
+            fs::read_to_string(dir.join("pids.max")).unwrap().trim(),
+            "7"
+        );
+        assert!(cgroup.pids().is_empty());
+        drop(cgroup);
+        assert!(!dir.exists());
+    }
+}

@@ -1,0 +1,98 @@
+//! Runs untrusted, generated Python safely, and says exactly what happened.
+//!
+//! This crate is the only place in forgeline that starts Python. A [`Sandbox`] is set up once
+//! (it finds the interpreter, installs a small harness, and probes which isolation the machine
+//! allows); then each [`Job`] runs a [`Check`] on a [`Module`] in a fresh directory with
+//! [`Limits`], and returns a [`RunReport`] whose [`Outcome`] is typed: passed, failed
+//! assertion (with the values compared), raised exception (type, message, line, trimmed
+//! traceback), syntax error, failed doctest, timeout, memory limit, killed by signal, exited.
+//!
+//! ```no_run
+//! # async fn demo() -> forgeline_sandbox::Result<()> {
+//! use forgeline_sandbox::{Module, Sandbox, SandboxConfig, TestSuite};
+//!
+//! let sandbox = Sandbox::new(SandboxConfig::default()).await?;
+//! let code = Module::new("solution", "def add(a, b):\n    return a - b\n")?;
+//! let tests = TestSuite::new("test_solution.py", "from solution import add\nassert add(2, 2) == 4\n")?;
+//! let report = sandbox.run_tests(&code, &tests).await?;
+//! println!("{}", report.outcome); // AssertionError at test_solution.py:2: add(2, 2) == 4 ...
+//! # Ok(()) }
+//! ```
+//!
+//! # Isolation
+//!
+//! Isolation is built at the OS level, never by restricting Python from inside. Each layer is
+//! applied in the child between `fork` and `exec`, and [`IsolationReport`] (in every report)
+//! says which were in force:
+//!
+//! - **An unprivileged user**: run by root, the program switches to `nobody` (65534), keeping
+//!   only `CAP_DAC_READ_SEARCH` so it can read a Python installed under `/root`; it owns
+//!   nothing outside its run directory. Run by anyone else, it stays that user inside a user
+//!   namespace, without capabilities over the host.
+//! - **Namespaces**: a network namespace with only a downed loopback (every connect fails,
+//!   the host's 127.0.0.1 included), a PID namespace whose init takes every process of the
+//!   run down with it, and an IPC namespace.
+//! - **Landlock** (file system): read-only access to the system and Python directories (of
+//!   `/etc` only what the loader and the standard library read) and a few devices, full access to the run's directory, nothing else: no home directories, no
+//!   `/tmp`, no `/proc`. TCP bind and connect are denied too, and (Landlock ABI 6) signals and
+//!   abstract sockets cannot leave the sandbox.
+//! - **seccomp**: a deny list of system calls no checked program needs (mount, namespaces,
+//!   ptrace, BPF, kernel modules, io_uring, keyrings...).
+//! - **Process limit**: a pids cgroup per run when running as root (`RLIMIT_NPROC` does not
+//!   apply to root), `RLIMIT_NPROC` in the run's own user namespace otherwise.
+//! - Always: rlimits (CPU, address space, file size, open files, no core dumps), a new
+//!   session killed as a group at the wall-clock timeout, an emptied environment, a fresh
+//!   directory (also `HOME` and `TMPDIR`), Python in isolated mode (`-I -S -B`; the harness
+//!   puts site-packages on `sys.path` itself, so installed packages import as usual while
+//!   `.pth` files, slow to start on some machines, are skipped unless
+//!   [`SandboxConfig::process_pth_files`]).
+//!
+//! [`IsolationLevel::Full`] means all of these; [`IsolationLevel::Partial`] some (the report
+//! lists what is `missing`); [`IsolationLevel::None`] only the "always" row.
+//! [`SandboxConfig::require_full_isolation`] refuses to run anything with less than full.
+//!
+//! Not isolated: disk usage across many files (each file is capped, the directory is not);
+//! when not run by root, the mode and timestamps of the caller's own files that the program
+//! may read (a Python installed in the caller's home); and the outcome itself against
+//! deliberately forged results (the harness runs in the same interpreter as the code it
+//! checks).
+//!
+//! # Layout
+//!
+//! - `sandbox`: [`Sandbox`] and [`SandboxConfig`]; set-up, the isolation probe, running a job.
+//! - `checks`: [`Module`], [`TestSuite`], [`Check`], [`Job`], and one method per check.
+//! - `limits`: [`Limits`] and their defaults.
+//! - `outcome`: [`Outcome`], [`RunReport`] and their parts, and their short text forms.
+//! - `record`: the harness's JSON record, and how an exit and a record become an outcome.
+//! - `isolation`: [`IsolationReport`], the Landlock rules and the seccomp filter.
+//! - `child`: what the child does to itself between fork and exec (async-signal-safe).
+//! - `cgroup`: a pids cgroup per run.
+//! - `runner`: spawning, output capture, timeout, killing the process tree.
+//! - `python`: finding the interpreter and checking its version.
+//! - `harness`: installs `harness/*.py`, the Python side that runs the checks and writes
+//!   the record.
+//! - `error`: [`Error`].
+
+mod cgroup;
+mod checks;
+mod child;
+mod error;
+mod harness;
+mod isolation;
+mod limits;
+mod outcome;
+mod python;
+mod record;
+mod runner;
+mod sandbox;
+
+pub use checks::{Check, Job, Module, TestKind, TestSuite};
+pub use error::{Error, Result};
+pub use isolation::{IsolationLevel, IsolationReport, LandlockState, ProcessLimit};
+pub use limits::Limits;
+pub use outcome::{
+    AssertionFailure, Clock, Comparison, DoctestFailure, Frame, Outcome, RaisedException,
+    RunReport, SyntaxErrorInfo, TestSummary,
+};
+pub use python::{PythonInfo, MIN_PYTHON};
+pub use sandbox::{Sandbox, SandboxConfig};

@@ -1,0 +1,350 @@
+//! Starts one sandboxed Python process, captures its output within the limit, enforces the
+//! wall-clock timeout, and takes the whole process tree down afterwards.
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::resource::Resource;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::watch;
+
+use crate::cgroup::RunCgroup;
+use crate::child::ChildSetup;
+use crate::isolation::IsolationPlan;
+use crate::limits::Limits;
+use crate::record::Termination;
+use crate::{Error, Result};
+
+/// The two processes between the parent and Python when there is a PID namespace (the
+/// waiter and init, see `child.rs`): they count against the process limit.
+const SUPERVISORS: u32 = 2;
+
+/// How long output pipes may stay open after the process tree was killed.
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+
+/// One process to start.
+pub(crate) struct Launch {
+    pub python: PathBuf,
+    pub args: Vec<OsString>,
+    pub workdir: PathBuf,
+    pub limits: Limits,
+    pub plan: Arc<IsolationPlan>,
+}
+
+/// How the process ended, and what it printed.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub termination: Termination,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration: Duration,
+}
+
+/// The process tree of a run. Killing it is always safe while the waiter is not reaped: its
+/// PID is then still the group's ID. Dropping it kills whatever is left, so a cancelled run
+/// leaves nothing behind.
+struct ProcessTree {
+    group: Option<Pid>,
+    cgroup: Option<RunCgroup>,
+    pid_namespace: bool,
+}
+
+impl ProcessTree {
+    fn kill(&mut self) {
+        if let Some(group) = self.group {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill_all();
+        }
+    }
+
+    /// After the waiter was reaped. With a PID namespace nothing can be left (init's exit
+    /// killed the namespace). Without one, leftovers still hold the group ID, so killing the
+    /// group reaches them.
+    fn reaped(&mut self) {
+        if self.pid_namespace {
+            self.group = None;
+        }
+        self.kill();
+        self.group = None;
+    }
+}
+
+impl Drop for ProcessTree {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn setup(launch: &Launch, cgroup: Option<&RunCgroup>) -> Result<ChildSetup> {
+    let limits = &launch.limits;
+    let plan = &launch.plan;
+    let mut rlimits = vec![
+        (Resource::RLIMIT_CPU, limits.cpu_seconds()),
+        (Resource::RLIMIT_AS, limits.memory_bytes),
+        (Resource::RLIMIT_FSIZE, limits.file_size_bytes),
+        (Resource::RLIMIT_NOFILE, u64::from(limits.max_open_files)),
+        (Resource::RLIMIT_CORE, 0),
+    ];
+    if plan.nproc_rlimit {
+        rlimits.push((
+            Resource::RLIMIT_NPROC,
+            u64::from(limits.max_processes + SUPERVISORS),
+        ));
+    }
+    let landlock = match &plan.fs_rules {
+        Some(rules) => Some(
+            rules
+                .ruleset(&launch.workdir)
+                .map_err(|e| Error::io("build the Landlock ruleset", std::io::Error::other(e)))?,
+        ),
+        None => None,
+    };
+    Ok(ChildSetup {
+        rlimits,
+        cgroup_procs: cgroup.map(|c| c.procs_path().clone()),
+        namespaces: plan.namespaces,
+        run_as: plan.run_as,
+        landlock,
+        seccomp: plan.seccomp.clone(),
+    })
+}
+
+/// Gives the run directory and what is in it to the user the program runs as.
+fn hand_over(workdir: &Path, id: u32) -> std::io::Result<()> {
+    std::os::unix::fs::chown(workdir, Some(id), Some(id))?;
+    for entry in std::fs::read_dir(workdir)? {
+        std::os::unix::fs::chown(entry?.path(), Some(id), Some(id))?;
+    }
+    Ok(())
+}
+
+/// Spawns the process (blocking: forks, and waits for exec).
+fn spawn(launch: &Launch) -> Result<(tokio::process::Child, ProcessTree)> {
+    let cgroup = match &launch.plan.cgroups {
+        Some(pool) => Some(
+            pool.create(launch.limits.max_processes + SUPERVISORS)
+                .map_err(|e| Error::io("create the run's pids cgroup", e))?,
+        ),
+        None => None,
+    };
+    if let Some(id) = launch.plan.run_as {
+        hand_over(&launch.workdir, id)
+            .map_err(|e| Error::io("hand the run directory to the sandbox user", e))?;
+    }
+    let mut setup = setup(launch, cgroup.as_ref())?;
+    let tmp = launch.workdir.join("tmp");
+    let mut command = tokio::process::Command::new(&launch.python);
+    command
+        .args(&launch.args)
+        .current_dir(&launch.workdir)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", &launch.workdir)
+        .env("TMPDIR", &tmp)
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: ChildSetup::apply only makes async-signal-safe calls (see child.rs).
+    unsafe {
+        command.pre_exec(move || setup.apply());
+    }
+    let child = command.spawn().map_err(Error::Spawn)?;
+    let group = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    let tree = ProcessTree {
+        group,
+        cgroup,
+        pid_namespace: launch
+            .plan
+            .namespaces
+            .contains(nix::sched::CloneFlags::CLONE_NEWPID),
+    };
+    Ok((child, tree))
+}
+
+/// Runs the process to its end or its timeout.
+pub(crate) async fn execute(launch: Launch) -> Result<Finished> {
+    let started = Instant::now();
+    let wall_time = launch.limits.wall_time;
+    let output_bytes = launch.limits.output_bytes;
+    let workdir = launch.workdir.clone();
+    let (mut child, mut tree) = tokio::task::spawn_blocking(move || spawn(&launch))
+        .await
+        .map_err(|e| Error::io("spawn the sandboxed process", std::io::Error::other(e)))??;
+    let (stop, stopped) = watch::channel(false);
+    let stdout = child
+        .stdout
+        .take()
+        .map(|out| tokio::spawn(capture(out, output_bytes, stopped.clone())));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|err| tokio::spawn(capture(err, output_bytes, stopped.clone())));
+    let termination = match tokio::time::timeout(wall_time, child.wait()).await {
+        Ok(Ok(status)) => match (status.code(), status.signal()) {
+            (Some(code), _) => Termination::Exited(code),
+            (None, Some(signal)) => Termination::Signaled(signal),
+            (None, None) => Termination::Exited(-1),
+        },
+        Ok(Err(e)) => return Err(Error::io("wait for the sandboxed process", e)),
+        Err(_) => {
+            tree.kill();
+            let _ = child.wait().await;
+            Termination::TimedOut
+        }
+    };
+    let duration = started.elapsed();
+    tokio::task::spawn_blocking(move || {
+        tree.reaped();
+        drop(tree);
+    })
+    .await
+    .map_err(|e| Error::io("clean up the process tree", std::io::Error::other(e)))?;
+    let mut outputs = Vec::new();
+    for task in [stdout, stderr] {
+        let Some(mut task) = task else {
+            outputs.push(String::new());
+            continue;
+        };
+        let captured = match tokio::time::timeout(OUTPUT_GRACE, &mut task).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                // A process outside our reach still holds the pipe: keep what was read.
+                let _ = stop.send(true);
+                task.await
+            }
+        }
+        .unwrap_or_default();
+        outputs.push(captured.render(&workdir));
+    }
+    let stderr = outputs.pop().unwrap_or_default();
+    let stdout = outputs.pop().unwrap_or_default();
+    Ok(Finished {
+        termination,
+        stdout,
+        stderr,
+        duration,
+    })
+}
+
+/// The kept head of an output stream and its full length.
+#[derive(Debug, Default)]
+struct Captured {
+    kept: Vec<u8>,
+    total: u64,
+}
+
+impl Captured {
+    /// Text for reports: lossy UTF-8, work-directory paths made relative, and a marker when
+    /// the stream was cut.
+    fn render(&self, workdir: &Path) -> String {
+        let mut text = String::from_utf8_lossy(&self.kept).into_owned();
+        let prefix = format!("{}/", workdir.display());
+        if text.contains(&prefix) {
+            text = text.replace(&prefix, "");
+        }
+        if self.total > self.kept.len() as u64 {
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&format!(
+                "[forgeline: output truncated: {} of {} bytes kept]\n",
+                self.kept.len(),
+                self.total
+            ));
+        }
+        text
+    }
+}
+
+/// Reads a stream to its end, keeping the first `limit` bytes and counting the rest, which
+/// is drained so that the program never blocks on a full pipe.
+async fn capture(
+    mut reader: impl AsyncRead + Unpin,
+    limit: usize,
+    mut stop: watch::Receiver<bool>,
+) -> Captured {
+    let mut captured = Captured::default();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        tokio::select! {
+            biased;
+            read = reader.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    captured.total += n as u64;
+                    let room = limit.saturating_sub(captured.kept.len());
+                    captured.kept.extend_from_slice(&buf[..n.min(room)]);
+                }
+            },
+            _ = stop.changed() => break,
+        }
+    }
+    captured
+}
+
+/// Whether a plan works here: `python -I -S -c pass` under it exits with 0.
+pub(crate) async fn trial(python: &Path, plan: Arc<IsolationPlan>, work_root: &Path) -> bool {
+    let Ok(dir) = tempfile::Builder::new()
+        .prefix(&format!("forgeline-run-{}-", std::process::id()))
+        .tempdir_in(work_root)
+    else {
+        return false;
+    };
+    if std::fs::create_dir(dir.path().join("tmp")).is_err() {
+        return false;
+    }
+    let launch = Launch {
+        python: python.to_path_buf(),
+        args: ["-I", "-S", "-c", "pass"].map(OsString::from).to_vec(),
+        workdir: dir.path().to_path_buf(),
+        limits: Limits::default(),
+        plan,
+    };
+    match execute(launch).await {
+        Ok(finished) => finished.termination == Termination::Exited(0),
+        Err(e) => {
+            tracing::debug!(error = %e, "isolation trial failed");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn capture_keeps_the_head_and_counts_the_rest() {
+        let data = vec![b'x'; 100_000];
+        let (_stop, stopped) = watch::channel(false);
+        let captured = capture(&data[..], 1000, stopped).await;
+        assert_eq!(captured.kept.len(), 1000);
+        assert_eq!(captured.total, 100_000);
+        let text = captured.render(Path::new("/tmp/run"));
+        assert!(text.ends_with("[forgeline: output truncated: 1000 of 100000 bytes kept]\n"));
+    }
+
+    #[test]
+    fn render_makes_work_directory_paths_relative() {
+        let captured = Captured {
+            kept: b"File \"/tmp/run-1/solution.py\", line 3\n".to_vec(),
+            total: 38,
+        };
+        assert_eq!(
+            captured.render(Path::new("/tmp/run-1")),
+            "File \"solution.py\", line 3\n"
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! [`Sandbox`]: set up once (interpreter, harness, isolation), then runs jobs in parallel up
+//! to a limit.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::sched::CloneFlags;
+use tempfile::TempDir;
+use tokio::sync::Semaphore;
+
+use crate::cgroup::CgroupPool;
+use crate::checks::{Check, Job};
+use crate::harness::HarnessDir;
+use crate::isolation::{
+    namespace_candidates, seccomp_programs, FsRules, IsolationLevel, IsolationPlan,
+    IsolationReport, LandlockState,
+};
+use crate::limits::Limits;
+use crate::outcome::RunReport;
+use crate::python::{self, PythonInfo};
+use crate::record::{self, RecordFile};
+use crate::runner::{self, Launch};
+use crate::{Error, Result};
+
+/// How the sandbox is set up.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxConfig {
+    /// The interpreter; `python3` on PATH when None.
+    pub python: Option<PathBuf>,
+    /// Limits of each run, unless a [`Job`] brings its own.
+    pub limits: Limits,
+    /// Runs at once; 0 means one per CPU.
+    pub max_parallel: usize,
+    /// Refuse to run anything unless isolation is [`IsolationLevel::Full`].
+    pub require_full_isolation: bool,
+    /// Import `site` as Python normally does, running the `.pth` files of site-packages. Off
+    /// by default: runs start with `-S` and add site-packages to `sys.path` themselves, so
+    /// installed packages import the same, and start-up is much faster where a `.pth` file
+    /// imports something.
+    pub process_pth_files: bool,
+    /// Where run directories are created; the system's temporary directory when None.
+    pub work_root: Option<PathBuf>,
+}
+
+/// Runs untrusted Python. Cheap to clone; clones share the parallelism limit.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: SandboxConfig,
+    work_root: PathBuf,
+    python: PythonInfo,
+    harness: HarnessDir,
+    plan: Arc<IsolationPlan>,
+    isolation: IsolationReport,
+    permits: Semaphore,
+    max_parallel: usize,
+}
+
+impl Sandbox {
+    /// Finds and checks the interpreter, installs the harness, and finds out which isolation
+    /// this machine allows (a few trial runs).
+    pub async fn new(config: SandboxConfig) -> Result<Sandbox> {
+        config.limits.validate()?;
+        let python = python::probe(config.python.as_deref()).await?;
+        let work_root = config.work_root.clone().unwrap_or_else(std::env::temp_dir);
+        let site_dirs = if config.process_pth_files {
+            Vec::new()
+        } else {
+            python.site_packages.clone()
+        };
+        let harness = HarnessDir::install(&work_root, &python, &site_dirs).await?;
+        let (plan, isolation) = probe_isolation(&python, harness.path(), &work_root).await;
+        check_required(&isolation, config.require_full_isolation)?;
+        let max_parallel = if config.max_parallel == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            config.max_parallel
+        };
+        Ok(Sandbox {
+            inner: Arc::new(Inner {
+                config,
+                work_root,
+                python,
+                harness,
+                plan: Arc::new(plan),
+                isolation,
+                permits: Semaphore::new(max_parallel),
+                max_parallel,
+            }),
+        })
+    }
+
+    /// The isolation every run gets.
+    pub fn isolation(&self) -> &IsolationReport {
+        &self.inner.isolation
+    }
+
+    pub fn python(&self) -> &PythonInfo {
+        &self.inner.python
+    }
+
+    /// The default limits of a run.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.config.limits
+    }
+
+    /// How many runs go at once.
+    pub fn max_parallel(&self) -> usize {
+        self.inner.max_parallel
+    }
+
+    /// Runs one job in a fresh directory, removed afterwards. Waits (asynchronously) while
+    /// the parallelism limit is reached.
+    pub async fn run(&self, job: Job) -> Result<RunReport> {
+        job.validate()?;
+        let limits = job
+            .limits
+            .clone()
+            .unwrap_or_else(|| self.inner.config.limits.clone());
+        limits.validate()?;
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let inner = &self.inner;
+        let work_root = inner.work_root.clone();
+        let prepared = job.clone();
+        let workdir = tokio::task::spawn_blocking(move || prepare(&work_root, &prepared))
+            .await
+            .map_err(|e| Error::io("prepare the run directory", std::io::Error::other(e)))??;
+        let launch = Launch {
+            python: inner.python.executable.clone(),
+            args: self.arguments(&job, workdir.path()),
+            workdir: workdir.path().to_path_buf(),
+            limits: limits.clone(),
+            plan: inner.plan.clone(),
+        };
+        let finished = runner::execute(launch).await;
+        // Read the record and remove the directory off the async threads.
+        let bytes = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(workdir.path().join(".forgeline-result.json")).ok();
+            drop(workdir);
+            bytes
+        })
+        .await
+        .map_err(|e| Error::io("read the result record", std::io::Error::other(e)))?;
+        let record = bytes.and_then(|bytes| match RecordFile::parse(&bytes) {
+            Ok(file) => Some(file),
+            // The code under test can write there too; an unreadable record is no record.
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring an unreadable result record");
+                None
+            }
+        });
+        let finished = finished?;
+        let (record, tests) = match record {
+            Some(file) => (Some(file.record), file.tests),
+            None => (None, None),
+        };
+        let program = matches!(job.check, Check::Run);
+        let outcome = record::decide(
+            finished.termination,
+            record,
+            program,
+            &limits,
+            &finished.stderr,
+        )?;
+        Ok(RunReport {
+            outcome,
+            tests,
+            duration: finished.duration,
+            stdout: finished.stdout,
+            stderr: finished.stderr,
+            isolation: inner.isolation.clone(),
+        })
+    }
+
+    fn arguments(&self, job: &Job, workdir: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["-I".into(), "-B".into()];
+        if !self.inner.config.process_pth_files {
+            args.push("-S".into());
+        }
+        args.push(self.inner.harness.entry().into());
+        args.push(job.check.harness_mode().into());
+        args.push(workdir.into());
+        args.push(job.module.name().into());
+        match &job.check {
+            Check::Tests(tests) => {
+                args.push(tests.file_name().into());
+                args.push(tests.kind().harness_name().into());
+                args.push(tests.entry_point().unwrap_or("").into());
+            }
+            _ => args.extend(["".into(), "auto".into(), "".into()]),
+        }
+        args
+    }
+}
+
+/// Refuses less than full isolation when it is required; warns about it otherwise.
+fn check_required(isolation: &IsolationReport, required: bool) -> Result<()> {
+    if isolation.level == IsolationLevel::Full {
+        return Ok(());
+    }
+    if required {
+        return Err(Error::IsolationUnavailable {
+            missing: isolation.missing.join("; "),
+        });
+    }
+    tracing::warn!(missing = ?isolation.missing, "sandbox runs with partial isolation");
+    Ok(())
+}
+
+/// A fresh run directory with the module, the tests, and `tmp/` (the run's TMPDIR).
+fn prepare(work_root: &Path, job: &Job) -> Result<TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("forgeline-run-{}-", std::process::id()))
+        .tempdir_in(work_root)
+        .map_err(|e| {
+            Error::io(
+                format!("create a run directory in {}", work_root.display()),
+                e,
+            )
+        })?;
+    let write = |name: &str, source: &[u8]| {
+        std::fs::write(dir.path().join(name), source)
+            .map_err(|e| Error::io(format!("write {name}"), e))
+    };
+    write(&job.module.file_name(), job.module.source())?;
+    if let Check::Tests(tests) = &job.check {
+        write(tests.file_name(), tests.source())?;
+    }
+    std::fs::create_dir(dir.path().join("tmp"))
+        .map_err(|e| Error::io("create the run's tmp directory", e))?;
+    Ok(dir)
+}
+
+/// Finds the strongest isolation that works here, one layer at a time, each confirmed by a
+/// trial run.
+async fn probe_isolation(
+    python: &PythonInfo,
+    harness_dir: &Path,
+    work_root: &Path,
+) -> (IsolationPlan, IsolationReport) {
+    let exe = python.executable.as_path();
+    let root = nix::unistd::geteuid().is_root();
+    let works = |plan: &IsolationPlan| runner::trial(exe, Arc::new(plan.clone()), work_root);
+
+    let mut plan = IsolationPlan::nothing();
+    for (namespaces, run_as) in namespace_candidates(root) {
+        plan.namespaces = namespaces;
+        plan.run_as = run_as;
+        if (namespaces.is_empty() && run_as.is_none()) || works(&plan).await {
+            break;
+        }
+    }
+
+    let rules = FsRules::new(python, harness_dir);
+    let landlock = {
+        let rules = rules.clone();
+        tokio::task::spawn_blocking(move || rules.enforcement())
+            .await
+            .unwrap_or(LandlockState::Unavailable)
+    };
+    if landlock != LandlockState::Unavailable {
+        plan.fs_rules = Some(rules);
+        if !works(&plan).await {
+            tracing::warn!("Landlock is available but a run under it failed; not using it");
+            plan.fs_rules = None;
+        }
+    }
+
+    match seccomp_programs() {
+        Ok(programs) => {
+            plan.seccomp = Some(Arc::new(programs));
+            if !works(&plan).await {
+                plan.seccomp = None;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "no seccomp filter for this architecture"),
+    }
+
+    if root {
+        if let Ok(Some(pool)) = tokio::task::spawn_blocking(CgroupPool::detect).await {
+            plan.cgroups = Some(Arc::new(pool));
+            if !works(&plan).await {
+                plan.cgroups = None;
+            }
+        }
+    } else if plan.namespaces.contains(CloneFlags::CLONE_NEWUSER) {
+        plan.nproc_rlimit = true;
+        if !works(&plan).await {
+            plan.nproc_rlimit = false;
+        }
+    }
+    let report = IsolationReport::of(&plan, landlock);
+    (plan, report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_isolation_is_refused_only_when_full_is_required() {
+        let partial = IsolationReport::of(
+            &IsolationPlan {
+                namespaces: CloneFlags::CLONE_NEWNET,
+                ..IsolationPlan::nothing()
+            },
+            LandlockState::Unavailable,
+        );
+        assert_eq!(partial.level, IsolationLevel::Partial);
+        assert!(check_required(&partial, false).is_ok());
+        let err = check_required(&partial, true).unwrap_err();
+        assert!(matches!(err, Error::IsolationUnavailable { .. }));
+        assert!(err.to_string().contains("Landlock"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn full_isolation_can_be_required_where_it_is_available() {
+        let sandbox = Sandbox::new(SandboxConfig::default()).await.unwrap();
+        let required = Sandbox::new(SandboxConfig {
+            require_full_isolation: true,
+            ..SandboxConfig::default()
+        })
+        .await;
+        match sandbox.isolation().level {
+            IsolationLevel::Full => assert!(required.is_ok()),
+            _ => assert!(matches!(required, Err(Error::IsolationUnavailable { .. }))),
+        }
+    }
+}
