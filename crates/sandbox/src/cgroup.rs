@@ -45,10 +45,13 @@ impl CgroupPool {
         if subtree.exists() && fs::write(&subtree, "+pids").is_err() {
             return None;
         }
-        // Runs of a process that died leave empty cgroups behind; the busy ones stay.
+        // Runs of a process that died leave empty cgroups behind. Only those are removed: a
+        // live process's fresh cgroup is empty too until its child writes itself in.
         if let Ok(entries) = fs::read_dir(&base) {
             for entry in entries.flatten() {
-                if entry.path().is_dir() {
+                let owner_alive = owner_pid(&entry.file_name().to_string_lossy())
+                    .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+                if entry.path().is_dir() && !owner_alive {
                     let _ = fs::remove_dir(entry.path());
                 }
             }
@@ -74,6 +77,11 @@ impl CgroupPool {
         fs::write(cgroup.dir.join("pids.max"), max_pids.to_string())?;
         Ok(cgroup)
     }
+}
+
+/// The process that created a run cgroup, from its name `run-{pid}-{n}`.
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix("run-")?.split('-').next()?.parse().ok()
 }
 
 impl RunCgroup {
@@ -186,6 +194,27 @@ mod tests {
     fn no_v1_base_without_a_pids_hierarchy() {
         let mountinfo = "37 29 0:34 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
         assert_eq!(v1_base(mountinfo, "4:memory:/\n"), None);
+    }
+
+    #[test]
+    fn run_cgroups_name_their_owner() {
+        assert_eq!(owner_pid("run-4242-7"), Some(4242));
+        assert_eq!(owner_pid("other"), None);
+    }
+
+    #[test]
+    fn a_live_process_keeps_its_fresh_empty_cgroup_when_another_starts() {
+        let Some(pool) = CgroupPool::detect() else {
+            eprintln!("no writable pids cgroup here (not root?): nothing to exercise");
+            return;
+        };
+        let mine = pool.create(4).unwrap();
+        // Another forgeline starting now sweeps leftover cgroups; ours is empty but alive.
+        let _other = CgroupPool::detect().unwrap();
+        assert!(
+            mine.dir.exists(),
+            "a concurrent start removed a live run's cgroup"
+        );
     }
 
     #[test]
