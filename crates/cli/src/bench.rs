@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use forgeline_engine::bench::{run_engine_bench, EngineBenchConfig};
+use forgeline_engine::bench::{run_engine_bench, run_scheduler_bench, EngineBenchConfig};
+use forgeline_engine::scheduler::{LlmClient, SchedulerConfig};
 
 use crate::Env;
 
@@ -82,5 +83,70 @@ pub fn run(a: BenchEngineArgs, env: &Env) -> anyhow::Result<ExitCode> {
     if let Some(x) = r.reference_decode_tok_s {
         println!("reference decode (candle-transformers): {x:.1} tok/s");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+pub struct BenchSchedulerArgs {
+    /// Model name, path, or Hugging Face repo id [default: smollm2-135m-instruct]
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    pub requests: usize,
+    /// Tokens of the prompt prefix all requests share
+    #[arg(long, default_value_t = 300)]
+    pub prefix_tokens: usize,
+    /// Tokens generated per request
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_scheduler(a: BenchSchedulerArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    if a.requests == 0 || a.new_tokens == 0 {
+        return Err(crate::usage("--requests and --new-tokens must be positive"));
+    }
+    let loc = env.registry.resolve(
+        a.model
+            .as_deref()
+            .unwrap_or(forgeline_engine::registry::DEFAULT_MODEL),
+    )?;
+    let device = env.device.open()?;
+    let start = || {
+        let m = forgeline_engine::loader::load(&loc, &device)?;
+        LlmClient::start(vec![m], SchedulerConfig::default())
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let r = rt.block_on(run_scheduler_bench(
+        start,
+        a.requests,
+        a.prefix_tokens,
+        a.new_tokens,
+    ))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "model: {} — {} requests, ~{} shared prompt tokens, {} new tokens each",
+        r.model, r.requests, r.prefix_tokens, r.new_tokens
+    );
+    println!("one after another: {:.2} s", r.sequential_s);
+    println!(
+        "all at once:       {:.2} s  ({:.2}x)",
+        r.concurrent_s, r.speedup
+    );
+    println!("prefix hit rate:   {:.2}", r.prefix_hit_rate);
+    println!(
+        "time to first token p50/p95: {:.0} / {:.0} ms",
+        r.ttft_p50_ms, r.ttft_p95_ms
+    );
+    println!(
+        "latency p50/p95:             {:.0} / {:.0} ms",
+        r.latency_p50_ms, r.latency_p95_ms
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -61,6 +61,8 @@ enum Command {
 enum BenchCommand {
     /// Prompt processing, decode and batched decode against candle-transformers' reference
     Engine(bench::BenchEngineArgs),
+    /// 32 requests sharing a long prefix: one after another, then all at once
+    Scheduler(bench::BenchSchedulerArgs),
     /// Trivial sandboxed Python programs per second, one at a time and in parallel
     Sandbox(bench_sandbox::BenchSandboxArgs),
 }
@@ -186,6 +188,7 @@ fn run(command: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Prompt(a) => prompt::run(a, &env),
         Command::Models(c) => models::run(c, &env),
         Command::Bench(BenchCommand::Engine(a)) => bench::run(a, &env),
+        Command::Bench(BenchCommand::Scheduler(a)) => bench::run_scheduler(a, &env),
         Command::Bench(BenchCommand::Sandbox(a)) => runtime()?.block_on(bench_sandbox::run(a)),
         Command::Check(a) => runtime()?.block_on(check::run(a)),
     }

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use clap::Args;
 use forgeline_engine::chat::ChatMessage;
-use forgeline_engine::generate::{generate, GenRequest};
 use forgeline_engine::kv_cache::KvCache;
 use forgeline_engine::sampling::SamplingParams;
+use forgeline_engine::scheduler::{
+    Completion, Event, GenerateRequest, LlmClient, Prompt, SchedulerConfig,
+};
 
 use crate::Env;
 
@@ -37,7 +39,7 @@ pub struct PromptArgs {
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Most tokens to generate
+    /// Most tokens to generate (capped by the context left after the prompt)
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     /// Stop when this text appears (repeatable)
@@ -64,93 +66,79 @@ pub fn run(a: PromptArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let loaded_at = std::time::Instant::now();
     let m = env.load_model(a.model.as_deref())?;
     let load_s = loaded_at.elapsed().as_secs_f64();
-    let text = if a.chat {
+    let name = m.info.name.clone();
+    let ctx = m.model.config().context_length;
+    // One request: a cache for the whole context is enough.
+    let kv_bytes = KvCache::bytes_per_token(m.model.config()) * ctx;
+    let client = LlmClient::start(
+        vec![m],
+        SchedulerConfig {
+            kv_budget_bytes: Some(kv_bytes),
+            ..Default::default()
+        },
+    )?;
+    let prompt = if a.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
             msgs.push(ChatMessage::system(s.clone()));
         }
         msgs.push(ChatMessage::user(a.text.clone()));
-        m.chat_template.render(&msgs, true)?
+        Prompt::Chat(msgs)
     } else {
-        a.text.clone()
+        Prompt::Text(a.text.clone())
     };
-    let prompt = m
-        .tokenizer
-        .encode(&text, !a.chat && m.tokenizer.add_bos_token())?;
-    let ctx = m.model.config().context_length;
-    let max_tokens = a.max_tokens.min(ctx.saturating_sub(prompt.len()));
-    if max_tokens == 0 || prompt.is_empty() {
+    let mut req = GenerateRequest::new(prompt, a.max_tokens);
+    let prompt_tokens = client.tokenize(&req)?.len();
+    req.max_tokens = a.max_tokens.min(ctx.saturating_sub(prompt_tokens));
+    if req.max_tokens == 0 {
         return Err(crate::usage(format!(
-            "the prompt has {} tokens; the model's context holds {ctx}",
-            prompt.len()
+            "the prompt has {prompt_tokens} tokens; the model's context holds {ctx}"
         )));
     }
-    let need = prompt.len() + max_tokens;
-    let mut kv = KvCache::new(
-        m.model.config(),
-        KvCache::DEFAULT_BLOCK_SIZE,
-        need.div_ceil(KvCache::DEFAULT_BLOCK_SIZE),
-        m.model.device(),
-    )?;
-    let req = GenRequest {
-        prompt,
-        max_tokens,
-        sampling,
-        stop_strings: a.stop.clone(),
-        ..Default::default()
-    };
+    req.sampling = sampling;
+    req.stop_strings = a.stop.clone();
+
+    let mut stream = client.generate(req)?;
     let mut stdout = std::io::stdout().lock();
-    let json = a.json;
-    let mut write_err = None;
-    let out = generate(&m, &mut kv, vec![req], 512, |_, delta| {
-        if !json && write_err.is_none() {
-            if let Err(e) = stdout
-                .write_all(delta.as_bytes())
-                .and_then(|_| stdout.flush())
-            {
-                write_err = Some(e);
-            }
+    let mut out = Completion::default();
+    while let Some(ev) = stream.blocking_next() {
+        let ev = ev?;
+        if let (Event::Delta { text, .. }, false) = (&ev, a.json) {
+            stdout.write_all(text.as_bytes())?;
+            stdout.flush()?;
         }
-    })?
-    .remove(0);
-    if let Some(e) = write_err {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e.into());
+        if out.absorb(ev) {
+            break;
         }
     }
-    let decode_s = (out.total_time - out.time_to_first_token).as_secs_f64();
-    let decode_tok_s = if out.tokens.len() > 1 && decode_s > 0.0 {
-        (out.tokens.len() - 1) as f64 / decode_s
+    let u = &out.usage;
+    let prefill_s = (u.time_to_first_token - u.queue_time).as_secs_f64();
+    let prefill_tok_s = u.prompt_tokens as f64 / prefill_s.max(1e-9);
+    let decode_tok_s = if u.completion_tokens > 1 {
+        (u.completion_tokens - 1) as f64 / u.decode_time.as_secs_f64().max(1e-9)
     } else {
         0.0
     };
-    let prefill_tok_s = out.prompt_tokens as f64 / out.time_to_first_token.as_secs_f64().max(1e-9);
-    if json {
+    if a.json {
         let v = serde_json::json!({
-            "model": m.info.name,
+            "model": name,
             "text": out.text,
             "stop_reason": out.stop_reason,
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.tokens.len(),
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
             "load_s": load_s,
-            "time_to_first_token_ms": out.time_to_first_token.as_secs_f64() * 1e3,
+            "time_to_first_token_ms": u.time_to_first_token.as_secs_f64() * 1e3,
             "prefill_tok_s": prefill_tok_s,
             "decode_tok_s": decode_tok_s,
         });
-        println!("{v}");
+        writeln!(stdout, "{v}")?;
     } else {
         if !out.text.ends_with('\n') {
-            let _ = writeln!(stdout);
+            writeln!(stdout)?;
         }
         eprintln!(
-            "[{}] prompt {} tokens ({:.0} tok/s), completion {} tokens ({:.1} tok/s), stop: {:?}, load {:.2}s",
-            m.info.name,
-            out.prompt_tokens,
-            prefill_tok_s,
-            out.tokens.len(),
-            decode_tok_s,
-            out.stop_reason,
-            load_s
+            "[{name}] prompt {} tokens ({prefill_tok_s:.0} tok/s), completion {} tokens ({decode_tok_s:.1} tok/s), stop: {:?}, load {load_s:.2}s",
+            u.prompt_tokens, u.completion_tokens, out.stop_reason,
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -234,3 +234,124 @@ fn reference_decode(m: &LoadedModel, prompt: &[u32], steps: usize) -> Result<f64
     }
     Ok(steps as f64 / started.elapsed().as_secs_f64())
 }
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SchedulerBenchReport {
+    pub model: String,
+    pub requests: usize,
+    pub prefix_tokens: usize,
+    pub new_tokens: usize,
+    pub sequential_s: f64,
+    pub concurrent_s: f64,
+    pub speedup: f64,
+    /// Share of prompt tokens served from the prefix cache in the concurrent run.
+    pub prefix_hit_rate: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p95_ms: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p95_ms: f64,
+}
+
+/// The scheduler workload: `requests` chat requests sharing a long system prompt (about
+/// `prefix_tokens` tokens) and differing in a short task, `new_tokens` each; run one after
+/// another, then all at once, each phase on a fresh client (cold prefix cache).
+pub async fn run_scheduler_bench(
+    start_client: impl Fn() -> Result<crate::scheduler::LlmClient>,
+    requests: usize,
+    prefix_tokens: usize,
+    new_tokens: usize,
+) -> Result<SchedulerBenchReport> {
+    use crate::chat::ChatMessage;
+    use crate::scheduler::GenerateRequest;
+
+    let client = start_client()?;
+    let rule = "Write idiomatic, documented Python 3 with type hints; prefer the standard library; handle edge cases such as empty inputs and invalid arguments; raise ValueError with a clear message for bad input; keep functions small and pure; include a docstring with an example. ";
+    let mut system = String::new();
+    while client
+        .tokenize(&GenerateRequest::chat(
+            vec![ChatMessage::system(system.clone())],
+            1,
+        ))?
+        .len()
+        < prefix_tokens
+    {
+        system.push_str(rule);
+    }
+    let tasks = [
+        "reverse a string",
+        "sum a list",
+        "find the maximum",
+        "count vowels",
+        "check a palindrome",
+        "merge two dicts",
+        "flatten a list",
+        "deduplicate a list",
+    ];
+    let reqs: Vec<GenerateRequest> = (0..requests)
+        .map(|i| {
+            let mut r = GenerateRequest::chat(
+                vec![
+                    ChatMessage::system(system.clone()),
+                    ChatMessage::user(format!(
+                        "Task {i}: write a function to {}.",
+                        tasks[i % tasks.len()]
+                    )),
+                ],
+                new_tokens,
+            );
+            r.ignore_eos = true;
+            r
+        })
+        .collect();
+
+    let started = Instant::now();
+    for r in &reqs {
+        client.complete(r.clone()).await?;
+    }
+    let sequential_s = started.elapsed().as_secs_f64();
+    let model = client.model_names()[0].clone();
+    drop(client);
+
+    let client = start_client()?;
+    let started = Instant::now();
+    let streams = reqs
+        .iter()
+        .map(|r| client.generate(r.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let waits: Vec<_> = streams
+        .into_iter()
+        .map(|s| {
+            tokio::spawn(async move {
+                let out = s.collect().await;
+                (out, started.elapsed())
+            })
+        })
+        .collect();
+    let (mut ttft, mut latency) = (Vec::new(), Vec::new());
+    for w in waits {
+        let (out, took) = w
+            .await
+            .map_err(|e| Error::InvalidRequest(format!("bench task failed: {e}")))?;
+        ttft.push(out?.usage.time_to_first_token.as_secs_f64() * 1e3);
+        latency.push(took.as_secs_f64() * 1e3);
+    }
+    let concurrent_s = started.elapsed().as_secs_f64();
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    };
+    Ok(SchedulerBenchReport {
+        model,
+        requests,
+        prefix_tokens,
+        new_tokens,
+        sequential_s,
+        concurrent_s,
+        speedup: sequential_s / concurrent_s,
+        prefix_hit_rate: client.stats().prefix_hit_rate(),
+        ttft_p50_ms: pct(&mut ttft, 0.5),
+        ttft_p95_ms: pct(&mut ttft, 0.95),
+        latency_p50_ms: pct(&mut latency, 0.5),
+        latency_p95_ms: pct(&mut latency, 0.95),
+    })
+}

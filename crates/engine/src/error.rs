@@ -24,6 +24,8 @@ pub enum Error {
     Template(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     #[error("out of KV cache memory: {0}")]
     OutOfMemory(String),
     #[error(transparent)]

@@ -145,14 +145,40 @@ impl KvCache {
         BlockTable { blocks }
     }
 
-    /// Gives back the blocks of `table`; each returns to the pool when no table holds it.
+    /// Gives back the blocks of `table`; each returns to the pool when nothing holds it.
     pub fn release(&mut self, table: &mut BlockTable) {
         for b in table.blocks.drain(..) {
-            let rc = &mut self.refcount[b as usize];
-            *rc -= 1;
-            if *rc == 0 {
-                self.free.push(b);
-            }
+            self.release_block(b);
+        }
+    }
+
+    /// Takes one more reference on an allocated block (a prefix cache keeping it).
+    pub fn retain_block(&mut self, block: u32) {
+        debug_assert!(self.refcount[block as usize] > 0, "retaining a free block");
+        self.refcount[block as usize] += 1;
+    }
+
+    /// Drops one reference; the block returns to the pool when it was the last.
+    pub fn release_block(&mut self, block: u32) {
+        let rc = &mut self.refcount[block as usize];
+        *rc -= 1;
+        if *rc == 0 {
+            self.free.push(block);
+        }
+    }
+
+    /// How many holders a block has (0: free).
+    pub fn refcount(&self, block: u32) -> u32 {
+        self.refcount[block as usize]
+    }
+
+    /// A new table starting with `blocks` (a cached prefix), taking a reference on each.
+    pub fn adopt(&mut self, blocks: &[u32]) -> BlockTable {
+        for &b in blocks {
+            self.retain_block(b);
+        }
+        BlockTable {
+            blocks: blocks.to_vec(),
         }
     }
 }

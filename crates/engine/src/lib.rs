@@ -8,21 +8,23 @@
 //! - `device`: CPU, or CUDA / Metal behind cargo features.
 //! - `loader`: a located model to a loaded one (weights, tokenizer, template) or its info.
 //! - `model`: forgeline's llama/qwen2 model code, weight loaders, attention kernels.
-//! - `generate`: a generation loop over many sequences, prefill chunks and decodes mixed.
 //! - `kv_cache`: the paged KV cache owned by the engine.
 //! - `registry`: where models come from (path, models/ manifests, Hugging Face cache).
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/p, min-p, repetition penalty).
+//! - `scheduler`: continuous batching of all requests over shared models (`LlmClient`).
+//! - `stop`: stop reasons and stop strings.
 
 pub mod bench;
 pub mod chat;
 pub mod device;
 pub mod error;
-pub mod generate;
 pub mod kv_cache;
 pub mod loader;
 pub mod model;
 pub mod registry;
 pub mod sampling;
+pub mod scheduler;
+pub mod stop;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

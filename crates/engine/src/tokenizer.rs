@@ -378,9 +378,7 @@ impl Tokenizer {
     pub fn stream(&self) -> TokenStream<'_> {
         TokenStream {
             tok: self,
-            ids: Vec::new(),
-            prev: 0,
-            cur: 0,
+            state: Detokenizer::default(),
         }
     }
 }
@@ -534,20 +532,23 @@ fn json_u32(v: &serde_json::Value) -> Option<u32> {
 /// carry part of a character), so no chunk ever holds half a character. Each step decodes
 /// the last emitted chunk together with the new tokens and returns only what was added,
 /// which keeps decoders that drop a leading space (SentencePiece) right.
-pub struct TokenStream<'a> {
-    tok: &'a Tokenizer,
+///
+/// This is the owned state; `TokenStream` pairs it with its tokenizer. Holders that cannot
+/// borrow the tokenizer for their whole life (the scheduler's sequences) keep this instead.
+#[derive(Clone, Debug, Default)]
+pub struct Detokenizer {
     ids: Vec<u32>,
     /// `ids[prev..cur]` is the last emitted chunk, `ids[cur..]` is not emitted yet.
     prev: usize,
     cur: usize,
 }
 
-impl TokenStream<'_> {
+impl Detokenizer {
     /// Pushes one token; returns the text it completes, if any.
-    pub fn next(&mut self, id: u32) -> Result<Option<String>> {
-        let emitted = self.tok.decode(&self.ids[self.prev..self.cur])?;
+    pub fn next(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
+        let emitted = tok.decode(&self.ids[self.prev..self.cur])?;
         self.ids.push(id);
-        let text = self.tok.decode(&self.ids[self.prev..])?;
+        let text = tok.decode(&self.ids[self.prev..])?;
         if text.len() > emitted.len() && !text.ends_with(char::REPLACEMENT_CHARACTER) {
             let new = suffix_after(&text, &emitted).to_string();
             self.ids.drain(..self.cur);
@@ -560,13 +561,29 @@ impl TokenStream<'_> {
     }
 
     /// Returns whatever text is still held back (at the end of generation) and resets.
-    pub fn flush(&mut self) -> Result<Option<String>> {
-        let emitted = self.tok.decode(&self.ids[self.prev..self.cur])?;
-        let text = self.tok.decode(&self.ids[self.prev..])?;
-        self.ids.clear();
-        self.prev = 0;
-        self.cur = 0;
+    pub fn flush(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
+        let emitted = tok.decode(&self.ids[self.prev..self.cur])?;
+        let text = tok.decode(&self.ids[self.prev..])?;
+        *self = Self::default();
         Ok((text.len() > emitted.len()).then(|| suffix_after(&text, &emitted).to_string()))
+    }
+}
+
+/// A `Detokenizer` with its tokenizer.
+pub struct TokenStream<'a> {
+    tok: &'a Tokenizer,
+    state: Detokenizer,
+}
+
+impl TokenStream<'_> {
+    /// Pushes one token; returns the text it completes, if any.
+    pub fn next(&mut self, id: u32) -> Result<Option<String>> {
+        self.state.next(self.tok, id)
+    }
+
+    /// Returns whatever text is still held back (at the end of generation) and resets.
+    pub fn flush(&mut self) -> Result<Option<String>> {
+        self.state.flush(self.tok)
     }
 }
 

@@ -5,12 +5,10 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use forgeline_engine::generate::{generate, GenRequest, StopReason};
 use forgeline_engine::kv_cache::{BlockTable, KvCache};
 use forgeline_engine::loader::{load, LoadedModel};
 use forgeline_engine::model::{AttentionImpl, SeqInput};
 use forgeline_engine::registry::{Format, ModelLocation};
-use forgeline_engine::sampling::SamplingParams;
 
 fn model_path() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -182,133 +180,4 @@ fn mixed_batch_matches_reference_per_sequence() {
             assert_close(got, &want, &format!("{imp:?} {what}"));
         }
     }
-}
-
-fn chat_prompt(m: &LoadedModel, user: &str) -> Vec<u32> {
-    let text = m
-        .chat_template
-        .render(&[forgeline_engine::chat::ChatMessage::user(user)], true)
-        .unwrap();
-    m.tokenizer.encode(&text, false).unwrap()
-}
-
-#[test]
-fn greedy_output_is_the_same_alone_and_batched() {
-    let m = load_default();
-    let prompts = [
-        "Write a Python function that adds two numbers.",
-        "What is a list comprehension?",
-        "Reverse a string in Python.",
-        "Explain recursion briefly.",
-    ];
-    let req = |p: &str| GenRequest {
-        prompt: chat_prompt(&m, p),
-        max_tokens: 24,
-        ..Default::default()
-    };
-    let mut kv = KvCache::new(m.model.config(), 16, 256, &Device::Cpu).unwrap();
-    let alone: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| {
-            generate(&m, &mut kv, vec![req(p)], 64, |_, _| {}).unwrap()[0]
-                .tokens
-                .clone()
-        })
-        .collect();
-    // Small step budget: prompts are prefilled in chunks while others decode.
-    let batched = generate(
-        &m,
-        &mut kv,
-        prompts.iter().map(|p| req(p)).collect(),
-        20,
-        |_, _| {},
-    )
-    .unwrap();
-    for (i, out) in batched.iter().enumerate() {
-        assert_eq!(out.tokens, alone[i], "prompt {i} differs when batched");
-    }
-    assert_eq!(kv.used_bytes(), 0, "all blocks are returned");
-}
-
-#[test]
-fn generation_streams_text_and_honours_stops_and_seeds() {
-    let m = load_default();
-    let mut kv = KvCache::new(m.model.config(), 16, 128, &Device::Cpu).unwrap();
-    let prompt = chat_prompt(&m, "Write a haiku about the sea.");
-    let mut streamed = String::new();
-    let out = generate(
-        &m,
-        &mut kv,
-        vec![GenRequest {
-            prompt: prompt.clone(),
-            max_tokens: 12,
-            ..Default::default()
-        }],
-        64,
-        |_, d| streamed.push_str(d),
-    )
-    .unwrap();
-    assert_eq!(out[0].stop_reason, StopReason::MaxTokens);
-    assert_eq!(out[0].tokens.len(), 12);
-    assert!(!out[0].text.is_empty());
-    assert_eq!(streamed, out[0].text);
-
-    // A stop string cut at its first occurrence: take a word from the greedy text.
-    let word = out[0].text.split_whitespace().nth(1).unwrap().to_string();
-    let cut = generate(
-        &m,
-        &mut kv,
-        vec![GenRequest {
-            prompt: prompt.clone(),
-            max_tokens: 12,
-            stop_strings: vec![word.clone()],
-            ..Default::default()
-        }],
-        64,
-        |_, _| {},
-    )
-    .unwrap();
-    assert_eq!(cut[0].stop_reason, StopReason::StopString);
-    assert_eq!(cut[0].text, out[0].text[..out[0].text.find(&word).unwrap()]);
-
-    let mut sampled = |seed| {
-        generate(
-            &m,
-            &mut kv,
-            vec![GenRequest {
-                prompt: prompt.clone(),
-                max_tokens: 16,
-                sampling: SamplingParams {
-                    temperature: 1.0,
-                    top_p: 0.95,
-                    seed,
-                    ..Default::default()
-                },
-                ..Default::default()
-            }],
-            64,
-            |_, _| {},
-        )
-        .unwrap()[0]
-            .tokens
-            .clone()
-    };
-    let (s1, s1_again, s2) = (sampled(1), sampled(1), sampled(2));
-    assert_eq!(s1, s1_again);
-    assert_ne!(s1, s2);
-
-    // The chat model ends its answer with <|im_end|>, an end-of-sequence token.
-    let eos = generate(
-        &m,
-        &mut kv,
-        vec![GenRequest {
-            prompt: chat_prompt(&m, "Say hi."),
-            max_tokens: 200,
-            ..Default::default()
-        }],
-        64,
-        |_, _| {},
-    )
-    .unwrap();
-    assert_eq!(eos[0].stop_reason, StopReason::Eos);
 }

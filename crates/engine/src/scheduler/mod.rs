@@ -1,0 +1,409 @@
+//! Continuous batching of every LLM call over shared model instances.
+//!
+//! The engine runs on its own thread. `LlmClient` (cloneable, `Send + Sync`, async) validates
+//! each request at the boundary, tokenizes it on the caller's side, and sends it to that
+//! thread, which admits and retires sequences between forward passes under a token budget,
+//! reuses cached KV of shared prompt prefixes, and preempts (to recompute later) when the KV
+//! budget runs out. Each request streams its own events back; dropping the stream cancels it.
+//!
+//! # Layout
+//! - `request`: `GenerateRequest`, `Prompt`, `Priority`, and validation into `ValidRequest`.
+//! - `sequence`: one request in flight: tokens, blocks, sampler, detokenizer, events.
+//! - `slot`: one model and its requests: admission, step planning, preemption, forward.
+//! - `prefix_cache`: the radix tree of cached KV blocks.
+//! - `stats`: the `stats()` snapshot.
+//! - this file: the engine thread and `LlmClient`.
+
+mod prefix_cache;
+mod request;
+mod sequence;
+mod slot;
+mod stats;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+pub use prefix_cache::PrefixCache;
+pub use request::{GenerateRequest, ModelLimits, Priority, Prompt, ValidRequest};
+pub use sequence::{Event, Usage};
+pub use slot::{SlotConfig, AGEING};
+pub use stats::{SlotStats, Stats, BATCH_BUCKETS};
+
+use crate::chat::ChatTemplate;
+use crate::kv_cache::KvCache;
+use crate::loader::LoadedModel;
+use crate::stop::StopReason;
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use sequence::Seq;
+use slot::Slot;
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub slot: SlotConfig,
+    /// Requests waiting for admission, beyond which `generate` fails with `Overloaded`.
+    pub max_waiting: usize,
+    /// KV cache bytes per model; None derives it from available memory and the model.
+    pub kv_budget_bytes: Option<usize>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            slot: SlotConfig::default(),
+            max_waiting: 256,
+            kv_budget_bytes: None,
+        }
+    }
+}
+
+/// The default KV budget: room for four full contexts, within a quarter of available memory,
+/// and at least one full context.
+pub fn default_kv_budget(m: &LoadedModel, models: usize) -> usize {
+    let per_token = KvCache::bytes_per_token(m.model.config());
+    let ctx = m.model.config().context_length;
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<usize>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(4 << 30);
+    (available / 4 / models.max(1))
+        .min(per_token * ctx * 4)
+        .max(per_token * ctx)
+}
+
+/// What the client side knows of a model: enough to validate and tokenize a request.
+struct ModelHandle {
+    limits: ModelLimits,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+}
+
+enum Command {
+    Submit(Seq),
+}
+
+struct Shared {
+    tx: Mutex<Option<mpsc::Sender<Command>>>,
+    models: Vec<ModelHandle>,
+    max_waiting: usize,
+    /// Requests sent to the engine thread, and those it has taken from the channel.
+    sent: AtomicUsize,
+    received: Arc<AtomicUsize>,
+    /// Requests in the engine's waiting lists that were never admitted.
+    waiting: Arc<AtomicUsize>,
+    stats: Arc<Mutex<Stats>>,
+    next_id: AtomicU64,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Closing the channel ends the engine thread once its work is done.
+        self.tx.lock().map(|mut t| t.take()).ok();
+        if let Some(h) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The handle every stage uses to run LLM calls. Cheap to clone; all clones share the
+/// engine thread, which stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct LlmClient {
+    shared: Arc<Shared>,
+}
+
+/// The events of one request. Dropping it cancels the request.
+pub struct ResponseStream {
+    rx: UnboundedReceiver<Result<Event>>,
+}
+
+impl ResponseStream {
+    pub async fn next(&mut self) -> Option<Result<Event>> {
+        self.rx.recv().await
+    }
+
+    /// Blocking variant for synchronous callers (not from inside an async runtime).
+    pub fn blocking_next(&mut self) -> Option<Result<Event>> {
+        self.rx.blocking_recv()
+    }
+
+    /// Collects the whole answer.
+    pub async fn collect(mut self) -> Result<Completion> {
+        let mut c = Completion::default();
+        while let Some(ev) = self.next().await {
+            if c.absorb(ev?) {
+                return Ok(c);
+            }
+        }
+        Err(Error::InvalidRequest(
+            "the engine stopped before the request finished".into(),
+        ))
+    }
+}
+
+/// A finished request, collected.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub stop_reason: StopReason,
+    pub usage: Usage,
+}
+
+impl Default for Completion {
+    fn default() -> Self {
+        Self {
+            text: String::new(),
+            tokens: Vec::new(),
+            stop_reason: StopReason::MaxTokens,
+            usage: Usage::default(),
+        }
+    }
+}
+
+impl Completion {
+    /// Adds an event; true once the request is done.
+    pub fn absorb(&mut self, ev: Event) -> bool {
+        match ev {
+            Event::Delta { text, tokens } => {
+                self.text.push_str(&text);
+                self.tokens.extend(tokens);
+                false
+            }
+            Event::Done { stop_reason, usage } => {
+                self.stop_reason = stop_reason;
+                self.usage = usage;
+                true
+            }
+        }
+    }
+}
+
+impl LlmClient {
+    /// Starts the engine thread with these models; the first is the default.
+    pub fn start(models: Vec<LoadedModel>, cfg: SchedulerConfig) -> Result<Self> {
+        if models.is_empty() {
+            return Err(Error::InvalidRequest(
+                "the scheduler needs at least one model".into(),
+            ));
+        }
+        let n = models.len();
+        let mut slots = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
+        for m in models {
+            if handles
+                .iter()
+                .any(|h: &ModelHandle| h.limits.name == m.info.name)
+            {
+                return Err(Error::InvalidRequest(format!(
+                    "model `{}` is loaded twice",
+                    m.info.name
+                )));
+            }
+            let budget = cfg
+                .kv_budget_bytes
+                .unwrap_or_else(|| default_kv_budget(&m, n));
+            let kv = KvCache::with_budget(
+                m.model.config(),
+                KvCache::DEFAULT_BLOCK_SIZE,
+                budget,
+                m.model.device(),
+            )?;
+            handles.push(ModelHandle {
+                limits: ModelLimits {
+                    name: m.info.name.clone(),
+                    context_length: m.model.config().context_length,
+                    vocab_size: m.model.config().vocab_size,
+                },
+                tokenizer: m.tokenizer.clone(),
+                template: m.chat_template.clone(),
+            });
+            slots.push(Slot::new(m, kv, cfg.slot.clone()));
+        }
+        let (tx, rx) = mpsc::channel();
+        let received = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(Mutex::new(Stats::default()));
+        let thread = {
+            let (received, waiting, stats) = (received.clone(), waiting.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name("forgeline-engine".into())
+                .spawn(move || engine_loop(slots, rx, &received, &waiting, &stats))
+                .map_err(|e| {
+                    Error::InvalidRequest(format!("cannot start the engine thread: {e}"))
+                })?
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                tx: Mutex::new(Some(tx)),
+                models: handles,
+                max_waiting: cfg.max_waiting,
+                sent: AtomicUsize::new(0),
+                received,
+                waiting,
+                stats,
+                next_id: AtomicU64::new(0),
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    pub fn model_names(&self) -> Vec<String> {
+        self.shared
+            .models
+            .iter()
+            .map(|m| m.limits.name.clone())
+            .collect()
+    }
+
+    fn model(&self, name: Option<&str>) -> Result<(usize, &ModelHandle)> {
+        match name {
+            None => Ok((0, &self.shared.models[0])),
+            Some(n) => self
+                .shared
+                .models
+                .iter()
+                .enumerate()
+                .find(|(_, m)| m.limits.name == n)
+                .ok_or_else(|| {
+                    Error::InvalidRequest(format!(
+                        "unknown model `{n}` (loaded: {})",
+                        self.model_names().join(", ")
+                    ))
+                }),
+        }
+    }
+
+    /// The tokens a request's prompt becomes on its model.
+    pub fn tokenize(&self, req: &GenerateRequest) -> Result<Vec<u32>> {
+        let (_, m) = self.model(req.model.as_deref())?;
+        match &req.prompt {
+            Prompt::Tokens(t) => Ok(t.clone()),
+            Prompt::Text(s) => m.tokenizer.encode(s, m.tokenizer.add_bos_token()),
+            Prompt::Chat(msgs) => m.tokenizer.encode(&m.template.render(msgs, true)?, false),
+        }
+    }
+
+    /// Validates and queues a request; its events arrive on the returned stream. Fails at
+    /// once with `Overloaded` when the waiting queue is full.
+    pub fn generate(&self, req: GenerateRequest) -> Result<ResponseStream> {
+        let (idx, m) = self.model(req.model.as_deref())?;
+        let prompt = self.tokenize(&req)?;
+        let valid = ValidRequest::new(&req, idx, &m.limits, prompt)?;
+        let s = &self.shared;
+        let queued = s.sent.load(Ordering::SeqCst) - s.received.load(Ordering::SeqCst)
+            + s.waiting.load(Ordering::SeqCst);
+        if queued >= s.max_waiting {
+            return Err(Error::Overloaded(format!(
+                "{queued} requests are waiting (limit {})",
+                s.max_waiting
+            )));
+        }
+        let (etx, erx) = unbounded_channel();
+        let seq = Seq::new(s.next_id.fetch_add(1, Ordering::Relaxed), valid, etx)?;
+        let tx =
+            s.tx.lock()
+                .map_err(|_| Error::InvalidRequest("engine lock poisoned".into()))?;
+        let tx = tx
+            .as_ref()
+            .ok_or_else(|| Error::InvalidRequest("the engine has stopped".into()))?;
+        s.sent.fetch_add(1, Ordering::SeqCst);
+        tx.send(Command::Submit(seq))
+            .map_err(|_| Error::InvalidRequest("the engine thread has stopped".into()))?;
+        Ok(ResponseStream { rx: erx })
+    }
+
+    /// Runs a request to the end and returns its text.
+    pub async fn complete(&self, req: GenerateRequest) -> Result<Completion> {
+        self.generate(req)?.collect().await
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+}
+
+fn engine_loop(
+    mut slots: Vec<Slot>,
+    rx: mpsc::Receiver<Command>,
+    received: &AtomicUsize,
+    waiting: &AtomicUsize,
+    stats: &Mutex<Stats>,
+) {
+    let mut open = true;
+    loop {
+        let idle = slots.iter().all(|s| s.is_idle());
+        if idle && !open {
+            return;
+        }
+        // Block for work when idle; otherwise take whatever has arrived.
+        let first = if idle {
+            match rx.recv() {
+                Ok(c) => Some(c),
+                Err(_) => {
+                    open = false;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        for cmd in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| match rx.try_recv() {
+                Ok(c) => Some(c),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    None
+                }
+            }))
+        {
+            received.fetch_add(1, Ordering::SeqCst);
+            match cmd {
+                Command::Submit(seq) => {
+                    let m = seq.req.model;
+                    slots[m].submit(seq);
+                }
+            }
+        }
+        for slot in &mut slots {
+            let _span = tracing::trace_span!("step", model = %slot.model.info.name).entered();
+            if let Err(e) = slot.step() {
+                tracing::error!(error = %e, "scheduler step failed");
+            }
+        }
+        let never_admitted: usize = slots
+            .iter()
+            .map(|s| s.waiting.iter().filter(|q| !q.was_admitted()).count())
+            .sum();
+        waiting.store(never_admitted, Ordering::SeqCst);
+        if let Ok(mut st) = stats.lock() {
+            st.waiting = slots.iter().map(|s| s.waiting.len()).sum();
+            st.running = slots.iter().map(|s| s.running.len()).sum();
+            st.models = slots
+                .iter()
+                .map(|s| {
+                    let mut m = s.stats.clone();
+                    m.waiting = s.waiting.len();
+                    m.running = s.running.len();
+                    m
+                })
+                .collect();
+        }
+    }
+}
