@@ -5,6 +5,7 @@
 //! - `tokenizer`: tokenizer from tokenizer.json or GGUF metadata; incremental detokenization.
 //! - `bench`: the engine benchmark (prefill, decode, batched decode, candle reference).
 //! - `chat`: chat templates rendered with minijinja.
+//! - `constraint`: constrained decoding (JSON schema, regex, Lark) with llguidance.
 //! - `device`: CPU, or CUDA / Metal behind cargo features.
 //! - `loader`: a located model to a loaded one (weights, tokenizer, template) or its info.
 //! - `model`: forgeline's llama/qwen2 model code, weight loaders, attention kernels.
@@ -16,6 +17,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod constraint;
 pub mod device;
 pub mod error;
 pub mod kv_cache;

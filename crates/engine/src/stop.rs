@@ -12,6 +12,8 @@ pub enum StopReason {
     ContextFull,
     /// The request's deadline passed.
     Deadline,
+    /// The output completes the request's constraint, which admits no further token.
+    ConstraintDone,
 }
 
 /// Holds back text that may be the start of a stop string, and finds complete ones.

@@ -12,8 +12,6 @@ use half::f16;
 
 const QK: usize = 32;
 const BLOCK_BYTES: usize = 20;
-/// Input rows that share one decode of a weight block.
-const ROW_TILE: usize = 4;
 /// Input rows per work item: keeps their quantized blocks in cache while weight rows stream.
 const M_CHUNK: usize = 64;
 
@@ -82,54 +80,84 @@ fn block_dm(w: &[u8]) -> (f32, f32) {
     )
 }
 
-/// Dot products of one weight row with `xs.len()` (≤ ROW_TILE) quantized input rows.
-fn dot_rows_portable(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32; ROW_TILE]) {
-    *out = [0.0; ROW_TILE];
-    for (b, wb) in w.chunks_exact(BLOCK_BYTES).enumerate() {
-        let (d, m) = block_dm(wb);
-        let mut vals = [0i32; QK];
-        for j in 0..16 {
-            vals[j] = (wb[4 + j] & 0x0F) as i32;
-            vals[j + 16] = (wb[4 + j] >> 4) as i32;
-        }
-        for (o, x) in out.iter_mut().zip(xs) {
-            let xb = &x[b];
-            let dot: i32 = vals.iter().zip(&xb.q).map(|(a, b)| a * *b as i32).sum();
-            *o += d * xb.d * dot as f32 + m * xb.s;
+/// Results of one tile: `out[r][c]` is weight row `r` times input row `c`.
+type Tile = [[f32; TILE]; TILE];
+
+/// Largest tile side, in weight rows and in input rows.
+const TILE: usize = 4;
+
+/// Dot products of each of `ws` (≤ TILE weight rows) with each of `xs` (≤ TILE input rows).
+fn tile_portable(ws: &[&[u8]], xs: &[&[Q8Block]], out: &mut Tile) {
+    for (r, w) in ws.iter().enumerate() {
+        out[r] = [0.0; TILE];
+        for (b, wb) in w.chunks_exact(BLOCK_BYTES).enumerate() {
+            let (d, m) = block_dm(wb);
+            let mut vals = [0i32; QK];
+            for j in 0..16 {
+                vals[j] = (wb[4 + j] & 0x0F) as i32;
+                vals[j + 16] = (wb[4 + j] >> 4) as i32;
+            }
+            for (c, x) in xs.iter().enumerate() {
+                let xb = &x[b];
+                let dot: i32 = vals.iter().zip(&xb.q).map(|(a, b)| a * *b as i32).sum();
+                out[r][c] += d * xb.d * dot as f32 + m * xb.s;
+            }
         }
     }
 }
 
-/// `N` input rows at a time, with the accumulators in registers (`N` is a constant so the
-/// loops unroll; indexing an accumulator array by a runtime row count spills it to memory).
+/// `R` weight rows times `C` input rows with all `R * C` accumulators in registers: each
+/// weight block is decoded once for `C` rows, each input block loaded once for `R` rows, and
+/// the independent accumulators hide the multiply-add latency. `R` and `C` are constants so
+/// that the loops unroll (indexing accumulators by a runtime count spills them to memory).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_tile_avx2<const N: usize>(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32; ROW_TILE]) {
+unsafe fn tile_avx2<const R: usize, const C: usize>(
+    ws: &[&[u8]],
+    xs: &[&[Q8Block]],
+    out: &mut Tile,
+) {
     use std::arch::x86_64::*;
     let mask = _mm_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut mins = [0f32; N];
-    for (b, wb) in w.chunks_exact(BLOCK_BYTES).enumerate() {
-        let (d, m) = block_dm(wb);
-        let qs = _mm_loadu_si128(wb.as_ptr().add(4) as *const __m128i);
-        let lo = _mm_and_si128(qs, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-        let wq = _mm256_set_m128i(hi, lo);
-        for r in 0..N {
-            let xb = xs.get_unchecked(r).get_unchecked(b);
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut mins = [[0f32; C]; R];
+    let blocks = xs[0].len();
+    for b in 0..blocks {
+        let mut wq = [_mm256_setzero_si256(); R];
+        let mut dm = [(0f32, 0f32); R];
+        for r in 0..R {
+            let wb = ws
+                .get_unchecked(r)
+                .get_unchecked(b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES);
+            dm[r] = block_dm(wb);
+            let qs = _mm_loadu_si128(wb.as_ptr().add(4) as *const __m128i);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            wq[r] = _mm256_set_m128i(hi, lo);
+        }
+        for c in 0..C {
+            let xb = xs.get_unchecked(c).get_unchecked(b);
             let xq = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xb.d), acc[r]);
-            mins[r] += m * xb.s;
+            for r in 0..R {
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wq[r], xq), ones);
+                acc[r][c] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(p),
+                    _mm256_set1_ps(dm[r].0 * xb.d),
+                    acc[r][c],
+                );
+                mins[r][c] += dm[r].1 * xb.s;
+            }
         }
     }
-    for r in 0..N {
-        let v = acc[r];
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        out[r] = _mm_cvtss_f32(s) + mins[r];
+    for r in 0..R {
+        for c in 0..C {
+            let v = acc[r][c];
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            out[r][c] = _mm_cvtss_f32(s) + mins[r][c];
+        }
     }
 }
 
@@ -143,22 +171,40 @@ fn has_avx2() -> bool {
     false
 }
 
-fn dot_rows(w: &[u8], xs: &[&[Q8Block]], out: &mut [f32; ROW_TILE]) {
+fn tile(ws: &[&[u8]], xs: &[&[Q8Block]], out: &mut Tile) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above); blocks are 32-byte aligned and
-        // every row in `xs` has as many blocks as `w`.
+        // SAFETY: the CPU has AVX2 and FMA (checked above); input blocks are 32-byte aligned;
+        // every weight row has as many blocks as every input row.
         unsafe {
-            match xs.len() {
-                1 => dot_tile_avx2::<1>(w, xs, out),
-                2 => dot_tile_avx2::<2>(w, xs, out),
-                3 => dot_tile_avx2::<3>(w, xs, out),
-                _ => dot_tile_avx2::<4>(w, xs, out),
+            match (ws.len(), xs.len()) {
+                (1, 1) => return tile_avx2::<1, 1>(ws, xs, out),
+                (1, 2) => return tile_avx2::<1, 2>(ws, xs, out),
+                (1, 3) => return tile_avx2::<1, 3>(ws, xs, out),
+                (1, 4) => return tile_avx2::<1, 4>(ws, xs, out),
+                (2, 1) => return tile_avx2::<2, 1>(ws, xs, out),
+                (2, 2) => return tile_avx2::<2, 2>(ws, xs, out),
+                (2, 3) => return tile_avx2::<2, 3>(ws, xs, out),
+                (2, 4) => return tile_avx2::<2, 4>(ws, xs, out),
+                (3, 1) => return tile_avx2::<3, 1>(ws, xs, out),
+                (3, 2) => return tile_avx2::<3, 2>(ws, xs, out),
+                (4, 1) => return tile_avx2::<4, 1>(ws, xs, out),
+                (4, 2) => return tile_avx2::<4, 2>(ws, xs, out),
+                // Shapes `tile_shape` never asks for would not fit the registers.
+                _ => {}
             }
         }
-        return;
     }
-    dot_rows_portable(w, xs, out)
+    tile_portable(ws, xs, out)
+}
+
+/// Tile shape (weight rows, input rows) for `m` input rows; at most 8 accumulators.
+fn tile_shape(m: usize) -> (usize, usize) {
+    match m {
+        1 => (4, 1),
+        2 | 3 => (4, 2),
+        _ => (2, 4),
+    }
 }
 
 /// `x` [m, cols] times the transposed weights: [m, rows].
@@ -172,28 +218,32 @@ pub fn matmul(w: &Q4_1Weights, x: &[f32], m: usize) -> Vec<f32> {
     // Weight rows per work item: enough to amortise scheduling, small enough to balance.
     let n_chunk = if m == 1 { 16 } else { 64 };
     let n_chunks = n.div_ceil(n_chunk);
+    let (tr, tc) = tile_shape(m);
     candle_core::utils::barrier_pool().execute_chunked(m_chunks * n_chunks, |items| {
-        let mut tile = [0f32; ROW_TILE];
+        let mut out: Tile = [[0.0; TILE]; TILE];
         for item in items {
             let (mc, nc) = (item / n_chunks, item % n_chunks);
             let (m0, m1) = (mc * M_CHUNK, ((mc + 1) * M_CHUNK).min(m));
             let (n0, n1) = (nc * n_chunk, ((nc + 1) * n_chunk).min(n));
-            for col in n0..n1 {
-                let wr = w.row(col);
+            let mut c0 = n0;
+            while c0 < n1 {
+                let c1 = (c0 + tr).min(n1);
+                let ws: [&[u8]; TILE] = std::array::from_fn(|i| w.row((c0 + i).min(c1 - 1)));
                 let mut r0 = m0;
                 while r0 < m1 {
-                    let r1 = (r0 + ROW_TILE).min(m1);
-                    let mut rows: [&[Q8Block]; ROW_TILE] = [&[]; ROW_TILE];
+                    let r1 = (r0 + tc).min(m1);
+                    let xs: [&[Q8Block]; TILE] =
+                        std::array::from_fn(|i| &xq[(r0 + i).min(r1 - 1) * bpr..][..bpr]);
+                    tile(&ws[..c1 - c0], &xs[..r1 - r0], &mut out);
                     for (i, r) in (r0..r1).enumerate() {
-                        rows[i] = &xq[r * bpr..(r + 1) * bpr];
-                    }
-                    dot_rows(wr, &rows[..r1 - r0], &mut tile);
-                    for (i, r) in (r0..r1).enumerate() {
-                        // SAFETY: each (row, col) is written by exactly one work item.
-                        unsafe { *(dst_ptr as *mut f32).add(r * n + col) = tile[i] };
+                        for (j, col) in (c0..c1).enumerate() {
+                            // SAFETY: each (row, col) is written by exactly one work item.
+                            unsafe { *(dst_ptr as *mut f32).add(r * n + col) = out[j][i] };
+                        }
                     }
                     r0 = r1;
                 }
+                c0 = c1;
             }
         }
     });
@@ -293,15 +343,21 @@ mod tests {
             .collect();
         let xq = quantize_rows(&x);
         let rows: Vec<&[Q8Block]> = xq.chunks(k / QK).collect();
-        let (mut a, mut b) = ([0f32; ROW_TILE], [0f32; ROW_TILE]);
-        for r in 0..n {
-            dot_rows_portable(ours.row(r), &rows, &mut a);
-            dot_rows(ours.row(r), &rows, &mut b);
-            for i in 0..3 {
-                assert!(
-                    (a[i] - b[i]).abs() < 1e-3 * (1.0 + a[i].abs()),
-                    "{a:?} vs {b:?}"
-                );
+        for tr in 1..=TILE {
+            for tc in 1..=3 {
+                let ws: Vec<&[u8]> = (0..tr).map(|r| ours.row(r)).collect();
+                let (mut a, mut b): (Tile, Tile) = Default::default();
+                tile_portable(&ws, &rows[..tc], &mut a);
+                tile(&ws, &rows[..tc], &mut b);
+                for r in 0..tr {
+                    for c in 0..tc {
+                        let (x, y) = (a[r][c], b[r][c]);
+                        assert!(
+                            (x - y).abs() < 1e-3 * (1.0 + x.abs()),
+                            "{tr}x{tc} [{r}][{c}]: {x} vs {y}"
+                        );
+                    }
+                }
             }
         }
     }

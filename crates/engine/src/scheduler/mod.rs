@@ -1,10 +1,11 @@
 //! Continuous batching of every LLM call over shared model instances.
 //!
 //! The engine runs on its own thread. `LlmClient` (cloneable, `Send + Sync`, async) validates
-//! each request at the boundary, tokenizes it on the caller's side, and sends it to that
-//! thread, which admits and retires sequences between forward passes under a token budget,
-//! reuses cached KV of shared prompt prefixes, and preempts (to recompute later) when the KV
-//! budget runs out. Each request streams its own events back; dropping the stream cancels it.
+//! each request at the boundary, tokenizes it (and compiles its constraint) on the caller's
+//! side, and sends it to that thread, which admits and retires sequences between forward
+//! passes under a token budget, reuses cached KV of shared prompt prefixes, and preempts (to
+//! recompute later) when the KV budget runs out. Each request streams its own events back;
+//! dropping the stream cancels it.
 //!
 //! # Layout
 //! - `request`: `GenerateRequest`, `Prompt`, `Priority`, and validation into `ValidRequest`.
@@ -33,6 +34,7 @@ pub use slot::{SlotConfig, AGEING};
 pub use stats::{SlotStats, Stats, BATCH_BUCKETS};
 
 use crate::chat::ChatTemplate;
+use crate::constraint::{Constraint, ConstraintState, Constraints};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::stop::StopReason;
@@ -85,6 +87,8 @@ struct ModelHandle {
     limits: ModelLimits,
     tokenizer: Tokenizer,
     template: ChatTemplate,
+    /// The model's constraint compiler, built on the first constrained request.
+    constraints: Arc<Constraints>,
 }
 
 enum Command {
@@ -227,6 +231,10 @@ impl LlmClient {
                 },
                 tokenizer: m.tokenizer.clone(),
                 template: m.chat_template.clone(),
+                constraints: Arc::new(Constraints::new(
+                    m.tokenizer.clone(),
+                    m.model.config().vocab_size,
+                )),
             });
             slots.push(Slot::new(m, kv, cfg.slot.clone()));
         }
@@ -300,6 +308,10 @@ impl LlmClient {
         let (idx, m) = self.model(req.model.as_deref())?;
         let prompt = self.tokenize(&req)?;
         let valid = ValidRequest::new(&req, idx, &m.limits, prompt)?;
+        let valid = match &req.constraint {
+            Some(c) => valid.with_constraint(Some(m.constraints.compile(c)?)),
+            None => valid,
+        };
         let s = &self.shared;
         let queued = s.sent.load(Ordering::SeqCst) - s.received.load(Ordering::SeqCst)
             + s.waiting.load(Ordering::SeqCst);
@@ -321,6 +333,16 @@ impl LlmClient {
         tx.send(Command::Submit(seq))
             .map_err(|_| Error::InvalidRequest("the engine thread has stopped".into()))?;
         Ok(ResponseStream { rx: erx })
+    }
+
+    /// Compiles `c` for a model (None: the default) without running anything: checks a
+    /// grammar, and builds the model's constraint compiler ahead of the first request.
+    pub fn compile_constraint(
+        &self,
+        model: Option<&str>,
+        c: &Constraint,
+    ) -> Result<ConstraintState> {
+        self.model(model)?.1.constraints.compile(c)
     }
 
     /// Runs a request to the end and returns its text.

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;
+use crate::constraint::{Constraint, ConstraintState};
 use crate::sampling::SamplingParams;
 use crate::{Error, Result};
 
@@ -59,6 +60,10 @@ pub struct GenerateRequest {
     /// Time allowed from submission to the last token; past it the request ends with
     /// `StopReason::Deadline` and what it produced so far.
     pub deadline: Option<Duration>,
+    /// The shape the output must have (JSON schema, regex, grammar), enforced at sampling
+    /// time. The request ends with `StopReason::ConstraintDone` once the output is complete
+    /// and the grammar admits nothing more (or with EOS where it may stop).
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerateRequest {
@@ -73,6 +78,7 @@ impl GenerateRequest {
             ignore_eos: false,
             priority: Priority::Normal,
             deadline: None,
+            constraint: None,
         }
     }
 
@@ -94,6 +100,8 @@ pub struct ValidRequest {
     pub priority: Priority,
     pub submitted: Instant,
     pub deadline: Option<Instant>,
+    /// The compiled constraint, at the start of its grammar.
+    pub constraint: Option<ConstraintState>,
 }
 
 /// What validation needs to know of a model.
@@ -154,7 +162,14 @@ impl ValidRequest {
             priority: req.priority,
             submitted,
             deadline: req.deadline.map(|d| submitted + d),
+            constraint: None,
         })
+    }
+
+    /// Adds the compiled form of the request's constraint.
+    pub fn with_constraint(mut self, c: Option<ConstraintState>) -> Self {
+        self.constraint = c;
+        self
     }
 }
 

@@ -1,5 +1,6 @@
 //! One request in the scheduler: its tokens, its KV blocks, its sampler, and how it turns
-//! sampled tokens into text and stop decisions.
+//! sampled tokens into text and stop decisions. A constrained request masks the logits with
+//! its grammar before sampling and feeds the grammar the token after.
 
 use std::time::{Duration, Instant};
 
@@ -7,6 +8,7 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::request::ValidRequest;
+use crate::constraint::ConstraintState;
 use crate::kv_cache::BlockTable;
 use crate::sampling::Sampler;
 use crate::stop::{StopReason, StopStrings};
@@ -25,6 +27,8 @@ pub struct Usage {
     pub decode_time: Duration,
     /// Times the request was preempted and recomputed.
     pub preemptions: usize,
+    /// Time spent in the request's constraint (token masks and grammar updates).
+    pub constraint_time: Duration,
 }
 
 /// What a caller receives, in order: deltas, then one `Done`.
@@ -51,6 +55,9 @@ pub(crate) struct Seq {
     pub computed: usize,
     pub table: BlockTable,
     sampler: Sampler,
+    constraint: Option<ConstraintState>,
+    /// Set when the request failed mid-way: sent instead of `Done`.
+    failure: Option<Error>,
     detok: Detokenizer,
     stops: StopStrings,
     events: EventSender,
@@ -64,10 +71,12 @@ pub(crate) struct Seq {
 }
 
 impl Seq {
-    pub fn new(id: u64, req: ValidRequest, events: EventSender) -> Result<Self> {
+    pub fn new(id: u64, mut req: ValidRequest, events: EventSender) -> Result<Self> {
         Ok(Self {
             id,
             sampler: Sampler::new(req.sampling.clone())?,
+            constraint: req.constraint.take(),
+            failure: None,
             stops: StopStrings::new(req.stop_strings.clone()),
             tokens: req.prompt.clone(),
             usage: Usage {
@@ -113,20 +122,64 @@ impl Seq {
     }
 
     /// Takes a sampled token's logits row; decides the token and whether the request is done.
+    /// Returns the number of tokens added: a constrained request also takes the tokens its
+    /// grammar then forces (they are computed together at the next step, without sampling).
     pub fn accept(
         &mut self,
         logits: &mut [f32],
         tok: &Tokenizer,
         context_length: usize,
-    ) -> Result<()> {
+    ) -> Result<usize> {
+        if let Some(c) = &mut self.constraint {
+            if let Err(e) = c.mask(logits) {
+                self.abort(e, tok)?;
+                return Ok(0);
+            }
+        }
         let t = self.sampler.sample(logits, &self.tokens);
         if self.first_token.is_none() {
             self.first_token = Some(Instant::now());
             self.usage.time_to_first_token = self.req.submitted.elapsed();
         }
+        let mut added = 1;
+        let mut stop = self.push(t, tok)?;
+        // A grammar hears every token but an EOS that ends the request.
+        if let (Some(c), None) = (&mut self.constraint, stop) {
+            let forced = match c.consume(t) {
+                Ok(()) => c.consume_forced(),
+                Err(e) => {
+                    self.abort(e, tok)?;
+                    return Ok(added);
+                }
+            };
+            let mut all = true;
+            for f in forced {
+                if self.limit(context_length).is_some() {
+                    all = false;
+                    break;
+                }
+                added += 1;
+                stop = self.push(f, tok)?;
+                if stop.is_some() {
+                    break;
+                }
+            }
+            let done = self.constraint.as_ref().is_some_and(|c| c.is_done());
+            if stop.is_none() && all && done {
+                stop = Some(StopReason::ConstraintDone);
+            }
+        }
+        if let Some(reason) = stop.or_else(|| self.limit(context_length)) {
+            self.finish(reason, tok)?;
+        }
+        Ok(added)
+    }
+
+    /// Appends a token; the stop it causes by itself (EOS, stop token, stop string).
+    fn push(&mut self, t: u32, tok: &Tokenizer) -> Result<Option<StopReason>> {
         self.tokens.push(t);
         self.pending_tokens.push(t);
-        let stop = if !self.req.ignore_eos && tok.is_eos(t) {
+        Ok(if !self.req.ignore_eos && tok.is_eos(t) {
             Some(StopReason::Eos)
         } else if self.req.stop_token_ids.contains(&t) {
             Some(StopReason::StopToken)
@@ -135,20 +188,24 @@ impl Seq {
             let (emit, hit) = self.stops.push(&delta);
             self.pending_text.push_str(&emit);
             hit.then_some(StopReason::StopString)
-        };
-        let stop = stop.or_else(|| {
-            if self.generated() >= self.req.max_tokens {
-                Some(StopReason::MaxTokens)
-            } else if self.tokens.len() >= context_length {
-                Some(StopReason::ContextFull)
-            } else {
-                None
-            }
-        });
-        if let Some(reason) = stop {
-            self.finish(reason, tok)?;
+        })
+    }
+
+    /// The length limit reached, if any.
+    fn limit(&self, context_length: usize) -> Option<StopReason> {
+        if self.generated() >= self.req.max_tokens {
+            Some(StopReason::MaxTokens)
+        } else if self.tokens.len() >= context_length {
+            Some(StopReason::ContextFull)
+        } else {
+            None
         }
-        Ok(())
+    }
+
+    /// Ends the request with an error, after the text produced so far.
+    fn abort(&mut self, e: Error, tok: &Tokenizer) -> Result<()> {
+        self.failure = Some(e);
+        self.finish(StopReason::ConstraintDone, tok)
     }
 
     /// Ends the request: flushes held-back text (unless a stop string cut it).
@@ -172,7 +229,12 @@ impl Seq {
                 tokens: std::mem::take(&mut self.pending_tokens),
             }));
         }
-        if let Some(reason) = self.finished {
+        if let Some(e) = self.failure.take() {
+            let _ = self.events.send(Err(e));
+        } else if let Some(reason) = self.finished {
+            if let Some(c) = &self.constraint {
+                self.usage.constraint_time = c.cost().0;
+            }
             self.usage.completion_tokens = self.generated();
             self.usage.decode_time = self.first_token.map(|t| t.elapsed()).unwrap_or_default();
             let _ = self.events.send(Ok(Event::Done {

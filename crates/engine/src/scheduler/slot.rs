@@ -301,8 +301,8 @@ impl Slot {
             }
             if s.computed == s.tokens.len() {
                 let mut row = rows.next().expect("a logits row per completed chunk");
-                s.accept(&mut row, &self.model.tokenizer, ctx)?;
-                self.stats.completion_tokens += 1;
+                let added = s.accept(&mut row, &self.model.tokenizer, ctx)?;
+                self.stats.completion_tokens += added as u64;
             }
             s.flush_events();
         }
