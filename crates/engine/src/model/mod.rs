@@ -10,7 +10,7 @@
 
 pub mod attention;
 pub mod config;
-pub mod q4_1;
+pub mod qmatmul;
 pub mod weights;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
@@ -26,8 +26,9 @@ use weights::{RawLinear, Weight, WeightSource};
 enum LinearWeight {
     /// candle's quantized or dense matmul, on any device.
     Candle(QMatMul),
-    /// forgeline's own Q4_1 kernel (CPU only; candle has no SIMD kernel for this type).
-    Q4_1(q4_1::Q4_1Weights),
+    /// forgeline's own Q4_1 / Q8_0 kernel (CPU only; candle has no SIMD Q4_1 dot product, and
+    /// its matmul decodes each weight row again for every input row).
+    Quant(qmatmul::QuantWeights),
 }
 
 /// A linear layer: quantized or dense weight, optional bias.
@@ -40,15 +41,15 @@ impl Linear {
     fn new(w: RawLinear, bias: Option<Tensor>, device: &Device) -> Result<Self> {
         let w = match w {
             RawLinear::Quantized {
-                dtype: GgmlDType::Q4_1,
+                dtype: dtype @ (GgmlDType::Q4_1 | GgmlDType::Q8_0),
                 data,
                 rows,
                 cols,
-            } if device.is_cpu() => match q4_1::Q4_1Weights::new(data, rows, cols) {
-                Some(w) => LinearWeight::Q4_1(w),
+            } if device.is_cpu() => match qmatmul::QuantWeights::new(dtype, data, rows, cols) {
+                Some(w) => LinearWeight::Quant(w),
                 None => {
                     return Err(Error::InvalidRequest(format!(
-                        "Q4_1 weight of {rows}x{cols} has a malformed size"
+                        "{dtype:?} weight of {rows}x{cols} has a malformed size"
                     )))
                 }
             },
@@ -60,7 +61,7 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.w {
             LinearWeight::Candle(w) => w.forward(x)?,
-            LinearWeight::Q4_1(w) => x.apply_op1_no_bwd(&q4_1::Q4_1MatMul(w))?,
+            LinearWeight::Quant(w) => x.apply_op1_no_bwd(&qmatmul::QuantMatMul(w))?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,

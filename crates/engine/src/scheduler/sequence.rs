@@ -68,11 +68,24 @@ pub(crate) struct Seq {
     admitted: Option<Instant>,
     first_token: Option<Instant>,
     pub finished: Option<StopReason>,
+    /// Lives as long as the request; its close records the outcome.
+    span: tracing::Span,
 }
 
 impl Seq {
     pub fn new(id: u64, mut req: ValidRequest, events: EventSender) -> Result<Self> {
+        let span = tracing::info_span!(
+            "request",
+            id,
+            model = req.model,
+            priority = ?req.priority,
+            prompt_tokens = req.prompt.len(),
+            cached_prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            stop_reason = tracing::field::Empty,
+        );
         Ok(Self {
+            span,
             id,
             sampler: Sampler::new(req.sampling.clone())?,
             constraint: req.constraint.take(),
@@ -237,6 +250,14 @@ impl Seq {
             }
             self.usage.completion_tokens = self.generated();
             self.usage.decode_time = self.first_token.map(|t| t.elapsed()).unwrap_or_default();
+            self.span
+                .record("cached_prompt_tokens", self.usage.cached_prompt_tokens);
+            self.span
+                .record("completion_tokens", self.usage.completion_tokens);
+            self.span
+                .record("stop_reason", tracing::field::debug(reason));
+            self.span
+                .in_scope(|| tracing::debug!(usage = ?self.usage, "request done"));
             let _ = self.events.send(Ok(Event::Done {
                 stop_reason: reason,
                 usage: self.usage.clone(),
