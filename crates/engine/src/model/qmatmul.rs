@@ -292,7 +292,7 @@ fn tile<F: BlockFormat>(ws: &[&[u8]], xs: &[&[Q8Block]], out: &mut Tile) {
 /// Tile shape (weight rows, input rows) for `m` input rows; at most 8 accumulators.
 fn tile_shape(m: usize) -> (usize, usize) {
     match m {
-        1 => (4, 1),
+        1 => (2, 1),
         2 | 3 => (4, 2),
         _ => (2, 4),
     }
