@@ -3,19 +3,18 @@
 //! constrained request leaves the unconstrained ones batched with it untouched; the mask's
 //! per-token cost against the forward pass. Needs `scripts/fetch-default-model`.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Device;
 use forgeline_engine::chat::ChatMessage;
 use forgeline_engine::constraint::Constraint;
-use forgeline_engine::loader::load;
-use forgeline_engine::registry::{Format, ModelLocation};
 use forgeline_engine::sampling::SamplingParams;
 use forgeline_engine::scheduler::{Completion, GenerateRequest, LlmClient, SchedulerConfig};
 use forgeline_engine::stop::StopReason;
 use forgeline_engine::Error;
 use serde_json::{json, Value};
+
+mod default_support;
+use default_support::load_default_model;
 
 const ROUTES: [&str; 6] = [
     "function",
@@ -27,22 +26,7 @@ const ROUTES: [&str; 6] = [
 ];
 
 fn client() -> LlmClient {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-default-model",
-        p.display()
-    );
-    let m = load(
-        &ModelLocation {
-            name: "smollm2".into(),
-            format: Format::Gguf,
-            path: p,
-        },
-        &Device::Cpu,
-    )
-    .unwrap();
+    let m = load_default_model("smollm2");
     LlmClient::start(vec![m], SchedulerConfig::default()).unwrap()
 }
 

@@ -1,37 +1,21 @@
 //! The default model (SmolLM2-135M-Instruct Q4_1) against candle-transformers' reference
 //! quantized_llama, and generation behaviour on it. Needs `scripts/fetch-default-model`.
 
-use std::path::PathBuf;
-
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use forgeline_engine::kv_cache::{BlockTable, KvCache};
-use forgeline_engine::loader::{load, LoadedModel};
+use forgeline_engine::loader::LoadedModel;
 use forgeline_engine::model::{AttentionImpl, SeqInput};
-use forgeline_engine::registry::{Format, ModelLocation};
 
-fn model_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-default-model",
-        p.display()
-    );
-    p
-}
+mod default_support;
+use default_support::{default_model_path, load_default_model};
 
 fn load_default() -> LoadedModel {
-    let loc = ModelLocation {
-        name: "smollm2-135m-instruct".into(),
-        format: Format::Gguf,
-        path: model_path(),
-    };
-    load(&loc, &Device::Cpu).unwrap()
+    load_default_model("smollm2-135m-instruct")
 }
 
 fn reference() -> ModelWeights {
-    let p = model_path();
+    let p = default_model_path();
     let mut f = std::fs::File::open(&p).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap()

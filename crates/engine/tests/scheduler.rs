@@ -2,13 +2,9 @@
 //! cancellation, back-pressure, priorities, deadlines, and the determinism they must keep.
 //! Needs `scripts/fetch-default-model`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use candle_core::Device;
 use forgeline_engine::chat::ChatMessage;
-use forgeline_engine::loader::{load, LoadedModel};
-use forgeline_engine::registry::{Format, ModelLocation};
 use forgeline_engine::sampling::SamplingParams;
 use forgeline_engine::scheduler::{
     Event, GenerateRequest, LlmClient, Priority, Prompt, SchedulerConfig, SlotConfig,
@@ -16,29 +12,11 @@ use forgeline_engine::scheduler::{
 use forgeline_engine::stop::StopReason;
 use forgeline_engine::Error;
 
-fn load_default(name: &str) -> LoadedModel {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch-default-model",
-        p.display()
-    );
-    let mut m = load(
-        &ModelLocation {
-            name: name.into(),
-            format: Format::Gguf,
-            path: p,
-        },
-        &Device::Cpu,
-    )
-    .unwrap();
-    m.info.name = name.into();
-    m
-}
+mod default_support;
+use default_support::load_default_model;
 
 fn client(cfg: SchedulerConfig) -> LlmClient {
-    LlmClient::start(vec![load_default("smollm2")], cfg).unwrap()
+    LlmClient::start(vec![load_default_model("smollm2")], cfg).unwrap()
 }
 
 /// KV budget of `tokens` positions of the default model.
@@ -302,7 +280,7 @@ async fn deadlines_end_requests_with_what_they_have() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_refused_by_name_and_models_are_chosen_by_name() {
     let c = LlmClient::start(
-        vec![load_default("small"), load_default("coder")],
+        vec![load_default_model("small"), load_default_model("coder")],
         SchedulerConfig {
             kv_budget_bytes: budget(1024),
             ..Default::default()
