@@ -8,22 +8,8 @@ use candle_core::quantized::gguf_file::{self, Content, Value, VersionedMagic};
 use forgeline_engine::chat::{ChatMessage, ChatTemplate};
 use forgeline_engine::tokenizer::{PreTokenizer, Tokenizer};
 
-/// GPT-2's byte → printable char table.
-fn byte_chars() -> Vec<char> {
-    let mut n = 0;
-    (0u32..256)
-        .map(|b| {
-            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-            let c = if printable {
-                b
-            } else {
-                n += 1;
-                255 + n
-            };
-            char::from_u32(c).unwrap()
-        })
-        .collect()
-}
+mod common;
+use common::byte_chars;
 
 /// A small GGUF tokenizer: 3 control tokens, the 256 bytes, a few merges.
 fn tiny_gguf(pre: &str, template: Option<&str>) -> Content {

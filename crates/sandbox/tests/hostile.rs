@@ -223,30 +223,23 @@ async fn odd_exit_codes_are_reported_as_the_process_would_exit() {
         assert_eq!(&report.outcome, expected, "{code}\n{}", show(&report));
     }
     // In tests, exiting early is never a pass.
-    let report = test("import os\nos._exit(0)\n", "from solution import x\n").await;
-    assert!(
-        matches!(
-            report.outcome,
-            Outcome::Exited {
-                code: 0,
-                message: Some(_)
-            }
-        ),
-        "{}",
-        show(&report)
-    );
-    let report = test("import sys\nsys.exit(0)\n", "import solution\n").await;
-    assert!(
-        matches!(
-            report.outcome,
-            Outcome::Exited {
-                code: 0,
-                message: Some(_)
-            }
-        ),
-        "{}",
-        show(&report)
-    );
+    for (code, tests) in [
+        ("import os\nos._exit(0)\n", "from solution import x\n"),
+        ("import sys\nsys.exit(0)\n", "import solution\n"),
+    ] {
+        let report = test(code, tests).await;
+        assert!(
+            matches!(
+                report.outcome,
+                Outcome::Exited {
+                    code: 0,
+                    message: Some(_)
+                }
+            ),
+            "{code}\n{}",
+            show(&report)
+        );
+    }
     assert_host_unharmed("exit-has-no-marker").await;
 }
 

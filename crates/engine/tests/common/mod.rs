@@ -187,7 +187,7 @@ const MERGES: [&str; 41] = [
 ];
 
 /// GPT-2's byte → printable char table.
-fn byte_chars() -> Vec<char> {
+pub fn byte_chars() -> Vec<char> {
     let mut n = 0;
     (0u32..256)
         .map(|b| {
