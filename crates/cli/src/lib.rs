@@ -5,6 +5,7 @@
 //! - `models`: `forgeline models list|show`.
 //! - `bench`: `forgeline bench engine` (and the sandbox bench from `bench_sandbox`).
 //! - `check`: `forgeline check`, generated Python run in the sandbox.
+//! - `serve`: `forgeline serve`, the HTTP API (`bench_serve`: its bench).
 //!
 //! Conventions: data on stdout, messages on stderr, `--json` for machine-readable results,
 //! `RUST_LOG` filters logs, `NO_COLOR` turns colour off. Exit codes: 0 success; 1 the code or
@@ -13,9 +14,11 @@
 
 mod bench;
 mod bench_sandbox;
+mod bench_serve;
 mod check;
 mod models;
 mod prompt;
+mod serve;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -55,6 +58,8 @@ enum Command {
     Bench(BenchCommand),
     /// Run a Python file (and its tests) in the sandbox and report what happened
     Check(check::CheckArgs),
+    /// Serve an OpenAI-compatible HTTP API (and pipeline jobs) over the loaded models
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,6 +70,8 @@ enum BenchCommand {
     Scheduler(bench::BenchSchedulerArgs),
     /// Trivial sandboxed Python programs per second, one at a time and in parallel
     Sandbox(bench_sandbox::BenchSandboxArgs),
+    /// Streaming clients over HTTP against the same workload in process
+    Serve(bench_serve::BenchServeArgs),
 }
 
 /// Exit code for an error: 2 for input errors, 3 for runtime failures.
@@ -191,6 +198,8 @@ fn run(command: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Scheduler(a)) => bench::run_scheduler(a, &env),
         Command::Bench(BenchCommand::Sandbox(a)) => runtime()?.block_on(bench_sandbox::run(a)),
         Command::Check(a) => runtime()?.block_on(check::run(a)),
+        Command::Serve(a) => serve::run(a, &env),
+        Command::Bench(BenchCommand::Serve(a)) => bench_serve::run_bench(a, &env),
     }
 }
 

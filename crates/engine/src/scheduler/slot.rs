@@ -191,6 +191,8 @@ impl Slot {
         self.reap(now);
         self.admit();
         if self.running.is_empty() {
+            // Reaping may have freed the last running sequence's blocks.
+            self.record_kv();
             return Ok(false);
         }
         // Decodes first (most urgent first), then prompt chunks in the remaining budget.
@@ -316,8 +318,14 @@ impl Slot {
                 i += 1;
             }
         }
-        self.stats.kv_used_bytes = self.kv.used_bytes();
+        self.record_kv();
         Ok(true)
+    }
+
+    fn record_kv(&mut self) {
+        self.stats.kv_used_bytes = self.kv.used_bytes();
+        self.stats.kv_cached_bytes =
+            self.cache.cached_blocks() * self.kv.capacity_bytes() / self.kv.num_blocks().max(1);
     }
 }
 

@@ -23,6 +23,9 @@ pub struct SlotStats {
     pub tokens_per_s: f64,
     pub busy_s: f64,
     pub kv_used_bytes: usize,
+    /// Of `kv_used_bytes`, the blocks the prefix cache holds: with nothing running, KV use is
+    /// back to this idle level.
+    pub kv_cached_bytes: usize,
     pub kv_budget_bytes: usize,
     pub preemptions: u64,
     pub finished: u64,
@@ -45,6 +48,7 @@ impl SlotStats {
             tokens_per_s: 0.0,
             busy_s: 0.0,
             kv_used_bytes: 0,
+            kv_cached_bytes: 0,
             kv_budget_bytes,
             preemptions: 0,
             finished: 0,

@@ -1,0 +1,141 @@
+//! `forgeline serve`: loads the models, starts the engine, and serves the HTTP API until
+//! SIGTERM or Ctrl-C.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use forgeline_engine::scheduler::{LlmClient, SchedulerConfig};
+use forgeline_server::{check_exposure, ApiKey, ModelCard, Server, ServerConfig};
+
+use crate::Env;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on; other than loopback only with --api-key-file (or --insecure-no-auth)
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (printed at start-up)
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Model to serve (repeatable; the first is the default) [default: smollm2-135m-instruct]
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// File holding the API key clients must send as `Authorization: Bearer <key>`
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Serve without authentication on a non-loopback address
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Requests waiting for the engine beyond which new ones get 429
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Seconds a generation may take from submission (0: no limit)
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Largest request body, in bytes
+    #[arg(long, default_value_t = 4 << 20)]
+    pub body_limit: usize,
+    /// Seconds running requests get to finish after SIGTERM or Ctrl-C
+    #[arg(long, default_value_t = 30)]
+    pub grace_period: u64,
+    /// `max_tokens` of requests that give none (capped by the context left)
+    #[arg(long, default_value_t = 1024)]
+    pub default_max_tokens: usize,
+}
+
+pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let host: IpAddr = a
+        .host
+        .parse()
+        .map_err(|_| crate::usage(format!("--host `{}` is not an IP address", a.host)))?;
+    let api_key = match &a.api_key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| crate::usage(format!("--api-key-file {}: {e}", path.display())))?;
+            let key = ApiKey::new(&text)
+                .map_err(|e| crate::usage(format!("--api-key-file {}: {e}", path.display())))?;
+            Some(key)
+        }
+        None => None,
+    };
+    check_exposure(host, api_key.is_some(), a.insecure_no_auth).map_err(crate::usage)?;
+    if a.max_waiting == 0 || a.body_limit == 0 || a.default_max_tokens == 0 {
+        return Err(crate::usage(
+            "--max-waiting, --body-limit and --default-max-tokens must be at least 1",
+        ));
+    }
+
+    let names: Vec<Option<&str>> = if a.models.is_empty() {
+        vec![None]
+    } else {
+        a.models.iter().map(|m| Some(m.as_str())).collect()
+    };
+    let mut loaded = Vec::with_capacity(names.len());
+    for name in names {
+        loaded.push(env.load_model(name)?);
+    }
+    let cards: Vec<ModelCard> = loaded.iter().map(ModelCard::of).collect();
+    let client = LlmClient::start(
+        loaded,
+        SchedulerConfig {
+            max_waiting: a.max_waiting,
+            ..SchedulerConfig::default()
+        },
+    )?;
+    let config = ServerConfig {
+        api_key: api_key.clone(),
+        request_timeout: (a.request_timeout > 0).then(|| Duration::from_secs(a.request_timeout)),
+        body_limit: a.body_limit,
+        grace_period: Duration::from_secs(a.grace_period),
+        default_max_tokens: a.default_max_tokens,
+    };
+    let server = Server::new(client, cards.clone(), config);
+
+    crate::runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(host, a.port))
+            .await
+            .map_err(|e| crate::usage(format!("cannot listen on {host}:{}: {e}", a.port)))?;
+        let addr = listener.local_addr()?;
+        let names: Vec<&str> = cards.iter().map(|c| c.name.as_str()).collect();
+        eprintln!(
+            "forgeline serve: listening on http://{addr} (models: {})",
+            names.join(", ")
+        );
+        match (&api_key, host.is_loopback()) {
+            (Some(_), _) => eprintln!("forgeline serve: clients must send the API key as a bearer token"),
+            (None, true) => eprintln!(
+                "forgeline serve: no --api-key-file, so only this machine can connect ({host}); \
+                 give a key to serve other hosts"
+            ),
+            (None, false) => eprintln!(
+                "forgeline serve: WARNING: no authentication, and {host} is reachable from other hosts"
+            ),
+        }
+        server.run(listener, shutdown_signal()).await?;
+        eprintln!("forgeline serve: stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C still stops the server");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    eprintln!("forgeline serve: shutting down; running requests get their grace period");
+}

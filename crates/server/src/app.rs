@@ -1,0 +1,92 @@
+//! The state every handler shares and the routes: which path goes where, behind which layers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use forgeline_engine::scheduler::LlmClient;
+use serde_json::json;
+
+use crate::auth::require_key;
+use crate::metrics::{track, Metrics};
+use crate::shutdown::CancelSignal;
+use crate::{completions, openai, ModelCard, ServerConfig};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub client: LlmClient,
+    pub models: Arc<[ModelCard]>,
+    pub config: Arc<ServerConfig>,
+    pub metrics: Arc<Metrics>,
+    pub cancel: CancelSignal,
+    serial: Arc<AtomicU64>,
+}
+
+impl AppState {
+    pub fn new(
+        client: LlmClient,
+        models: Vec<ModelCard>,
+        config: ServerConfig,
+        metrics: Arc<Metrics>,
+        cancel: CancelSignal,
+    ) -> Self {
+        Self {
+            client,
+            models: models.into(),
+            config: Arc::new(config),
+            metrics,
+            cancel,
+            serial: Arc::default(),
+        }
+    }
+
+    /// A number unique to this server's life, for response ids.
+    pub fn next_serial(&self) -> u64 {
+        self.serial.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+pub fn router(app: AppState) -> Router {
+    let mut api = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(completions::chat))
+        .route("/v1/completions", post(completions::completion))
+        .route("/metrics", get(metrics));
+    if let Some(key) = app.config.api_key.clone() {
+        api = api.route_layer(middleware::from_fn_with_state(key, require_key));
+    }
+    api.route("/health", get(health))
+        .route_layer(middleware::from_fn_with_state(app.metrics.clone(), track))
+        .layer(DefaultBodyLimit::max(app.config.body_limit))
+        .with_state(app)
+}
+
+/// Liveness: the process answers and its engine thread takes requests.
+async fn health(State(app): State<AppState>) -> impl IntoResponse {
+    let stats = app.client.stats();
+    Json(json!({
+        "status": if app.cancel.is_cancelled() { "shutting_down" } else { "ok" },
+        "models": app.models.iter().map(|m| &m.name).collect::<Vec<_>>(),
+        "waiting": stats.waiting,
+        "running": stats.running,
+    }))
+}
+
+async fn models(State(app): State<AppState>) -> impl IntoResponse {
+    Json(openai::model_list(&app.models))
+}
+
+async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    let text = app.metrics.render(&app.client.stats(), 0);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}

@@ -1,0 +1,365 @@
+//! `forgeline bench serve`: the same streaming workload through HTTP (a server started in
+//! process on 127.0.0.1:0, N concurrent clients) and straight through the `LlmClient`, to
+//! measure what HTTP costs: throughput, time to first token, latency, and `http_overhead`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use forgeline_engine::chat::ChatMessage;
+use forgeline_engine::scheduler::{Event, GenerateRequest, LlmClient};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::client::HttpClient;
+use crate::{ModelCard, Server, ServerConfig};
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Concurrent streaming clients.
+    pub clients: usize,
+    /// Requests per pass, shared among the clients.
+    pub requests: usize,
+    /// Tokens per answer (end-of-sequence ignored, so every answer has exactly this many).
+    pub max_tokens: usize,
+    /// Passes of each kind, alternating which goes first.
+    pub rounds: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `xs`, in milliseconds.
+    fn of(xs: &mut [Duration]) -> Self {
+        xs.sort();
+        let at = |p: f64| {
+            if xs.is_empty() {
+                return 0.0;
+            }
+            let rank = ((p * xs.len() as f64).ceil() as usize).clamp(1, xs.len());
+            xs[rank - 1].as_secs_f64() * 1e3
+        };
+        Self {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+        }
+    }
+}
+
+/// One way of running the workload, over all rounds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PassReport {
+    pub requests: usize,
+    pub completion_tokens: usize,
+    pub wall_s: f64,
+    /// Completion tokens per second of wall time.
+    pub throughput_tok_s: f64,
+    pub ttft_ms: Percentiles,
+    pub latency_ms: Percentiles,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub clients: usize,
+    pub requests: usize,
+    pub max_tokens: usize,
+    pub rounds: usize,
+    pub http: PassReport,
+    pub inprocess: PassReport,
+    /// 1 - http throughput / in-process throughput.
+    pub http_overhead: f64,
+}
+
+/// One request's timings.
+struct Sample {
+    ttft: Duration,
+    latency: Duration,
+    tokens: usize,
+}
+
+#[derive(Default)]
+struct Totals {
+    samples: Vec<Sample>,
+    wall: Duration,
+}
+
+impl Totals {
+    fn report(self) -> PassReport {
+        let tokens: usize = self.samples.iter().map(|s| s.tokens).sum();
+        let mut ttft: Vec<Duration> = self.samples.iter().map(|s| s.ttft).collect();
+        let mut latency: Vec<Duration> = self.samples.iter().map(|s| s.latency).collect();
+        let wall_s = self.wall.as_secs_f64();
+        PassReport {
+            requests: self.samples.len(),
+            completion_tokens: tokens,
+            wall_s,
+            throughput_tok_s: tokens as f64 / wall_s.max(1e-9),
+            ttft_ms: Percentiles::of(&mut ttft),
+            latency_ms: Percentiles::of(&mut latency),
+        }
+    }
+}
+
+/// The chat of request `i` of pass `tag`: distinct text early on, so that no pass reuses
+/// another's cached prompts, and the same length in every pass.
+fn messages(tag: &str, i: usize) -> Vec<ChatMessage> {
+    vec![ChatMessage::user(format!(
+        "[{tag}-{i:04}] Write a Python function that returns the {} largest values of a list.",
+        i % 7 + 2
+    ))]
+}
+
+/// Runs the bench on `model` of `client`.
+pub async fn run(
+    client: LlmClient,
+    model: ModelCard,
+    cfg: BenchConfig,
+) -> Result<BenchReport, String> {
+    if cfg.clients == 0 || cfg.requests == 0 || cfg.max_tokens == 0 {
+        return Err("--clients, --requests and --max-tokens must be at least 1".into());
+    }
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("cannot bind 127.0.0.1:0: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let config = ServerConfig {
+        request_timeout: None,
+        ..ServerConfig::default()
+    };
+    let server = Server::new(client.clone(), vec![model.clone()], config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(listener, async move {
+        let _ = stopped.await;
+    }));
+    let http = HttpClient::new(addr);
+
+    // Warm both paths (threads, allocations, the chat template's cached prefix).
+    http_pass(&http, &model.name, "warm-http", 1, 1, cfg.max_tokens).await?;
+    inprocess_pass(&client, &model.name, "warm-local", 1, 1, cfg.max_tokens).await?;
+
+    let (mut h, mut l) = (Totals::default(), Totals::default());
+    for round in 0..cfg.rounds.max(1) {
+        let (ht, lt) = (format!("http{round}"), format!("local{round}"));
+        let run_http = || {
+            http_pass(
+                &http,
+                &model.name,
+                &ht,
+                cfg.clients,
+                cfg.requests,
+                cfg.max_tokens,
+            )
+        };
+        let run_local = || {
+            inprocess_pass(
+                &client,
+                &model.name,
+                &lt,
+                cfg.clients,
+                cfg.requests,
+                cfg.max_tokens,
+            )
+        };
+        let (a, b) = if round % 2 == 0 {
+            let a = run_http().await?;
+            (a, run_local().await?)
+        } else {
+            let b = run_local().await?;
+            (run_http().await?, b)
+        };
+        h.samples.extend(a.samples);
+        h.wall += a.wall;
+        l.samples.extend(b.samples);
+        l.wall += b.wall;
+    }
+    let _ = stop.send(());
+    serving
+        .await
+        .map_err(|e| format!("server task failed: {e}"))?
+        .map_err(|e| format!("server failed: {e}"))?;
+    let (http, inprocess) = (h.report(), l.report());
+    Ok(BenchReport {
+        model: model.name,
+        clients: cfg.clients,
+        requests: cfg.requests,
+        max_tokens: cfg.max_tokens,
+        rounds: cfg.rounds.max(1),
+        http_overhead: 1.0 - http.throughput_tok_s / inprocess.throughput_tok_s.max(1e-9),
+        http,
+        inprocess,
+    })
+}
+
+/// `requests` requests, `clients` at a time, streamed over HTTP.
+async fn http_pass(
+    http: &HttpClient,
+    model: &str,
+    tag: &str,
+    clients: usize,
+    requests: usize,
+    max_tokens: usize,
+) -> Result<Totals, String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, next, model, tag) = (
+                http.clone(),
+                next.clone(),
+                model.to_string(),
+                tag.to_string(),
+            );
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= requests {
+                        break;
+                    }
+                    let body = json!({
+                        "model": model, "messages": messages(&tag, i), "stream": true,
+                        "stream_options": {"include_usage": true}, "max_tokens": max_tokens,
+                        "temperature": 0, "ignore_eos": true,
+                    });
+                    out.push(http_request(&http, &body).await?);
+                }
+                Ok::<_, String>(out)
+            })
+        })
+        .collect();
+    let mut totals = Totals::default();
+    for w in workers {
+        totals
+            .samples
+            .extend(w.await.map_err(|e| format!("client task failed: {e}"))??);
+    }
+    totals.wall = started.elapsed();
+    Ok(totals)
+}
+
+async fn http_request(http: &HttpClient, body: &Value) -> Result<Sample, String> {
+    let sent = Instant::now();
+    let mut s = http
+        .post_stream("/v1/chat/completions", body)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !s.status.is_success() {
+        let status = s.status;
+        return Err(format!(
+            "HTTP {status}: {}",
+            s.rest().await.unwrap_or_default()
+        ));
+    }
+    let (mut ttft, mut tokens) = (None, 0);
+    while let Some(data) = s.next_data().await.map_err(|e| e.to_string())? {
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value =
+            serde_json::from_str(&data).map_err(|e| format!("bad chunk `{data}`: {e}"))?;
+        if let Some(e) = v.get("error") {
+            return Err(format!("stream error: {e}"));
+        }
+        let content = v["choices"][0]["delta"]["content"]
+            .as_str()
+            .unwrap_or_default();
+        if ttft.is_none() && !content.is_empty() {
+            ttft = Some(sent.elapsed());
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = n as usize;
+        }
+    }
+    Ok(Sample {
+        ttft: ttft.unwrap_or_else(|| sent.elapsed()),
+        latency: sent.elapsed(),
+        tokens,
+    })
+}
+
+/// The same workload straight through the client.
+async fn inprocess_pass(
+    client: &LlmClient,
+    model: &str,
+    tag: &str,
+    clients: usize,
+    requests: usize,
+    max_tokens: usize,
+) -> Result<Totals, String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, next, model, tag) = (
+                client.clone(),
+                next.clone(),
+                model.to_string(),
+                tag.to_string(),
+            );
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= requests {
+                        break;
+                    }
+                    let mut req = GenerateRequest::chat(messages(&tag, i), max_tokens);
+                    req.model = Some(model.clone());
+                    req.ignore_eos = true;
+                    let sent = Instant::now();
+                    let mut events = client.generate(req).map_err(|e| e.to_string())?;
+                    let mut ttft = None;
+                    let tokens = loop {
+                        match events.next().await {
+                            Some(Ok(Event::Delta { text, .. })) => {
+                                if ttft.is_none() && !text.is_empty() {
+                                    ttft = Some(sent.elapsed());
+                                }
+                            }
+                            Some(Ok(Event::Done { usage, .. })) => break usage.completion_tokens,
+                            Some(Err(e)) => return Err(e.to_string()),
+                            None => return Err("the engine stopped".to_string()),
+                        }
+                    };
+                    out.push(Sample {
+                        ttft: ttft.unwrap_or_else(|| sent.elapsed()),
+                        latency: sent.elapsed(),
+                        tokens,
+                    });
+                }
+                Ok::<_, String>(out)
+            })
+        })
+        .collect();
+    let mut totals = Totals::default();
+    for w in workers {
+        totals
+            .samples
+            .extend(w.await.map_err(|e| format!("client task failed: {e}"))??);
+    }
+    totals.wall = started.elapsed();
+    Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut xs: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let p = Percentiles::of(&mut xs);
+        assert_eq!((p.p50, p.p90, p.p99), (50.0, 90.0, 99.0));
+        let mut one = vec![Duration::from_millis(7)];
+        assert_eq!(Percentiles::of(&mut one).p99, 7.0);
+        assert_eq!(Percentiles::of(&mut []).p50, 0.0);
+    }
+}

@@ -1,0 +1,408 @@
+//! `/v1/chat/completions` and `/v1/completions` bodies, validated at the boundary into an
+//! `ApiRequest` (an engine `GenerateRequest` plus how to answer), with errors naming the field.
+//!
+//! Besides OpenAI's parameters, vLLM's sampling extras are accepted: `top_k`, `min_p`,
+//! `repetition_penalty` and `ignore_eos` (benchmarks).
+
+use forgeline_engine::chat::ChatMessage;
+use forgeline_engine::constraint::Constraint;
+use forgeline_engine::sampling::SamplingParams;
+use forgeline_engine::scheduler::{GenerateRequest, Prompt};
+use serde_json::Value;
+
+use crate::error::{ApiError, ApiResult};
+use crate::fields::{kind, parse_object, Fields};
+use crate::ModelCard;
+
+/// Which OpenAI endpoint a request came to; it decides the prompt's shape and the answer's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+impl Endpoint {
+    /// The field that holds the prompt.
+    pub fn prompt_param(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "messages",
+            Endpoint::Completion => "prompt",
+        }
+    }
+}
+
+/// A validated request.
+#[derive(Clone, Debug)]
+pub struct ApiRequest {
+    pub endpoint: Endpoint,
+    /// The loaded model it runs on.
+    pub model: String,
+    /// `max_tokens` is a placeholder when `max_tokens` below is None.
+    pub generate: GenerateRequest,
+    /// As asked; None means as many as the context and the server's default allow.
+    pub max_tokens: Option<usize>,
+    pub stream: bool,
+    /// `stream_options.include_usage`: a last chunk with the usage before `[DONE]`.
+    pub include_usage: bool,
+}
+
+/// Stop strings per request, as in OpenAI's API (which allows 4).
+const MAX_STOP: usize = 16;
+
+/// Parses a `/v1/chat/completions` body.
+pub fn parse_chat(body: &[u8], models: &[ModelCard]) -> ApiResult<ApiRequest> {
+    let obj = parse_object(body)?;
+    let f = Fields::new(&obj, "");
+    let msgs = f
+        .array("messages")?
+        .ok_or_else(|| ApiError::field("messages", "`messages` is required"))?;
+    if msgs.is_empty() {
+        return Err(ApiError::field(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
+    let messages = msgs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| message(i, m))
+        .collect::<ApiResult<Vec<_>>>()?;
+    common(&f, Endpoint::Chat, Prompt::Chat(messages), models)
+}
+
+/// Parses a `/v1/completions` body.
+pub fn parse_completion(body: &[u8], models: &[ModelCard]) -> ApiResult<ApiRequest> {
+    let obj = parse_object(body)?;
+    let f = Fields::new(&obj, "");
+    let prompt = prompt(f.require("prompt")?)?;
+    if f.bool("echo")? == Some(true) {
+        return Err(ApiError::field("echo", "`echo` is not supported"));
+    }
+    if f.str("suffix")?.is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::field("suffix", "`suffix` is not supported"));
+    }
+    if f.get("best_of").is_some() && f.u64("best_of")? != Some(1) {
+        return Err(ApiError::field("best_of", "`best_of` must be 1"));
+    }
+    common(&f, Endpoint::Completion, prompt, models)
+}
+
+fn message(i: usize, v: &Value) -> ApiResult<ChatMessage> {
+    let path = format!("messages[{i}]");
+    let Value::Object(o) = v else {
+        return Err(ApiError::field(
+            &path,
+            format!("`{path}` must be an object, not {}", kind(v)),
+        ));
+    };
+    let f = Fields::new(o, path);
+    let role = f.str("role")?.ok_or_else(|| {
+        ApiError::field(
+            &f.param("role"),
+            format!("`{}` is required", f.param("role")),
+        )
+    })?;
+    let role = match role {
+        "system" | "user" | "assistant" => role,
+        // OpenAI's newer name for the system role.
+        "developer" => "system",
+        other => {
+            let p = f.param("role");
+            return Err(ApiError::field(
+                &p,
+                format!("`{p}` must be system, developer, user or assistant, not `{other}`"),
+            ));
+        }
+    };
+    let content = match f.require("content")? {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => text_parts(&f.param("content"), parts)?,
+        other => {
+            let p = f.param("content");
+            return Err(ApiError::field(
+                &p,
+                format!(
+                    "`{p}` must be a string or an array of text parts, not {}",
+                    kind(other)
+                ),
+            ));
+        }
+    };
+    Ok(ChatMessage::new(role, content))
+}
+
+/// `[{"type": "text", "text": "..."}, ...]`, joined.
+fn text_parts(path: &str, parts: &[Value]) -> ApiResult<String> {
+    let mut out = String::new();
+    for (i, p) in parts.iter().enumerate() {
+        let pp = format!("{path}[{i}]");
+        let Value::Object(o) = p else {
+            return Err(ApiError::field(&pp, format!("`{pp}` must be an object")));
+        };
+        let f = Fields::new(o, pp.clone());
+        match f.str("type")? {
+            Some("text") => out.push_str(f.str("text")?.unwrap_or_default()),
+            other => {
+                return Err(ApiError::field(
+                    &f.param("type"),
+                    format!(
+                        "only text content parts are supported, not `{}`",
+                        other.unwrap_or("(none)")
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A string, a one-element array of a string, or token ids (or one array of them).
+fn prompt(v: &Value) -> ApiResult<Prompt> {
+    let bad = || {
+        ApiError::field(
+            "prompt",
+            "`prompt` must be a string, an array of one string, or an array of token ids",
+        )
+    };
+    let tokens = |a: &[Value]| -> ApiResult<Vec<u32>> {
+        a.iter()
+            .map(|t| {
+                t.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(bad)
+            })
+            .collect()
+    };
+    match v {
+        Value::String(s) => Ok(Prompt::Text(s.clone())),
+        Value::Array(a) => match a.as_slice() {
+            [] => Err(bad()),
+            [Value::String(s)] => Ok(Prompt::Text(s.clone())),
+            [Value::Array(t)] => Ok(Prompt::Tokens(tokens(t)?)),
+            [Value::Number(_), ..] => Ok(Prompt::Tokens(tokens(a)?)),
+            [_, _, ..] if a.iter().all(|p| p.is_string() || p.is_array()) => Err(ApiError::field(
+                "prompt",
+                "only one prompt per request is supported",
+            )),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
+/// The parameters both endpoints share.
+fn common(
+    f: &Fields,
+    endpoint: Endpoint,
+    prompt: Prompt,
+    models: &[ModelCard],
+) -> ApiResult<ApiRequest> {
+    refuse_unsupported(f, endpoint)?;
+    let model = match f.str("model")? {
+        None => models
+            .first()
+            .map(|m| m.name.clone())
+            .ok_or_else(|| ApiError::internal("no model is loaded"))?,
+        Some(name) => models
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.name.clone())
+            .ok_or_else(|| {
+                let loaded: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+                ApiError::unknown_model(name, &loaded)
+            })?,
+    };
+    let max_tokens = match f.u64("max_completion_tokens")? {
+        Some(n) => Some(("max_completion_tokens", n)),
+        None => f.u64("max_tokens")?.map(|n| ("max_tokens", n)),
+    };
+    let max_tokens = match max_tokens {
+        Some((name, 0)) => {
+            return Err(ApiError::field(
+                name,
+                format!("`{name}` must be at least 1"),
+            ))
+        }
+        Some((_, n)) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        None => None,
+    };
+    let sampling = sampling(f)?;
+    let stop = match f.get("stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => {
+            let stops = a
+                .iter()
+                .map(|s| s.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    ApiError::field("stop", "`stop` must be a string or an array of strings")
+                })?;
+            if stops.len() > MAX_STOP {
+                return Err(ApiError::field(
+                    "stop",
+                    format!(
+                        "`stop` holds at most {MAX_STOP} strings, not {}",
+                        stops.len()
+                    ),
+                ));
+            }
+            stops
+        }
+        Some(other) => {
+            return Err(ApiError::field(
+                "stop",
+                format!(
+                    "`stop` must be a string or an array of strings, not {}",
+                    kind(other)
+                ),
+            ))
+        }
+    };
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = match f.object("stream_options")? {
+        Some(o) => o.bool("include_usage")?.unwrap_or(false),
+        None => false,
+    };
+    let mut generate = GenerateRequest::new(prompt, max_tokens.unwrap_or(1));
+    generate.model = Some(model.clone());
+    generate.sampling = sampling;
+    generate.stop_strings = stop;
+    generate.ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
+    generate.constraint = response_format(f)?;
+    Ok(ApiRequest {
+        endpoint,
+        model,
+        generate,
+        max_tokens,
+        stream,
+        include_usage,
+    })
+}
+
+fn sampling(f: &Fields) -> ApiResult<SamplingParams> {
+    let mut s = SamplingParams {
+        // OpenAI's default.
+        temperature: 1.0,
+        ..SamplingParams::default()
+    };
+    if let Some(t) = f.f32("temperature")? {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(ApiError::field(
+                "temperature",
+                format!("`temperature` must be in [0, 2], not {t}"),
+            ));
+        }
+        s.temperature = t;
+    }
+    if let Some(p) = f.f32("top_p")? {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::field(
+                "top_p",
+                format!("`top_p` must be in (0, 1], not {p}"),
+            ));
+        }
+        s.top_p = p;
+    }
+    if let Some(k) = f.u64("top_k")? {
+        s.top_k = usize::try_from(k).unwrap_or(usize::MAX);
+    }
+    if let Some(m) = f.f32("min_p")? {
+        s.min_p = m;
+    }
+    if let Some(r) = f.f32("repetition_penalty")? {
+        s.repetition_penalty = r;
+    }
+    if let Some(seed) = f.u64("seed")? {
+        s.seed = seed;
+    }
+    s.validate().map_err(|e| match e {
+        // The engine's message names the field in backticks.
+        forgeline_engine::Error::InvalidRequest(m) => {
+            let param = m.split('`').nth(1).unwrap_or_default().to_string();
+            ApiError::field(&param, m)
+        }
+        other => ApiError::from_engine(&other, "prompt"),
+    })?;
+    Ok(s)
+}
+
+/// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`.
+fn response_format(f: &Fields) -> ApiResult<Option<Constraint>> {
+    let Some(rf) = f.object("response_format")? else {
+        return Ok(None);
+    };
+    match rf.str("type")? {
+        None | Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Constraint::Json)),
+        Some("json_schema") => {
+            let js = rf.object("json_schema")?.ok_or_else(|| {
+                ApiError::field(
+                    "response_format.json_schema",
+                    "`response_format.json_schema` is required when `type` is `json_schema`",
+                )
+            })?;
+            let schema = js.require("schema")?;
+            if !(schema.is_object() || schema.is_boolean()) {
+                let p = js.param("schema");
+                return Err(ApiError::field(
+                    &p,
+                    format!("`{p}` must be a JSON schema object, not {}", kind(schema)),
+                ));
+            }
+            Ok(Some(Constraint::JsonSchema(schema.clone())))
+        }
+        Some(other) => Err(ApiError::field(
+            "response_format.type",
+            format!(
+                "`response_format.type` must be text, json_object or json_schema, not `{other}`"
+            ),
+        )),
+    }
+}
+
+/// Parameters forgeline does not implement: refused rather than silently ignored.
+fn refuse_unsupported(f: &Fields, endpoint: Endpoint) -> ApiResult<()> {
+    let unsupported = |name: &str| {
+        Err(ApiError::field(
+            name,
+            format!("`{name}` is not supported by this server"),
+        ))
+    };
+    if f.get("n").is_some() && f.u64("n")? != Some(1) {
+        return Err(ApiError::field(
+            "n",
+            "`n` must be 1: this server returns one choice per request",
+        ));
+    }
+    for name in ["tools", "functions"] {
+        if f.array(name)?.is_some_and(|a| !a.is_empty()) {
+            return unsupported(name);
+        }
+    }
+    if f.object("logit_bias")?.is_some()
+        && f.get("logit_bias")
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+    {
+        return unsupported("logit_bias");
+    }
+    let logprobs = match (endpoint, f.get("logprobs")) {
+        (_, None) | (_, Some(Value::Bool(false))) => false,
+        (Endpoint::Completion, Some(Value::Number(n))) => n.as_u64() != Some(0),
+        _ => true,
+    };
+    if logprobs {
+        return unsupported("logprobs");
+    }
+    for name in ["presence_penalty", "frequency_penalty"] {
+        if f.f32(name)?.is_some_and(|p| p != 0.0) {
+            return unsupported(name);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

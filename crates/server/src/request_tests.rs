@@ -1,0 +1,230 @@
+use axum::http::StatusCode;
+use serde_json::json;
+
+use super::*;
+
+fn models() -> Vec<ModelCard> {
+    vec![
+        ModelCard {
+            name: "small".into(),
+            context_length: 64,
+        },
+        ModelCard {
+            name: "big".into(),
+            context_length: 128,
+        },
+    ]
+}
+
+fn chat(v: Value) -> ApiResult<ApiRequest> {
+    parse_chat(v.to_string().as_bytes(), &models())
+}
+
+fn completion(v: Value) -> ApiResult<ApiRequest> {
+    parse_completion(v.to_string().as_bytes(), &models())
+}
+
+/// The error's field and a piece of its message.
+fn refused(r: ApiResult<ApiRequest>) -> (Option<String>, String) {
+    let e = r.unwrap_err();
+    assert_eq!(e.status, StatusCode::BAD_REQUEST, "{e:?}");
+    (e.param, e.message)
+}
+
+#[test]
+fn a_full_chat_request_becomes_a_generate_request() {
+    let r = chat(json!({
+        "model": "big",
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "!"}]}
+        ],
+        "temperature": 0.5, "top_p": 0.9, "max_completion_tokens": 7, "max_tokens": 99,
+        "stop": ["\n\n", "END"], "seed": 42, "n": 1, "stream": true,
+        "stream_options": {"include_usage": true},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        "user": "someone", "logprobs": false, "presence_penalty": 0
+    }))
+    .unwrap();
+    assert_eq!(r.model, "big");
+    assert_eq!(r.generate.model.as_deref(), Some("big"));
+    assert_eq!(r.max_tokens, Some(7));
+    assert!(r.stream && r.include_usage);
+    let g = &r.generate;
+    assert_eq!(g.sampling.temperature, 0.5);
+    assert_eq!(g.sampling.top_p, 0.9);
+    assert_eq!(g.sampling.seed, 42);
+    assert_eq!(g.stop_strings, vec!["\n\n", "END"]);
+    assert_eq!(
+        g.constraint,
+        Some(Constraint::JsonSchema(json!({"type": "object"})))
+    );
+    let Prompt::Chat(msgs) = &g.prompt else {
+        panic!("chat prompt expected")
+    };
+    assert_eq!(msgs[0], ChatMessage::system("Be brief."));
+    assert_eq!(msgs[1], ChatMessage::user("Hi!"));
+}
+
+#[test]
+fn defaults_are_openais() {
+    let r = chat(json!({"messages": [{"role": "user", "content": "x"}]})).unwrap();
+    assert_eq!(r.model, "small");
+    assert_eq!(r.max_tokens, None);
+    assert_eq!(r.generate.sampling.temperature, 1.0);
+    assert!(!r.stream && !r.include_usage);
+    assert_eq!(r.generate.constraint, None);
+    let r = chat(json!({"messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_object"}, "stop": "END"}))
+    .unwrap();
+    assert_eq!(r.generate.constraint, Some(Constraint::Json));
+    assert_eq!(r.generate.stop_strings, vec!["END"]);
+}
+
+#[test]
+fn completion_prompts_take_openais_shapes() {
+    let p = |v: Value| completion(json!({"prompt": v})).map(|r| r.generate.prompt);
+    assert!(matches!(p(json!("def f():")).unwrap(), Prompt::Text(t) if t == "def f():"));
+    assert!(matches!(p(json!(["x"])).unwrap(), Prompt::Text(t) if t == "x"));
+    assert!(matches!(p(json!([1, 2, 3])).unwrap(), Prompt::Tokens(t) if t == [1, 2, 3]));
+    assert!(matches!(p(json!([[4, 5]])).unwrap(), Prompt::Tokens(t) if t == [4, 5]));
+    assert!(refused(p(json!(["a", "b"])).map(|_| unreachable!()))
+        .1
+        .contains("one prompt"));
+    assert_eq!(
+        refused(completion(json!({"prompt": 3}))).0.as_deref(),
+        Some("prompt")
+    );
+    assert_eq!(
+        refused(completion(json!({"prompt": [-1]}))).0.as_deref(),
+        Some("prompt")
+    );
+    assert_eq!(refused(completion(json!({}))).1, "`prompt` is required");
+    assert_eq!(
+        refused(completion(json!({"prompt": "x", "echo": true})))
+            .0
+            .as_deref(),
+        Some("echo")
+    );
+}
+
+#[test]
+fn each_bad_field_is_named() {
+    let base = || json!({"messages": [{"role": "user", "content": "x"}]});
+    let with = |k: &str, v: Value| {
+        let mut b = base();
+        b[k] = v;
+        chat(b)
+    };
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "temperature",
+            json!("hot"),
+            "temperature",
+            "must be a number, not a string",
+        ),
+        ("temperature", json!(3), "temperature", "[0, 2]"),
+        ("top_p", json!(0), "top_p", "(0, 1]"),
+        ("max_tokens", json!(0), "max_tokens", "at least 1"),
+        ("max_tokens", json!(-5), "max_tokens", "whole number >= 0"),
+        ("max_tokens", json!("10"), "max_tokens", "not a string"),
+        ("n", json!(2), "n", "must be 1"),
+        ("stop", json!(5), "stop", "string or an array of strings"),
+        ("stop", json!([1]), "stop", "string or an array of strings"),
+        ("seed", json!(1.5), "seed", "whole number"),
+        ("stream", json!("yes"), "stream", "boolean"),
+        ("min_p", json!(1.0), "min_p", "[0, 1)"),
+        ("logprobs", json!(true), "logprobs", "not supported"),
+        (
+            "tools",
+            json!([{"type": "function"}]),
+            "tools",
+            "not supported",
+        ),
+        (
+            "presence_penalty",
+            json!(0.5),
+            "presence_penalty",
+            "not supported",
+        ),
+        (
+            "stream_options",
+            json!({"include_usage": 1}),
+            "stream_options.include_usage",
+            "boolean",
+        ),
+        (
+            "response_format",
+            json!({"type": "xml"}),
+            "response_format.type",
+            "xml",
+        ),
+        (
+            "response_format",
+            json!({"type": "json_schema"}),
+            "response_format.json_schema",
+            "required",
+        ),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"schema": "x"}}),
+            "response_format.json_schema.schema",
+            "JSON schema object",
+        ),
+        ("messages", json!([]), "messages", "at least one"),
+        ("messages", json!("hi"), "messages", "an array"),
+        (
+            "messages",
+            json!([{"role": "tool", "content": "x"}]),
+            "messages[0].role",
+            "`tool`",
+        ),
+        (
+            "messages",
+            json!([{"content": "x"}]),
+            "messages[0].role",
+            "required",
+        ),
+        (
+            "messages",
+            json!([{"role": "user"}]),
+            "messages[0].content",
+            "required",
+        ),
+        (
+            "messages",
+            json!([{"role": "user", "content": 7}]),
+            "messages[0].content",
+            "a number",
+        ),
+        (
+            "messages",
+            json!([{"role": "user", "content": [{"type": "image_url"}]}]),
+            "messages[0].content[0].type",
+            "image_url",
+        ),
+        ("model", json!(7), "model", "a string"),
+    ];
+    for (key, value, param, msg) in cases {
+        let (p, m) = refused(with(key, value.clone()));
+        assert_eq!(p.as_deref(), Some(param), "{key}: {value}: {m}");
+        assert!(m.contains(msg), "{key}: {value}: `{m}` lacks `{msg}`");
+    }
+}
+
+#[test]
+fn an_unknown_model_is_404_and_lists_the_loaded_ones() {
+    let e = chat(json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}))
+        .unwrap_err();
+    assert_eq!(e.status, StatusCode::NOT_FOUND);
+    assert_eq!(e.param.as_deref(), Some("model"));
+    assert_eq!(e.code, Some("model_not_found"));
+    assert!(e.message.contains("`gpt-4`") && e.message.contains("small, big"));
+}
+
+#[test]
+fn malformed_json_is_refused_before_anything_else() {
+    let e = parse_chat(b"{\"messages\": [", &models()).unwrap_err();
+    assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    assert!(e.message.contains("not valid JSON"), "{}", e.message);
+}
