@@ -37,6 +37,9 @@ pub enum TestKind {
     Pytest,
     /// HumanEval style: the file defines `check(candidate)`, called with the entry point.
     Check,
+    /// pytest-style `test_*` functions run by the harness itself, without pytest: no
+    /// fixtures, but no pytest start-up either (each function counts in the summary).
+    Functions,
 }
 
 /// What to do with the module.
@@ -60,6 +63,9 @@ pub struct Job {
     pub module: Module,
     pub check: Check,
     pub limits: Option<Limits>,
+    /// Extensions (`png`, `csv`) of files the program writes that the report keeps; see
+    /// [`Job::keep_files`].
+    pub keep: Vec<String>,
 }
 
 const KEYWORDS: &[&str] = &[
@@ -204,6 +210,7 @@ impl TestKind {
             TestKind::Unittest => "unittest",
             TestKind::Pytest => "pytest",
             TestKind::Check => "check",
+            TestKind::Functions => "functions",
         }
     }
 }
@@ -227,7 +234,16 @@ impl Job {
             module,
             check,
             limits: None,
+            keep: Vec::new(),
         }
+    }
+
+    /// Keeps the files with these extensions that the program writes in its directory (or
+    /// one level below), returned in [`RunReport::files`](crate::RunReport::files): the
+    /// figures a data-analysis script saves, say. At most 32 files and 16 MiB in all.
+    pub fn keep_files(mut self, extensions: &[&str]) -> Job {
+        self.keep = extensions.iter().map(|e| e.to_string()).collect();
+        self
     }
 
     pub fn with_limits(mut self, limits: Limits) -> Job {

@@ -91,7 +91,7 @@ pub use error::{Error, Result};
 pub use isolation::{IsolationLevel, IsolationReport, LandlockState, ProcessLimit};
 pub use limits::Limits;
 pub use outcome::{
-    AssertionFailure, Clock, Comparison, DoctestFailure, Frame, Outcome, RaisedException,
+    AssertionFailure, Clock, Comparison, DoctestFailure, Frame, KeptFile, Outcome, RaisedException,
     RunReport, SyntaxErrorInfo, TestSummary,
 };
 pub use python::{PythonInfo, MIN_PYTHON};

@@ -159,6 +159,19 @@ pub struct RunReport {
     pub stderr: String,
     /// The isolation this run had.
     pub isolation: IsolationReport,
+    /// Files the program wrote that the job asked to keep ([`Job::keep_files`](crate::Job::keep_files)).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<KeptFile>,
+}
+
+/// A file a run wrote, kept after its directory is removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptFile {
+    /// Path relative to the run directory.
+    pub name: String,
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+    pub size: u64,
 }
 
 impl Outcome {

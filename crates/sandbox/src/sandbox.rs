@@ -144,10 +144,12 @@ impl Sandbox {
         };
         let finished = runner::execute(launch).await;
         // Read the record and remove the directory off the async threads.
-        let bytes = tokio::task::spawn_blocking(move || {
+        let keep = job.keep.clone();
+        let (bytes, files) = tokio::task::spawn_blocking(move || {
             let bytes = std::fs::read(workdir.path().join(".forgeline-result.json")).ok();
+            let files = kept_files(workdir.path(), &keep);
             drop(workdir);
-            bytes
+            (bytes, files)
         })
         .await
         .map_err(|e| Error::io("read the result record", std::io::Error::other(e)))?;
@@ -179,6 +181,7 @@ impl Sandbox {
             stdout: finished.stdout,
             stderr: finished.stderr,
             isolation: inner.isolation.clone(),
+            files,
         })
     }
 
@@ -336,4 +339,57 @@ mod tests {
             _ => assert!(matches!(required, Err(Error::IsolationUnavailable { .. }))),
         }
     }
+}
+
+/// The files with one of these extensions in `dir` and its subdirectories (one level),
+/// regular files only (a link could point anywhere), within the count and size caps.
+fn kept_files(dir: &Path, extensions: &[String]) -> Vec<crate::outcome::KeptFile> {
+    const MAX_FILES: usize = 32;
+    const MAX_BYTES: u64 = 16 << 20;
+    let mut out = Vec::new();
+    if extensions.is_empty() {
+        return out;
+    }
+    let mut total = 0u64;
+    let mut dirs = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut entries: Vec<_> = entries.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let Ok(meta) = e.path().symlink_metadata() else {
+                continue;
+            };
+            let path = e.path();
+            if meta.is_dir() && depth == 0 && e.file_name() != "tmp" {
+                dirs.push((path, 1));
+                continue;
+            }
+            let wanted = path
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| extensions.iter().any(|k| k.eq_ignore_ascii_case(x)));
+            if !meta.is_file() || !wanted || out.len() == MAX_FILES {
+                continue;
+            }
+            if total + meta.len() > MAX_BYTES {
+                continue;
+            }
+            if let Ok(bytes) = std::fs::read(&path) {
+                total += bytes.len() as u64;
+                out.push(crate::outcome::KeptFile {
+                    name: path
+                        .strip_prefix(dir)
+                        .unwrap_or(&path)
+                        .to_string_lossy()
+                        .into_owned(),
+                    size: bytes.len() as u64,
+                    bytes,
+                });
+            }
+        }
+    }
+    out
 }

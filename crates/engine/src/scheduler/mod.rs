@@ -292,6 +292,11 @@ impl LlmClient {
         }
     }
 
+    /// The context length of a model (None: the default model).
+    pub fn context_length(&self, model: Option<&str>) -> Result<usize> {
+        Ok(self.model(model)?.1.limits.context_length)
+    }
+
     /// The tokens a request's prompt becomes on its model.
     pub fn tokenize(&self, req: &GenerateRequest) -> Result<Vec<u32>> {
         let (_, m) = self.model(req.model.as_deref())?;
@@ -299,6 +304,14 @@ impl LlmClient {
             Prompt::Tokens(t) => Ok(t.clone()),
             Prompt::Text(s) => m.tokenizer.encode(s, m.tokenizer.add_bos_token()),
             Prompt::Chat(msgs) => m.tokenizer.encode(&m.template.render(msgs, true)?, false),
+            Prompt::ChatContinue {
+                messages,
+                assistant_prefix,
+            } => {
+                let mut text = m.template.render(messages, true)?;
+                text.push_str(assistant_prefix);
+                m.tokenizer.encode(&text, false)
+            }
         }
     }
 

@@ -20,6 +20,12 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
     /// Token ids, used as they are.
     Tokens(Vec<u32>),
+    /// Messages rendered for the assistant's turn, and the start of that turn already
+    /// written: the model continues `assistant_prefix` (a code fence and a signature, say).
+    ChatContinue {
+        messages: Vec<ChatMessage>,
+        assistant_prefix: String,
+    },
 }
 
 /// Scheduling class. Requests of a higher class are admitted first; waiting requests gain

@@ -1,0 +1,271 @@
+//! Pipeline settings: per stage the model, sampling and token limits; per job the limits on
+//! plans, concurrency, candidates and retries. Read from a TOML file (`forgeline.toml`);
+//! every field has a default, and unknown fields are refused so that typos do not go unseen.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use forgeline_engine::sampling::SamplingParams;
+use forgeline_engine::scheduler::Priority;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Settings of one LLM stage or worker kind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StageSettings {
+    /// Models that serve this stage, balanced by load; empty means the default model.
+    pub models: Vec<String>,
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub priority: Priority,
+}
+
+impl Default for StageSettings {
+    fn default() -> Self {
+        Self {
+            models: Vec::new(),
+            max_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            priority: Priority::Normal,
+        }
+    }
+}
+
+impl StageSettings {
+    fn with(max_tokens: usize, priority: Priority) -> Self {
+        Self {
+            max_tokens,
+            priority,
+            ..Self::default()
+        }
+    }
+
+    /// Sampling for this stage; `seed` varies candidates.
+    pub fn sampling(&self, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed,
+        }
+    }
+}
+
+/// Limits of one job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest plan kept; longer plans are cut (recorded in the trace).
+    pub max_subtasks: usize,
+    /// Subtasks of one job running at once.
+    pub max_concurrent_workers: usize,
+    /// Code candidates per attempt: the first greedy, the others sampled.
+    pub candidates: usize,
+    /// Temperature of the sampled candidates.
+    pub candidate_temperature: f32,
+    /// Attempts after the first, per subtask.
+    pub max_retries: usize,
+    /// Re-syntheses after a failed final validation.
+    pub max_synthesis_retries: usize,
+    /// Ask the LLM validators (per output and final) for a verdict.
+    pub llm_judge: bool,
+    /// Validations running at once (sandbox runs and judge calls).
+    pub validators: usize,
+    /// Seconds allowed for each sandboxed run.
+    pub sandbox_timeout_s: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_subtasks: 6,
+            max_concurrent_workers: 4,
+            candidates: 6,
+            candidate_temperature: 0.8,
+            max_retries: 2,
+            max_synthesis_retries: 1,
+            llm_judge: true,
+            validators: 4,
+            sandbox_timeout_s: 10.0,
+        }
+    }
+}
+
+/// Everything the pipeline reads from `forgeline.toml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub limits: Limits,
+    /// Settings by stage: `router`, `orchestrator`, `validator`, `synthesizer`,
+    /// `final_validator`, and the worker kinds `code`, `tests`, `reasoning`, `research`,
+    /// `docs`, `data_analysis`. Missing stages get their defaults.
+    pub stages: BTreeMap<String, StageSettings>,
+}
+
+/// Stage names the config knows.
+pub const STAGES: &[&str] = &[
+    "router",
+    "orchestrator",
+    "code",
+    "tests",
+    "reasoning",
+    "research",
+    "docs",
+    "data_analysis",
+    "validator",
+    "synthesizer",
+    "final_validator",
+];
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        use Priority::*;
+        let stages = [
+            ("router", StageSettings::with(48, High)),
+            ("orchestrator", StageSettings::with(320, High)),
+            ("code", StageSettings::with(384, Normal)),
+            ("tests", StageSettings::with(320, Normal)),
+            ("reasoning", StageSettings::with(200, Normal)),
+            ("research", StageSettings::with(200, Low)),
+            ("docs", StageSettings::with(256, Low)),
+            ("data_analysis", StageSettings::with(384, Normal)),
+            ("validator", StageSettings::with(120, High)),
+            ("synthesizer", StageSettings::with(384, Critical)),
+            ("final_validator", StageSettings::with(120, Critical)),
+        ];
+        Self {
+            limits: Limits::default(),
+            stages: stages
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// Reads a config file; fields it does not set keep their defaults.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[serde(default)]
+            limits: Option<Limits>,
+            #[serde(default)]
+            stages: BTreeMap<String, toml::Value>,
+        }
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut cfg = Self::default();
+        if let Some(l) = file.limits {
+            cfg.limits = l;
+        }
+        for (name, value) in file.stages {
+            let Some(base) = cfg.stages.get(&name).cloned() else {
+                return Err(format!(
+                    "unknown stage `{name}` (stages: {})",
+                    STAGES.join(", ")
+                ));
+            };
+            // Fields the file gives override the stage's own defaults.
+            let mut merged = toml::Value::try_from(&base).map_err(|e| e.to_string())?;
+            if let (Some(m), toml::Value::Table(t)) = (merged.as_table_mut(), value) {
+                m.extend(t);
+            }
+            let s: StageSettings = merged
+                .try_into()
+                .map_err(|e| format!("stages.{name}: {e}"))?;
+            cfg.stages.insert(name, s);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let l = &self.limits;
+        for (v, name) in [
+            (l.max_subtasks, "max_subtasks"),
+            (l.max_concurrent_workers, "max_concurrent_workers"),
+            (l.candidates, "candidates"),
+            (l.validators, "validators"),
+        ] {
+            if v == 0 {
+                return Err(format!("limits.{name} must be at least 1"));
+            }
+        }
+        if !(l.sandbox_timeout_s > 0.0 && l.sandbox_timeout_s.is_finite()) {
+            return Err("limits.sandbox_timeout_s must be a positive number".into());
+        }
+        for (name, s) in &self.stages {
+            if s.max_tokens == 0 {
+                return Err(format!("stages.{name}.max_tokens must be at least 1"));
+            }
+            s.sampling(0)
+                .validate()
+                .map_err(|e| format!("stages.{name}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn stage(&self, name: &str) -> StageSettings {
+        self.stages.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Every stage on `model` (the `--model` flag).
+    pub fn with_model(mut self, model: &str) -> Self {
+        for s in self.stages.values_mut() {
+            s.models = vec![model.to_string()];
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_only_what_it_sets() {
+        let cfg = PipelineConfig::parse(
+            "[limits]\ncandidates = 3\n\n[stages.code]\ntemperature = 0.5\nmodels = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.limits.candidates, 3);
+        assert_eq!(cfg.limits.max_retries, Limits::default().max_retries);
+        let code = cfg.stage("code");
+        assert_eq!(code.temperature, 0.5);
+        assert_eq!(code.models, vec!["a", "b"]);
+        assert_eq!(code.max_tokens, 384, "the stage's own default is kept");
+    }
+
+    #[test]
+    fn bad_files_name_the_problem() {
+        let e = PipelineConfig::parse("[stages.coder]\nmax_tokens = 3\n").unwrap_err();
+        assert!(e.contains("unknown stage `coder`"), "{e}");
+        let e = PipelineConfig::parse("[limits]\ncandidatez = 3\n").unwrap_err();
+        assert!(e.contains("candidatez"), "{e}");
+        let e = PipelineConfig::parse("[stages.code]\ntop_p = 0\n").unwrap_err();
+        assert!(e.contains("stages.code") && e.contains("top_p"), "{e}");
+        let e = PipelineConfig::parse("[limits]\ncandidates = 0\n").unwrap_err();
+        assert!(e.contains("limits.candidates"), "{e}");
+        let e = PipelineConfig::parse("[stages.code]\nmax_tokens = \"x\"\n").unwrap_err();
+        assert!(e.contains("max_tokens"), "{e}");
+    }
+}

@@ -1,0 +1,107 @@
+//! Stage 4, the worker dispatcher: a queue of ready subtasks (all their dependencies done),
+//! run concurrently up to the job's limit so that their LLM calls batch in the scheduler.
+//! Each subtask gets its dependencies' outputs as context; models are balanced per call
+//! (see `JobContext::llm`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use crate::job::JobContext;
+use crate::planning::{Dag, TaskSpec};
+use crate::retry::{self, SubtaskResult};
+use crate::router::Route;
+use crate::trace::{EventStatus, Stage};
+use crate::validators::Evidence;
+use crate::workers::{WorkerKind, WorkerManager};
+
+/// Runs every subtask of the DAG; returns their results in DAG order.
+pub async fn dispatch(
+    ctx: &JobContext,
+    manager: Arc<WorkerManager>,
+    route: &Route,
+    dag: &Dag,
+    evidence: &Evidence,
+) -> Vec<SubtaskResult> {
+    let started = ctx.rec.elapsed_ms();
+    let limit = ctx.config.limits.max_concurrent_workers;
+    let mut pending: Vec<TaskSpec> = dag.specs.clone();
+    let mut done: HashMap<String, SubtaskResult> = HashMap::new();
+    let mut running: JoinSet<SubtaskResult> = JoinSet::new();
+    let mut names: HashMap<tokio::task::Id, TaskSpec> = HashMap::new();
+    let mut max_running = 0;
+    let mut order = Vec::new();
+    loop {
+        while running.len() < limit {
+            let Some(pos) = pending
+                .iter()
+                .position(|s| s.depends_on.iter().all(|d| done.contains_key(d)))
+            else {
+                break;
+            };
+            let spec = pending.remove(pos);
+            let deps: Vec<SubtaskResult> = spec
+                .depends_on
+                .iter()
+                .filter_map(|d| done.get(d).cloned())
+                .collect();
+            let mut ev = evidence.clone();
+            ev.generated = deps
+                .iter()
+                .filter(|d| d.spec.kind == WorkerKind::Tests && d.passed)
+                .filter_map(|d| d.artifact.as_ref()?.code.clone())
+                .collect();
+            ctx.rec.event(
+                Stage::Dispatcher,
+                EventStatus::Progress,
+                Some(&spec.id),
+                None,
+                format!(
+                    "dispatched {} ({} worker{})",
+                    spec.id,
+                    spec.kind.name(),
+                    if spec.critical { ", critical path" } else { "" }
+                ),
+            );
+            order.push(spec.id.clone());
+            let (ctx2, m2, r2, s2) = (ctx.clone(), manager.clone(), route.clone(), spec.clone());
+            let handle = running.spawn(async move {
+                retry::run_subtask(&ctx2, &m2, &r2, &s2, &deps, Arc::new(ev)).await
+            });
+            names.insert(handle.id(), spec);
+            max_running = max_running.max(running.len());
+        }
+        let Some(joined) = running.join_next_with_id().await else {
+            break;
+        };
+        let result = match joined {
+            Ok((_, r)) => r,
+            Err(e) => {
+                let spec = names.get(&e.id()).cloned().expect("every task has a spec");
+                SubtaskResult {
+                    stopped: format!("the worker task failed: {e}"),
+                    spec,
+                    artifact: None,
+                    verdict: None,
+                    attempts: Vec::new(),
+                    passed: false,
+                }
+            }
+        };
+        done.insert(result.spec.id.clone(), result);
+    }
+    ctx.rec.stage(
+        Stage::Dispatcher,
+        None,
+        started,
+        json!({"tasks": dag.specs.iter().map(|s| &s.id).collect::<Vec<_>>(), "max_concurrent": limit}),
+        json!({"dispatch_order": order, "max_running": max_running,
+               "workers": manager.snapshot()}),
+    );
+    dag.specs
+        .iter()
+        .filter_map(|s| done.remove(&s.id))
+        .collect()
+}

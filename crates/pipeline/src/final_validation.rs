@@ -1,0 +1,170 @@
+//! Stages 12 and 13: the final validator runs the whole result in the sandbox (import, the
+//! task's examples, supplied tests, generated tests, docstring examples) and asks the LLM
+//! for a holistic verdict against the original task; on failure the synthesizer retries
+//! with its feedback, a bounded number of times, keeping the best revision.
+
+use serde_json::json;
+
+use crate::job::JobContext;
+use crate::orchestrator::main_kind;
+use crate::planning::TaskSpec;
+use crate::router::Route;
+use crate::synthesizer::{self, Synthesis};
+use crate::trace::{EventStatus, Stage};
+use crate::validators::{self, Evidence, Verdict};
+use crate::workers::{Artifact, WorkerKind};
+use crate::Result;
+
+async fn check(ctx: &JobContext, route: &Route, s: &mut Synthesis, evidence: &Evidence) -> Verdict {
+    let kind = main_kind(route.kind);
+    let spec = TaskSpec {
+        id: "final".into(),
+        kind,
+        description: "the whole result, against the original task".into(),
+        depends_on: vec![],
+        acceptance: vec![],
+        primary: true,
+        critical: true,
+    };
+    let code = match kind {
+        WorkerKind::Code => s.module.clone(),
+        WorkerKind::DataAnalysis => s.analysis.clone(),
+        _ => None,
+    };
+    let artifact = Artifact {
+        subtask: "final".into(),
+        kind,
+        attempt: s.revision,
+        candidate: 0,
+        text: s.answer.clone(),
+        code,
+        files: vec![],
+    };
+    let mut ev = evidence.clone();
+    ev.generated = s.tests.iter().cloned().collect();
+    let v = validators::validate_with(ctx, route, &spec, &artifact, &ev, "final_validator").await;
+    // Generated tests that fail code which passes the task's own checks are suspect: they
+    // are not shipped.
+    let generated_failed = v
+        .checks
+        .iter()
+        .any(|c| c.name == "generated_tests" && !c.passed);
+    if v.passed && generated_failed && s.tests.take().is_some() {
+        s.notes.push(
+            "generated tests dropped: they fail code that passes the task's own checks".into(),
+        );
+    }
+    v
+}
+
+/// Validates the synthesis, re-synthesizing on failure; returns the best revision.
+pub async fn validate_and_retry(
+    ctx: &JobContext,
+    route: &Route,
+    mut s: Synthesis,
+    evidence: &Evidence,
+) -> Result<(Synthesis, Verdict)> {
+    let started = ctx.rec.elapsed_ms();
+    ctx.rec.event(
+        Stage::FinalValidator,
+        EventStatus::Started,
+        None,
+        None,
+        "checking the whole result",
+    );
+    let v = check(ctx, route, &mut s, evidence).await;
+    ctx.rec.stage(
+        Stage::FinalValidator,
+        None,
+        started,
+        json!({"revision": s.revision}),
+        json!({"verdict": v}),
+    );
+    ctx.rec.event(
+        Stage::FinalValidator,
+        if v.passed {
+            EventStatus::Passed
+        } else {
+            EventStatus::Failed
+        },
+        None,
+        Some(1),
+        if v.passed {
+            "passed".to_string()
+        } else {
+            v.feedback.lines().next().unwrap_or("failed").to_string()
+        },
+    );
+    let mut best = (s, v);
+    let retries = ctx.config.limits.max_synthesis_retries;
+    if best.1.passed || retries == 0 || best.0.module.is_none() {
+        ctx.rec.event(
+            Stage::SynthesizerRetry,
+            EventStatus::Skipped,
+            None,
+            None,
+            if best.1.passed {
+                "not needed"
+            } else {
+                "nothing to re-synthesize"
+            },
+        );
+        return Ok(best);
+    }
+    for r in 0..retries {
+        let started = ctx.rec.elapsed_ms();
+        ctx.rec.event(
+            Stage::SynthesizerRetry,
+            EventStatus::Started,
+            None,
+            Some(r + 1),
+            "re-synthesizing with the final feedback",
+        );
+        let Some(mut next) = synthesizer::repair(ctx, route, &best.0, &best.1.feedback).await?
+        else {
+            ctx.rec.event(
+                Stage::SynthesizerRetry,
+                EventStatus::Failed,
+                None,
+                Some(r + 1),
+                "the model answered without code",
+            );
+            continue;
+        };
+        let v = check(ctx, route, &mut next, evidence).await;
+        let improved = (v.passed, v.score) > (best.1.passed, best.1.score);
+        ctx.rec.stage(
+            Stage::SynthesizerRetry,
+            None,
+            started,
+            json!({"feedback": best.1.feedback}),
+            json!({"synthesis": next, "verdict": v, "kept": improved}),
+        );
+        ctx.rec.event(
+            Stage::SynthesizerRetry,
+            if v.passed {
+                EventStatus::Passed
+            } else {
+                EventStatus::Failed
+            },
+            None,
+            Some(r + 1),
+            format!(
+                "{}{}",
+                if v.passed { "passed" } else { "failed" },
+                if improved {
+                    "; kept"
+                } else {
+                    "; the previous revision stays"
+                }
+            ),
+        );
+        if improved {
+            best = (next, v);
+        }
+        if best.1.passed {
+            break;
+        }
+    }
+    Ok(best)
+}

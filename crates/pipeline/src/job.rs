@@ -1,0 +1,455 @@
+//! A pipeline and its jobs: `Pipeline` holds what every job shares (the models, the
+//! sandbox, the prompts, the config, the validation queue); `JobContext` is one job's view,
+//! through which every stage makes its LLM calls; `Pipeline::run` takes a task through
+//! every stage.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use forgeline_engine::constraint::Constraint;
+use forgeline_engine::scheduler::{Completion, GenerateRequest, Priority, Prompt};
+use forgeline_sandbox::Sandbox;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::collector;
+use crate::config::PipelineConfig;
+use crate::dispatcher;
+use crate::final_validation;
+use crate::formatter::{self, Format};
+use crate::llm::LanguageModel;
+use crate::orchestrator::{self, Plan};
+use crate::planning::{self, Dag};
+use crate::prompts::{Prompts, RenderedPrompt};
+use crate::python;
+use crate::retry::SubtaskResult;
+use crate::router::{self, Route, RouteKind};
+use crate::synthesizer::{OutputFile, Synthesis};
+use crate::task::TaskRequest;
+use crate::trace::{JobEvent, LlmCallRecord, Recorder, TraceData};
+use crate::validation::{QueueStats, ValidationQueue};
+use crate::validators::{Evidence, Verdict};
+use crate::workers::{KindStats, WorkerManager};
+use crate::{Error, Result};
+
+/// Calls in flight per model, to send each call to the least busy model that serves its
+/// stage.
+#[derive(Default)]
+struct ModelLoad(Mutex<HashMap<String, usize>>);
+
+impl ModelLoad {
+    fn pick(&self, models: &[String]) -> Option<String> {
+        let mut m = self.0.lock().ok()?;
+        let name = models
+            .iter()
+            .min_by_key(|n| m.get(*n).copied().unwrap_or(0))?
+            .clone();
+        *m.entry(name.clone()).or_default() += 1;
+        Some(name)
+    }
+
+    fn done(&self, name: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            if let Some(n) = m.get_mut(name) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+struct Shared {
+    llm: Arc<dyn LanguageModel>,
+    sandbox: Sandbox,
+    prompts: Prompts,
+    config: PipelineConfig,
+    queue: ValidationQueue,
+    load: ModelLoad,
+    next_job: AtomicU64,
+}
+
+/// The pipeline: cheap to clone, shared by every job (jobs run concurrently and their
+/// LLM calls batch together in the scheduler).
+#[derive(Clone)]
+pub struct Pipeline {
+    shared: Arc<Shared>,
+}
+
+/// One LLM call a stage makes.
+pub struct LlmCall {
+    /// The config stage whose settings apply (`code`, `validator`...).
+    pub stage: String,
+    pub prompt: RenderedPrompt,
+    schema: Option<Value>,
+    subtask: Option<String>,
+    seed: u64,
+    temperature: Option<f32>,
+    stop: Vec<String>,
+    raise_priority: bool,
+}
+
+impl LlmCall {
+    pub fn new(stage: &str, prompt: RenderedPrompt) -> Self {
+        Self {
+            stage: stage.to_string(),
+            prompt,
+            schema: None,
+            subtask: None,
+            seed: 0,
+            temperature: None,
+            stop: Vec::new(),
+            raise_priority: false,
+        }
+    }
+
+    /// Constrains the answer to a JSON schema while it is sampled.
+    pub fn schema(mut self, schema: Value) -> Self {
+        self.schema = Some(schema);
+        self
+    }
+
+    pub fn subtask(mut self, id: &str) -> Self {
+        self.subtask = Some(id.to_string());
+        self
+    }
+
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.temperature = Some(t);
+        self
+    }
+
+    pub fn stop(mut self, s: &str) -> Self {
+        self.stop.push(s.to_string());
+        self
+    }
+
+    /// One scheduling class up: work on the job's critical path.
+    pub fn raise_priority(mut self) -> Self {
+        self.raise_priority = true;
+        self
+    }
+}
+
+/// One job's view of the pipeline. Cheap to clone.
+#[derive(Clone)]
+pub struct JobContext {
+    shared: Arc<Shared>,
+    pub rec: Recorder,
+    pub task: Arc<TaskRequest>,
+    pub config: Arc<PipelineConfig>,
+    pub prompts: PromptsRef,
+    pub sandbox: Sandbox,
+    pub queue: ValidationQueue,
+}
+
+/// Access to the pipeline's prompts from a job.
+#[derive(Clone)]
+pub struct PromptsRef(Arc<Shared>);
+
+impl std::ops::Deref for PromptsRef {
+    type Target = Prompts;
+    fn deref(&self) -> &Prompts {
+        &self.0.prompts
+    }
+}
+
+impl JobContext {
+    /// The module name the result is saved and imported as.
+    pub fn module_name(&self) -> String {
+        "solution".into()
+    }
+
+    /// Runs an LLM call with its stage's settings on the least busy model of the stage,
+    /// and records it in the trace.
+    pub async fn llm(&self, call: LlmCall) -> Result<Completion> {
+        let settings = self.config.stage(&call.stage);
+        let llm = &self.shared.llm;
+        let model = self.shared.load.pick(&settings.models);
+        let _release = ReleaseOnDrop(&self.shared.load, model.clone());
+        let prompt = if call.prompt.assistant.is_empty() {
+            Prompt::Chat(call.prompt.messages())
+        } else {
+            Prompt::ChatContinue {
+                messages: call.prompt.messages(),
+                assistant_prefix: call.prompt.assistant.clone(),
+            }
+        };
+        let mut req = GenerateRequest::new(prompt, settings.max_tokens);
+        req.model = model.clone();
+        // Leave the answer the room the context has (a long task or file eats into it).
+        let context = llm.context_length(model.as_deref())?;
+        let prompt_len = llm.prompt_tokens(&req)?;
+        if prompt_len >= context {
+            return Err(Error::InvalidTask(format!(
+                "the {} prompt is {prompt_len} tokens; the model's context is {context} (shorten the task or the files)",
+                call.stage
+            )));
+        }
+        req.max_tokens = req.max_tokens.min(context - prompt_len);
+        req.sampling = settings.sampling(call.seed);
+        if let Some(t) = call.temperature {
+            req.sampling.temperature = t;
+            if req.sampling.top_p >= 1.0 {
+                req.sampling.top_p = 0.95;
+            }
+        }
+        req.priority = if call.raise_priority {
+            match settings.priority {
+                Priority::Low => Priority::Normal,
+                Priority::Normal => Priority::High,
+                _ => Priority::Critical,
+            }
+        } else {
+            settings.priority
+        };
+        req.stop_strings = call.stop.clone();
+        req.constraint = call.schema.clone().map(Constraint::JsonSchema);
+        let started = self.rec.elapsed_ms();
+        let out = llm.complete(req).await?;
+        self.rec.llm_call(LlmCallRecord {
+            stage: call.stage,
+            subtask: call.subtask,
+            model: model.unwrap_or_else(|| llm.models().first().cloned().unwrap_or_default()),
+            prompt: call.prompt,
+            constrained: call.schema.is_some(),
+            output: out.text.clone(),
+            prompt_tokens: out.usage.prompt_tokens,
+            cached_prompt_tokens: out.usage.cached_prompt_tokens,
+            completion_tokens: out.usage.completion_tokens,
+            started_ms: started,
+            duration_ms: self.rec.elapsed_ms().saturating_sub(started),
+            stop_reason: format!("{:?}", out.stop_reason),
+        });
+        Ok(out)
+    }
+}
+
+struct ReleaseOnDrop<'a>(&'a ModelLoad, Option<String>);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = &self.1 {
+            self.0.done(n);
+        }
+    }
+}
+
+/// A subtask in the result.
+#[derive(Clone, Debug, Serialize)]
+pub struct SubtaskSummary {
+    pub id: String,
+    pub kind: String,
+    pub passed: bool,
+    pub attempts: usize,
+    pub stopped: String,
+}
+
+/// What a job returns.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobResult {
+    pub job: u64,
+    /// The final validation passed.
+    pub passed: bool,
+    pub route: RouteKind,
+    pub entry_point: Option<String>,
+    pub files: Vec<OutputFile>,
+    pub answer: String,
+    pub verdict: Verdict,
+    pub notes: Vec<String>,
+    pub subtasks: Vec<SubtaskSummary>,
+    pub synthesis_revisions: usize,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub llm_calls: usize,
+    pub wall_ms: u64,
+}
+
+impl JobResult {
+    /// The main module's source, if the result has one.
+    pub fn module(&self) -> Option<&str> {
+        self.files
+            .iter()
+            .find(|f| f.role == "module")
+            .map(|f| f.content.as_str())
+    }
+}
+
+/// Everything a job did, for `--trace`.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobTrace {
+    pub job: u64,
+    pub task: TaskRequest,
+    pub config: PipelineConfig,
+    pub route: Route,
+    pub plan: Plan,
+    pub dag: Dag,
+    pub subtasks: Vec<SubtaskResult>,
+    pub workers: std::collections::BTreeMap<String, KindStats>,
+    pub validation_queue: QueueStats,
+    pub synthesis: Synthesis,
+    pub final_verdict: Verdict,
+    /// Stages in the order they finished.
+    pub stages: Vec<crate::trace::StageRecord>,
+    pub llm_calls: Vec<LlmCallRecord>,
+    pub result: JobResult,
+}
+
+/// A finished job: the result, rendered in the asked format, and its trace.
+pub struct JobOutcome {
+    pub result: JobResult,
+    pub rendered: String,
+    pub trace: JobTrace,
+}
+
+impl Pipeline {
+    /// Must be called inside a tokio runtime (it starts the validation runners).
+    pub fn new(
+        llm: Arc<dyn LanguageModel>,
+        sandbox: Sandbox,
+        prompts: Prompts,
+        config: PipelineConfig,
+    ) -> Self {
+        let queue = ValidationQueue::start(config.limits.validators);
+        Self {
+            shared: Arc::new(Shared {
+                llm,
+                sandbox,
+                prompts,
+                config,
+                queue,
+                load: ModelLoad::default(),
+                next_job: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &PipelineConfig {
+        &self.shared.config
+    }
+
+    pub fn validation_stats(&self) -> QueueStats {
+        self.shared.queue.stats()
+    }
+
+    pub(crate) fn context(
+        &self,
+        task: TaskRequest,
+        events: Option<UnboundedSender<JobEvent>>,
+    ) -> JobContext {
+        let job = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
+        JobContext {
+            rec: Recorder::new(job, events),
+            task: Arc::new(task),
+            config: Arc::new(self.shared.config.clone()),
+            prompts: PromptsRef(self.shared.clone()),
+            sandbox: self.shared.sandbox.clone(),
+            queue: self.shared.queue.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Takes a task through every stage. Dropping the future cancels the job (its LLM
+    /// calls and queued validations are dropped).
+    pub async fn run(
+        &self,
+        task: TaskRequest,
+        format: Format,
+        events: Option<UnboundedSender<JobEvent>>,
+    ) -> Result<JobOutcome> {
+        task.validate()?;
+        let ctx = self.context(task, events);
+        let task = ctx.task.clone();
+        let route = router::route(&ctx, &task).await?;
+        let plan = orchestrator::plan(&ctx, &task, &route).await?;
+        let dag = planning::plan_dag(&ctx, &plan, &route);
+        let evidence = Evidence {
+            module: ctx.module_name(),
+            examples: python::examples_test(&ctx.module_name(), &route.examples),
+            supplied: task.tests.clone(),
+            generated: Vec::new(),
+        };
+        let manager = Arc::new(WorkerManager::new(&ctx));
+        let results = dispatcher::dispatch(&ctx, manager.clone(), &route, &dag, &evidence).await;
+        let collected = collector::collect(&ctx, &dag, &results);
+        let synthesis = crate::synthesizer::synthesize(&ctx, &route, &collected).await?;
+        let (synthesis, verdict) =
+            final_validation::validate_and_retry(&ctx, &route, synthesis, &evidence).await?;
+        let trace = ctx.rec.snapshot();
+        let mut notes: Vec<String> = dag.repairs.iter().map(|r| format!("plan: {r}")).collect();
+        if let Some(f) = &plan.fallback {
+            notes.insert(0, format!("plan: one-subtask plan ({f})"));
+        }
+        notes.extend(synthesis.notes.iter().cloned());
+        let mut result = JobResult {
+            job: ctx.rec.job,
+            passed: verdict.passed,
+            route: route.kind,
+            entry_point: route.entry_point.clone(),
+            files: synthesis.files(&ctx.module_name()),
+            answer: synthesis.answer.clone(),
+            verdict: verdict.clone(),
+            notes,
+            subtasks: results
+                .iter()
+                .map(|r| SubtaskSummary {
+                    id: r.spec.id.clone(),
+                    kind: r.spec.kind.name().into(),
+                    passed: r.passed,
+                    attempts: r.attempts.len(),
+                    stopped: r.stopped.clone(),
+                })
+                .collect(),
+            synthesis_revisions: synthesis.revision,
+            prompt_tokens: trace.llm_calls.iter().map(|c| c.prompt_tokens).sum(),
+            completion_tokens: trace.llm_calls.iter().map(|c| c.completion_tokens).sum(),
+            llm_calls: trace.llm_calls.len(),
+            wall_ms: ctx.rec.elapsed_ms(),
+        };
+        let rendered = formatter::render(&ctx, &result, format)?;
+        result.wall_ms = ctx.rec.elapsed_ms();
+        let TraceData { stages, llm_calls } = ctx.rec.snapshot();
+        let trace = JobTrace {
+            job: ctx.rec.job,
+            task: (*task).clone(),
+            config: (*ctx.config).clone(),
+            route,
+            plan,
+            dag,
+            subtasks: results,
+            workers: manager.snapshot(),
+            validation_queue: self.shared.queue.stats(),
+            synthesis,
+            final_verdict: verdict,
+            stages,
+            llm_calls,
+            result: result.clone(),
+        };
+        Ok(JobOutcome {
+            result,
+            rendered,
+            trace,
+        })
+    }
+}
+
+/// The trace as JSON, with the stages it covers listed first.
+pub fn trace_json(t: &JobTrace) -> Value {
+    let mut seen: Vec<&str> = Vec::new();
+    for s in &t.stages {
+        let n = s.stage.name();
+        if !seen.contains(&n) {
+            seen.push(n);
+        }
+    }
+    let mut v = serde_json::to_value(t).unwrap_or(Value::Null);
+    if let Some(m) = v.as_object_mut() {
+        m.insert("stages_seen".into(), json!(seen));
+    }
+    v
+}

@@ -1,0 +1,82 @@
+//! forgeline's pipeline: a Python programming task in, validated code out, through the
+//! stages of the founding design. Every LLM call goes through [`LanguageModel`] (the
+//! engine's `LlmClient`); every Python run through the sandbox.
+//!
+//! ```text
+//! router -> orchestrator -> planning (DAG) -> dispatcher -> workers -> validation queue
+//!   -> validators -> retry manager (back to workers) -> collector -> synthesizer
+//!   -> final validator -> synthesizer retry -> formatter
+//! ```
+//!
+//! # Layout
+//! - `job`: `Pipeline` (shared by jobs), `JobContext` (one job; its LLM calls), `run`.
+//! - `task`: what a user asks for (`TaskRequest`, `ContextFile`).
+//! - `config`: per-stage model, sampling and token limits; per-job limits (`forgeline.toml`).
+//! - `prompts`: the stage templates (`prompts/*.j2`), overridable from a directory.
+//! - `llm`: the `LanguageModel` trait, implemented by `LlmClient`.
+//! - `router`: stage 1, rules then an LLM classifier.
+//! - `orchestrator`: stage 2, the plan as schema-constrained JSON, with a fallback.
+//! - `planning`: stage 3, the plan as a repaired DAG of task specs.
+//! - `dispatcher`: stage 4, ready subtasks run concurrently.
+//! - `workers`: stages 5 and 6, the worker manager and the workers.
+//! - `validation`: stage 7, the priority queue of outputs to check.
+//! - `validators`: stage 8, sandboxed checks, then the LLM validator.
+//! - `retry`: stage 9, attempts with refined instructions; the best is kept.
+//! - `collector`: stage 10, outputs with their relationships.
+//! - `synthesizer`: stages 11 and 13, integration into files; re-synthesis.
+//! - `final_validation`: stages 12 and 13, the whole result checked; bounded retry.
+//! - `formatter`: stage 14, markdown, code or JSON; files written out.
+//! - `trace`: live `JobEvent`s and the recorded trace.
+//! - `python`: light structural reads of Python source (blocks, signatures, examples).
+//! - `eval`: HumanEval-format evaluation, pipeline or single-call baseline.
+
+pub mod collector;
+pub mod config;
+pub mod dispatcher;
+pub mod eval;
+pub mod final_validation;
+pub mod formatter;
+pub mod job;
+pub mod llm;
+pub mod orchestrator;
+pub mod planning;
+pub mod prompts;
+pub mod python;
+pub mod retry;
+pub mod router;
+pub mod synthesizer;
+pub mod task;
+pub mod trace;
+pub mod validation;
+pub mod validators;
+pub mod workers;
+
+#[cfg(test)]
+mod testing;
+
+pub use config::PipelineConfig;
+pub use formatter::Format;
+pub use job::{trace_json, JobOutcome, JobResult, JobTrace, Pipeline};
+pub use llm::LanguageModel;
+pub use prompts::Prompts;
+pub use task::{ContextFile, TaskRequest};
+pub use trace::{EventStatus, JobEvent, Stage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The task or its files are not usable (user input).
+    #[error("invalid task: {0}")]
+    InvalidTask(String),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("prompt: {0}")]
+    Prompt(String),
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Engine(#[from] forgeline_engine::Error),
+    #[error(transparent)]
+    Sandbox(#[from] forgeline_sandbox::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,206 @@
+//! Stage 2, the orchestrator: one LLM call that plans subtasks (id, specialisation,
+//! description, dependencies, acceptance criteria). The answer is JSON constrained to a
+//! schema at sampling time, so even a tiny model's plan parses; a plan that is still
+//! unusable becomes a one-subtask plan, and the trace says why.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::job::{JobContext, LlmCall};
+use crate::router::{Route, RouteKind};
+use crate::task::TaskRequest;
+use crate::trace::{EventStatus, Stage};
+use crate::workers::WorkerKind;
+use crate::Result;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlannedSubtask {
+    pub id: String,
+    pub kind: String,
+    pub description: String,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub acceptance: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub subtasks: Vec<PlannedSubtask>,
+    /// Why the one-subtask plan was used instead of the model's, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+}
+
+/// The schema the orchestrator's answer is held to while it is sampled.
+pub fn plan_schema(max_subtasks: usize) -> Value {
+    let kinds: Vec<&str> = WorkerKind::ALL.iter().map(|k| k.name()).collect();
+    json!({
+        "type": "object",
+        "properties": {
+            "subtasks": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": max_subtasks,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,23}$"},
+                        "kind": {"enum": kinds},
+                        "description": {"type": "string", "maxLength": 240},
+                        "depends_on": {
+                            "type": "array",
+                            "maxItems": 4,
+                            "items": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,23}$"}
+                        },
+                        "acceptance": {
+                            "type": "array",
+                            "maxItems": 3,
+                            "items": {"type": "string", "maxLength": 120}
+                        }
+                    },
+                    "required": ["id", "kind", "description", "depends_on", "acceptance"],
+                    "additionalProperties": false
+                }
+            }
+        },
+        "required": ["subtasks"],
+        "additionalProperties": false
+    })
+}
+
+/// The plan used when the model's is unusable: one subtask of the route's main kind.
+pub fn single_subtask_plan(task: &TaskRequest, route: &Route, reason: String) -> Plan {
+    let kind = main_kind(route.kind);
+    Plan {
+        subtasks: vec![PlannedSubtask {
+            id: kind.name().to_string(),
+            kind: kind.name().to_string(),
+            description: first_line(&task.task),
+            depends_on: Vec::new(),
+            acceptance: Vec::new(),
+        }],
+        fallback: Some(reason),
+    }
+}
+
+/// The worker kind that produces a route's result.
+pub fn main_kind(route: RouteKind) -> WorkerKind {
+    match route {
+        RouteKind::DataAnalysis => WorkerKind::DataAnalysis,
+        RouteKind::ExplainOrResearch => WorkerKind::Reasoning,
+        _ => WorkerKind::Code,
+    }
+}
+
+fn first_line(text: &str) -> String {
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    line.chars().take(200).collect()
+}
+
+/// Asks the model for a plan.
+pub async fn plan(ctx: &JobContext, task: &TaskRequest, route: &Route) -> Result<Plan> {
+    let started = ctx.rec.elapsed_ms();
+    ctx.rec.event(
+        Stage::Orchestrator,
+        EventStatus::Started,
+        None,
+        None,
+        "planning subtasks",
+    );
+    let max = ctx.config.limits.max_subtasks;
+    let kinds: Vec<&str> = WorkerKind::ALL.iter().map(|k| k.name()).collect();
+    let prompt = ctx.prompts.render(
+        "orchestrator",
+        json!({"task": task.task, "route": route, "kinds": kinds, "max_subtasks": max,
+               "files": task.file_names(), "tests_supplied": task.tests.is_some()}),
+    )?;
+    let out = ctx
+        .llm(LlmCall::new("orchestrator", prompt).schema(plan_schema(max)))
+        .await?;
+    let plan = match serde_json::from_str::<Plan>(&out.text) {
+        Ok(p) if !p.subtasks.is_empty() => p,
+        Ok(_) => single_subtask_plan(task, route, "the plan had no subtasks".into()),
+        Err(e) => single_subtask_plan(
+            task,
+            route,
+            format!(
+                "the plan did not parse ({e}; stopped by {:?} after {} tokens)",
+                out.stop_reason, out.usage.completion_tokens
+            ),
+        ),
+    };
+    ctx.rec.stage(
+        Stage::Orchestrator,
+        None,
+        started,
+        json!({"task": task.task, "route": route.kind}),
+        json!({"answer": out.text, "plan": plan}),
+    );
+    let msg = match &plan.fallback {
+        Some(r) => format!("one-subtask plan: {r}"),
+        None => format!(
+            "{} subtasks: {}",
+            plan.subtasks.len(),
+            plan.subtasks
+                .iter()
+                .map(|s| format!("{} ({})", s.id, s.kind))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    ctx.rec
+        .event(Stage::Orchestrator, EventStatus::Finished, None, None, msg);
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{ScriptedModel, TestBed};
+
+    async fn plan_with(answer: &str) -> Plan {
+        let bed = TestBed::new(ScriptedModel::new().on("orchestrator", answer)).await;
+        let task = TaskRequest::new("Write a function add(a, b) that returns a + b.");
+        let route = crate::router::route_by_rules(&task);
+        plan(&bed.ctx(), &task, &route).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_good_plan_is_kept() {
+        let p = plan_with(
+            r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": ["adds"]}]}"#,
+        )
+        .await;
+        assert_eq!(p.fallback, None);
+        assert_eq!(p.subtasks[0].id, "impl");
+    }
+
+    #[tokio::test]
+    async fn malformed_or_empty_plans_fall_back_with_a_reason() {
+        let p = plan_with(r#"{"subtasks": [{"id": "impl", "kind": "#).await;
+        assert!(
+            p.fallback.as_deref().unwrap().contains("did not parse"),
+            "{p:?}"
+        );
+        assert_eq!(p.subtasks.len(), 1);
+        assert_eq!(p.subtasks[0].kind, "code");
+
+        let p = plan_with("").await;
+        assert!(p.fallback.is_some());
+        let p = plan_with(r#"{"subtasks": []}"#).await;
+        assert_eq!(p.fallback.as_deref(), Some("the plan had no subtasks"));
+    }
+
+    #[test]
+    fn the_schema_lists_every_worker_kind() {
+        let s = plan_schema(4).to_string();
+        for k in WorkerKind::ALL {
+            assert!(s.contains(k.name()));
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Stage prompts: one minijinja template per stage in `prompts/`, built into the binary and
+//! overridable file by file from a directory (`--prompts DIR`). A stage template defines
+//! the blocks `system` and `user`, and may define `assistant` (the start of the answer,
+//! which the model continues).
+
+use std::path::Path;
+
+use forgeline_engine::chat::ChatMessage;
+use minijinja::Environment;
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// The built-in templates, by name (file `prompts/<name>.j2`).
+const BUILT_IN: &[(&str, &str)] = &[
+    ("router", include_str!("../../../prompts/router.j2")),
+    (
+        "orchestrator",
+        include_str!("../../../prompts/orchestrator.j2"),
+    ),
+    ("code", include_str!("../../../prompts/code.j2")),
+    ("tests", include_str!("../../../prompts/tests.j2")),
+    ("reasoning", include_str!("../../../prompts/reasoning.j2")),
+    ("research", include_str!("../../../prompts/research.j2")),
+    ("docs", include_str!("../../../prompts/docs.j2")),
+    (
+        "data_analysis",
+        include_str!("../../../prompts/data_analysis.j2"),
+    ),
+    ("validator", include_str!("../../../prompts/validator.j2")),
+    (
+        "synthesizer",
+        include_str!("../../../prompts/synthesizer.j2"),
+    ),
+    (
+        "final_validator",
+        include_str!("../../../prompts/final_validator.j2"),
+    ),
+    ("report", include_str!("../../../prompts/report.j2")),
+];
+
+/// A rendered stage prompt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RenderedPrompt {
+    pub system: String,
+    pub user: String,
+    /// The answer's first characters, written for the model.
+    pub assistant: String,
+}
+
+impl RenderedPrompt {
+    pub fn messages(&self) -> Vec<ChatMessage> {
+        let mut m = Vec::with_capacity(2);
+        if !self.system.trim().is_empty() {
+            m.push(ChatMessage::system(self.system.trim()));
+        }
+        m.push(ChatMessage::user(self.user.trim()));
+        m
+    }
+}
+
+pub struct Prompts {
+    env: Environment<'static>,
+}
+
+impl Prompts {
+    /// The built-in templates.
+    pub fn built_in() -> Self {
+        Self::load(None).expect("the built-in prompt templates compile")
+    }
+
+    /// The built-in templates, with those in `dir` (files named `<stage>.j2`) instead.
+    pub fn load(dir: Option<&Path>) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        for (name, src) in BUILT_IN {
+            env.add_template_owned(name.to_string(), src.to_string())
+                .map_err(|e| Error::Prompt(format!("built-in template `{name}`: {e}")))?;
+        }
+        if let Some(dir) = dir {
+            let entries = std::fs::read_dir(dir).map_err(|e| {
+                Error::Prompt(format!(
+                    "cannot read prompts directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+            for entry in entries {
+                let path = entry
+                    .map_err(|e| Error::Prompt(format!("{}: {e}", dir.display())))?
+                    .path();
+                let Some(stem) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".j2"))
+                else {
+                    continue;
+                };
+                if !BUILT_IN.iter().any(|(n, _)| *n == stem) {
+                    return Err(Error::Prompt(format!(
+                        "{}: no stage is called `{stem}` (templates: {})",
+                        path.display(),
+                        BUILT_IN
+                            .iter()
+                            .map(|(n, _)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                let src = std::fs::read_to_string(&path)
+                    .map_err(|e| Error::Prompt(format!("cannot read {}: {e}", path.display())))?;
+                env.add_template_owned(stem.to_string(), src)
+                    .map_err(|e| Error::Prompt(format!("{}: {e}", path.display())))?;
+            }
+        }
+        Ok(Self { env })
+    }
+
+    /// Renders a stage's blocks with `ctx`.
+    pub fn render<S: Serialize>(&self, stage: &str, ctx: S) -> Result<RenderedPrompt> {
+        let err = |e: minijinja::Error| Error::Prompt(format!("template `{stage}`: {e:#}"));
+        let tmpl = self.env.get_template(stage).map_err(err)?;
+        let mut captured = tmpl.render_captured(ctx).map_err(err)?;
+        let mut block = |name: &str| -> Result<String> {
+            captured.with_state_mut(|state| match state.render_block(name) {
+                Err(e) if e.kind() == minijinja::ErrorKind::UnknownBlock => Ok(String::new()),
+                r => r.map_err(err),
+            })
+        };
+        let rendered = RenderedPrompt {
+            system: block("system")?,
+            user: block("user")?,
+            assistant: block("assistant")?,
+        };
+        if rendered.user.trim().is_empty() {
+            return Err(Error::Prompt(format!(
+                "template `{stage}` has no (or an empty) `user` block"
+            )));
+        }
+        Ok(rendered)
+    }
+
+    /// Renders a whole template (the report formats).
+    pub fn render_text<S: Serialize>(&self, name: &str, ctx: S) -> Result<String> {
+        let err = |e: minijinja::Error| Error::Prompt(format!("template `{name}`: {e:#}"));
+        self.env
+            .get_template(name)
+            .map_err(err)?
+            .render(ctx)
+            .map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn built_in_templates_render() {
+        let p = Prompts::built_in();
+        let r = p
+            .render(
+                "code",
+                json!({"task": "Write add(a, b).", "subtask": {"description": "add", "acceptance": [], "primary": true},
+                       "style": "write",
+                       "route": {"kind": "new_function", "entry_point": "add"}, "context": [],
+                       "feedback": null, "stub": null, "files": []}),
+            )
+            .unwrap();
+        assert!(r.user.contains("Write add(a, b)."), "{}", r.user);
+        assert!(r.assistant.starts_with("```python"), "{:?}", r.assistant);
+        assert_eq!(r.messages().len(), 2);
+    }
+
+    #[test]
+    fn a_directory_overrides_one_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("router.j2"),
+            "{% block user %}Route: {{ task }}{% endblock %}",
+        )
+        .unwrap();
+        let p = Prompts::load(Some(dir.path())).unwrap();
+        let r = p.render("router", json!({"task": "x"})).unwrap();
+        assert_eq!(r.user, "Route: x");
+        assert_eq!(r.system, "");
+
+        std::fs::write(
+            dir.path().join("rooter.j2"),
+            "{% block user %}x{% endblock %}",
+        )
+        .unwrap();
+        let e = Prompts::load(Some(dir.path())).err().unwrap().to_string();
+        assert!(e.contains("no stage is called `rooter`"), "{e}");
+    }
+
+    #[test]
+    fn a_template_error_names_the_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("docs.j2"),
+            "{% block user %}{{ nope.x }}{% endblock %}",
+        )
+        .unwrap();
+        let p = Prompts::load(Some(dir.path())).unwrap();
+        let e = p.render("docs", json!({})).unwrap_err().to_string();
+        assert!(e.contains("template `docs`"), "{e}");
+    }
+}

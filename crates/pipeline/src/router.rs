@@ -1,0 +1,403 @@
+//! Stage 1, the task router: what kind of task this is, and what is known about it. Rules
+//! decide when they are clear; an LLM classifier (JSON constrained to the route names)
+//! decides when they are not, with the rules' best guess as the fallback.
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::job::{JobContext, LlmCall};
+use crate::python::{self, Example, Signature};
+use crate::task::TaskRequest;
+use crate::trace::{EventStatus, Stage};
+use crate::Result;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    NewFunction,
+    ModuleOrScript,
+    DataAnalysis,
+    FixOrRefactor,
+    ExplainOrResearch,
+}
+
+impl RouteKind {
+    pub const ALL: [RouteKind; 5] = [
+        RouteKind::NewFunction,
+        RouteKind::ModuleOrScript,
+        RouteKind::DataAnalysis,
+        RouteKind::FixOrRefactor,
+        RouteKind::ExplainOrResearch,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteKind::NewFunction => "new_function",
+            RouteKind::ModuleOrScript => "module_or_script",
+            RouteKind::DataAnalysis => "data_analysis",
+            RouteKind::FixOrRefactor => "fix_or_refactor",
+            RouteKind::ExplainOrResearch => "explain_or_research",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// The router's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    pub kind: RouteKind,
+    /// `rules`, `llm`, or `rules_fallback` (the LLM's answer was unusable).
+    pub decided_by: String,
+    /// The function the result must define, when known.
+    pub entry_point: Option<String>,
+    pub signature: Option<Signature>,
+    /// The code given in the task itself (a signature with its docstring), if any.
+    pub stub: Option<String>,
+    pub tests_supplied: bool,
+    pub libraries: Vec<String>,
+    /// `>>>` examples in the task.
+    pub examples: Vec<Example>,
+    /// The rules' score per route, for the trace.
+    pub scores: Vec<(RouteKind, u32)>,
+}
+
+/// Libraries the router recognises by name in a task's prose.
+const KNOWN_LIBRARIES: &[&str] = &[
+    "pandas",
+    "numpy",
+    "matplotlib",
+    "scipy",
+    "collections",
+    "itertools",
+    "functools",
+    "datetime",
+    "json",
+    "csv",
+    "re",
+    "math",
+    "statistics",
+    "pathlib",
+    "argparse",
+    "sqlite3",
+    "heapq",
+    "bisect",
+    "typing",
+    "dataclasses",
+    "random",
+    "string",
+    "decimal",
+    "fractions",
+    "unittest",
+    "asyncio",
+];
+
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric() && c != '_')
+        .filter(|w| !w.is_empty())
+        .map(|w| w.to_lowercase())
+        .collect()
+}
+
+/// The code part of a task: from the first top-level `def`/`import`/`from`/`class` line on,
+/// when the task contains one.
+fn stub_of(task: &str) -> Option<String> {
+    let mut start = None;
+    let mut offset = 0;
+    for line in task.split_inclusive('\n') {
+        if line.starts_with("def ")
+            || line.starts_with("from ")
+            || line.starts_with("import ")
+            || line.starts_with("class ")
+            || line.starts_with("async def ")
+        {
+            start = Some(offset);
+            break;
+        }
+        offset += line.len();
+    }
+    let code = &task[start?..];
+    python::signature_of(code).map(|_| code.to_string())
+}
+
+/// The rules' view of a task.
+pub fn route_by_rules(task: &TaskRequest) -> Route {
+    let text = &task.task;
+    let w = words(text);
+    let has = |ws: &[&str]| ws.iter().filter(|x| w.iter().any(|y| y == *x)).count() as u32;
+    let stub = stub_of(text);
+    let context_code = !task.files.is_empty();
+    let mut scores = vec![
+        (RouteKind::NewFunction, 0u32),
+        (RouteKind::ModuleOrScript, 0),
+        (RouteKind::DataAnalysis, 0),
+        (RouteKind::FixOrRefactor, 0),
+        (RouteKind::ExplainOrResearch, 0),
+    ];
+    let mut add = |k: RouteKind, n: u32| {
+        if let Some(s) = scores.iter_mut().find(|(r, _)| *r == k) {
+            s.1 += n;
+        }
+    };
+    if stub.is_some() {
+        add(RouteKind::NewFunction, 3);
+    }
+    add(
+        RouteKind::NewFunction,
+        2 * has(&["function", "def", "implement", "return", "returns"]).min(2),
+    );
+    add(
+        RouteKind::ModuleOrScript,
+        2 * has(&[
+            "script", "module", "class", "program", "cli", "command", "tool", "package", "app",
+        ])
+        .min(2),
+    );
+    add(
+        RouteKind::DataAnalysis,
+        2 * has(&[
+            "pandas",
+            "dataframe",
+            "plot",
+            "chart",
+            "histogram",
+            "matplotlib",
+            "visualize",
+            "visualise",
+            "statistics",
+            "analyze",
+            "analyse",
+            "analysis",
+            "dataset",
+        ])
+        .min(3),
+    );
+    let fix = has(&[
+        "fix", "bug", "broken", "refactor", "debug", "wrong", "failing", "error",
+    ]);
+    add(
+        RouteKind::FixOrRefactor,
+        if context_code {
+            3 * fix.min(2)
+        } else {
+            fix.min(2)
+        },
+    );
+    let asks_code = has(&["write", "implement", "create", "build", "generate", "code"]) > 0;
+    let explain = has(&[
+        "explain",
+        "why",
+        "what",
+        "how",
+        "research",
+        "compare",
+        "difference",
+    ]);
+    add(
+        RouteKind::ExplainOrResearch,
+        if asks_code {
+            explain.min(1)
+        } else {
+            2 * explain.min(2)
+        },
+    );
+
+    let mut ranked = scores.clone();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1));
+    let signature = stub.as_deref().and_then(python::signature_of);
+    let entry_point = task
+        .entry_point
+        .clone()
+        .or_else(|| signature.as_ref().map(|s| s.name.clone()))
+        .or_else(|| named_function(text));
+    let mut libraries: Vec<String> = KNOWN_LIBRARIES
+        .iter()
+        .filter(|l| w.iter().any(|x| x == *l))
+        .map(|l| l.to_string())
+        .collect();
+    for source in
+        std::iter::once(text.as_str()).chain(task.files.iter().map(|f| f.content.as_str()))
+    {
+        for imp in python::imports(source) {
+            if let Some(name) = imp
+                .strip_prefix("import ")
+                .or_else(|| imp.strip_prefix("from "))
+                .and_then(|r| r.split([' ', '.', ',']).next())
+            {
+                if !libraries.iter().any(|l| l == name) {
+                    libraries.push(name.to_string());
+                }
+            }
+        }
+    }
+    Route {
+        kind: ranked[0].0,
+        decided_by: "rules".into(),
+        entry_point,
+        signature,
+        examples: python::examples(text),
+        stub,
+        tests_supplied: task.tests.is_some(),
+        libraries,
+        scores,
+    }
+}
+
+/// A function named in prose: "a function `name`", "called name", "def name(".
+fn named_function(text: &str) -> Option<String> {
+    let ident = |s: &str| -> Option<String> {
+        let n: String = s
+            .trim_start_matches(['`', '\'', '"'])
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        (!n.is_empty() && !n.chars().next().is_some_and(|c| c.is_ascii_digit())).then_some(n)
+    };
+    for pat in [
+        "def ",
+        "function `",
+        "function called ",
+        "function named ",
+        "called `",
+        "named `",
+    ] {
+        if let Some(i) = text.find(pat) {
+            if let Some(n) = ident(&text[i + pat.len()..]) {
+                return Some(n);
+            }
+        }
+    }
+    None
+}
+
+/// Whether the rules are clear: a winner at least two points ahead.
+fn rules_are_clear(route: &Route) -> bool {
+    let mut s: Vec<u32> = route.scores.iter().map(|(_, n)| *n).collect();
+    s.sort_unstable_by(|a, b| b.cmp(a));
+    s[0] >= 2 && s[0] >= s[1] + 2
+}
+
+#[derive(Deserialize)]
+struct LlmRoute {
+    route: String,
+}
+
+/// Routes a task: rules first, the LLM when they are unsure.
+pub async fn route(ctx: &JobContext, task: &TaskRequest) -> Result<Route> {
+    let started = ctx.rec.elapsed_ms();
+    ctx.rec.event(
+        Stage::Router,
+        EventStatus::Started,
+        None,
+        None,
+        "routing the task",
+    );
+    let mut route = route_by_rules(task);
+    let mut llm_answer = None;
+    if !rules_are_clear(&route) {
+        let names: Vec<&str> = RouteKind::ALL.iter().map(|k| k.name()).collect();
+        let schema = json!({
+            "type": "object",
+            "properties": {"route": {"enum": names}},
+            "required": ["route"],
+            "additionalProperties": false
+        });
+        let prompt = ctx.prompts.render(
+            "router",
+            json!({"task": task.task, "routes": names, "files": task.file_names()}),
+        )?;
+        let out = ctx
+            .llm(LlmCall::new("router", prompt).schema(schema))
+            .await?;
+        match serde_json::from_str::<LlmRoute>(&out.text)
+            .ok()
+            .and_then(|r| RouteKind::from_name(&r.route))
+        {
+            Some(k) => {
+                route.kind = k;
+                route.decided_by = "llm".into();
+            }
+            None => route.decided_by = "rules_fallback".into(),
+        }
+        llm_answer = Some(out.text);
+    }
+    ctx.rec.stage(
+        Stage::Router,
+        None,
+        started,
+        json!({"task": task.task, "files": task.file_names(), "tests_supplied": task.tests.is_some()}),
+        json!({"route": route, "llm_answer": llm_answer}),
+    );
+    ctx.rec.event(
+        Stage::Router,
+        EventStatus::Finished,
+        None,
+        None,
+        format!(
+            "{} (by {}){}",
+            route.kind.name(),
+            route.decided_by,
+            route
+                .entry_point
+                .as_ref()
+                .map(|e| format!(", entry point `{e}`"))
+                .unwrap_or_default()
+        ),
+    );
+    Ok(route)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::ContextFile;
+
+    fn task(text: &str) -> TaskRequest {
+        TaskRequest::new(text)
+    }
+
+    #[test]
+    fn a_stub_is_a_new_function_with_its_signature_and_examples() {
+        let r = route_by_rules(&task(
+            "from typing import List\n\ndef total(xs: List[int]) -> int:\n    \"\"\"Sum.\n    >>> total([1, 2])\n    3\n    \"\"\"\n",
+        ));
+        assert_eq!(r.kind, RouteKind::NewFunction);
+        assert!(rules_are_clear(&r));
+        assert_eq!(r.entry_point.as_deref(), Some("total"));
+        assert_eq!(r.signature.unwrap().params, vec!["xs"]);
+        assert_eq!(r.examples.len(), 1);
+        assert!(r.stub.unwrap().starts_with("from typing"));
+        assert_eq!(r.libraries, vec!["typing"]);
+    }
+
+    #[test]
+    fn prose_routes() {
+        let r = route_by_rules(&task(
+            "Load sales.csv with pandas and plot a histogram of prices",
+        ));
+        assert_eq!(r.kind, RouteKind::DataAnalysis);
+        assert!(r.libraries.contains(&"pandas".to_string()));
+
+        let mut t = task("Fix the bug in this code: it crashes on empty input");
+        t.files
+            .push(ContextFile::new("app.py", "def f(x):\n    return x[0]\n"));
+        assert_eq!(route_by_rules(&t).kind, RouteKind::FixOrRefactor);
+
+        let r = route_by_rules(&task(
+            "Write a function called `slugify` that returns a URL slug",
+        ));
+        assert_eq!(r.kind, RouteKind::NewFunction);
+        assert_eq!(r.entry_point.as_deref(), Some("slugify"));
+
+        let r = route_by_rules(&task("Explain why dictionaries are fast"));
+        assert_eq!(r.kind, RouteKind::ExplainOrResearch);
+    }
+
+    #[test]
+    fn unclear_tasks_go_to_the_llm() {
+        let r = route_by_rules(&task("tic tac toe"));
+        assert!(!rules_are_clear(&r));
+    }
+}

@@ -1,0 +1,181 @@
+//! Unit-test support: a scripted model behind the same `LanguageModel` trait (answers by
+//! stage, recognised from the stage template's opening line), and a test bed with the real
+//! sandbox and the built-in prompts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use forgeline_engine::scheduler::{Completion, GenerateRequest, Prompt};
+use forgeline_engine::stop::StopReason;
+use forgeline_sandbox::{Sandbox, SandboxConfig};
+
+use crate::config::PipelineConfig;
+use crate::job::{JobContext, Pipeline};
+use crate::llm::{BoxFuture, LanguageModel};
+use crate::prompts::Prompts;
+use crate::task::TaskRequest;
+
+/// Each stage's template opens its system block with this.
+pub fn marker(stage: &str) -> &'static str {
+    match stage {
+        "router" => "You sort programming tasks",
+        "orchestrator" => "You plan the work",
+        "code" => "You write Python code",
+        "tests" => "You write tests",
+        "reasoning" => "You think through",
+        "research" => "You research",
+        "docs" => "You write documentation",
+        "data_analysis" => "You write data analysis scripts",
+        "validator" => "You review one step",
+        "synthesizer" => "You present the result",
+        "final_validator" => "You check the finished result",
+        other => panic!("no stage {other}"),
+    }
+}
+
+#[derive(Default)]
+struct Script {
+    /// Answers by stage, used in order; the last repeats.
+    answers: HashMap<String, Vec<String>>,
+    /// Stages of the calls made, in order, with the text each was given.
+    calls: Vec<(String, String)>,
+}
+
+#[derive(Clone, Default)]
+pub struct ScriptedModel {
+    script: Arc<Mutex<Script>>,
+}
+
+impl ScriptedModel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an answer for a stage.
+    pub fn on(self, stage: &str, answer: &str) -> Self {
+        self.script
+            .lock()
+            .unwrap()
+            .answers
+            .entry(stage.into())
+            .or_default()
+            .push(answer.into());
+        self
+    }
+
+    pub fn calls(&self) -> Vec<(String, String)> {
+        self.script.lock().unwrap().calls.clone()
+    }
+
+    fn text_of(req: &GenerateRequest) -> String {
+        match &req.prompt {
+            Prompt::Chat(m) => m
+                .iter()
+                .map(|m| m.content.clone())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Prompt::ChatContinue {
+                messages,
+                assistant_prefix,
+            } => {
+                let mut s = messages
+                    .iter()
+                    .map(|m| m.content.clone())
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                s.push_str(assistant_prefix);
+                s
+            }
+            Prompt::Text(t) => t.clone(),
+            Prompt::Tokens(_) => String::new(),
+        }
+    }
+}
+
+const STAGES: &[&str] = &[
+    "router",
+    "orchestrator",
+    "code",
+    "tests",
+    "reasoning",
+    "research",
+    "docs",
+    "data_analysis",
+    "validator",
+    "synthesizer",
+    "final_validator",
+];
+
+impl LanguageModel for ScriptedModel {
+    fn complete(
+        &self,
+        req: GenerateRequest,
+    ) -> BoxFuture<'_, forgeline_engine::Result<Completion>> {
+        let text = Self::text_of(&req);
+        let stage = STAGES
+            .iter()
+            .find(|s| text.contains(marker(s)))
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let mut script = self.script.lock().unwrap();
+        script.calls.push((stage.clone(), text));
+        let answer = match script.answers.get_mut(&stage) {
+            Some(list) if list.len() > 1 => list.remove(0),
+            Some(list) => list[0].clone(),
+            None => String::new(),
+        };
+        Box::pin(async move {
+            let mut c = Completion::default();
+            c.usage.completion_tokens = answer.split_whitespace().count();
+            c.text = answer;
+            c.stop_reason = StopReason::Eos;
+            Ok(c)
+        })
+    }
+
+    fn models(&self) -> Vec<String> {
+        vec!["scripted".into()]
+    }
+
+    fn context_length(&self, _model: Option<&str>) -> forgeline_engine::Result<usize> {
+        Ok(8192)
+    }
+
+    fn prompt_tokens(&self, req: &GenerateRequest) -> forgeline_engine::Result<usize> {
+        Ok(Self::text_of(req).len() / 4)
+    }
+}
+
+pub struct TestBed {
+    pub model: ScriptedModel,
+    pub pipeline: Pipeline,
+}
+
+impl TestBed {
+    pub async fn new(model: ScriptedModel) -> Self {
+        Self::with_config(model, PipelineConfig::default()).await
+    }
+
+    pub async fn with_config(model: ScriptedModel, config: PipelineConfig) -> Self {
+        let sandbox = Sandbox::new(SandboxConfig::default())
+            .await
+            .expect("sandbox");
+        let pipeline = Pipeline::new(
+            Arc::new(model.clone()),
+            sandbox,
+            Prompts::built_in(),
+            config,
+        );
+        Self { model, pipeline }
+    }
+
+    pub fn ctx(&self) -> JobContext {
+        self.ctx_for(TaskRequest::new(
+            "Write a function add(a, b) that returns a + b.",
+        ))
+    }
+
+    pub fn ctx_for(&self, task: TaskRequest) -> JobContext {
+        self.pipeline.context(task, None)
+    }
+}

@@ -1,0 +1,214 @@
+//! What a job did, for people and programs: live `JobEvent`s (progress on a terminal, SSE
+//! on the server) and the `Trace` written with `--trace`: every stage's input, prompt,
+//! output, tokens, timings, attempts and verdicts.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::prompts::RenderedPrompt;
+
+/// The stages of the design, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Router,
+    Orchestrator,
+    Planning,
+    Dispatcher,
+    Worker,
+    Validation,
+    Retry,
+    Collector,
+    Synthesizer,
+    FinalValidator,
+    SynthesizerRetry,
+    Formatter,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 12] = [
+        Stage::Router,
+        Stage::Orchestrator,
+        Stage::Planning,
+        Stage::Dispatcher,
+        Stage::Worker,
+        Stage::Validation,
+        Stage::Retry,
+        Stage::Collector,
+        Stage::Synthesizer,
+        Stage::FinalValidator,
+        Stage::SynthesizerRetry,
+        Stage::Formatter,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Router => "router",
+            Stage::Orchestrator => "orchestrator",
+            Stage::Planning => "planning",
+            Stage::Dispatcher => "dispatcher",
+            Stage::Worker => "worker",
+            Stage::Validation => "validation",
+            Stage::Retry => "retry",
+            Stage::Collector => "collector",
+            Stage::Synthesizer => "synthesizer",
+            Stage::FinalValidator => "final_validator",
+            Stage::SynthesizerRetry => "synthesizer_retry",
+            Stage::Formatter => "formatter",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventStatus {
+    Started,
+    Progress,
+    Passed,
+    Failed,
+    /// Done, with no pass/fail meaning (a plan made, files written).
+    Finished,
+    /// Not needed for this job (no retry after a pass).
+    Skipped,
+}
+
+/// One step of a job, as it happens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub job: u64,
+    pub stage: Stage,
+    pub status: EventStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subtask: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<usize>,
+    pub message: String,
+    pub elapsed_ms: u64,
+}
+
+/// One stage's record.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageRecord {
+    pub stage: Stage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subtask: Option<String>,
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    pub input: Value,
+    pub output: Value,
+}
+
+/// One LLM call.
+#[derive(Clone, Debug, Serialize)]
+pub struct LlmCallRecord {
+    pub stage: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subtask: Option<String>,
+    pub model: String,
+    pub prompt: RenderedPrompt,
+    pub constrained: bool,
+    pub output: String,
+    pub prompt_tokens: usize,
+    pub cached_prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    pub stop_reason: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TraceData {
+    pub stages: Vec<StageRecord>,
+    pub llm_calls: Vec<LlmCallRecord>,
+}
+
+/// The live record of one job, shared by its stages.
+#[derive(Clone)]
+pub struct Recorder {
+    pub job: u64,
+    started: Instant,
+    data: Arc<Mutex<TraceData>>,
+    events: Option<UnboundedSender<JobEvent>>,
+}
+
+impl Recorder {
+    pub fn new(job: u64, events: Option<UnboundedSender<JobEvent>>) -> Self {
+        Self {
+            job,
+            started: Instant::now(),
+            data: Arc::default(),
+            events,
+        }
+    }
+
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn event(
+        &self,
+        stage: Stage,
+        status: EventStatus,
+        subtask: Option<&str>,
+        attempt: Option<usize>,
+        message: impl Into<String>,
+    ) {
+        let ev = JobEvent {
+            job: self.job,
+            stage,
+            status,
+            subtask: subtask.map(str::to_string),
+            attempt,
+            message: message.into(),
+            elapsed_ms: self.elapsed_ms(),
+        };
+        tracing::debug!(job = ev.job, stage = stage.name(), status = ?status, "{}", ev.message);
+        if let Some(tx) = &self.events {
+            let _ = tx.send(ev);
+        }
+    }
+
+    /// Records a finished stage that started at `started_ms`.
+    pub fn stage(
+        &self,
+        stage: Stage,
+        subtask: Option<&str>,
+        started_ms: u64,
+        input: Value,
+        output: Value,
+    ) {
+        let rec = StageRecord {
+            stage,
+            subtask: subtask.map(str::to_string),
+            started_ms,
+            duration_ms: self.elapsed_ms().saturating_sub(started_ms),
+            input,
+            output,
+        };
+        if let Ok(mut d) = self.data.lock() {
+            d.stages.push(rec);
+        }
+    }
+
+    pub fn llm_call(&self, rec: LlmCallRecord) {
+        if let Ok(mut d) = self.data.lock() {
+            d.llm_calls.push(rec);
+        }
+    }
+
+    pub fn snapshot(&self) -> TraceData {
+        self.data.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Completion tokens of every call so far.
+    pub fn completion_tokens(&self) -> usize {
+        self.data
+            .lock()
+            .map(|d| d.llm_calls.iter().map(|c| c.completion_tokens).sum())
+            .unwrap_or(0)
+    }
+}

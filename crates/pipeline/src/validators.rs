@@ -1,0 +1,552 @@
+//! Stage 8, the validators. Deterministic checks first, all run in the sandbox: syntax,
+//! entry point and signature, the task's own docstring examples, supplied tests, generated
+//! tests, docstring examples of the output. Then an LLM validator answering JSON
+//! `{pass, problems, feedback}`. An LLM verdict never overrides failing execution: it only
+//! decides where nothing could be run.
+
+use std::time::Duration;
+
+use forgeline_sandbox::{Check, Job, Module, RunReport, TestKind, TestSuite};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::job::{JobContext, LlmCall};
+use crate::planning::TaskSpec;
+use crate::python;
+use crate::router::Route;
+use crate::task::ContextFile;
+use crate::workers::{Artifact, GeneratedFile, WorkerKind};
+
+/// What the checks have to go on besides the output itself.
+#[derive(Clone, Debug, Default)]
+pub struct Evidence {
+    /// The module name code is saved and imported as.
+    pub module: String,
+    /// Tests written from the task's `>>>` examples.
+    pub examples: Option<String>,
+    /// Tests the user supplied.
+    pub supplied: Option<ContextFile>,
+    /// Tests a tests worker wrote (a weaker signal: they may be wrong).
+    pub generated: Vec<String>,
+}
+
+/// One check's result.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub name: String,
+    pub passed: bool,
+    /// A failing hard check fails the output; a soft one only ranks it lower.
+    pub hard: bool,
+    pub detail: String,
+    /// Tests passed and run, when tests ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tests: Option<(u32, u32)>,
+}
+
+/// The LLM validator's answer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Judgement {
+    pub pass: bool,
+    #[serde(default)]
+    pub problems: Vec<String>,
+    #[serde(default)]
+    pub feedback: String,
+}
+
+/// A validation verdict.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Verdict {
+    pub passed: bool,
+    /// Higher is better; compares attempts and candidates of one subtask.
+    pub score: f64,
+    pub checks: Vec<CheckResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge: Option<Judgement>,
+    /// What to tell the worker on a retry.
+    pub feedback: String,
+    /// Whether any check executed the output (beyond parsing it).
+    pub executed: bool,
+    /// Files the output wrote when it ran (figures).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<GeneratedFile>,
+}
+
+impl Verdict {
+    fn add(&mut self, c: CheckResult) {
+        self.checks.push(c);
+    }
+
+    fn hard_failure(&self) -> Option<&CheckResult> {
+        self.checks.iter().find(|c| c.hard && !c.passed)
+    }
+
+    /// Decides pass, score and feedback from the checks.
+    fn finish(mut self) -> Self {
+        let mut score = 0.0;
+        for c in &self.checks {
+            let weight = if c.hard { 1.0 } else { 0.5 };
+            score += weight
+                * match c.tests {
+                    // Tests count by the share that passed (and more weight: they run code).
+                    Some((passed, total)) if total > 0 => 3.0 * passed as f64 / total as f64,
+                    _ => f64::from(u8::from(c.passed)),
+                };
+        }
+        if let Some(j) = &self.judge {
+            score += if j.pass { 0.5 } else { 0.0 };
+        }
+        self.score = score;
+        self.passed = self.hard_failure().is_none();
+        let mut feedback = Vec::new();
+        if let Some(c) = self.hard_failure() {
+            feedback.push(format!("{}: {}", c.name, c.detail));
+        }
+        if let Some(c) = self.checks.iter().find(|c| !c.hard && !c.passed) {
+            feedback.push(format!("{} (may be wrong): {}", c.name, c.detail));
+        }
+        if let Some(j) = self.judge.as_ref().filter(|j| !j.pass) {
+            let mut s = j.problems.join("; ");
+            if !j.feedback.is_empty() {
+                s = format!("{s} {}", j.feedback);
+            }
+            feedback.push(format!("reviewer: {}", s.trim()));
+        }
+        self.feedback = feedback.join("\n");
+        self
+    }
+}
+
+fn outcome_check(name: &str, hard: bool, r: &RunReport) -> CheckResult {
+    let tests = r.tests.as_ref().map(|t| (t.passed, t.total));
+    CheckResult {
+        name: name.into(),
+        passed: r.passed(),
+        hard,
+        detail: if r.passed() {
+            tests
+                .map(|(p, t)| format!("{p}/{t} passed"))
+                .unwrap_or_else(|| "ok".into())
+        } else {
+            clip(&r.outcome.to_string(), 700)
+        },
+        tests,
+    }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.len() <= n {
+        return s.to_string();
+    }
+    let mut end = n;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn sandbox_failure(name: &str, e: forgeline_sandbox::Error) -> CheckResult {
+    CheckResult {
+        name: name.into(),
+        passed: false,
+        hard: true,
+        detail: format!("the sandbox could not run it: {e}"),
+        tests: None,
+    }
+}
+
+impl JobContext {
+    async fn sandboxed(&self, job: Job) -> forgeline_sandbox::Result<RunReport> {
+        let limits = self
+            .sandbox
+            .limits()
+            .clone()
+            .with_timeout(Duration::from_secs_f64(
+                self.config.limits.sandbox_timeout_s,
+            ));
+        self.sandbox.run(job.with_limits(limits)).await
+    }
+
+    async fn run_suite(
+        &self,
+        module: &Module,
+        file: &str,
+        source: &str,
+        kind: TestKind,
+    ) -> forgeline_sandbox::Result<RunReport> {
+        let suite = TestSuite::new(file, source.as_bytes().to_vec())?.with_kind(kind);
+        self.sandboxed(Job::new(module.clone(), Check::Tests(suite)))
+            .await
+    }
+}
+
+/// Runs the checks that fit the output's kind, with the per-output LLM validator.
+pub async fn validate(
+    ctx: &JobContext,
+    route: &Route,
+    spec: &TaskSpec,
+    artifact: &Artifact,
+    evidence: &Evidence,
+) -> Verdict {
+    validate_with(ctx, route, spec, artifact, evidence, "validator").await
+}
+
+/// As `validate`, with the LLM verdict asked of `judge_stage`'s prompt.
+pub async fn validate_with(
+    ctx: &JobContext,
+    route: &Route,
+    spec: &TaskSpec,
+    artifact: &Artifact,
+    evidence: &Evidence,
+    judge_stage: &str,
+) -> Verdict {
+    let mut v = Verdict::default();
+    match artifact.kind {
+        WorkerKind::Code | WorkerKind::DataAnalysis => {
+            code_checks(ctx, route, spec, artifact, evidence, &mut v).await
+        }
+        WorkerKind::Tests => tests_checks(ctx, route, artifact, evidence, &mut v).await,
+        WorkerKind::Reasoning | WorkerKind::Research | WorkerKind::Docs => {
+            let long_enough = artifact.text.trim().chars().count() >= 20;
+            v.add(CheckResult {
+                name: "answer".into(),
+                passed: long_enough,
+                hard: true,
+                detail: if long_enough {
+                    "ok".into()
+                } else {
+                    "the answer is empty or too short".into()
+                },
+                tests: None,
+            });
+        }
+    }
+    if ctx.config.limits.llm_judge
+        && v.hard_failure().is_none()
+        && artifact.kind != WorkerKind::Tests
+    {
+        let judgement = judge(ctx, judge_stage, spec, artifact, &v).await;
+        // Where something ran and passed, the reviewer can only rank; where nothing ran, it decides.
+        v.add(CheckResult {
+            name: "reviewer".into(),
+            passed: judgement.pass,
+            hard: !v.executed,
+            detail: if judgement.pass {
+                "approved".into()
+            } else {
+                clip(&judgement.problems.join("; "), 300)
+            },
+            tests: None,
+        });
+        v.judge = Some(judgement);
+    }
+    v.finish()
+}
+
+async fn code_checks(
+    ctx: &JobContext,
+    route: &Route,
+    spec: &TaskSpec,
+    artifact: &Artifact,
+    evidence: &Evidence,
+    v: &mut Verdict,
+) {
+    let Some(code) = artifact.code.as_deref().filter(|c| !c.trim().is_empty()) else {
+        v.add(CheckResult {
+            name: "code".into(),
+            passed: false,
+            hard: true,
+            detail: "the answer contains no Python code".into(),
+            tests: None,
+        });
+        return;
+    };
+    let module = match Module::new(&evidence.module, code.as_bytes().to_vec()) {
+        Ok(m) => m,
+        Err(e) => return v.add(sandbox_failure("syntax", e)),
+    };
+    match ctx.sandboxed(Job::new(module.clone(), Check::Syntax)).await {
+        Ok(r) => {
+            let c = outcome_check("syntax", true, &r);
+            let ok = c.passed;
+            v.add(c);
+            if !ok {
+                return;
+            }
+        }
+        Err(e) => return v.add(sandbox_failure("syntax", e)),
+    }
+    if spec.primary && artifact.kind == WorkerKind::Code {
+        if let Some(entry) = &route.entry_point {
+            let found = python::signatures(code)
+                .into_iter()
+                .find(|s| &s.name == entry);
+            let (passed, detail) = match (&found, &route.signature) {
+                (None, _) if python::defines(code, entry) => (true, format!("`{entry}` defined")),
+                (None, _) => (
+                    false,
+                    format!("the code does not define `{entry}` at the top level"),
+                ),
+                (Some(f), Some(want)) if f.params.len() != want.params.len() => (
+                    false,
+                    format!(
+                        "`{entry}` takes ({}) but the task's signature is ({})",
+                        f.params.join(", "),
+                        want.params.join(", ")
+                    ),
+                ),
+                (Some(_), _) => (true, format!("`{entry}` defined with the task's signature")),
+            };
+            v.add(CheckResult {
+                name: "entry_point".into(),
+                passed,
+                hard: true,
+                detail,
+                tests: None,
+            });
+            if !passed {
+                return;
+            }
+        }
+    }
+    if artifact.kind == WorkerKind::DataAnalysis {
+        let job = Job::new(module, Check::Run).keep_files(&["png", "svg", "jpg", "pdf", "csv"]);
+        match ctx.sandboxed(job).await {
+            Ok(r) => {
+                v.executed = true;
+                v.files = r
+                    .files
+                    .iter()
+                    .map(|f| GeneratedFile {
+                        name: f.name.clone(),
+                        size: f.size,
+                        bytes: f.bytes.clone(),
+                    })
+                    .collect();
+                let mut c = outcome_check("run", true, &r);
+                if c.passed && !v.files.is_empty() {
+                    c.detail = format!(
+                        "ran; wrote {}",
+                        v.files
+                            .iter()
+                            .map(|f| f.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                v.add(c);
+            }
+            Err(e) => v.add(sandbox_failure("run", e)),
+        }
+        return;
+    }
+    let primary = spec.primary;
+    let mut ran_tests = false;
+    if primary {
+        if let Some(ex) = &evidence.examples {
+            match ctx
+                .run_suite(&module, "test_task_examples.py", ex, TestKind::Functions)
+                .await
+            {
+                Ok(r) => {
+                    ran_tests = true;
+                    v.add(outcome_check("task_examples", true, &r));
+                }
+                Err(e) => v.add(sandbox_failure("task_examples", e)),
+            }
+        }
+        if let Some(t) = &evidence.supplied {
+            match ctx
+                .run_suite(&module, &t.name, &t.content, TestKind::Auto)
+                .await
+            {
+                Ok(r) => {
+                    ran_tests = true;
+                    v.add(outcome_check("supplied_tests", true, &r));
+                }
+                Err(e) => v.add(sandbox_failure("supplied_tests", e)),
+            }
+        }
+        for (i, g) in evidence.generated.iter().enumerate() {
+            if let Ok(r) = ctx
+                .run_suite(
+                    &module,
+                    &format!("test_generated_{}.py", i + 1),
+                    g,
+                    TestKind::Functions,
+                )
+                .await
+            {
+                ran_tests = true;
+                v.add(outcome_check("generated_tests", false, &r));
+            }
+        }
+    }
+    if !ran_tests {
+        // Nothing to test against: at least it must import cleanly.
+        match ctx.sandboxed(Job::new(module.clone(), Check::Import)).await {
+            Ok(r) => v.add(outcome_check("import", true, &r)),
+            Err(e) => v.add(sandbox_failure("import", e)),
+        }
+        if code.contains(">>>") {
+            match ctx.sandboxed(Job::new(module, Check::Doctest)).await {
+                Ok(r) => {
+                    ran_tests = r.tests.as_ref().is_some_and(|t| t.total > 0);
+                    v.add(outcome_check("docstring_examples", true, &r));
+                }
+                Err(e) => v.add(sandbox_failure("docstring_examples", e)),
+            }
+        }
+    }
+    v.executed = ran_tests;
+}
+
+async fn tests_checks(
+    ctx: &JobContext,
+    route: &Route,
+    artifact: &Artifact,
+    evidence: &Evidence,
+    v: &mut Verdict,
+) {
+    let code = artifact.code.as_deref().unwrap_or("");
+    let Ok(module) = Module::new("test_generated", code.as_bytes().to_vec()) else {
+        return v.add(CheckResult {
+            name: "tests".into(),
+            passed: false,
+            hard: true,
+            detail: "no test code".into(),
+            tests: None,
+        });
+    };
+    match ctx.sandboxed(Job::new(module, Check::Syntax)).await {
+        Ok(r) => v.add(outcome_check("syntax", true, &r)),
+        Err(e) => return v.add(sandbox_failure("syntax", e)),
+    }
+    let n = python::statements(code)
+        .iter()
+        .filter(|s| matches!(&s.kind, python::StatementKind::Def(n) if n.starts_with("test")))
+        .count();
+    v.add(CheckResult {
+        name: "test_functions".into(),
+        passed: n > 0,
+        hard: true,
+        detail: format!("{n} test functions"),
+        tests: None,
+    });
+    let imports_module = code.contains(&format!("from {} import", evidence.module))
+        || code.contains(&format!("import {}", evidence.module));
+    let uses_entry = route
+        .entry_point
+        .as_ref()
+        .is_none_or(|e| code.contains(e.as_str()));
+    v.add(CheckResult {
+        name: "uses_the_code".into(),
+        passed: imports_module && uses_entry,
+        hard: true,
+        detail: if imports_module && uses_entry {
+            "imports and calls the code under test".into()
+        } else {
+            format!(
+                "the tests must import from `{}` and call the function under test",
+                evidence.module
+            )
+        },
+        tests: None,
+    });
+}
+
+/// Asks the LLM validator for a verdict; an unusable answer counts as a pass with a note
+/// (it must not fail work that the checks passed).
+async fn judge(
+    ctx: &JobContext,
+    stage: &str,
+    spec: &TaskSpec,
+    artifact: &Artifact,
+    v: &Verdict,
+) -> Judgement {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "pass": {"type": "boolean"},
+            "problems": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 160}},
+            "feedback": {"type": "string", "maxLength": 240}
+        },
+        "required": ["pass", "problems", "feedback"],
+        "additionalProperties": false
+    });
+    let output = artifact.code.as_deref().unwrap_or(&artifact.text);
+    let prompt = match ctx.prompts.render(
+        stage,
+        json!({"task": ctx.task.task, "subtask": spec, "kind": artifact.kind.name(),
+               "output": clip(output, 6000), "checks": v.checks}),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            return Judgement {
+                pass: true,
+                problems: vec![],
+                feedback: format!("no review: {e}"),
+            }
+        }
+    };
+    let call = LlmCall::new(stage, prompt).schema(schema).subtask(&spec.id);
+    match ctx.llm(call).await {
+        Ok(out) => serde_json::from_str(&out.text).unwrap_or_else(|e| Judgement {
+            pass: true,
+            problems: vec![],
+            feedback: format!("the review did not parse ({e}); ignored"),
+        }),
+        Err(e) => Judgement {
+            pass: true,
+            problems: vec![],
+            feedback: format!("no review: {e}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(name: &str, passed: bool, hard: bool, tests: Option<(u32, u32)>) -> CheckResult {
+        CheckResult {
+            name: name.into(),
+            passed,
+            hard,
+            detail: format!("{name} detail"),
+            tests,
+        }
+    }
+
+    #[test]
+    fn hard_failures_fail_and_lead_the_feedback() {
+        let mut v = Verdict::default();
+        v.add(check("syntax", true, true, None));
+        v.add(check("task_examples", false, true, Some((1, 3))));
+        v.add(check("generated_tests", false, false, Some((0, 2))));
+        v.judge = Some(Judgement {
+            pass: true,
+            problems: vec![],
+            feedback: String::new(),
+        });
+        let v = v.finish();
+        assert!(!v.passed);
+        assert!(
+            v.feedback
+                .starts_with("task_examples: task_examples detail"),
+            "{}",
+            v.feedback
+        );
+        assert!(v.feedback.contains("generated_tests (may be wrong)"));
+        assert!((v.score - (1.0 + 1.0 + 0.5)).abs() < 1e-9, "{}", v.score);
+    }
+
+    #[test]
+    fn more_passing_tests_score_higher() {
+        let score = |p| {
+            let mut v = Verdict::default();
+            v.add(check("task_examples", p == 3, true, Some((p, 3))));
+            v.finish().score
+        };
+        assert!(score(3) > score(2) && score(2) > score(0));
+    }
+}

@@ -1,0 +1,487 @@
+//! Stages 5 and 6: the worker manager (a registry of worker kinds with their model, prompt
+//! and sampling, and per-kind figures: in flight, successes, failures, latency) and the
+//! workers themselves: code, tests, reasoning, research (the task, the user's files and
+//! the installed Python's own documentation, read with pydoc in the sandbox), docs and
+//! data analysis.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use forgeline_sandbox::{Check, Job, Module};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::StageSettings;
+use crate::job::{JobContext, LlmCall};
+use crate::planning::TaskSpec;
+use crate::python;
+use crate::retry::{Feedback, SubtaskResult};
+use crate::router::{Route, RouteKind};
+use crate::Result;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerKind {
+    Code,
+    Tests,
+    Reasoning,
+    Research,
+    /// Documentation and other prose (the design's creative worker).
+    Docs,
+    DataAnalysis,
+}
+
+impl WorkerKind {
+    pub const ALL: [WorkerKind; 6] = [
+        WorkerKind::Code,
+        WorkerKind::Tests,
+        WorkerKind::Reasoning,
+        WorkerKind::Research,
+        WorkerKind::Docs,
+        WorkerKind::DataAnalysis,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerKind::Code => "code",
+            WorkerKind::Tests => "tests",
+            WorkerKind::Reasoning => "reasoning",
+            WorkerKind::Research => "research",
+            WorkerKind::Docs => "docs",
+            WorkerKind::DataAnalysis => "data_analysis",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .or(match s.as_str() {
+                "creative" | "documentation" => Some(WorkerKind::Docs),
+                "test" | "testing" => Some(WorkerKind::Tests),
+                "data" | "analysis" => Some(WorkerKind::DataAnalysis),
+                _ => None,
+            })
+    }
+
+    /// Kinds whose output is Python code.
+    pub fn writes_code(self) -> bool {
+        matches!(
+            self,
+            WorkerKind::Code | WorkerKind::Tests | WorkerKind::DataAnalysis
+        )
+    }
+}
+
+/// A file an output produced when it ran (a figure).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GeneratedFile {
+    pub name: String,
+    pub size: u64,
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+}
+
+/// One worker output (one candidate of one attempt).
+#[derive(Clone, Debug, Serialize)]
+pub struct Artifact {
+    pub subtask: String,
+    pub kind: WorkerKind,
+    pub attempt: usize,
+    pub candidate: usize,
+    /// The model's answer as written (for code kinds, including the part given to it).
+    pub text: String,
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<GeneratedFile>,
+}
+
+/// A worker kind's entry in the registry.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerProfile {
+    pub kind: WorkerKind,
+    pub template: &'static str,
+    pub settings: StageSettings,
+}
+
+/// Figures of one worker kind.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KindStats {
+    pub in_flight: usize,
+    pub max_in_flight: usize,
+    pub calls: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub total_ms: u64,
+    pub mean_ms: u64,
+}
+
+/// The registry of worker kinds and their figures for one job.
+pub struct WorkerManager {
+    profiles: BTreeMap<WorkerKind, WorkerProfile>,
+    stats: Mutex<BTreeMap<WorkerKind, KindStats>>,
+}
+
+impl WorkerManager {
+    pub fn new(ctx: &JobContext) -> Self {
+        let profiles = WorkerKind::ALL
+            .into_iter()
+            .map(|k| {
+                (
+                    k,
+                    WorkerProfile {
+                        kind: k,
+                        template: k.name(),
+                        settings: ctx.config.stage(k.name()),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            profiles,
+            stats: Mutex::default(),
+        }
+    }
+
+    pub fn profile(&self, kind: WorkerKind) -> &WorkerProfile {
+        &self.profiles[&kind]
+    }
+
+    /// Runs a worker for one attempt: its candidates.
+    pub async fn produce(
+        &self,
+        ctx: &JobContext,
+        route: &Route,
+        spec: &TaskSpec,
+        deps: &[SubtaskResult],
+        feedback: Option<&Feedback>,
+        attempt: usize,
+    ) -> Result<Vec<Artifact>> {
+        self.update(spec.kind, |s| {
+            s.in_flight += 1;
+            s.max_in_flight = s.max_in_flight.max(s.in_flight);
+            s.calls += 1;
+        });
+        let started = Instant::now();
+        let input = WorkerInput {
+            ctx,
+            route,
+            spec,
+            deps,
+            feedback,
+            attempt,
+            profile: self.profile(spec.kind),
+        };
+        let out = match spec.kind {
+            WorkerKind::Code | WorkerKind::DataAnalysis => input.code().await,
+            WorkerKind::Tests => input.tests().await,
+            WorkerKind::Research => input.research().await,
+            WorkerKind::Reasoning | WorkerKind::Docs => input.prose(None).await,
+        };
+        let ms = started.elapsed().as_millis() as u64;
+        self.update(spec.kind, |s| {
+            s.in_flight -= 1;
+            s.total_ms += ms;
+        });
+        out
+    }
+
+    /// Counts a subtask's end.
+    pub fn finished(&self, kind: WorkerKind, passed: bool) {
+        self.update(kind, |s| {
+            if passed {
+                s.succeeded += 1
+            } else {
+                s.failed += 1
+            }
+        });
+    }
+
+    fn update(&self, kind: WorkerKind, f: impl FnOnce(&mut KindStats)) {
+        if let Ok(mut m) = self.stats.lock() {
+            f(m.entry(kind).or_default());
+        }
+    }
+
+    /// The figures by kind name, for the trace.
+    pub fn snapshot(&self) -> BTreeMap<String, KindStats> {
+        self.stats
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, s)| {
+                        let mut s = s.clone();
+                        s.mean_ms = s.total_ms / s.calls.max(1) as u64;
+                        (k.name().to_string(), s)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+struct WorkerInput<'a> {
+    ctx: &'a JobContext,
+    route: &'a Route,
+    spec: &'a TaskSpec,
+    deps: &'a [SubtaskResult],
+    feedback: Option<&'a Feedback>,
+    attempt: usize,
+    profile: &'a WorkerProfile,
+}
+
+impl WorkerInput<'_> {
+    /// What every worker template gets.
+    fn context(&self, extra: serde_json::Value) -> serde_json::Value {
+        let deps: Vec<_> = self
+            .deps
+            .iter()
+            .filter_map(|d| {
+                let a = d.artifact.as_ref()?;
+                Some(json!({"id": d.spec.id, "kind": a.kind.name(),
+                            "text": a.code.as_deref().unwrap_or(&a.text)}))
+            })
+            .collect();
+        let files: Vec<_> = self
+            .ctx
+            .task
+            .files
+            .iter()
+            .map(|f| json!({"name": f.name, "content": f.content}))
+            .collect();
+        let mut v = json!({
+            "task": self.ctx.task.task,
+            "subtask": self.spec,
+            "route": self.route,
+            "context": deps,
+            "files": files,
+            "feedback": self.feedback,
+            "stub": self.route.stub,
+            "module": self.ctx.module_name(),
+            "attempt": self.attempt,
+        });
+        if let (Some(m), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+            m.extend(e);
+        }
+        v
+    }
+
+    fn artifact(&self, candidate: usize, text: String, code: Option<String>) -> Artifact {
+        Artifact {
+            subtask: self.spec.id.clone(),
+            kind: self.spec.kind,
+            attempt: self.attempt,
+            candidate,
+            text,
+            code,
+            files: Vec::new(),
+        }
+    }
+
+    /// Several candidates at once (their calls batch in the scheduler): the first greedy,
+    /// the others sampled. With a stub in the task, half continue the stub as given and
+    /// half write the whole function.
+    async fn code(&self) -> Result<Vec<Artifact>> {
+        let limits = &self.ctx.config.limits;
+        let n = if self.attempt == 0 {
+            limits.candidates
+        } else {
+            (limits.candidates / 2).max(2)
+        };
+        let stub = self.route.stub.as_deref().filter(|_| {
+            self.route.kind == RouteKind::NewFunction
+                && self.spec.primary
+                && self.spec.kind == WorkerKind::Code
+        });
+        let mut calls = Vec::with_capacity(n);
+        for i in 0..n {
+            let style = if stub.is_some() && i % 2 == 0 {
+                "complete"
+            } else {
+                "write"
+            };
+            let prompt = self
+                .ctx
+                .prompts
+                .render(self.profile.template, self.context(json!({"style": style})))?;
+            let greedy = self.attempt == 0 && i < 2;
+            let mut call = LlmCall::new(self.profile.template, prompt)
+                .subtask(&self.spec.id)
+                .seed((self.attempt * 1000 + i) as u64)
+                .stop("```");
+            if !greedy {
+                call = call.temperature(limits.candidate_temperature);
+            }
+            if self.spec.critical {
+                call = call.raise_priority();
+            }
+            calls.push(async move {
+                let prefix = call.prompt.assistant.clone();
+                self.ctx.llm(call).await.map(|c| (prefix, c))
+            });
+        }
+        let answers = join_all(calls).await;
+        let header = self.route.stub.clone().unwrap_or_default();
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for (i, answer) in answers.into_iter().enumerate() {
+            let (prefix, completion) = answer?;
+            let text = format!("{prefix}{}", completion.text);
+            let code = python::extract_code(&text).map(|c| python::ensure_imports(&c, &header));
+            // Identical candidates would get identical verdicts: check each once.
+            let key: String = code.as_deref().unwrap_or("").split_whitespace().collect();
+            if seen.insert(key) {
+                out.push(self.artifact(i, text, code));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn tests(&self) -> Result<Vec<Artifact>> {
+        let prompt = self
+            .ctx
+            .prompts
+            .render(self.profile.template, self.context(json!({})))?;
+        let prefix = prompt.assistant.clone();
+        let call = LlmCall::new(self.profile.template, prompt)
+            .subtask(&self.spec.id)
+            .stop("```");
+        let c = self.ctx.llm(call).await?;
+        let text = format!("{prefix}{}", c.text);
+        let code = python::extract_code(&text);
+        Ok(vec![self.artifact(0, text, code)])
+    }
+
+    async fn prose(&self, docs: Option<String>) -> Result<Vec<Artifact>> {
+        let prompt = self
+            .ctx
+            .prompts
+            .render(self.profile.template, self.context(json!({"pydoc": docs})))?;
+        let call = LlmCall::new(self.profile.template, prompt)
+            .subtask(&self.spec.id)
+            .seed(self.attempt as u64);
+        let c = self.ctx.llm(call).await?;
+        Ok(vec![self.artifact(0, c.text.trim().to_string(), None)])
+    }
+
+    /// Reads the installed Python's documentation of what the task names, then writes notes.
+    async fn research(&self) -> Result<Vec<Artifact>> {
+        let names = doc_targets(&self.ctx.task.task, self.route);
+        let docs = if names.is_empty() {
+            None
+        } else {
+            let program = format!(
+                "import pydoc\nfor name in {names:?}:\n    try:\n        obj = pydoc.locate(name)\n        if obj is None:\n            continue\n        text = pydoc.render_doc(obj, renderer=pydoc.plaintext)\n        print('=== ' + name)\n        print(text[:1200])\n    except Exception as exc:\n        print('=== ' + name + ': ' + type(exc).__name__)\n"
+            );
+            let module = Module::new("research_docs", program.into_bytes())
+                .map_err(crate::Error::Sandbox)?;
+            match self.ctx.sandbox.run(Job::new(module, Check::Run)).await {
+                Ok(r) if !r.stdout.trim().is_empty() => Some(r.stdout.chars().take(4000).collect()),
+                Ok(_) => None,
+                Err(e) => Some(format!("(pydoc could not run: {e})")),
+            }
+        };
+        let mut out = self.prose(docs.clone()).await?;
+        if let (Some(d), Some(a)) = (docs, out.first_mut()) {
+            a.text = format!("{}\n\nSources (pydoc): {}", a.text, names.join(", "));
+            let _ = d;
+        }
+        Ok(out)
+    }
+}
+
+/// Dotted names worth looking up with pydoc: libraries the router found, and `module.attr`
+/// names in the task. At most six.
+fn doc_targets(task: &str, route: &Route) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |s: String| {
+        if out.len() < 6 && !out.contains(&s) {
+            out.push(s);
+        }
+    };
+    for token in task.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.')) {
+        let token = token.trim_matches('.');
+        let parts: Vec<&str> = token.split('.').collect();
+        if parts.len() == 2
+            && route.libraries.iter().any(|l| l == parts[0])
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_'))
+        {
+            push(token.to_string());
+        }
+    }
+    for l in &route.libraries {
+        if l.chars().all(|c| c.is_alphanumeric() || c == '_') {
+            push(l.clone());
+        }
+    }
+    out
+}
+
+/// Awaits futures concurrently, keeping their order (their LLM calls batch together).
+pub async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..futs.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("every future finished"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_with_aliases() {
+        assert_eq!(WorkerKind::from_name("Creative"), Some(WorkerKind::Docs));
+        assert_eq!(
+            WorkerKind::from_name("data_analysis"),
+            Some(WorkerKind::DataAnalysis)
+        );
+        assert_eq!(WorkerKind::from_name("poetry"), None);
+    }
+
+    #[test]
+    fn doc_targets_are_named_modules_and_attributes() {
+        let task = crate::task::TaskRequest::new(
+            "Use re.sub and itertools.groupby to clean text; see foo.bar",
+        );
+        let mut route = crate::router::route_by_rules(&task);
+        route.libraries = vec!["re".into(), "itertools".into()];
+        assert_eq!(
+            doc_targets(&task.task, &route),
+            vec!["re.sub", "itertools.groupby", "re", "itertools"]
+        );
+    }
+
+    #[tokio::test]
+    async fn join_all_keeps_order() {
+        let futs: Vec<_> = (0..4u64)
+            .map(|i| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(40 - 10 * i)).await;
+                i
+            })
+            .collect();
+        assert_eq!(join_all(futs).await, vec![0, 1, 2, 3]);
+    }
+}
