@@ -6,6 +6,10 @@
 //! - `bench`: `forgeline bench engine` (and the sandbox bench from `bench_sandbox`).
 //! - `check`: `forgeline check`, generated Python run in the sandbox.
 //! - `serve`: `forgeline serve`, the HTTP API (`bench_serve`: its bench).
+//! - `generate`: `forgeline generate`, one task through the pipeline.
+//! - `eval`: `forgeline eval`, pass@1 on HumanEval-format tasks (`bench_pipeline`: pipeline
+//!   against the single-call baseline, and jobs together against one after another).
+//! - `pipeline_setup`: the pipeline flags and the models, sandbox and pipeline they build.
 //!
 //! Conventions: data on stdout, messages on stderr, `--json` for machine-readable results,
 //! `RUST_LOG` filters logs, `NO_COLOR` turns colour off. Exit codes: 0 success; 1 the code or
@@ -13,10 +17,14 @@
 //! 3 a runtime failure (engine error, out of memory).
 
 mod bench;
+mod bench_pipeline;
 mod bench_sandbox;
 mod bench_serve;
 mod check;
+mod eval;
+mod generate;
 mod models;
+mod pipeline_setup;
 mod prompt;
 mod serve;
 
@@ -48,6 +56,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Generate validated Python code for a task, through every stage of the pipeline
+    Generate(generate::GenerateArgs),
+    /// Measure pass@1 on HumanEval-format tasks (pipeline or single-call baseline)
+    Eval(eval::EvalArgs),
     /// Complete a prompt (or answer a chat message) and stream the text to stdout
     Prompt(prompt::PromptArgs),
     /// List and describe the models forgeline can load
@@ -64,6 +76,8 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
+    /// Pipeline against the single-call baseline (pass@1), and 8 jobs together against one after another
+    Pipeline(bench_pipeline::BenchPipelineArgs),
     /// Prompt processing, decode and batched decode against candle-transformers' reference
     Engine(bench::BenchEngineArgs),
     /// 32 requests sharing a long prefix: one after another, then all at once
@@ -76,24 +90,19 @@ enum BenchCommand {
 
 /// Exit code for an error: 2 for input errors, 3 for runtime failures.
 fn exit_code_of(e: &anyhow::Error) -> u8 {
-    use forgeline_engine::Error as E;
     for cause in e.chain() {
-        if let Some(f) = cause.downcast_ref::<E>() {
-            return match f {
-                E::InvalidRequest(_)
-                | E::ModelNotFound { .. }
-                | E::BadModel { .. }
-                | E::Io { .. }
-                | E::Tokenizer(_)
-                | E::Template(_) => 2,
-                _ => 3,
-            };
+        if let Some(f) = cause.downcast_ref::<forgeline_engine::Error>() {
+            return engine_exit_code(f);
         }
         if let Some(f) = cause.downcast_ref::<forgeline_sandbox::Error>() {
-            use forgeline_sandbox::Error as S;
+            return sandbox_exit_code(f);
+        }
+        if let Some(f) = cause.downcast_ref::<forgeline_pipeline::Error>() {
+            use forgeline_pipeline::Error as P;
             return match f {
-                S::InvalidLimits(_) | S::InvalidInput(_) => 2,
-                _ => 3,
+                P::InvalidTask(_) | P::Config(_) | P::Prompt(_) | P::Io(_) => 2,
+                P::Engine(e) => engine_exit_code(e),
+                P::Sandbox(e) => sandbox_exit_code(e),
             };
         }
         // Reading the user's files, or a problem with what they asked for.
@@ -104,6 +113,27 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
         }
     }
     3
+}
+
+fn engine_exit_code(e: &forgeline_engine::Error) -> u8 {
+    use forgeline_engine::Error as E;
+    match e {
+        E::InvalidRequest(_)
+        | E::ModelNotFound { .. }
+        | E::BadModel { .. }
+        | E::Io { .. }
+        | E::Tokenizer(_)
+        | E::Template(_) => 2,
+        _ => 3,
+    }
+}
+
+fn sandbox_exit_code(e: &forgeline_sandbox::Error) -> u8 {
+    use forgeline_sandbox::Error as S;
+    match e {
+        S::InvalidLimits(_) | S::InvalidInput(_) => 2,
+        _ => 3,
+    }
 }
 
 /// A problem with what the user asked for (a flag, a file).
@@ -193,6 +223,11 @@ pub fn main() -> ExitCode {
 fn run(command: Command, env: Env) -> anyhow::Result<ExitCode> {
     match command {
         Command::Prompt(a) => prompt::run(a, &env),
+        Command::Generate(a) => runtime()?.block_on(generate::run(a, &env)),
+        Command::Eval(a) => runtime()?.block_on(eval::run(a, &env)),
+        Command::Bench(BenchCommand::Pipeline(a)) => {
+            runtime()?.block_on(bench_pipeline::run(a, &env))
+        }
         Command::Models(c) => models::run(c, &env),
         Command::Bench(BenchCommand::Engine(a)) => bench::run(a, &env),
         Command::Bench(BenchCommand::Scheduler(a)) => bench::run_scheduler(a, &env),

@@ -98,16 +98,26 @@ pub async fn validate_and_retry(
     let mut best = (s, v);
     let retries = ctx.config.limits.max_synthesis_retries;
     if best.1.passed || retries == 0 || best.0.module.is_none() {
+        let why = if best.1.passed {
+            "not needed"
+        } else if retries == 0 {
+            "no retries allowed"
+        } else {
+            "nothing to re-synthesize"
+        };
+        ctx.rec.stage(
+            Stage::SynthesizerRetry,
+            None,
+            ctx.rec.elapsed_ms(),
+            json!({"max_retries": retries}),
+            json!({"skipped": why}),
+        );
         ctx.rec.event(
             Stage::SynthesizerRetry,
             EventStatus::Skipped,
             None,
             None,
-            if best.1.passed {
-                "not needed"
-            } else {
-                "nothing to re-synthesize"
-            },
+            why,
         );
         return Ok(best);
     }

@@ -87,6 +87,7 @@ pub struct LlmCall {
     temperature: Option<f32>,
     stop: Vec<String>,
     raise_priority: bool,
+    max_tokens: Option<usize>,
 }
 
 impl LlmCall {
@@ -100,7 +101,14 @@ impl LlmCall {
             temperature: None,
             stop: Vec::new(),
             raise_priority: false,
+            max_tokens: None,
         }
+    }
+
+    /// Fewer tokens than the stage allows.
+    pub fn max_tokens(mut self, n: usize) -> Self {
+        self.max_tokens = Some(n);
+        self
     }
 
     /// Constrains the answer to a JSON schema while it is sampled.
@@ -180,7 +188,10 @@ impl JobContext {
                 assistant_prefix: call.prompt.assistant.clone(),
             }
         };
-        let mut req = GenerateRequest::new(prompt, settings.max_tokens);
+        let max_tokens = call
+            .max_tokens
+            .map_or(settings.max_tokens, |n| n.min(settings.max_tokens));
+        let mut req = GenerateRequest::new(prompt, max_tokens);
         req.model = model.clone();
         // Leave the answer the room the context has (a long task or file eats into it).
         let context = llm.context_length(model.as_deref())?;

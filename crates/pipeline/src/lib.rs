@@ -52,6 +52,8 @@ pub mod validators;
 pub mod workers;
 
 #[cfg(test)]
+mod pipeline_tests;
+#[cfg(test)]
 mod testing;
 
 pub use config::PipelineConfig;

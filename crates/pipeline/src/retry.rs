@@ -110,92 +110,86 @@ pub async fn run_subtask(
             Some(attempt + 1),
             format!("{} worker", spec.kind.name()),
         );
-        let candidates = match manager
-            .produce(ctx, route, spec, deps, feedback.as_ref(), attempt)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                ctx.rec.event(
-                    Stage::Worker,
-                    EventStatus::Failed,
-                    id,
-                    Some(attempt + 1),
-                    e.to_string(),
-                );
-                stopped = format!("the worker failed: {e}");
+        // Candidates are validated as they are written: the first that passes wins, and the
+        // rest (written or not) are dropped.
+        let (cand_tx, mut cand_rx) = unbounded_channel();
+        let produce = manager.produce(ctx, route, spec, deps, feedback.as_ref(), attempt, &cand_tx);
+        let mut produce = Box::pin(produce);
+        let (vtx, mut vrx) = unbounded_channel();
+        let priority = ValidationPriority {
+            critical: spec.critical,
+            attempt,
+        };
+        let mut candidates: Vec<Artifact> = Vec::new();
+        let mut attempt_best: Option<(usize, Verdict)> = None;
+        let mut verdicts = Vec::new();
+        let mut produced = false;
+        let mut worker_error = None;
+        let v_started = ctx.rec.elapsed_ms();
+        loop {
+            if produced && verdicts.len() == candidates.len() && cand_rx.is_empty() {
                 break;
             }
-        };
+            tokio::select! {
+                biased;
+                Some((i, v)) = vrx.recv() => {
+                    let v: Verdict = v;
+                    ctx.rec.event(
+                        Stage::Validation,
+                        if v.passed { EventStatus::Passed } else { EventStatus::Failed },
+                        id,
+                        Some(attempt + 1),
+                        format!("candidate {}: {}", i + 1, if v.passed { "passed".to_string() } else { first_line(&v.feedback) }),
+                    );
+                    verdicts.push(json!({"candidate": i + 1, "verdict": v}));
+                    let passed = v.passed;
+                    if attempt_best.as_ref().is_none_or(|(_, b)| better(&v, b)) {
+                        attempt_best = Some((i, v));
+                    }
+                    if passed {
+                        break;
+                    }
+                }
+                Some(c) = cand_rx.recv() => {
+                    let i = candidates.len();
+                    let (ctx2, route2, spec2, c2, ev2) = (ctx.clone(), route.clone(), spec.clone(), c.clone(), evidence.clone());
+                    ctx.queue.submit(priority, i, vtx.clone(), move || {
+                        Box::pin(async move { validators::validate(&ctx2, &route2, &spec2, &c2, &ev2).await })
+                    });
+                    candidates.push(c);
+                }
+                r = &mut produce, if !produced => {
+                    produced = true;
+                    if let Err(e) = r {
+                        worker_error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        drop(vrx);
+        // Candidates still being written are cancelled.
+        drop(produce);
         ctx.rec.stage(
             Stage::Worker,
             id,
             started,
             json!({"spec": spec, "attempt": attempt + 1, "feedback": feedback}),
-            json!({"candidates": candidates}),
+            json!({"candidates": candidates, "error": worker_error}),
         );
         ctx.rec.event(
             Stage::Worker,
-            EventStatus::Finished,
+            if worker_error.is_some() {
+                EventStatus::Failed
+            } else {
+                EventStatus::Finished
+            },
             id,
             Some(attempt + 1),
-            format!("{} candidate(s)", candidates.len()),
+            match &worker_error {
+                Some(e) => e.clone(),
+                None => format!("{} candidate(s) written", candidates.len()),
+            },
         );
-
-        // Validation: every candidate queued; the first that passes wins, the rest are dropped.
-        let v_started = ctx.rec.elapsed_ms();
-        let (tx, mut rx) = unbounded_channel();
-        let priority = ValidationPriority {
-            critical: spec.critical,
-            attempt,
-        };
-        for (i, c) in candidates.iter().enumerate() {
-            let (ctx2, route2, spec2, c2, ev2) = (
-                ctx.clone(),
-                route.clone(),
-                spec.clone(),
-                c.clone(),
-                evidence.clone(),
-            );
-            ctx.queue.submit(priority, i, tx.clone(), move || {
-                Box::pin(
-                    async move { validators::validate(&ctx2, &route2, &spec2, &c2, &ev2).await },
-                )
-            });
-        }
-        drop(tx);
-        let mut attempt_best: Option<(usize, Verdict)> = None;
-        let mut verdicts = Vec::new();
-        while let Some((i, v)) = rx.recv().await {
-            ctx.rec.event(
-                Stage::Validation,
-                if v.passed {
-                    EventStatus::Passed
-                } else {
-                    EventStatus::Failed
-                },
-                id,
-                Some(attempt + 1),
-                format!(
-                    "candidate {}: {}",
-                    i + 1,
-                    if v.passed {
-                        "passed".to_string()
-                    } else {
-                        first_line(&v.feedback)
-                    }
-                ),
-            );
-            verdicts.push(json!({"candidate": i + 1, "verdict": v}));
-            let passed = v.passed;
-            if attempt_best.as_ref().is_none_or(|(_, b)| better(&v, b)) {
-                attempt_best = Some((i, v));
-            }
-            if passed {
-                break;
-            }
-        }
-        drop(rx);
         ctx.rec.stage(
             Stage::Validation,
             id,
@@ -203,6 +197,10 @@ pub async fn run_subtask(
             json!({"attempt": attempt + 1, "candidates": candidates.len()}),
             json!({"verdicts": verdicts}),
         );
+        if let (Some(e), true) = (&worker_error, candidates.is_empty()) {
+            stopped = format!("the worker failed: {e}");
+            break;
+        }
 
         let Some((i, v)) = attempt_best else {
             stopped = "no candidate could be validated".into();
@@ -217,7 +215,8 @@ pub async fn run_subtask(
             passed: v.passed,
             feedback: v.feedback.clone(),
         });
-        let artifact = candidates[i].clone();
+        let mut artifact = candidates[i].clone();
+        artifact.files = v.files.clone();
         if best.as_ref().is_none_or(|(_, b)| better(&v, b)) {
             best = Some((artifact, v));
         }
@@ -263,6 +262,13 @@ pub async fn run_subtask(
     }
     let passed = best.as_ref().is_some_and(|(_, v)| v.passed);
     manager.finished(spec.kind, passed);
+    ctx.rec.stage(
+        Stage::Retry,
+        id,
+        ctx.rec.elapsed_ms(),
+        json!({"max_retries": policy.max_retries}),
+        json!({"attempts": attempts, "stopped": stopped, "passed": passed}),
+    );
     let (artifact, verdict) = match best {
         Some((a, v)) => (Some(a), Some(v)),
         None => (None, None),

@@ -244,7 +244,12 @@ pub async fn synthesize(
         json!({"mode": mode, "task": ctx.task.task, "route": route, "module": s.module,
                "analysis": s.analysis, "notes": notes, "feedback": null}),
     )?;
-    let out = ctx.llm(LlmCall::new("synthesizer", prompt)).await?;
+    // The prose is short; the token budget of the stage is for repairs.
+    let out = ctx
+        .llm(
+            LlmCall::new("synthesizer", prompt).max_tokens(if mode == "answer" { 320 } else { 96 }),
+        )
+        .await?;
     s.answer = out.text.trim().to_string();
     if s.answer.is_empty() {
         // The prose is a courtesy; the files stand on their own.

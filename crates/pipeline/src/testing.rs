@@ -147,7 +147,6 @@ impl LanguageModel for ScriptedModel {
 }
 
 pub struct TestBed {
-    pub model: ScriptedModel,
     pub pipeline: Pipeline,
 }
 
@@ -166,7 +165,7 @@ impl TestBed {
             Prompts::built_in(),
             config,
         );
-        Self { model, pipeline }
+        Self { pipeline }
     }
 
     pub fn ctx(&self) -> JobContext {

@@ -6,7 +6,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
+
 use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
 
 use forgeline_sandbox::{Check, Job, Module};
 use serde::{Deserialize, Serialize};
@@ -149,7 +151,9 @@ impl WorkerManager {
         &self.profiles[&kind]
     }
 
-    /// Runs a worker for one attempt: its candidates.
+    /// Runs a worker for one attempt. Each candidate is sent to `out` as soon as it is
+    /// written, so that its validation starts while the others are still being written;
+    /// returns how many were sent. Dropping the future cancels the candidates not written.
     pub async fn produce(
         &self,
         ctx: &JobContext,
@@ -158,7 +162,8 @@ impl WorkerManager {
         deps: &[SubtaskResult],
         feedback: Option<&Feedback>,
         attempt: usize,
-    ) -> Result<Vec<Artifact>> {
+        out: &UnboundedSender<Artifact>,
+    ) -> Result<usize> {
         self.update(spec.kind, |s| {
             s.in_flight += 1;
             s.max_in_flight = s.max_in_flight.max(s.in_flight);
@@ -174,11 +179,17 @@ impl WorkerManager {
             attempt,
             profile: self.profile(spec.kind),
         };
+        let one = |r: Result<Artifact>| {
+            r.map(|a| {
+                let _ = out.send(a);
+                1
+            })
+        };
         let out = match spec.kind {
-            WorkerKind::Code | WorkerKind::DataAnalysis => input.code().await,
-            WorkerKind::Tests => input.tests().await,
-            WorkerKind::Research => input.research().await,
-            WorkerKind::Reasoning | WorkerKind::Docs => input.prose(None).await,
+            WorkerKind::Code | WorkerKind::DataAnalysis => input.code(out).await,
+            WorkerKind::Tests => one(input.tests().await),
+            WorkerKind::Research => one(input.research().await),
+            WorkerKind::Reasoning | WorkerKind::Docs => one(input.prose(None).await),
         };
         let ms = started.elapsed().as_millis() as u64;
         self.update(spec.kind, |s| {
@@ -283,18 +294,20 @@ impl WorkerInput<'_> {
     /// Several candidates at once (their calls batch in the scheduler): the first greedy,
     /// the others sampled. With a stub in the task, half continue the stub as given and
     /// half write the whole function.
-    async fn code(&self) -> Result<Vec<Artifact>> {
+    async fn code(&self, out: &UnboundedSender<Artifact>) -> Result<usize> {
         let limits = &self.ctx.config.limits;
         let n = if self.attempt == 0 {
             limits.candidates
         } else {
-            (limits.candidates / 2).max(2)
+            limits.candidates.div_ceil(2)
         };
         let stub = self.route.stub.as_deref().filter(|_| {
             self.route.kind == RouteKind::NewFunction
                 && self.spec.primary
                 && self.spec.kind == WorkerKind::Code
         });
+        let header = self.route.stub.clone().unwrap_or_default();
+        let seen = Mutex::new(HashSet::new());
         let mut calls = Vec::with_capacity(n);
         for i in 0..n {
             let style = if stub.is_some() && i % 2 == 0 {
@@ -317,29 +330,43 @@ impl WorkerInput<'_> {
             if self.spec.critical {
                 call = call.raise_priority();
             }
+            let (header, seen) = (&header, &seen);
             calls.push(async move {
                 let prefix = call.prompt.assistant.clone();
-                self.ctx.llm(call).await.map(|c| (prefix, c))
+                let completion = self.ctx.llm(call).await?;
+                // A model that opens its own code block ignored the start it was given.
+                let text = if completion.text.trim_start().starts_with("```") {
+                    completion.text
+                } else {
+                    format!("{prefix}{}", completion.text)
+                };
+                let code = python::extract_code(&text).map(|c| python::ensure_imports(&c, header));
+                // Identical candidates would get identical verdicts: check each once.
+                let key: String = code.as_deref().unwrap_or("").split_whitespace().collect();
+                let fresh = seen.lock().map(|mut s| s.insert(key)).unwrap_or(true);
+                if fresh {
+                    let _ = out.send(self.artifact(i, text, code));
+                }
+                Ok::<usize, crate::Error>(usize::from(fresh))
             });
         }
-        let answers = join_all(calls).await;
-        let header = self.route.stub.clone().unwrap_or_default();
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for (i, answer) in answers.into_iter().enumerate() {
-            let (prefix, completion) = answer?;
-            let text = format!("{prefix}{}", completion.text);
-            let code = python::extract_code(&text).map(|c| python::ensure_imports(&c, &header));
-            // Identical candidates would get identical verdicts: check each once.
-            let key: String = code.as_deref().unwrap_or("").split_whitespace().collect();
-            if seen.insert(key) {
-                out.push(self.artifact(i, text, code));
+        let mut sent = 0;
+        let mut first_error = None;
+        for r in join_all(calls).await {
+            match r {
+                Ok(n) => sent += n,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Ok(out)
+        match first_error {
+            Some(e) if sent == 0 => Err(e),
+            _ => Ok(sent),
+        }
     }
 
-    async fn tests(&self) -> Result<Vec<Artifact>> {
+    async fn tests(&self) -> Result<Artifact> {
         let prompt = self
             .ctx
             .prompts
@@ -351,10 +378,10 @@ impl WorkerInput<'_> {
         let c = self.ctx.llm(call).await?;
         let text = format!("{prefix}{}", c.text);
         let code = python::extract_code(&text);
-        Ok(vec![self.artifact(0, text, code)])
+        Ok(self.artifact(0, text, code))
     }
 
-    async fn prose(&self, docs: Option<String>) -> Result<Vec<Artifact>> {
+    async fn prose(&self, docs: Option<String>) -> Result<Artifact> {
         let prompt = self
             .ctx
             .prompts
@@ -363,11 +390,11 @@ impl WorkerInput<'_> {
             .subtask(&self.spec.id)
             .seed(self.attempt as u64);
         let c = self.ctx.llm(call).await?;
-        Ok(vec![self.artifact(0, c.text.trim().to_string(), None)])
+        Ok(self.artifact(0, c.text.trim().to_string(), None))
     }
 
     /// Reads the installed Python's documentation of what the task names, then writes notes.
-    async fn research(&self) -> Result<Vec<Artifact>> {
+    async fn research(&self) -> Result<Artifact> {
         let names = doc_targets(&self.ctx.task.task, self.route);
         let docs = if names.is_empty() {
             None
@@ -383,12 +410,12 @@ impl WorkerInput<'_> {
                 Err(e) => Some(format!("(pydoc could not run: {e})")),
             }
         };
-        let mut out = self.prose(docs.clone()).await?;
-        if let (Some(d), Some(a)) = (docs, out.first_mut()) {
+        let looked_up = docs.is_some();
+        let mut a = self.prose(docs).await?;
+        if looked_up {
             a.text = format!("{}\n\nSources (pydoc): {}", a.text, names.join(", "));
-            let _ = d;
         }
-        Ok(out)
+        Ok(a)
     }
 }
 

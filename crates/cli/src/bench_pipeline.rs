@@ -1,0 +1,139 @@
+//! `forgeline bench pipeline`: the pipeline against the single-call baseline on a task set
+//! (pass@1 of both, measured in the same run), and N jobs run together against the same N
+//! jobs one after another.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use forgeline_pipeline::eval::{self, Runner};
+use serde_json::json;
+
+use crate::pipeline_setup::PipelineArgs;
+use crate::Env;
+
+#[derive(Args, Debug)]
+pub struct BenchPipelineArgs {
+    /// Task set [default: the repository's tests/data/tasks.jsonl]
+    #[arg(long)]
+    pub tasks: Option<PathBuf>,
+    /// Only the first N tasks for the pass@1 comparison
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Tasks run at once in the pass@1 comparison
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Jobs in the together-versus-one-after-another comparison (0 skips it)
+    #[arg(long, default_value_t = 8)]
+    pub jobs: usize,
+    /// Skip the pass@1 comparison
+    #[arg(long)]
+    pub skip_pass_rate: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+}
+
+pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let path = a.tasks.clone().unwrap_or_else(|| {
+        let here = PathBuf::from("tests/data/tasks.jsonl");
+        if here.is_file() {
+            here
+        } else {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/data/tasks.jsonl"
+            ))
+        }
+    });
+    let all = eval::read_tasks(&path).map_err(|e| crate::usage(e.to_string()))?;
+    let setup = a.pipeline.build(env).await?;
+    let quiet = |_: &eval::TaskScore, _: usize, _: usize| {};
+    let mut out = json!({"tasks_file": path, "model": setup.client.model_names()[0]});
+
+    if a.jobs > 0 {
+        let jobs: Vec<_> = all.iter().take(a.jobs).cloned().collect();
+        let runner = Runner::Pipeline(setup.pipeline.clone());
+        // Together first, so that the prefix cache it warms favours the other run, if any.
+        eprintln!("{} jobs together...", jobs.len());
+        let together = eval::run_eval(
+            runner.clone(),
+            setup.sandbox.clone(),
+            jobs.clone(),
+            jobs.len(),
+            quiet,
+        )
+        .await;
+        eprintln!(
+            "  {:.1} s; the same jobs one after another...",
+            together.wall_s
+        );
+        let sequential =
+            eval::run_eval(runner, setup.sandbox.clone(), jobs.clone(), 1, quiet).await;
+        eprintln!("  {:.1} s", sequential.wall_s);
+        out["jobs"] = json!({
+            "jobs": jobs.len(),
+            "together_s": together.wall_s,
+            "one_after_another_s": sequential.wall_s,
+            "ratio": together.wall_s / sequential.wall_s,
+            "target_ratio": 0.6,
+            "together_tokens": together.completion_tokens,
+            "one_after_another_tokens": sequential.completion_tokens,
+        });
+    }
+    if !a.skip_pass_rate {
+        let tasks: Vec<_> = all
+            .iter()
+            .take(a.limit.unwrap_or(all.len()))
+            .cloned()
+            .collect();
+        let progress = |s: &eval::TaskScore, k: usize, n: usize| {
+            eprintln!(
+                "  [{k}/{n}] {} {}",
+                s.task_id,
+                if s.passed { "passed" } else { &s.outcome }
+            )
+        };
+        eprintln!("single-call baseline on {} tasks...", tasks.len());
+        let single = eval::run_eval(
+            Runner::SingleCall {
+                llm: Arc::new(setup.client.clone()),
+                max_tokens: crate::eval::single_call_tokens(&a.pipeline)?,
+            },
+            setup.sandbox.clone(),
+            tasks.clone(),
+            a.concurrency,
+            progress,
+        )
+        .await;
+        eprintln!("pipeline on {} tasks...", tasks.len());
+        let pipe = eval::run_eval(
+            Runner::Pipeline(setup.pipeline.clone()),
+            setup.sandbox.clone(),
+            tasks,
+            a.concurrency,
+            progress,
+        )
+        .await;
+        let strip = |r: &eval::EvalReport| {
+            json!({"tasks": r.tasks, "passed": r.passed, "pass_at_1": r.pass_at_1, "wall_s": r.wall_s, "completion_tokens": r.completion_tokens,
+            "passed_ids": r.per_task.iter().filter(|t| t.passed).map(|t| &t.task_id).collect::<Vec<_>>()})
+        };
+        out["single_call"] = strip(&single);
+        out["pipeline"] = strip(&pipe);
+        out["pass_ratio"] = if single.passed > 0 {
+            json!(pipe.pass_at_1 / single.pass_at_1)
+        } else {
+            json!(null)
+        };
+        out["target_pass_ratio"] = json!(2.0);
+    }
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}

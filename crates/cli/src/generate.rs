@@ -1,0 +1,171 @@
+//! `forgeline generate`: one task through the whole pipeline. The result (markdown, code or
+//! JSON) goes to stdout; on a terminal, live progress per stage goes to stderr.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use forgeline_pipeline::formatter::{self, Format};
+use forgeline_pipeline::{trace_json, ContextFile, EventStatus, JobEvent, TaskRequest};
+use tokio::sync::mpsc::unbounded_channel;
+
+use crate::pipeline_setup::PipelineArgs;
+use crate::Env;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// The task, in words or as a Python stub (a signature and docstring); `-` reads stdin
+    pub task: String,
+    /// A file the task is about (repeatable); shown to the workers
+    #[arg(long = "file", value_name = "CONTEXT.py")]
+    pub files: Vec<PathBuf>,
+    /// Tests the result must pass (asserts, unittest, pytest or HumanEval `check`)
+    #[arg(long, value_name = "TESTS.py")]
+    pub tests: Option<PathBuf>,
+    /// The function the result must define
+    #[arg(long)]
+    pub entry_point: Option<String>,
+    /// Write the result's files here
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// What to print: a markdown report, the code alone, or JSON
+    #[arg(long, default_value = "md", value_parser = parse_format)]
+    pub format: Format,
+    /// Write every stage's input, prompt, output, tokens, timings and verdicts as JSON
+    #[arg(long, value_name = "TRACE.json")]
+    pub trace: Option<PathBuf>,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    s.parse()
+}
+
+fn read_file(path: &PathBuf, what: &str) -> anyhow::Result<ContextFile> {
+    let content = std::fs::read_to_string(path)
+        .map_err(|e| crate::usage(format!("cannot read {what} {}: {e}", path.display())))?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| crate::usage(format!("{} has no file name", path.display())))?;
+    Ok(ContextFile::new(name, content))
+}
+
+pub async fn run(a: GenerateArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let text = if a.task == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        a.task.clone()
+    };
+    let mut task = TaskRequest::new(text);
+    for f in &a.files {
+        task.files.push(read_file(f, "context file")?);
+    }
+    if let Some(t) = &a.tests {
+        task.tests = Some(read_file(t, "tests")?);
+    }
+    task.entry_point = a.entry_point.clone();
+    task.validate().map_err(|e| crate::usage(e.to_string()))?;
+    if let Some(t) = &a.trace {
+        // Fail before the work, not after it.
+        std::fs::File::create(t)
+            .map_err(|e| crate::usage(format!("cannot write the trace to {}: {e}", t.display())))?;
+    }
+
+    let setup = a.pipeline.build(env).await?;
+    let (tx, rx) = unbounded_channel();
+    let progress = crate::stderr_is_terminal().then(|| tokio::spawn(show_progress(rx)));
+    let outcome = setup.pipeline.run(task, a.format, Some(tx)).await;
+    if let Some(p) = progress {
+        // Events still queued are drawn; then the line is cleared.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        p.abort();
+        eprint!("\r\x1b[2K");
+    }
+    let outcome = outcome?;
+    let r = &outcome.result;
+    if let Some(t) = &a.trace {
+        let json = serde_json::to_string_pretty(&trace_json(&outcome.trace))?;
+        std::fs::write(t, json + "\n")
+            .map_err(|e| crate::usage(format!("cannot write the trace to {}: {e}", t.display())))?;
+    }
+    if let Some(dir) = &a.out {
+        let written = formatter::write_files(r, dir)?;
+        for p in written {
+            eprintln!("wrote {}", p.display());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(outcome.rendered.as_bytes())?;
+    out.flush()?;
+    eprintln!(
+        "{} · {} LLM calls, {} tokens generated, {:.1} s",
+        if r.passed {
+            "passed the final validation"
+        } else {
+            "did not pass the final validation"
+        },
+        r.llm_calls,
+        r.completion_tokens,
+        r.wall_ms as f64 / 1000.0
+    );
+    Ok(if r.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Live progress on a terminal: finished steps as lines, the running one with a spinner.
+async fn show_progress(mut rx: tokio::sync::mpsc::UnboundedReceiver<JobEvent>) {
+    let color = std::env::var_os("NO_COLOR").is_none();
+    let paint = |code: &str, s: &str| {
+        if color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    };
+    let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let mut current = String::from("starting");
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut i = 0;
+    let mut err = std::io::stderr();
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                let who = match (&ev.subtask, ev.attempt) {
+                    (Some(s), Some(n)) => format!("{} [{s}, attempt {n}]", ev.stage.name()),
+                    (Some(s), None) => format!("{} [{s}]", ev.stage.name()),
+                    (None, Some(n)) if n > 1 => format!("{} [attempt {n}]", ev.stage.name()),
+                    _ => ev.stage.name().to_string(),
+                };
+                let mark = match ev.status {
+                    EventStatus::Started | EventStatus::Progress => {
+                        current = format!("{who}: {}", ev.message);
+                        None
+                    }
+                    EventStatus::Passed => Some(paint("32", "✓")),
+                    EventStatus::Failed => Some(paint("31", "✗")),
+                    EventStatus::Finished => Some(paint("32", "•")),
+                    EventStatus::Skipped => Some(paint("2", "–")),
+                };
+                if let Some(m) = mark {
+                    let _ = write!(err, "\r\x1b[2K{m} {who}: {} {}\n", ev.message, paint("2", &format!("({:.1}s)", ev.elapsed_ms as f64 / 1000.0)));
+                }
+            }
+            _ = tick.tick() => {
+                i = (i + 1) % frames.len();
+                let line: String = current.chars().take(100).collect();
+                let _ = write!(err, "\r\x1b[2K{} {line}", paint("36", &frames[i].to_string()));
+                let _ = err.flush();
+            }
+        }
+    }
+    let _ = write!(err, "\r\x1b[2K");
+    let _ = err.flush();
+}

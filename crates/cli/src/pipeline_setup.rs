@@ -1,0 +1,94 @@
+//! What `generate`, `eval`, `bench pipeline` and `serve` share: the pipeline's flags, and
+//! the models, sandbox and pipeline built from them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use forgeline_engine::scheduler::{LlmClient, SchedulerConfig};
+use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
+use forgeline_sandbox::{Sandbox, SandboxConfig};
+
+use crate::Env;
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct PipelineArgs {
+    /// Model for every stage: a name, a path, or a Hugging Face repo id [default: smollm2-135m-instruct, or what the config names]
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Pipeline config (per-stage models, sampling, limits) [default: ./forgeline.toml if present]
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Directory of stage templates (`<stage>.j2`) that replace the built-in ones
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+}
+
+/// The engine, sandbox and pipeline a command runs on.
+pub struct PipelineSetup {
+    pub client: LlmClient,
+    pub sandbox: Sandbox,
+    pub pipeline: Pipeline,
+}
+
+impl PipelineArgs {
+    pub fn config(&self) -> anyhow::Result<PipelineConfig> {
+        let path = match &self.config {
+            Some(p) => Some(p.clone()),
+            None => Some(PathBuf::from("forgeline.toml")).filter(|p| p.is_file()),
+        };
+        let mut cfg = match path {
+            Some(p) => PipelineConfig::load(&p).map_err(|e| crate::usage(e.to_string()))?,
+            None => PipelineConfig::default(),
+        };
+        if let Some(m) = &self.model {
+            cfg = cfg.with_model(m);
+        }
+        Ok(cfg)
+    }
+
+    /// Loads every model the config names (the default model when it names none), starts
+    /// the scheduler and the sandbox. Must run inside a tokio runtime.
+    pub async fn build(&self, env: &Env) -> anyhow::Result<PipelineSetup> {
+        let mut cfg = self.config()?;
+        let prompts =
+            Prompts::load(self.prompts.as_deref()).map_err(|e| crate::usage(e.to_string()))?;
+        let mut names: Vec<Option<String>> = Vec::new();
+        for s in cfg.stages.values() {
+            for m in &s.models {
+                if !names.contains(&Some(m.clone())) {
+                    names.push(Some(m.clone()));
+                }
+            }
+        }
+        if names.is_empty() {
+            names.push(None);
+        }
+        let mut models = Vec::new();
+        for n in &names {
+            let m = env.load_model(n.as_deref())?;
+            // A path or repo id loads under the model's own name: stages call it that.
+            if let Some(n) = n {
+                for s in cfg.stages.values_mut() {
+                    for x in s.models.iter_mut().filter(|x| *x == n) {
+                        *x = m.info.name.clone();
+                    }
+                }
+            }
+            if !models
+                .iter()
+                .any(|x: &forgeline_engine::loader::LoadedModel| x.info.name == m.info.name)
+            {
+                models.push(m);
+            }
+        }
+        let client = LlmClient::start(models, SchedulerConfig::default())?;
+        let sandbox = Sandbox::new(SandboxConfig::default()).await?;
+        let pipeline = Pipeline::new(Arc::new(client.clone()), sandbox.clone(), prompts, cfg);
+        Ok(PipelineSetup {
+            client,
+            sandbox,
+            pipeline,
+        })
+    }
+}

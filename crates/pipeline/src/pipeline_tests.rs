@@ -1,0 +1,143 @@
+//! Whole jobs on a scripted model: every stage runs, bad answers degrade without panics,
+//! and retries carry the failure back to the worker.
+
+use crate::config::PipelineConfig;
+use crate::formatter::Format;
+use crate::task::TaskRequest;
+use crate::testing::{ScriptedModel, TestBed};
+use crate::trace::Stage;
+
+const STUB: &str = "def add(a: int, b: int) -> int:\n    \"\"\"Return the sum of a and b.\n\n    >>> add(2, 3)\n    5\n    \"\"\"\n";
+const JUDGE_OK: &str = r#"{"pass": true, "problems": [], "feedback": ""}"#;
+
+fn config(candidates: usize) -> PipelineConfig {
+    let mut c = PipelineConfig::default();
+    c.limits.candidates = candidates;
+    c
+}
+
+#[tokio::test]
+async fn a_job_runs_every_stage_and_repairs_a_cyclic_plan() {
+    let model = ScriptedModel::new()
+        .on(
+            "orchestrator",
+            r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": ["think"], "acceptance": []},
+                             {"id": "think", "kind": "reasoning", "description": "plan", "depends_on": ["impl"], "acceptance": []},
+                             {"id": "tests", "kind": "tests", "description": "tests", "depends_on": ["impl"], "acceptance": []}]}"#,
+        )
+        .on("reasoning", "1. Add the two numbers. 2. Return the sum.")
+        .on("code", "return a - b\n```")
+        .on("code", "def add(a, b):\n    return a + b\n```")
+        .on("tests", "add():\n    assert add(1, 1) == 2\n```")
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "add(a, b) returns the sum.")
+        .on("final_validator", JUDGE_OK);
+    let bed = TestBed::with_config(model.clone(), config(2)).await;
+    let out = bed
+        .pipeline
+        .run(TaskRequest::new(STUB), Format::Md, None)
+        .await
+        .unwrap();
+    let r = &out.result;
+    assert!(r.passed, "{:#?}\n{:#?}", r.verdict, out.trace.subtasks);
+    let module = r.module().unwrap();
+    assert!(module.contains("return a + b"), "{module}");
+    assert!(r.files.iter().any(|f| f.path == "test_solution.py"));
+    assert!(
+        out.trace
+            .dag
+            .repairs
+            .iter()
+            .any(|x| x.starts_with("cycle broken")),
+        "{:?}",
+        out.trace.dag.repairs
+    );
+    assert!(r.notes.iter().any(|n| n.contains("cycle broken")));
+    for stage in Stage::ALL {
+        assert!(
+            out.trace.stages.iter().any(|s| s.stage == stage),
+            "no {stage:?} in the trace"
+        );
+    }
+    assert!(
+        out.rendered.contains("## solution.py") && out.rendered.contains("✓ task_examples"),
+        "{}",
+        out.rendered
+    );
+    assert!(out.trace.workers.contains_key("code") && out.trace.workers.contains_key("reasoning"));
+    // The router needed no LLM: the stub is clear.
+    assert!(!model.calls().iter().any(|(s, _)| s == "router"));
+}
+
+#[tokio::test]
+async fn malformed_json_and_empty_answers_fail_cleanly() {
+    let model = ScriptedModel::new()
+        .on("orchestrator", "{\"subtasks\": [")
+        .on("code", "")
+        .on("synthesizer", "")
+        .on("final_validator", "not json");
+    let bed = TestBed::with_config(model, config(2)).await;
+    let out = bed
+        .pipeline
+        .run(TaskRequest::new(STUB), Format::Json, None)
+        .await
+        .unwrap();
+    let r = &out.result;
+    assert!(!r.passed);
+    assert!(out
+        .trace
+        .plan
+        .fallback
+        .as_deref()
+        .unwrap()
+        .contains("did not parse"));
+    assert!(r.notes[0].contains("one-subtask plan"), "{:?}", r.notes);
+    let code = &out.trace.subtasks[0];
+    assert!(!code.passed);
+    assert!(
+        code.stopped.contains("no better") || code.stopped.contains("retry limit"),
+        "{}",
+        code.stopped
+    );
+    // The empty answers left the stub's docstring alone: it returns None.
+    assert!(
+        r.verdict.feedback.contains("task_examples"),
+        "{}",
+        r.verdict.feedback
+    );
+    let json: serde_json::Value = serde_json::from_str(&out.rendered).unwrap();
+    assert_eq!(json["passed"], false);
+}
+
+#[tokio::test]
+async fn a_retry_is_told_what_failed_and_the_best_attempt_is_kept() {
+    let model = ScriptedModel::new()
+        .on("orchestrator", r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#)
+        .on("code", "return a * b\n```")
+        .on("code", "return a + b\n```")
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "Adds.")
+        .on("final_validator", JUDGE_OK);
+    let bed = TestBed::with_config(model.clone(), config(1)).await;
+    let out = bed
+        .pipeline
+        .run(TaskRequest::new(STUB), Format::Code, None)
+        .await
+        .unwrap();
+    assert!(out.result.passed);
+    assert_eq!(out.trace.subtasks[0].attempts.len(), 2);
+    let code_prompts: Vec<String> = model
+        .calls()
+        .into_iter()
+        .filter(|(s, _)| s == "code")
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(code_prompts.len(), 2);
+    assert!(!code_prompts[0].contains("previous answer"));
+    assert!(
+        code_prompts[1].contains("return a * b") && code_prompts[1].contains("add(2, 3)"),
+        "{}",
+        code_prompts[1]
+    );
+    assert!(out.rendered.contains("return a + b"));
+}
