@@ -95,6 +95,7 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let server = Server::new(client, cards.clone(), config);
 
     crate::runtime()?.block_on(async move {
+        let shutdown = shutdown_signal()?;
         let listener = tokio::net::TcpListener::bind(SocketAddr::new(host, a.port))
             .await
             .map_err(|e| crate::usage(format!("cannot listen on {host}:{}: {e}", a.port)))?;
@@ -114,28 +115,23 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
                 "forgeline serve: WARNING: no authentication, and {host} is reachable from other hosts"
             ),
         }
-        server.run(listener, shutdown_signal()).await?;
+        server.run(listener, shutdown).await?;
         eprintln!("forgeline serve: stopped");
         Ok(ExitCode::SUCCESS)
     })
 }
 
-/// SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C still stops the server");
-                std::future::pending::<()>().await;
-            }
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed now, before the server says it
+/// is listening, so that a signal sent right after start-up is not lost.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-    eprintln!("forgeline serve: shutting down; running requests get their grace period");
+        eprintln!("forgeline serve: shutting down; running requests get their grace period");
+    })
 }

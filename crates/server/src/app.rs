@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::header;
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
@@ -12,6 +12,7 @@ use forgeline_engine::scheduler::LlmClient;
 use serde_json::json;
 
 use crate::auth::require_key;
+use crate::error::ApiError;
 use crate::metrics::{track, Metrics};
 use crate::shutdown::CancelSignal;
 use crate::{completions, openai, ModelCard, ServerConfig};
@@ -61,8 +62,20 @@ pub fn router(app: AppState) -> Router {
     }
     api.route("/health", get(health))
         .route_layer(middleware::from_fn_with_state(app.metrics.clone(), track))
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(app.config.body_limit))
         .with_state(app)
+}
+
+async fn unknown_path(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no endpoint at `{}`", uri.path()))
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    let mut e = ApiError::invalid(format!("`{}` does not take {method}", uri.path()));
+    e.status = StatusCode::METHOD_NOT_ALLOWED;
+    e
 }
 
 /// Liveness: the process answers and its engine thread takes requests.

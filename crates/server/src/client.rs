@@ -85,7 +85,7 @@ impl HttpClient {
         path: &str,
         body: Option<Bytes>,
     ) -> ClientResult<HttpResponse> {
-        let resp = self.send(method, path, body).await?;
+        let (resp, _conn) = self.send(method, path, body).await?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();
@@ -102,24 +102,16 @@ impl HttpClient {
         path: &str,
         body: &serde_json::Value,
     ) -> ClientResult<EventStream> {
-        let resp = self
+        let (resp, conn) = self
             .send(Method::POST, path, Some(body.to_string().into()))
             .await?;
-        Ok(EventStream {
-            status: resp.status(),
-            body: resp.into_body(),
-            buf: Vec::new(),
-        })
+        Ok(EventStream::new(resp, conn))
     }
 
     /// GETs a stream of SSE events.
     pub async fn get_stream(&self, path: &str) -> ClientResult<EventStream> {
-        let resp = self.send(Method::GET, path, None).await?;
-        Ok(EventStream {
-            status: resp.status(),
-            body: resp.into_body(),
-            buf: Vec::new(),
-        })
+        let (resp, conn) = self.send(Method::GET, path, None).await?;
+        Ok(EventStream::new(resp, conn))
     }
 
     async fn send(
@@ -127,7 +119,7 @@ impl HttpClient {
         method: Method,
         path: &str,
         body: Option<Bytes>,
-    ) -> ClientResult<hyper::Response<Incoming>> {
+    ) -> ClientResult<(hyper::Response<Incoming>, Connection)> {
         let tcp = TcpStream::connect(self.addr)
             .await
             .map_err(|source| ClientError::Connect {
@@ -136,10 +128,9 @@ impl HttpClient {
             })?;
         let _ = tcp.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-        // The connection lives as long as the response body is read; it ends with it.
-        tokio::spawn(async move {
+        let conn = Connection(tokio::spawn(async move {
             let _ = conn.await;
-        });
+        }));
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -151,7 +142,17 @@ impl HttpClient {
             req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
         }
         let req = req.body(Full::new(body.unwrap_or_default()))?;
-        Ok(sender.send_request(req).await?)
+        Ok((sender.send_request(req).await?, conn))
+    }
+}
+
+/// The task driving one connection; dropping it closes the connection at once (a client
+/// that goes away mid-answer).
+struct Connection(tokio::task::JoinHandle<()>);
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -160,9 +161,19 @@ pub struct EventStream {
     pub status: StatusCode,
     body: Incoming,
     buf: Vec<u8>,
+    _conn: Connection,
 }
 
 impl EventStream {
+    fn new(resp: hyper::Response<Incoming>, conn: Connection) -> Self {
+        Self {
+            status: resp.status(),
+            body: resp.into_body(),
+            buf: Vec::new(),
+            _conn: conn,
+        }
+    }
+
     /// The next event's data (its `data:` lines joined), None at the end of the body.
     /// Comments (keep-alives) are skipped.
     pub async fn next_data(&mut self) -> ClientResult<Option<String>> {

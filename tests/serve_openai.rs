@@ -1,0 +1,134 @@
+//! The real `forgeline serve` binary: the official `openai` Python client talks to it, it
+//! refuses to serve other hosts without a key, and SIGTERM stops it gracefully.
+
+mod serve_support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use forgeline_server::client::HttpClient;
+use serde_json::json;
+use serve_support::{models_dir, ServeProcess};
+
+/// The `openai` package, installed from PyPI when missing (CI's setup installs it first).
+fn ensure_openai() {
+    let has = || {
+        Command::new("python3")
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has() {
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "openai",
+            ])
+            .output()
+            .expect("run python3 -m pip");
+        assert!(
+            out.status.success() && has(),
+            "cannot install the `openai` Python package:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_official_openai_client_works_against_the_server() {
+    ensure_openai();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "sk-forgeline-test\n").unwrap();
+    let server = ServeProcess::start(&["--api-key-file", key_file.to_str().unwrap()]);
+    assert!(server.banner.contains("bearer token"), "{}", server.banner);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/openai_client/check_openai.py"
+    );
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("http://{}/v1", server.addr))
+        .arg("sk-forgeline-test")
+        .arg("smollm2-135m-instruct")
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python3 {script} failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for check in [
+        "chat stream usage",
+        "completions stream",
+        "json_schema",
+        "wrong key is 401",
+    ] {
+        assert!(stdout.contains(&format!("ok {check}\n")), "{stdout}");
+    }
+    let (code, rest) = server.terminate();
+    assert_eq!(code, Some(0), "{rest}");
+}
+
+#[test]
+fn an_open_server_listens_on_loopback_and_refuses_other_hosts() {
+    let out = Command::new(env!("CARGO_BIN_EXE_forgeline"))
+        .args(["serve", "--host", "0.0.0.0", "--port", "0", "--models-dir"])
+        .arg(models_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--api-key-file") && stderr.contains("--insecure-no-auth"),
+        "{stderr}"
+    );
+
+    let server = ServeProcess::start(&[]);
+    assert!(server.addr.ip().is_loopback());
+    assert!(
+        server.banner.contains("only this machine can connect"),
+        "{}",
+        server.banner
+    );
+    let (code, rest) = server.terminate();
+    assert_eq!(code, Some(0), "{rest}");
+    assert!(rest.contains("stopped"), "{rest}");
+}
+
+#[test]
+fn sigterm_lets_a_running_request_finish_within_the_grace_period() {
+    let server = ServeProcess::start(&["--grace-period", "20"]);
+    let addr = server.addr;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (code, answer) = rt.block_on(async move {
+        let http = HttpClient::new(addr);
+        let body = json!({"messages": [{"role": "user", "content": "Count."}],
+            "max_tokens": 40, "temperature": 0, "ignore_eos": true, "stream": true});
+        let mut s = http
+            .post_stream("/v1/chat/completions", &body)
+            .await
+            .unwrap();
+        assert!(s.next_data().await.unwrap().is_some());
+        // Mid-answer: the server stops accepting but finishes this one.
+        let stopping = tokio::task::spawn_blocking(move || server.terminate());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            HttpClient::new(addr).get("/health").await.is_err(),
+            "no new connections after SIGTERM"
+        );
+        let mut last = String::new();
+        while let Some(d) = s.next_data().await.unwrap() {
+            last = d;
+        }
+        let (code, _) = stopping.await.unwrap();
+        (code, last)
+    });
+    assert_eq!(answer, "[DONE]");
+    assert_eq!(code, Some(0));
+}
