@@ -1,0 +1,138 @@
+//! End-to-end tests of `forgeline generate` and `forgeline eval` on the default model: the
+//! real binary, the real pipeline, the real sandbox.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn forgeline(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_forgeline"))
+        .args(args)
+        .current_dir(dir)
+        .env("FORGELINE_MODELS_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run forgeline")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn show(args: &[&str], out: &Output, dir: &Path) -> String {
+    let files: Vec<String> = walk(dir);
+    format!(
+        "forgeline {args:?} -> {:?}\nstdout:\n{}\nstderr:\n{}\nfiles: {files:?}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                v.extend(walk(&e.path()));
+            } else {
+                v.push(e.path().display().to_string());
+            }
+        }
+    }
+    v
+}
+
+/// A smaller job than the defaults, so that the test stays quick; every stage still runs.
+const QUICK: &str = "[limits]\ncandidates = 2\nmax_retries = 1\nmax_synthesis_retries = 1\n";
+
+#[test]
+fn generate_writes_a_python_file_that_parses_and_a_trace_of_every_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("quick.toml"), QUICK).unwrap();
+    let args = [
+        "generate",
+        "Write a Python function `is_even(n)` that returns True when the integer n is even and False otherwise.",
+        "--out",
+        "out",
+        "--trace",
+        "trace.json",
+        "--format",
+        "json",
+        "--config",
+        "quick.toml",
+    ];
+    let out = forgeline(&args, dir.path());
+    let why = show(&args, &out, dir.path());
+    // 0: the result passed its final validation; 1: it did not (a 135M model may fail).
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{why}");
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&why);
+    assert_eq!(result["passed"], out.status.code() == Some(0), "{why}");
+
+    let module = dir.path().join("out/solution.py");
+    assert!(module.is_file(), "{why}");
+    let parsed = Command::new("python3")
+        .args(["-c", "import ast, sys; ast.parse(open(sys.argv[1]).read())"])
+        .arg(&module)
+        .output()
+        .unwrap();
+    assert!(parsed.status.success(), "solution.py does not parse: {}\n{why}", text(&parsed.stderr));
+
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("trace.json")).unwrap()).unwrap();
+    let seen: Vec<&str> = trace["stages_seen"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    for stage in [
+        "router", "orchestrator", "planning", "dispatcher", "worker", "validation", "retry",
+        "collector", "synthesizer", "final_validator", "synthesizer_retry", "formatter",
+    ] {
+        assert!(seen.contains(&stage), "no {stage} in the trace: {seen:?}");
+    }
+    let calls = trace["llm_calls"].as_array().unwrap();
+    assert!(calls.iter().any(|c| c["stage"] == "orchestrator" && c["constrained"] == true));
+    assert!(calls.iter().all(|c| c["prompt"]["user"].as_str().is_some_and(|u| !u.is_empty())));
+    assert!(trace["workers"]["code"]["calls"].as_u64().unwrap() >= 1, "{}", trace["workers"]);
+    // Piped: no progress drawing on stderr.
+    assert!(!text(&out.stderr).contains('\r'), "{why}");
+}
+
+#[test]
+fn generate_refuses_bad_input_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.toml"), "[stages.coder]\nmax_tokens = 3\n").unwrap();
+    for (args, message) in [
+        (vec!["generate", "  "], "`task` is empty"),
+        (vec!["generate", "x", "--file", "missing.py"], "missing.py"),
+        (vec!["generate", "x", "--format", "html"], "unknown format `html`"),
+        (vec!["generate", "x", "--config", "bad.toml"], "unknown stage `coder`"),
+        (vec!["generate", "x", "--prompts", "nowhere"], "nowhere"),
+        (vec!["eval", "missing.jsonl"], "missing.jsonl"),
+    ] {
+        let out = forgeline(&args, dir.path());
+        let why = show(&args, &out, dir.path());
+        assert_eq!(out.status.code(), Some(2), "{why}");
+        assert!(text(&out.stderr).contains(message), "{why}");
+        assert!(out.stdout.is_empty(), "{why}");
+    }
+}
+
+#[test]
+fn eval_scores_tasks_with_their_hidden_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tasks.jsonl")).unwrap();
+    let two: Vec<&str> = tasks.lines().take(2).collect();
+    std::fs::write(dir.path().join("two.jsonl"), two.join("\n")).unwrap();
+    let args = ["eval", "two.jsonl", "--mode", "single-call", "--json"];
+    let out = forgeline(&args, dir.path());
+    let why = show(&args, &out, dir.path());
+    assert_eq!(out.status.code(), Some(0), "{why}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&why);
+    assert_eq!(r["mode"], "single-call");
+    assert_eq!(r["tasks"], 2);
+    let per_task = r["per_task"].as_array().unwrap();
+    assert_eq!(per_task.len(), 2);
+    let passed = per_task.iter().filter(|t| t["passed"] == true).count();
+    assert_eq!(r["passed"], passed);
+    assert!((r["pass_at_1"].as_f64().unwrap() - passed as f64 / 2.0).abs() < 1e-9);
+    assert!(r["wall_s"].as_f64().unwrap() > 0.0);
+    assert!(r["completion_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(per_task[0]["task_id"], "forgeline/0");
+}
