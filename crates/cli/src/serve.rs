@@ -1,15 +1,20 @@
-//! `forgeline serve`: loads the models, starts the engine, and serves the HTTP API until
-//! SIGTERM or Ctrl-C.
+//! `forgeline serve`: loads the models, starts the engine, the sandbox and the pipeline, and
+//! serves the HTTP API until SIGTERM or Ctrl-C.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use forgeline_engine::loader::LoadedModel;
 use forgeline_engine::scheduler::{LlmClient, SchedulerConfig};
-use forgeline_server::{check_exposure, ApiKey, ModelCard, Server, ServerConfig};
+use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
+use forgeline_sandbox::{Sandbox, SandboxConfig};
+use forgeline_server::{check_exposure, ApiKey, JobLimits, ModelCard, Server, ServerConfig};
 
+use crate::pipeline_setup::PipelineArgs;
 use crate::Env;
 
 #[derive(Args, Debug)]
@@ -44,6 +49,21 @@ pub struct ServeArgs {
     /// `max_tokens` of requests that give none (capped by the context left)
     #[arg(long, default_value_t = 1024)]
     pub default_max_tokens: usize,
+    /// Pipeline config for jobs (per-stage models, sampling, limits) [default: ./forgeline.toml if present]
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Directory of stage templates (`<stage>.j2`) that replace the built-in ones
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Pipeline jobs running at once; more get 429
+    #[arg(long, default_value_t = 4)]
+    pub max_jobs: usize,
+    /// Jobs kept for `GET /v1/jobs/{id}` (the oldest finished go first)
+    #[arg(long, default_value_t = 256)]
+    pub jobs_kept: usize,
+    /// Serve the OpenAI-compatible API only, without pipeline jobs
+    #[arg(long)]
+    pub no_jobs: bool,
 }
 
 pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
@@ -68,15 +88,14 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         ));
     }
 
-    let names: Vec<Option<&str>> = if a.models.is_empty() {
-        vec![None]
-    } else {
-        a.models.iter().map(|m| Some(m.as_str())).collect()
-    };
-    let mut loaded = Vec::with_capacity(names.len());
-    for name in names {
-        loaded.push(env.load_model(name)?);
+    let mut pipeline_config = PipelineArgs {
+        model: None,
+        config: a.config.clone(),
+        prompts: a.prompts.clone(),
     }
+    .config()?;
+    let prompts = Prompts::load(a.prompts.as_deref()).map_err(|e| crate::usage(e.to_string()))?;
+    let loaded = load_models(&a.models, &mut pipeline_config, env)?;
     let cards: Vec<ModelCard> = loaded.iter().map(ModelCard::of).collect();
     let client = LlmClient::start(
         loaded,
@@ -92,9 +111,24 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         grace_period: Duration::from_secs(a.grace_period),
         default_max_tokens: a.default_max_tokens,
     };
-    let server = Server::new(client, cards.clone(), config);
+    let jobs = JobLimits {
+        max_running: a.max_jobs.max(1),
+        max_kept: a.jobs_kept.max(1),
+    };
 
     crate::runtime()?.block_on(async move {
+        let mut server = Server::new(client.clone(), cards.clone(), config);
+        if !a.no_jobs {
+            // The OpenAI API is useful without jobs: a missing Python only disables them.
+            match Sandbox::new(SandboxConfig::default()).await {
+                Ok(sandbox) => {
+                    let llm = Arc::new(client);
+                    let pipeline = Pipeline::new(llm, sandbox, prompts, pipeline_config);
+                    server = server.with_jobs(pipeline, jobs);
+                }
+                Err(e) => eprintln!("forgeline serve: pipeline jobs disabled: {e}"),
+            }
+        }
         let shutdown = shutdown_signal()?;
         let listener = tokio::net::TcpListener::bind(SocketAddr::new(host, a.port))
             .await
@@ -119,6 +153,43 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         eprintln!("forgeline serve: stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Loads the models to serve (the default one when none is named) and those the pipeline
+/// config names for its stages; a stage model given as a path or repo id is renamed to the
+/// loaded model's name, which is what stages call it by.
+fn load_models(
+    served: &[String],
+    cfg: &mut PipelineConfig,
+    env: &Env,
+) -> anyhow::Result<Vec<LoadedModel>> {
+    let mut specs: Vec<Option<String>> = if served.is_empty() {
+        vec![None]
+    } else {
+        served.iter().cloned().map(Some).collect()
+    };
+    for s in cfg.stages.values() {
+        for m in &s.models {
+            if !specs.contains(&Some(m.clone())) {
+                specs.push(Some(m.clone()));
+            }
+        }
+    }
+    let mut loaded: Vec<LoadedModel> = Vec::new();
+    for spec in &specs {
+        let m = env.load_model(spec.as_deref())?;
+        if let Some(spec) = spec {
+            for s in cfg.stages.values_mut() {
+                for x in s.models.iter_mut().filter(|x| *x == spec) {
+                    *x = m.info.name.clone();
+                }
+            }
+        }
+        if !loaded.iter().any(|x| x.info.name == m.info.name) {
+            loaded.push(m);
+        }
+    }
+    Ok(loaded)
 }
 
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed now, before the server says it

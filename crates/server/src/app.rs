@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::auth::require_key;
 use crate::error::ApiError;
+use crate::jobs::{self, Jobs};
 use crate::metrics::{track, Metrics};
 use crate::shutdown::CancelSignal;
 use crate::{completions, openai, ModelCard, ServerConfig};
@@ -24,6 +25,8 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub metrics: Arc<Metrics>,
     pub cancel: CancelSignal,
+    /// Pipeline jobs, when the server runs them.
+    pub jobs: Option<Arc<Jobs>>,
     serial: Arc<AtomicU64>,
 }
 
@@ -41,6 +44,7 @@ impl AppState {
             config: Arc::new(config),
             metrics,
             cancel,
+            jobs: None,
             serial: Arc::default(),
         }
     }
@@ -56,7 +60,8 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/completions", post(completions::completion))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .merge(jobs::routes());
     if let Some(key) = app.config.api_key.clone() {
         api = api.route_layer(middleware::from_fn_with_state(key, require_key));
     }
@@ -94,7 +99,8 @@ async fn models(State(app): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
-    let text = app.metrics.render(&app.client.stats(), 0);
+    let running_jobs = app.jobs.as_ref().map_or(0, |j| j.running());
+    let text = app.metrics.render(&app.client.stats(), running_jobs);
     (
         [(
             header::CONTENT_TYPE,

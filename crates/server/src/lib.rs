@@ -15,6 +15,7 @@
 //! - `completions`: the two completion endpoints, whole and as SSE.
 //! - `error`: OpenAI-style errors and how engine errors map onto them.
 //! - `fields`: typed reads of JSON fields whose errors name the field.
+//! - `jobs`: pipeline jobs: the bounded job table, their runs, events and routes.
 //! - `metrics`: request and stage counters, engine stats, Prometheus text.
 //! - `openai`: the JSON of answers, chunks, usage and model lists.
 //! - `request`: completion bodies validated into an `ApiRequest`.
@@ -29,6 +30,7 @@ pub mod client;
 pub mod completions;
 pub mod error;
 pub mod fields;
+pub mod jobs;
 pub mod metrics;
 pub mod openai;
 pub mod request;
@@ -40,10 +42,12 @@ use std::time::Duration;
 
 use forgeline_engine::loader::LoadedModel;
 use forgeline_engine::scheduler::LlmClient;
+use forgeline_pipeline::Pipeline;
 use tokio::net::TcpListener;
 
 pub use auth::{check_exposure, ApiKey};
 pub use error::ApiError;
+pub use jobs::{JobLimits, Jobs};
 pub use metrics::Metrics;
 
 /// What the server knows of a loaded model: its name and context.
@@ -112,6 +116,13 @@ impl Server {
         self.state.metrics.clone()
     }
 
+    /// Runs pipeline jobs (`/v1/jobs`) on `pipeline`; without it those endpoints say 404.
+    pub fn with_jobs(mut self, pipeline: Pipeline, limits: JobLimits) -> Self {
+        let jobs = Jobs::new(pipeline, self.state.metrics.clone(), limits);
+        self.state.jobs = Some(Arc::new(jobs));
+        self
+    }
+
     /// Serves on `listener` until `shutdown` resolves; then stops accepting, waits up to the
     /// grace period for running requests, and cancels the rest.
     pub async fn run(
@@ -143,6 +154,9 @@ impl Server {
         }
         tracing::warn!("grace period over: cancelling the requests still running");
         self.trigger.cancel();
+        if let Some(jobs) = &self.state.jobs {
+            jobs.cancel_all();
+        }
         match tokio::time::timeout(CLOSE_AFTER_CANCEL, serve).await {
             Ok(r) => r,
             Err(_) => {

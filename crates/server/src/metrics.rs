@@ -23,9 +23,12 @@ pub struct Metrics {
 
 #[derive(Clone, Copy, Debug, Default)]
 struct StageCounts {
+    /// Timed runs.
     runs: u64,
-    passed: u64,
     seconds: f64,
+    /// Verdicts.
+    passed: u64,
+    failed: u64,
 }
 
 impl Metrics {
@@ -35,13 +38,32 @@ impl Metrics {
         }
     }
 
-    /// One run of a pipeline stage: how long it took and whether its output passed.
-    pub fn record_stage(&self, stage: &str, took: Duration, passed: bool) {
+    /// One run of a pipeline stage: how long it took and, for stages that judge their
+    /// output, whether it passed.
+    pub fn record_stage(&self, stage: &str, took: Duration, passed: Option<bool>) {
+        self.record_stage_latency(stage, took);
+        if let Some(p) = passed {
+            self.record_stage_result(stage, p);
+        }
+    }
+
+    pub fn record_stage_latency(&self, stage: &str, took: Duration) {
         if let Ok(mut s) = self.stages.lock() {
             let c = s.entry(stage.to_string()).or_default();
             c.runs += 1;
-            c.passed += u64::from(passed);
             c.seconds += took.as_secs_f64();
+        }
+    }
+
+    /// A stage's output passed or failed its checks.
+    pub fn record_stage_result(&self, stage: &str, passed: bool) {
+        if let Ok(mut s) = self.stages.lock() {
+            let c = s.entry(stage.to_string()).or_default();
+            if passed {
+                c.passed += 1;
+            } else {
+                c.failed += 1;
+            }
         }
     }
 
@@ -211,21 +233,23 @@ impl Metrics {
             out.sample(&format!("{name}_sum"), &[("stage", stage)], c.seconds);
             out.sample(&format!("{name}_count"), &[("stage", stage)], c.runs as f64);
         }
-        let name = "forgeline_stage_runs_total";
-        out.header(name, "counter", "pipeline stage runs by result");
-        for (stage, c) in &stages {
-            out.sample(
-                name,
-                &[("stage", stage), ("result", "pass")],
-                c.passed as f64,
-            );
-            let failed = (c.runs - c.passed) as f64;
-            out.sample(name, &[("stage", stage), ("result", "fail")], failed);
+        // Only stages that judge their output have verdicts.
+        let judged: Vec<_> = stages
+            .iter()
+            .filter(|(_, c)| c.passed + c.failed > 0)
+            .collect();
+        let name = "forgeline_stage_results_total";
+        out.header(name, "counter", "pipeline stage verdicts by result");
+        for (stage, c) in &judged {
+            let pass = c.passed as f64;
+            out.sample(name, &[("stage", stage), ("result", "pass")], pass);
+            let fail = c.failed as f64;
+            out.sample(name, &[("stage", stage), ("result", "fail")], fail);
         }
         let name = "forgeline_stage_pass_ratio";
-        out.header(name, "gauge", "share of a stage's runs whose output passed");
-        for (stage, c) in &stages {
-            let ratio = c.passed as f64 / c.runs.max(1) as f64;
+        out.header(name, "gauge", "share of a stage's verdicts that passed");
+        for (stage, c) in &judged {
+            let ratio = c.passed as f64 / (c.passed + c.failed) as f64;
             out.sample(name, &[("stage", stage)], ratio);
         }
     }
@@ -289,8 +313,9 @@ mod tests {
         m.record_request("POST /v1/chat/completions", 200);
         m.record_request("POST /v1/chat/completions", 200);
         m.record_request("POST /v1/chat/completions", 429);
-        m.record_stage("planner", Duration::from_millis(500), true);
-        m.record_stage("planner", Duration::from_millis(1500), false);
+        m.record_stage("planner", Duration::from_millis(500), Some(true));
+        m.record_stage("planner", Duration::from_millis(1500), Some(false));
+        m.record_stage("collector", Duration::from_millis(5), None);
         m.record_job("succeeded");
         let mut slot = SlotStats::new("tiny \"m\"", 4096);
         slot.running = 3;
@@ -312,7 +337,8 @@ mod tests {
             "forgeline_prefix_cache_hit_ratio{model=\"tiny \\\"m\\\"\"} 0.5",
             "forgeline_batch_size_passes_total{model=\"tiny \\\"m\\\"\",le=\"4\"} 1",
             "forgeline_stage_duration_seconds_sum{stage=\"planner\"} 2",
-            "forgeline_stage_runs_total{stage=\"planner\",result=\"fail\"} 1",
+            "forgeline_stage_results_total{stage=\"planner\",result=\"fail\"} 1",
+            "forgeline_stage_duration_seconds_count{stage=\"collector\"} 1",
             "forgeline_stage_pass_ratio{stage=\"planner\"} 0.5",
             "forgeline_jobs_active 1",
             "forgeline_jobs_total{outcome=\"succeeded\"} 1",
@@ -320,5 +346,7 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }
+        // A stage without verdicts has no pass ratio.
+        assert!(!text.contains("forgeline_stage_pass_ratio{stage=\"collector\"}"));
     }
 }
