@@ -92,7 +92,7 @@ impl Default for Limits {
         Self {
             max_subtasks: 6,
             max_concurrent_workers: 4,
-            candidates: 6,
+            candidates: 8,
             candidate_temperature: 0.8,
             max_retries: 2,
             max_synthesis_retries: 1,

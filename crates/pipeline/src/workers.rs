@@ -307,6 +307,19 @@ impl WorkerInput<'_> {
                 && self.spec.kind == WorkerKind::Code
         });
         let header = self.route.stub.clone().unwrap_or_default();
+        // The start the "complete" style gives the model: the stub's imports and the `def`
+        // line; the model writes the rest.
+        let head = match (&self.route.signature, stub) {
+            (Some(sig), Some(_)) => {
+                let imports = python::imports(&header).join("\n");
+                if imports.is_empty() {
+                    sig.text.clone()
+                } else {
+                    format!("{imports}\n\n\n{}", sig.text)
+                }
+            }
+            _ => String::new(),
+        };
         let seen = Mutex::new(HashSet::new());
         let mut calls = Vec::with_capacity(n);
         for i in 0..n {
@@ -315,10 +328,10 @@ impl WorkerInput<'_> {
             } else {
                 "write"
             };
-            let prompt = self
-                .ctx
-                .prompts
-                .render(self.profile.template, self.context(json!({"style": style})))?;
+            let prompt = self.ctx.prompts.render(
+                self.profile.template,
+                self.context(json!({"style": style, "head": head})),
+            )?;
             let greedy = self.attempt == 0 && i < 2;
             let mut call = LlmCall::new(self.profile.template, prompt)
                 .subtask(&self.spec.id)
