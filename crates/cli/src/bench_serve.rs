@@ -84,6 +84,15 @@ pub fn run_bench(a: BenchServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     };
     line("HTTP", &r.http);
     line("in-process", &r.inprocess);
-    println!("HTTP overhead: {:.1}%", r.http_overhead * 100.0);
+    let rounds: Vec<String> = r
+        .http_overhead_by_round
+        .iter()
+        .map(|o| format!("{:.1}%", o * 100.0))
+        .collect();
+    println!(
+        "HTTP overhead: {:.1}% (by round: {})",
+        r.http_overhead * 100.0,
+        rounds.join(", ")
+    );
     Ok(ExitCode::SUCCESS)
 }

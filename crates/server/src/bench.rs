@@ -63,6 +63,8 @@ pub struct PassReport {
     pub throughput_tok_s: f64,
     pub ttft_ms: Percentiles,
     pub latency_ms: Percentiles,
+    /// Process CPU time per completion token (engine and HTTP both), in milliseconds.
+    pub cpu_ms_per_token: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -74,8 +76,10 @@ pub struct BenchReport {
     pub rounds: usize,
     pub http: PassReport,
     pub inprocess: PassReport,
-    /// 1 - http throughput / in-process throughput.
+    /// 1 - http throughput / in-process throughput, over all rounds.
     pub http_overhead: f64,
+    /// The same, round by round: how much of it is noise.
+    pub http_overhead_by_round: Vec<f64>,
 }
 
 /// One request's timings.
@@ -89,11 +93,43 @@ struct Sample {
 struct Totals {
     samples: Vec<Sample>,
     wall: Duration,
+    /// CPU time of the whole process (engine included) during the pass.
+    cpu: Duration,
+}
+
+/// CPU time this process has used (user and system), from /proc; zero where unreadable.
+fn process_cpu() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces); utime and stime are the 12th and
+    // 13th, in clock ticks of 1/100 s.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|t| t.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+fn overhead(http_tok_s: f64, inprocess_tok_s: f64) -> f64 {
+    1.0 - http_tok_s / inprocess_tok_s.max(1e-9)
 }
 
 impl Totals {
+    fn throughput(&self) -> f64 {
+        let tokens: usize = self.samples.iter().map(|s| s.tokens).sum();
+        tokens as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
     fn report(self) -> PassReport {
         let tokens: usize = self.samples.iter().map(|s| s.tokens).sum();
+        let throughput_tok_s = self.throughput();
         let mut ttft: Vec<Duration> = self.samples.iter().map(|s| s.ttft).collect();
         let mut latency: Vec<Duration> = self.samples.iter().map(|s| s.latency).collect();
         let wall_s = self.wall.as_secs_f64();
@@ -101,7 +137,8 @@ impl Totals {
             requests: self.samples.len(),
             completion_tokens: tokens,
             wall_s,
-            throughput_tok_s: tokens as f64 / wall_s.max(1e-9),
+            throughput_tok_s,
+            cpu_ms_per_token: self.cpu.as_secs_f64() * 1e3 / tokens.max(1) as f64,
             ttft_ms: Percentiles::of(&mut ttft),
             latency_ms: Percentiles::of(&mut latency),
         }
@@ -146,6 +183,7 @@ pub async fn run(
     inprocess_pass(&client, &model.name, "warm-local", 1, 1, cfg.max_tokens).await?;
 
     let (mut h, mut l) = (Totals::default(), Totals::default());
+    let mut by_round = Vec::new();
     for round in 0..cfg.rounds.max(1) {
         let (ht, lt) = (format!("http{round}"), format!("local{round}"));
         let run_http = || {
@@ -175,10 +213,13 @@ pub async fn run(
             let b = run_local().await?;
             (run_http().await?, b)
         };
+        by_round.push(overhead(a.throughput(), b.throughput()));
         h.samples.extend(a.samples);
         h.wall += a.wall;
+        h.cpu += a.cpu;
         l.samples.extend(b.samples);
         l.wall += b.wall;
+        l.cpu += b.cpu;
     }
     let _ = stop.send(());
     serving
@@ -192,7 +233,8 @@ pub async fn run(
         requests: cfg.requests,
         max_tokens: cfg.max_tokens,
         rounds: cfg.rounds.max(1),
-        http_overhead: 1.0 - http.throughput_tok_s / inprocess.throughput_tok_s.max(1e-9),
+        http_overhead: overhead(http.throughput_tok_s, inprocess.throughput_tok_s),
+        http_overhead_by_round: by_round,
         http,
         inprocess,
     })
@@ -208,7 +250,7 @@ async fn http_pass(
     max_tokens: usize,
 ) -> Result<Totals, String> {
     let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), process_cpu());
     let workers: Vec<_> = (0..clients)
         .map(|_| {
             let (http, next, model, tag) = (
@@ -242,6 +284,7 @@ async fn http_pass(
             .extend(w.await.map_err(|e| format!("client task failed: {e}"))??);
     }
     totals.wall = started.elapsed();
+    totals.cpu = process_cpu().saturating_sub(cpu);
     Ok(totals)
 }
 
@@ -295,7 +338,7 @@ async fn inprocess_pass(
     max_tokens: usize,
 ) -> Result<Totals, String> {
     let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), process_cpu());
     let workers: Vec<_> = (0..clients)
         .map(|_| {
             let (client, next, model, tag) = (
@@ -346,6 +389,7 @@ async fn inprocess_pass(
             .extend(w.await.map_err(|e| format!("client task failed: {e}"))??);
     }
     totals.wall = started.elapsed();
+    totals.cpu = process_cpu().saturating_sub(cpu);
     Ok(totals)
 }
 
