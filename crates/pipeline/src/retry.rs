@@ -16,7 +16,7 @@ use crate::router::Route;
 use crate::trace::{EventStatus, Stage};
 use crate::validation::ValidationPriority;
 use crate::validators::{self, Evidence, Verdict};
-use crate::workers::{Artifact, WorkerManager};
+use crate::workers::{Artifact, Assignment, WorkerManager};
 
 /// What a retry is told.
 #[derive(Clone, Debug, Serialize)]
@@ -113,7 +113,14 @@ pub async fn run_subtask(
         // Candidates are validated as they are written: the first that passes wins, and the
         // rest (written or not) are dropped.
         let (cand_tx, mut cand_rx) = unbounded_channel();
-        let produce = manager.produce(ctx, route, spec, deps, feedback.as_ref(), attempt, &cand_tx);
+        let assignment = Assignment {
+            route,
+            spec,
+            deps,
+            feedback: feedback.as_ref(),
+            attempt,
+        };
+        let produce = manager.produce(ctx, assignment, &cand_tx);
         let mut produce = Box::pin(produce);
         let (vtx, mut vrx) = unbounded_channel();
         let priority = ValidationPriority {

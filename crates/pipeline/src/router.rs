@@ -205,7 +205,7 @@ pub fn route_by_rules(task: &TaskRequest) -> Route {
     );
 
     let mut ranked = scores.clone();
-    ranked.sort_by(|a, b| b.1.cmp(&a.1));
+    ranked.sort_by_key(|r| std::cmp::Reverse(r.1));
     let signature = stub.as_deref().and_then(python::signature_of);
     let entry_point = task
         .entry_point

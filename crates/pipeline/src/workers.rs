@@ -100,6 +100,18 @@ pub struct Artifact {
     pub files: Vec<GeneratedFile>,
 }
 
+/// One attempt at a subtask, as handed to a worker.
+#[derive(Clone, Copy)]
+pub struct Assignment<'a> {
+    pub route: &'a Route,
+    pub spec: &'a TaskSpec,
+    /// The finished subtasks it depends on.
+    pub deps: &'a [SubtaskResult],
+    /// What was wrong with the previous attempt.
+    pub feedback: Option<&'a Feedback>,
+    pub attempt: usize,
+}
+
 /// A worker kind's entry in the registry.
 #[derive(Clone, Debug, Serialize)]
 pub struct WorkerProfile {
@@ -157,13 +169,10 @@ impl WorkerManager {
     pub async fn produce(
         &self,
         ctx: &JobContext,
-        route: &Route,
-        spec: &TaskSpec,
-        deps: &[SubtaskResult],
-        feedback: Option<&Feedback>,
-        attempt: usize,
+        a: Assignment<'_>,
         out: &UnboundedSender<Artifact>,
     ) -> Result<usize> {
+        let spec = a.spec;
         self.update(spec.kind, |s| {
             s.in_flight += 1;
             s.max_in_flight = s.max_in_flight.max(s.in_flight);
@@ -172,11 +181,11 @@ impl WorkerManager {
         let started = Instant::now();
         let input = WorkerInput {
             ctx,
-            route,
+            route: a.route,
             spec,
-            deps,
-            feedback,
-            attempt,
+            deps: a.deps,
+            feedback: a.feedback,
+            attempt: a.attempt,
             profile: self.profile(spec.kind),
         };
         let one = |r: Result<Artifact>| {

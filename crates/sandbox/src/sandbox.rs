@@ -306,41 +306,6 @@ async fn probe_isolation(
     (plan, report)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partial_isolation_is_refused_only_when_full_is_required() {
-        let partial = IsolationReport::of(
-            &IsolationPlan {
-                namespaces: CloneFlags::CLONE_NEWNET,
-                ..IsolationPlan::nothing()
-            },
-            LandlockState::Unavailable,
-        );
-        assert_eq!(partial.level, IsolationLevel::Partial);
-        assert!(check_required(&partial, false).is_ok());
-        let err = check_required(&partial, true).unwrap_err();
-        assert!(matches!(err, Error::IsolationUnavailable { .. }));
-        assert!(err.to_string().contains("Landlock"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn full_isolation_can_be_required_where_it_is_available() {
-        let sandbox = Sandbox::new(SandboxConfig::default()).await.unwrap();
-        let required = Sandbox::new(SandboxConfig {
-            require_full_isolation: true,
-            ..SandboxConfig::default()
-        })
-        .await;
-        match sandbox.isolation().level {
-            IsolationLevel::Full => assert!(required.is_ok()),
-            _ => assert!(matches!(required, Err(Error::IsolationUnavailable { .. }))),
-        }
-    }
-}
-
 /// The files with one of these extensions in `dir` and its subdirectories (one level),
 /// regular files only (a link could point anywhere), within the count and size caps.
 fn kept_files(dir: &Path, extensions: &[String]) -> Vec<crate::outcome::KeptFile> {
@@ -392,4 +357,60 @@ fn kept_files(dir: &Path, extensions: &[String]) -> Vec<crate::outcome::KeptFile
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_isolation_is_refused_only_when_full_is_required() {
+        let partial = IsolationReport::of(
+            &IsolationPlan {
+                namespaces: CloneFlags::CLONE_NEWNET,
+                ..IsolationPlan::nothing()
+            },
+            LandlockState::Unavailable,
+        );
+        assert_eq!(partial.level, IsolationLevel::Partial);
+        assert!(check_required(&partial, false).is_ok());
+        let err = check_required(&partial, true).unwrap_err();
+        assert!(matches!(err, Error::IsolationUnavailable { .. }));
+        assert!(err.to_string().contains("Landlock"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn full_isolation_can_be_required_where_it_is_available() {
+        let sandbox = Sandbox::new(SandboxConfig::default()).await.unwrap();
+        let required = Sandbox::new(SandboxConfig {
+            require_full_isolation: true,
+            ..SandboxConfig::default()
+        })
+        .await;
+        match sandbox.isolation().level {
+            IsolationLevel::Full => assert!(required.is_ok()),
+            _ => assert!(matches!(required, Err(Error::IsolationUnavailable { .. }))),
+        }
+    }
+
+    #[test]
+    fn kept_files_are_the_asked_extensions_one_level_deep() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("plot.png"), b"png").unwrap();
+        std::fs::write(d.join("solution.py"), b"x = 1").unwrap();
+        std::fs::create_dir_all(d.join("figures/deeper")).unwrap();
+        std::fs::write(d.join("figures/hist.PNG"), b"png2").unwrap();
+        std::fs::write(d.join("figures/deeper/too_deep.png"), b"no").unwrap();
+        std::fs::create_dir(d.join("tmp")).unwrap();
+        std::fs::write(d.join("tmp/scratch.png"), b"no").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.join("link.png")).unwrap();
+        let mut names: Vec<String> = kept_files(d, &["png".into()])
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["figures/hist.PNG", "plot.png"]);
+        assert!(kept_files(d, &[]).is_empty());
+    }
 }
