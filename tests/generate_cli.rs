@@ -8,7 +8,10 @@ fn forgeline(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_forgeline"))
         .args(args)
         .current_dir(dir)
-        .env("FORGELINE_MODELS_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
+        .env(
+            "FORGELINE_MODELS_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/models"),
+        )
         .env_remove("RUST_LOG")
         .output()
         .expect("run forgeline")
@@ -75,21 +78,48 @@ fn generate_writes_a_python_file_that_parses_and_a_trace_of_every_stage() {
         .arg(&module)
         .output()
         .unwrap();
-    assert!(parsed.status.success(), "solution.py does not parse: {}\n{why}", text(&parsed.stderr));
+    assert!(
+        parsed.status.success(),
+        "solution.py does not parse: {}\n{why}",
+        text(&parsed.stderr)
+    );
 
     let trace: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("trace.json")).unwrap()).unwrap();
-    let seen: Vec<&str> = trace["stages_seen"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let seen: Vec<&str> = trace["stages_seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
     for stage in [
-        "router", "orchestrator", "planning", "dispatcher", "worker", "validation", "retry",
-        "collector", "synthesizer", "final_validator", "synthesizer_retry", "formatter",
+        "router",
+        "orchestrator",
+        "planning",
+        "dispatcher",
+        "worker",
+        "validation",
+        "retry",
+        "collector",
+        "synthesizer",
+        "final_validator",
+        "synthesizer_retry",
+        "formatter",
     ] {
         assert!(seen.contains(&stage), "no {stage} in the trace: {seen:?}");
     }
     let calls = trace["llm_calls"].as_array().unwrap();
-    assert!(calls.iter().any(|c| c["stage"] == "orchestrator" && c["constrained"] == true));
-    assert!(calls.iter().all(|c| c["prompt"]["user"].as_str().is_some_and(|u| !u.is_empty())));
-    assert!(trace["workers"]["code"]["calls"].as_u64().unwrap() >= 1, "{}", trace["workers"]);
+    assert!(calls
+        .iter()
+        .any(|c| c["stage"] == "orchestrator" && c["constrained"] == true));
+    assert!(calls
+        .iter()
+        .all(|c| c["prompt"]["user"].as_str().is_some_and(|u| !u.is_empty())));
+    assert!(
+        trace["workers"]["code"]["calls"].as_u64().unwrap() >= 1,
+        "{}",
+        trace["workers"]
+    );
     // Piped: no progress drawing on stderr.
     assert!(!text(&out.stderr).contains('\r'), "{why}");
 }
@@ -97,12 +127,22 @@ fn generate_writes_a_python_file_that_parses_and_a_trace_of_every_stage() {
 #[test]
 fn generate_refuses_bad_input_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("bad.toml"), "[stages.coder]\nmax_tokens = 3\n").unwrap();
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[stages.coder]\nmax_tokens = 3\n",
+    )
+    .unwrap();
     for (args, message) in [
         (vec!["generate", "  "], "`task` is empty"),
         (vec!["generate", "x", "--file", "missing.py"], "missing.py"),
-        (vec!["generate", "x", "--format", "html"], "unknown format `html`"),
-        (vec!["generate", "x", "--config", "bad.toml"], "unknown stage `coder`"),
+        (
+            vec!["generate", "x", "--format", "html"],
+            "unknown format `html`",
+        ),
+        (
+            vec!["generate", "x", "--config", "bad.toml"],
+            "unknown stage `coder`",
+        ),
         (vec!["generate", "x", "--prompts", "nowhere"], "nowhere"),
         (vec!["eval", "missing.jsonl"], "missing.jsonl"),
     ] {
@@ -117,7 +157,11 @@ fn generate_refuses_bad_input_with_exit_code_2() {
 #[test]
 fn eval_scores_tasks_with_their_hidden_tests() {
     let dir = tempfile::tempdir().unwrap();
-    let tasks = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tasks.jsonl")).unwrap();
+    let tasks = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/tasks.jsonl"
+    ))
+    .unwrap();
     let two: Vec<&str> = tasks.lines().take(2).collect();
     std::fs::write(dir.path().join("two.jsonl"), two.join("\n")).unwrap();
     let args = ["eval", "two.jsonl", "--mode", "single-call", "--json"];
