@@ -80,6 +80,13 @@ impl Synthesis {
     }
 }
 
+fn push_import(imports: &mut Vec<String>, text: &str) {
+    let t = text.trim().to_string();
+    if !imports.contains(&t) {
+        imports.push(t);
+    }
+}
+
 /// Merges modules: imports once each, the first definition of each name (later ones are
 /// dropped with a note), other statements once, one `__main__` block at the end.
 pub fn merge_modules(parts: &[(&str, &str)], header: &str, notes: &mut Vec<String>) -> String {
@@ -91,12 +98,7 @@ pub fn merge_modules(parts: &[(&str, &str)], header: &str, notes: &mut Vec<Strin
     for (from, code) in parts {
         for s in python::statements(code) {
             match &s.kind {
-                StatementKind::Import => {
-                    let t = s.text.trim().to_string();
-                    if !imports.contains(&t) {
-                        imports.push(t);
-                    }
-                }
+                StatementKind::Import => push_import(&mut imports, &s.text),
                 StatementKind::Def(n) | StatementKind::Class(n) => {
                     if defined.insert(n.clone()) {
                         body.push(s.text.trim_end().to_string());
@@ -150,12 +152,7 @@ pub fn merge_tests(parts: &[&str]) -> String {
     for code in parts {
         for s in python::statements(code) {
             match &s.kind {
-                StatementKind::Import => {
-                    let t = s.text.trim().to_string();
-                    if !imports.contains(&t) {
-                        imports.push(t);
-                    }
-                }
+                StatementKind::Import => push_import(&mut imports, &s.text),
                 StatementKind::Def(n) | StatementKind::Class(n) => {
                     let mut text = s.text.trim_end().to_string();
                     if !names.insert(n.clone()) {

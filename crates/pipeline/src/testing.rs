@@ -9,7 +9,7 @@ use forgeline_engine::scheduler::{Completion, GenerateRequest, Prompt};
 use forgeline_engine::stop::StopReason;
 use forgeline_sandbox::{Sandbox, SandboxConfig};
 
-use crate::config::PipelineConfig;
+use crate::config::{PipelineConfig, STAGES};
 use crate::job::{JobContext, Pipeline};
 use crate::llm::{BoxFuture, LanguageModel};
 use crate::prompts::Prompts;
@@ -91,20 +91,6 @@ impl ScriptedModel {
         }
     }
 }
-
-const STAGES: &[&str] = &[
-    "router",
-    "orchestrator",
-    "code",
-    "tests",
-    "reasoning",
-    "research",
-    "docs",
-    "data_analysis",
-    "validator",
-    "synthesizer",
-    "final_validator",
-];
 
 impl LanguageModel for ScriptedModel {
     fn complete(
