@@ -93,7 +93,7 @@ impl Default for Limits {
             max_subtasks: 6,
             max_concurrent_workers: 4,
             candidates: 8,
-            candidate_temperature: 0.8,
+            candidate_temperature: 0.7,
             max_retries: 2,
             max_synthesis_retries: 1,
             llm_judge: true,

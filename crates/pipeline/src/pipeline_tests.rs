@@ -26,7 +26,7 @@ async fn a_job_runs_every_stage_and_repairs_a_cyclic_plan() {
                              {"id": "tests", "kind": "tests", "description": "tests", "depends_on": ["impl"], "acceptance": []}]}"#,
         )
         .on("reasoning", "1. Add the two numbers. 2. Return the sum.")
-        .on("code", "    return a - b\n```")
+        .on("code", "def add(a, b):\n    return a - b\n```")
         .on("code", "def add(a, b):\n    return a + b\n```")
         .on("tests", "add():\n    assert add(1, 1) == 2\n```")
         .on("validator", JUDGE_OK)
@@ -113,8 +113,8 @@ async fn malformed_json_and_empty_answers_fail_cleanly() {
 async fn a_retry_is_told_what_failed_and_the_best_attempt_is_kept() {
     let model = ScriptedModel::new()
         .on("orchestrator", r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#)
-        .on("code", "    return a * b\n```")
-        .on("code", "    return a + b\n```")
+        .on("code", "def add(a, b):\n    return a * b\n```")
+        .on("code", "def add(a, b):\n    return a + b\n```")
         .on("validator", JUDGE_OK)
         .on("synthesizer", "Adds.")
         .on("final_validator", JUDGE_OK);

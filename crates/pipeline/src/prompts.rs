@@ -164,7 +164,7 @@ mod tests {
             .render(
                 "code",
                 json!({"task": "Write add(a, b).", "subtask": {"description": "add", "acceptance": [], "primary": true},
-                       "style": "write",
+
                        "route": {"kind": "new_function", "entry_point": "add"}, "context": [],
                        "feedback": null, "stub": null, "files": []}),
             )

@@ -19,7 +19,7 @@ use crate::job::{JobContext, LlmCall};
 use crate::planning::TaskSpec;
 use crate::python;
 use crate::retry::{Feedback, SubtaskResult};
-use crate::router::{Route, RouteKind};
+use crate::router::Route;
 use crate::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -301,8 +301,8 @@ impl WorkerInput<'_> {
     }
 
     /// Several candidates at once (their calls batch in the scheduler): the first greedy,
-    /// the others sampled. With a stub in the task, half continue the stub as given and
-    /// half write the whole function.
+    /// the others sampled. Each writes the whole function: the default model, given a stub
+    /// to continue, mostly closed the code block at once.
     async fn code(&self, out: &UnboundedSender<Artifact>) -> Result<usize> {
         let limits = &self.ctx.config.limits;
         let n = if self.attempt == 0 {
@@ -310,38 +310,15 @@ impl WorkerInput<'_> {
         } else {
             limits.candidates.div_ceil(2)
         };
-        let stub = self.route.stub.as_deref().filter(|_| {
-            self.route.kind == RouteKind::NewFunction
-                && self.spec.primary
-                && self.spec.kind == WorkerKind::Code
-        });
         let header = self.route.stub.clone().unwrap_or_default();
-        // The start the "complete" style gives the model: the stub's imports and the `def`
-        // line; the model writes the rest.
-        let head = match (&self.route.signature, stub) {
-            (Some(sig), Some(_)) => {
-                let imports = python::imports(&header).join("\n");
-                if imports.is_empty() {
-                    sig.text.clone()
-                } else {
-                    format!("{imports}\n\n\n{}", sig.text)
-                }
-            }
-            _ => String::new(),
-        };
         let seen = Mutex::new(HashSet::new());
         let mut calls = Vec::with_capacity(n);
         for i in 0..n {
-            let style = if stub.is_some() && i % 2 == 0 {
-                "complete"
-            } else {
-                "write"
-            };
-            let prompt = self.ctx.prompts.render(
-                self.profile.template,
-                self.context(json!({"style": style, "head": head})),
-            )?;
-            let greedy = self.attempt == 0 && i < 2;
+            let prompt = self
+                .ctx
+                .prompts
+                .render(self.profile.template, self.context(json!({})))?;
+            let greedy = self.attempt == 0 && i == 0;
             let mut call = LlmCall::new(self.profile.template, prompt)
                 .subtask(&self.spec.id)
                 .seed((self.attempt * 1000 + i) as u64)
