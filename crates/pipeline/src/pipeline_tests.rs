@@ -33,11 +33,16 @@ async fn a_job_runs_every_stage_and_repairs_a_cyclic_plan() {
         .on("synthesizer", "add(a, b) returns the sum.")
         .on("final_validator", JUDGE_OK);
     let bed = TestBed::with_config(model.clone(), config(2)).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let out = bed
         .pipeline
-        .run(TaskRequest::new(STUB), Format::Md, None)
+        .run(TaskRequest::new(STUB), Format::Md, Some(tx))
         .await
         .unwrap();
+    let mut evented = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        evented.push(ev.stage);
+    }
     let r = &out.result;
     assert!(r.passed, "{:#?}\n{:#?}", r.verdict, out.trace.subtasks);
     let module = r.module().unwrap();
@@ -58,6 +63,7 @@ async fn a_job_runs_every_stage_and_repairs_a_cyclic_plan() {
             out.trace.stages.iter().any(|s| s.stage == stage),
             "no {stage:?} in the trace"
         );
+        assert!(evented.contains(&stage), "no {stage:?} event");
     }
     assert!(
         out.rendered.contains("## solution.py") && out.rendered.contains("✓ task_examples"),

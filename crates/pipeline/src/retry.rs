@@ -276,6 +276,19 @@ pub async fn run_subtask(
         json!({"max_retries": policy.max_retries}),
         json!({"attempts": attempts, "stopped": stopped, "passed": passed}),
     );
+    // Every subtask's retry decision is an event, so that a stream of a job shows the stage
+    // even when no retry was needed.
+    ctx.rec.event(
+        Stage::Retry,
+        if passed {
+            EventStatus::Passed
+        } else {
+            EventStatus::Failed
+        },
+        id,
+        Some(attempts.len()),
+        stopped.clone(),
+    );
     let (artifact, verdict) = match best {
         Some((a, v)) => (Some(a), Some(v)),
         None => (None, None),
