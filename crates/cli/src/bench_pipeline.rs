@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
+use forgeline_engine::scheduler::Stats;
 use forgeline_pipeline::eval::{self, Runner};
 use serde_json::json;
 
@@ -58,6 +59,7 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         let runner = Runner::Pipeline(setup.pipeline.clone());
         // Together first, so that the prefix cache it warms favours the other run, if any.
         eprintln!("{} jobs together...", jobs.len());
+        let s0 = setup.client.stats();
         let together = eval::run_eval(
             runner.clone(),
             setup.sandbox.clone(),
@@ -66,12 +68,14 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
             quiet,
         )
         .await;
+        let s1 = setup.client.stats();
         eprintln!(
             "  {:.1} s; the same jobs one after another...",
             together.wall_s
         );
         let sequential =
             eval::run_eval(runner, setup.sandbox.clone(), jobs.clone(), 1, quiet).await;
+        let s2 = setup.client.stats();
         eprintln!("  {:.1} s", sequential.wall_s);
         out["jobs"] = json!({
             "jobs": jobs.len(),
@@ -81,6 +85,8 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
             "target_ratio": 0.6,
             "together_tokens": together.completion_tokens,
             "one_after_another_tokens": sequential.completion_tokens,
+            "together_engine": engine_delta(&s0, &s1),
+            "one_after_another_engine": engine_delta(&s1, &s2),
         });
     }
     if !a.skip_pass_rate {
@@ -136,4 +142,26 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the engine did between two snapshots: forward passes, busy time, tokens, prefix
+/// hits, preemptions, batch sizes.
+fn engine_delta(a: &Stats, b: &Stats) -> serde_json::Value {
+    let (Some(a), Some(b)) = (a.models.first(), b.models.first()) else {
+        return json!(null);
+    };
+    let prompt = b.prompt_tokens - a.prompt_tokens;
+    let cached = b.cached_prompt_tokens - a.cached_prompt_tokens;
+    let steps = b.steps - a.steps;
+    let busy = b.busy_s - a.busy_s;
+    json!({
+        "steps": steps,
+        "busy_s": busy,
+        "prompt_tokens": prompt,
+        "prefix_hit_rate": if prompt > 0 { cached as f64 / prompt as f64 } else { 0.0 },
+        "completion_tokens": b.completion_tokens - a.completion_tokens,
+        "preemptions": b.preemptions - a.preemptions,
+        "cancelled": b.cancelled - a.cancelled,
+        "batch_histogram": b.batch_histogram.iter().zip(&a.batch_histogram).map(|(x, y)| x - y).collect::<Vec<_>>(),
+    })
 }
