@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
-use forgeline_engine::scheduler::Stats;
+use forgeline_engine::scheduler::{SlotStats, Stats};
 use forgeline_pipeline::eval::{self, Runner};
 use serde_json::json;
 
@@ -147,9 +147,12 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
 /// What the engine did between two snapshots: forward passes, busy time, tokens, prefix
 /// hits, preemptions, batch sizes.
 fn engine_delta(a: &Stats, b: &Stats) -> serde_json::Value {
-    let (Some(a), Some(b)) = (a.models.first(), b.models.first()) else {
+    let Some(b) = b.models.first() else {
         return json!(null);
     };
+    // Before the first request the engine has no figures yet: count from zero.
+    let zero = SlotStats::new(&b.model, b.kv_budget_bytes);
+    let a = a.models.first().unwrap_or(&zero);
     let prompt = b.prompt_tokens - a.prompt_tokens;
     let cached = b.cached_prompt_tokens - a.cached_prompt_tokens;
     let steps = b.steps - a.steps;

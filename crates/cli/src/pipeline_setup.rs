@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use forgeline_engine::scheduler::{LlmClient, SchedulerConfig};
+use forgeline_engine::loader::LoadedModel;
+use forgeline_engine::scheduler::{default_kv_budget, LlmClient, SchedulerConfig, SlotConfig};
 use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
 use forgeline_sandbox::{Sandbox, SandboxConfig};
 
@@ -64,7 +65,7 @@ impl PipelineArgs {
         if names.is_empty() {
             names.push(None);
         }
-        let mut models = Vec::new();
+        let mut models: Vec<LoadedModel> = Vec::new();
         for n in &names {
             let m = env.load_model(n.as_deref())?;
             // A path or repo id loads under the model's own name: stages call it that.
@@ -75,14 +76,15 @@ impl PipelineArgs {
                     }
                 }
             }
-            if !models
-                .iter()
-                .any(|x: &forgeline_engine::loader::LoadedModel| x.info.name == m.info.name)
-            {
+            if !models.iter().any(|x| x.info.name == m.info.name) {
                 models.push(m);
             }
         }
-        let client = LlmClient::start(models, SchedulerConfig::default())?;
+        let budgets: Vec<usize> = models
+            .iter()
+            .map(|m| default_kv_budget(m, models.len()))
+            .collect();
+        let client = LlmClient::start(models, pipeline_scheduler(&budgets))?;
         let sandbox = Sandbox::new(SandboxConfig::default()).await?;
         let pipeline = Pipeline::new(Arc::new(client.clone()), sandbox.clone(), prompts, cfg);
         Ok(PipelineSetup {
@@ -90,5 +92,20 @@ impl PipelineArgs {
             sandbox,
             pipeline,
         })
+    }
+}
+
+/// Pipeline jobs run many candidates at once (8 per job by default, several jobs together):
+/// twice the engine's default KV budget and 64 running sequences, so that the candidates of
+/// concurrent jobs are admitted together and a shared prompt is not evicted from the prefix
+/// cache before the candidates waiting on it are admitted.
+fn pipeline_scheduler(kv_budgets: &[usize]) -> SchedulerConfig {
+    SchedulerConfig {
+        slot: SlotConfig {
+            max_running: 64,
+            ..SlotConfig::default()
+        },
+        kv_budget_bytes: kv_budgets.iter().min().map(|b| 2 * b),
+        ..SchedulerConfig::default()
     }
 }

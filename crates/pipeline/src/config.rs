@@ -83,7 +83,9 @@ pub struct Limits {
     pub llm_judge: bool,
     /// Validations running at once (sandbox runs and judge calls).
     pub validators: usize,
-    /// Seconds allowed for each sandboxed run.
+    /// Seconds (wall and CPU) allowed for each sandboxed check. Short: a task's examples run
+    /// in milliseconds, and a looping candidate would otherwise hold a core away from the
+    /// model for the whole limit.
     pub sandbox_timeout_s: f64,
 }
 
@@ -97,8 +99,8 @@ impl Default for Limits {
             max_retries: 2,
             max_synthesis_retries: 1,
             llm_judge: true,
-            validators: 4,
-            sandbox_timeout_s: 10.0,
+            validators: 8,
+            sandbox_timeout_s: 3.0,
         }
     }
 }
