@@ -56,26 +56,33 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
 
     if a.jobs > 0 {
         let jobs: Vec<_> = all.iter().take(a.jobs).cloned().collect();
-        let runner = Runner::Pipeline(setup.pipeline.clone());
-        // Together first, so that the prefix cache it warms favours the other run, if any.
+        // Each half on its own engine, so that neither starts with the other's prompts in
+        // the prefix cache (the same jobs give the same prompts).
+        let half = |concurrency: usize| {
+            let jobs = jobs.clone();
+            let args = a.pipeline.clone();
+            async move {
+                let setup = args.build(env).await?;
+                let before = setup.client.stats();
+                let r = eval::run_eval(
+                    Runner::Pipeline(setup.pipeline.clone()),
+                    setup.sandbox.clone(),
+                    jobs,
+                    concurrency,
+                    quiet,
+                )
+                .await;
+                let engine = engine_delta(&before, &setup.client.stats());
+                anyhow::Ok((r, engine))
+            }
+        };
         eprintln!("{} jobs together...", jobs.len());
-        let s0 = setup.client.stats();
-        let together = eval::run_eval(
-            runner.clone(),
-            setup.sandbox.clone(),
-            jobs.clone(),
-            jobs.len(),
-            quiet,
-        )
-        .await;
-        let s1 = setup.client.stats();
+        let (together, together_engine) = half(jobs.len()).await?;
         eprintln!(
             "  {:.1} s; the same jobs one after another...",
             together.wall_s
         );
-        let sequential =
-            eval::run_eval(runner, setup.sandbox.clone(), jobs.clone(), 1, quiet).await;
-        let s2 = setup.client.stats();
+        let (sequential, sequential_engine) = half(1).await?;
         eprintln!("  {:.1} s", sequential.wall_s);
         out["jobs"] = json!({
             "jobs": jobs.len(),
@@ -85,8 +92,8 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
             "target_ratio": 0.6,
             "together_tokens": together.completion_tokens,
             "one_after_another_tokens": sequential.completion_tokens,
-            "together_engine": engine_delta(&s0, &s1),
-            "one_after_another_engine": engine_delta(&s1, &s2),
+            "together_engine": together_engine,
+            "one_after_another_engine": sequential_engine,
         });
     }
     if !a.skip_pass_rate {
