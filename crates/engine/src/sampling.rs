@@ -3,7 +3,7 @@
 
 use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -105,6 +105,23 @@ impl Sampler {
         }
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if p.top_k == 0 && p.min_p == 0.0 && p.top_p >= 1.0 {
+            // No cut: draw straight from the whole distribution, without building pairs.
+            let mut total = 0.0f32;
+            for l in logits.iter_mut() {
+                *l = ((*l - max) * inv_t).exp();
+                total += *l;
+            }
+            let mut u = self.rng.random::<f32>() * total;
+            for (i, &w) in logits.iter().enumerate() {
+                if u < w && w > 0.0 {
+                    return i as u32;
+                }
+                u -= w;
+            }
+            // Rounding left u past the end: the last token with any weight.
+            return logits.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32;
+        }
         self.candidates.clear();
         self.candidates.extend(
             logits
@@ -118,14 +135,20 @@ impl Sampler {
             c.select_nth_unstable_by(p.top_k - 1, by_prob);
             c.truncate(p.top_k);
         }
-        c.sort_unstable_by(by_prob);
+        // Sorting the whole vocabulary costs milliseconds a token, more than a batched
+        // forward pass's share: sort only when a cut needs the order, and only the tokens
+        // that can be inside the cut.
         if p.min_p > 0.0 {
-            let floor = c[0].1 * p.min_p;
-            let keep = c.iter().take_while(|x| x.1 >= floor).count().max(1);
-            c.truncate(keep);
+            // The largest weight is exp(0) = 1 (or the top-k's largest, which is the same).
+            c.retain(|x| x.1 >= p.min_p);
         }
         if p.top_p < 1.0 {
             let total: f32 = c.iter().map(|x| x.1).sum();
+            // Tokens below this weight hold less than 1 - top_p of the mass together, so the
+            // smallest head that reaches top_p is made of the others alone.
+            let floor = (1.0 - p.top_p) * total / c.len() as f32;
+            c.retain(|x| x.1 >= floor);
+            c.sort_unstable_by(by_prob);
             let mut acc = 0.0;
             let mut keep = c.len();
             for (i, x) in c.iter().enumerate() {
@@ -136,6 +159,9 @@ impl Sampler {
                 }
             }
             c.truncate(keep);
+        }
+        if c.is_empty() {
+            return argmax(logits);
         }
         match WeightedIndex::new(c.iter().map(|x| x.1)) {
             Ok(dist) => c[dist.sample(&mut self.rng)].0,

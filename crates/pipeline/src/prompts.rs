@@ -175,6 +175,29 @@ mod tests {
     }
 
     #[test]
+    fn the_code_template_states_a_stub_as_a_spec() {
+        let p = Prompts::built_in();
+        let stub = "def double(x: int) -> int:\n    \"\"\"Return x twice.\n\n    >>> double(2)\n    4\n    \"\"\"\n";
+        let ctx = |framing: &str| {
+            json!({"task": stub, "stub": stub, "framing": framing,
+                   "spec": {"signature": "double(x: int) -> int", "description": "Return x twice.",
+                            "examples": [{"call": "double(2)", "expected": "4"}]},
+                   "subtask": {"description": "double", "acceptance": [], "primary": true},
+                   "route": {"kind": "new_function"}, "context": [], "feedback": null, "files": []})
+        };
+        let spec = p.render("code", ctx("spec")).unwrap();
+        assert!(
+            spec.user.starts_with("Write a Python function `double(x: int) -> int`.\n\nReturn x twice.\n\nExamples:\ndouble(2) == 4\n"),
+            "{}",
+            spec.user
+        );
+        assert!(!spec.user.contains(">>>"), "{}", spec.user);
+        let completion = p.render("code", ctx("stub")).unwrap();
+        assert!(completion.user.starts_with("Complete this Python function:\n```python\ndef double"), "{}", completion.user);
+        assert_eq!(spec.assistant, "```python\n");
+    }
+
+    #[test]
     fn a_directory_overrides_one_stage() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(

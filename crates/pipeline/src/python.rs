@@ -268,6 +268,40 @@ fn split_params(s: &str) -> Vec<&str> {
     out
 }
 
+/// The prose of the first docstring in `text` (a stub's): the lines before its first `>>>`
+/// example, one paragraph per block of lines between blank lines. `None` when there is no
+/// docstring or it has no prose.
+pub fn docstring_prose(text: &str) -> Option<String> {
+    let (start, quote) = ["\"\"\"", "'''"]
+        .iter()
+        .filter_map(|q| text.find(q).map(|i| (i, *q)))
+        .min()?;
+    let body = &text[start + 3..];
+    let body = &body[..body.find(quote).unwrap_or(body.len())];
+    let mut paragraphs = vec![String::new()];
+    for line in body.lines().map(str::trim) {
+        if line.starts_with(">>>") {
+            break;
+        }
+        let last = paragraphs.last_mut().expect("never empty");
+        if line.is_empty() {
+            if !last.is_empty() {
+                paragraphs.push(String::new());
+            }
+        } else {
+            if !last.is_empty() {
+                last.push(' ');
+            }
+            last.push_str(line);
+        }
+    }
+    let prose: Vec<String> = paragraphs
+        .into_iter()
+        .filter(|p| !p.is_empty() && !p.eq_ignore_ascii_case("examples:"))
+        .collect();
+    (!prose.is_empty()).then(|| prose.join("\n\n"))
+}
+
 /// A docstring example: `>>> call` and the output shown after it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Example {
@@ -380,6 +414,17 @@ pub fn defines(source: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docstring_prose_is_the_text_before_the_examples() {
+        let stub = "def f(x: int) -> int:\n    \"\"\"Return x doubled,\n    or 0.\n\n    Never negative.\n\n    >>> f(2)\n    4\n    \"\"\"\n";
+        assert_eq!(
+            docstring_prose(stub).as_deref(),
+            Some("Return x doubled, or 0.\n\nNever negative.")
+        );
+        assert_eq!(docstring_prose("def f():\n    pass\n"), None);
+        assert_eq!(docstring_prose("def f():\n    '''\n    >>> f()\n    '''\n"), None);
+    }
 
     #[test]
     fn extracts_the_defining_block() {

@@ -300,9 +300,38 @@ impl WorkerInput<'_> {
         }
     }
 
-    /// Several candidates at once (their calls batch in the scheduler): the first greedy,
-    /// the others sampled. Each writes the whole function: the default model, given a stub
-    /// to continue, mostly closed the code block at once.
+    /// How the code candidates put the task to the model. A small model's answer depends
+    /// more on the wording than on sampling: on the default model, candidates asked to
+    /// complete the stub and candidates given the same function as a spec (signature,
+    /// prose, examples as equalities) solve different tasks, where more samples of one
+    /// wording mostly repeat its answers. With a stub, candidates alternate between the
+    /// two; the examples check then picks whichever passes.
+    fn framings(&self) -> Vec<(&'static str, serde_json::Value)> {
+        let stub = self.route.stub.as_deref().filter(|_| self.spec.primary);
+        let spec = stub.and_then(|stub| {
+            let sig = self.route.signature.as_ref()?;
+            let signature = sig.text.trim().strip_prefix("def ")?.trim_end_matches(':');
+            let examples: Vec<_> = self
+                .route
+                .examples
+                .iter()
+                .filter(|e| !e.call.contains('\n') && !e.expected.contains('\n'))
+                .collect();
+            Some(json!({
+                "signature": signature.trim(),
+                "description": python::docstring_prose(stub)?,
+                "examples": examples,
+            }))
+        });
+        match spec {
+            Some(spec) => vec![("stub", serde_json::Value::Null), ("spec", spec)],
+            None => vec![("task", serde_json::Value::Null)],
+        }
+    }
+
+    /// Several candidates at once (their calls batch in the scheduler), across the
+    /// framings above. Each writes the whole function: the default model, given a stub to
+    /// continue, mostly closed the code block at once.
     async fn code(&self, out: &UnboundedSender<Artifact>) -> Result<usize> {
         let limits = &self.ctx.config.limits;
         let n = if self.attempt == 0 {
@@ -311,14 +340,24 @@ impl WorkerInput<'_> {
             limits.candidates.div_ceil(2)
         };
         let header = self.route.stub.clone().unwrap_or_default();
+        let framings = self.framings();
         let seen = Mutex::new(HashSet::new());
         let mut calls = Vec::with_capacity(n);
         for i in 0..n {
+            let (framing, spec) = &framings[i % framings.len()];
+            let mut extra = json!({"framing": framing, "spec": spec});
+            // On a retry, the spec framing's candidates are fresh samples: the default model
+            // rarely mends code from feedback, and a new sample of a different wording
+            // sometimes lands where the mend does not.
+            if self.attempt > 0 && *framing == "spec" {
+                extra["feedback"] = serde_json::Value::Null;
+            }
             let prompt = self
                 .ctx
                 .prompts
-                .render(self.profile.template, self.context(json!({})))?;
-            let greedy = self.attempt == 0 && i == 0;
+                .render(self.profile.template, self.context(extra))?;
+            // The first candidate of each framing is greedy, the others sampled.
+            let greedy = self.attempt == 0 && i < framings.len();
             let mut call = LlmCall::new(self.profile.template, prompt)
                 .subtask(&self.spec.id)
                 .seed((self.attempt * 1000 + i) as u64)
