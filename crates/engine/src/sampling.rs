@@ -218,6 +218,85 @@ mod tests {
         }
     }
 
+    /// The nucleus, found the slow way: every token sorted by probability.
+    fn reference_nucleus(logits: &[f32], temperature: f32, top_p: f32) -> Vec<u32> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut w: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / temperature).exp()))
+            .collect();
+        w.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f32 = w.iter().map(|x| x.1).sum();
+        let mut acc = 0.0;
+        let keep = w
+            .iter()
+            .position(|x| {
+                acc += x.1 / total;
+                acc >= top_p
+            })
+            .map_or(w.len(), |i| i + 1);
+        w[..keep].iter().map(|x| x.0).collect()
+    }
+
+    #[test]
+    fn a_vocabulary_sized_nucleus_matches_the_full_sort() {
+        // A peaked head and a long flat tail, as a language model's logits look.
+        let mut x: u64 = 7;
+        let logits: Vec<f32> = (0..50_000)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let noise = (x >> 40) as f32 / (1u64 << 24) as f32;
+                if i % 997 == 0 {
+                    8.0 + 4.0 * noise
+                } else {
+                    4.0 * noise
+                }
+            })
+            .collect();
+        for top_p in [0.5, 0.9, 0.99] {
+            let nucleus = reference_nucleus(&logits, 0.7, top_p);
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 0.7,
+                top_p,
+                ..Default::default()
+            })
+            .unwrap();
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..200 {
+                let t = s.sample(&mut logits.clone(), &[]);
+                assert!(
+                    nucleus.contains(&t),
+                    "top_p {top_p}: {t} is outside the nucleus"
+                );
+                seen.insert(t);
+            }
+            assert!(seen.len() > 1, "top_p {top_p}: one token only");
+        }
+        // Without a cut every token can come up; the draw follows the weights.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.7,
+            ..Default::default()
+        })
+        .unwrap();
+        let heads = (0..500)
+            .filter(|_| s.sample(&mut logits.clone(), &[]).is_multiple_of(997))
+            .count();
+        let expected = {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f32> = logits.iter().map(|&l| ((l - max) / 0.7).exp()).collect();
+            let head: f32 = w.iter().step_by(997).sum();
+            head / w.iter().sum::<f32>()
+        };
+        let share = heads as f32 / 500.0;
+        assert!(
+            (share - expected).abs() < 0.08,
+            "{share} against {expected}"
+        );
+    }
+
     #[test]
     fn top_p_and_min_p_keep_only_the_head() {
         for params in [

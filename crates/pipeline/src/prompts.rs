@@ -193,7 +193,13 @@ mod tests {
         );
         assert!(!spec.user.contains(">>>"), "{}", spec.user);
         let completion = p.render("code", ctx("stub")).unwrap();
-        assert!(completion.user.starts_with("Complete this Python function:\n```python\ndef double"), "{}", completion.user);
+        assert!(
+            completion
+                .user
+                .starts_with("Complete this Python function:\n```python\ndef double"),
+            "{}",
+            completion.user
+        );
         assert_eq!(spec.assistant, "```python\n");
     }
 

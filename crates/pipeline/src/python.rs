@@ -423,7 +423,10 @@ mod tests {
             Some("Return x doubled, or 0.\n\nNever negative.")
         );
         assert_eq!(docstring_prose("def f():\n    pass\n"), None);
-        assert_eq!(docstring_prose("def f():\n    '''\n    >>> f()\n    '''\n"), None);
+        assert_eq!(
+            docstring_prose("def f():\n    '''\n    >>> f()\n    '''\n"),
+            None
+        );
     }
 
     #[test]
