@@ -164,7 +164,6 @@ mod tests {
             .render(
                 "code",
                 json!({"task": "Write add(a, b).", "subtask": {"description": "add", "acceptance": [], "primary": true},
-
                        "route": {"kind": "new_function", "entry_point": "add"}, "context": [],
                        "feedback": null, "stub": null, "files": []}),
             )

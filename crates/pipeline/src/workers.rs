@@ -340,24 +340,29 @@ impl WorkerInput<'_> {
             limits.candidates.div_ceil(2)
         };
         let header = self.route.stub.clone().unwrap_or_default();
-        let framings = self.framings();
+        // One prompt per framing; candidates of a framing differ only in seed.
+        let prompts = self
+            .framings()
+            .into_iter()
+            .map(|(framing, spec)| {
+                let mut extra = json!({"framing": framing, "spec": spec});
+                // On a retry, the spec framing's candidates are fresh samples: the default
+                // model rarely mends code from feedback, and a new sample of a different
+                // wording sometimes lands where the mend does not.
+                if self.attempt > 0 && framing == "spec" {
+                    extra["feedback"] = serde_json::Value::Null;
+                }
+                self.ctx
+                    .prompts
+                    .render(self.profile.template, self.context(extra))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let seen = Mutex::new(HashSet::new());
         let mut calls = Vec::with_capacity(n);
         for i in 0..n {
-            let (framing, spec) = &framings[i % framings.len()];
-            let mut extra = json!({"framing": framing, "spec": spec});
-            // On a retry, the spec framing's candidates are fresh samples: the default model
-            // rarely mends code from feedback, and a new sample of a different wording
-            // sometimes lands where the mend does not.
-            if self.attempt > 0 && *framing == "spec" {
-                extra["feedback"] = serde_json::Value::Null;
-            }
-            let prompt = self
-                .ctx
-                .prompts
-                .render(self.profile.template, self.context(extra))?;
+            let prompt = prompts[i % prompts.len()].clone();
             // The first candidate of each framing is greedy, the others sampled.
-            let greedy = self.attempt == 0 && i < framings.len();
+            let greedy = self.attempt == 0 && i < prompts.len();
             let mut call = LlmCall::new(self.profile.template, prompt)
                 .subtask(&self.spec.id)
                 .seed((self.attempt * 1000 + i) as u64)

@@ -240,25 +240,18 @@ pub async fn run(
     })
 }
 
-/// `requests` requests, `clients` at a time, streamed over HTTP.
-async fn http_pass(
-    http: &HttpClient,
-    model: &str,
-    tag: &str,
-    clients: usize,
-    requests: usize,
-    max_tokens: usize,
-) -> Result<Totals, String> {
+/// `requests` requests, `clients` at a time: each client takes the next request number
+/// and runs `one` on it until none is left.
+async fn drive<F, Fut>(clients: usize, requests: usize, one: F) -> Result<Totals, String>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<Sample, String>> + Send,
+{
     let next = Arc::new(AtomicUsize::new(0));
     let (started, cpu) = (Instant::now(), process_cpu());
     let workers: Vec<_> = (0..clients)
         .map(|_| {
-            let (http, next, model, tag) = (
-                http.clone(),
-                next.clone(),
-                model.to_string(),
-                tag.to_string(),
-            );
+            let (next, one) = (next.clone(), one.clone());
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 loop {
@@ -266,12 +259,7 @@ async fn http_pass(
                     if i >= requests {
                         break;
                     }
-                    let body = json!({
-                        "model": model, "messages": messages(&tag, i), "stream": true,
-                        "stream_options": {"include_usage": true}, "max_tokens": max_tokens,
-                        "temperature": 0, "ignore_eos": true,
-                    });
-                    out.push(http_request(&http, &body).await?);
+                    out.push(one(i).await?);
                 }
                 Ok::<_, String>(out)
             })
@@ -286,6 +274,28 @@ async fn http_pass(
     totals.wall = started.elapsed();
     totals.cpu = process_cpu().saturating_sub(cpu);
     Ok(totals)
+}
+
+/// `requests` requests, `clients` at a time, streamed over HTTP.
+async fn http_pass(
+    http: &HttpClient,
+    model: &str,
+    tag: &str,
+    clients: usize,
+    requests: usize,
+    max_tokens: usize,
+) -> Result<Totals, String> {
+    let (http, model, tag) = (http.clone(), model.to_string(), tag.to_string());
+    drive(clients, requests, move |i| {
+        let body = json!({
+            "model": model, "messages": messages(&tag, i), "stream": true,
+            "stream_options": {"include_usage": true}, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": true,
+        });
+        let http = http.clone();
+        async move { http_request(&http, &body).await }
+    })
+    .await
 }
 
 async fn http_request(http: &HttpClient, body: &Value) -> Result<Sample, String> {
@@ -337,60 +347,38 @@ async fn inprocess_pass(
     requests: usize,
     max_tokens: usize,
 ) -> Result<Totals, String> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let (started, cpu) = (Instant::now(), process_cpu());
-    let workers: Vec<_> = (0..clients)
-        .map(|_| {
-            let (client, next, model, tag) = (
-                client.clone(),
-                next.clone(),
-                model.to_string(),
-                tag.to_string(),
-            );
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= requests {
-                        break;
-                    }
-                    let mut req = GenerateRequest::chat(messages(&tag, i), max_tokens);
-                    req.model = Some(model.clone());
-                    req.ignore_eos = true;
-                    let sent = Instant::now();
-                    let mut events = client.generate(req).map_err(|e| e.to_string())?;
-                    let mut ttft = None;
-                    let tokens = loop {
-                        match events.next().await {
-                            Some(Ok(Event::Delta { text, .. })) => {
-                                if ttft.is_none() && !text.is_empty() {
-                                    ttft = Some(sent.elapsed());
-                                }
-                            }
-                            Some(Ok(Event::Done { usage, .. })) => break usage.completion_tokens,
-                            Some(Err(e)) => return Err(e.to_string()),
-                            None => return Err("the engine stopped".to_string()),
-                        }
-                    };
-                    out.push(Sample {
-                        ttft: ttft.unwrap_or_else(|| sent.elapsed()),
-                        latency: sent.elapsed(),
-                        tokens,
-                    });
+    let (client, model, tag) = (client.clone(), model.to_string(), tag.to_string());
+    drive(clients, requests, move |i| {
+        let mut req = GenerateRequest::chat(messages(&tag, i), max_tokens);
+        req.model = Some(model.clone());
+        req.ignore_eos = true;
+        let client = client.clone();
+        async move { inprocess_request(&client, req).await }
+    })
+    .await
+}
+
+async fn inprocess_request(client: &LlmClient, req: GenerateRequest) -> Result<Sample, String> {
+    let sent = Instant::now();
+    let mut events = client.generate(req).map_err(|e| e.to_string())?;
+    let mut ttft = None;
+    let tokens = loop {
+        match events.next().await {
+            Some(Ok(Event::Delta { text, .. })) => {
+                if ttft.is_none() && !text.is_empty() {
+                    ttft = Some(sent.elapsed());
                 }
-                Ok::<_, String>(out)
-            })
-        })
-        .collect();
-    let mut totals = Totals::default();
-    for w in workers {
-        totals
-            .samples
-            .extend(w.await.map_err(|e| format!("client task failed: {e}"))??);
-    }
-    totals.wall = started.elapsed();
-    totals.cpu = process_cpu().saturating_sub(cpu);
-    Ok(totals)
+            }
+            Some(Ok(Event::Done { usage, .. })) => break usage.completion_tokens,
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("the engine stopped".to_string()),
+        }
+    };
+    Ok(Sample {
+        ttft: ttft.unwrap_or_else(|| sent.elapsed()),
+        latency: sent.elapsed(),
+        tokens,
+    })
 }
 
 #[cfg(test)]
