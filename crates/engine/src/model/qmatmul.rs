@@ -2,55 +2,79 @@
 //!
 //! candle's Q4_1 dot product is its scalar fallback (no SIMD version exists for this type), and
 //! its matmul re-decodes each weight row for every input row, so batched decode costs as much
-//! per row as single-stream decode. This kernel quantizes the input rows to 8 bits once and
-//! computes tiles of up to 4 weight rows by 4 input rows with every accumulator in a register:
-//! each weight block is decoded once per tile, each input block loaded once per tile. AVX2
-//! integer multiply-adds where the CPU has them, a portable loop otherwise. Work is split over
-//! candle's CPU thread pool. Results match candle's own matmul up to the rounding of the
-//! activation scale (f32 here, f16 in candle).
+//! per row as single-stream decode. This kernel quantizes the input rows to 8 bits once, and
+//! repacks the weights at load time into panels of 8 rows whose blocks are interleaved four
+//! bytes at a time (as llama.cpp's AVX2 "repack" GEMMs do): one 32-byte vector then holds four
+//! consecutive weights of each of the 8 rows, a multiply-add against four input bytes broadcast
+//! to every lane yields the 8 rows' partial dot products side by side, and the block's scaling,
+//! minimum term and final store are one vector operation for 8 rows instead of 8 horizontal
+//! reductions. Each decoded weight vector serves up to `C_MAX` input rows. AVX2 where the CPU
+//! has it, a portable loop over the same layout otherwise. Work is split over candle's CPU
+//! thread pool. Results match candle's own matmul up to the rounding of the activation scale
+//! (f32 here, f16 in candle).
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
 
+/// Weights per GGUF block.
 const QK: usize = 32;
-/// Input rows per work item: keeps their quantized blocks in cache while weight rows stream.
+/// Weight rows per panel: one f32 lane each in a 256-bit vector.
+const PANEL: usize = 8;
+/// Input rows per work item: keeps their quantized blocks in cache while panels stream.
 const M_CHUNK: usize = 64;
+/// Most input rows multiplied per pass over a panel block (accumulators stay in registers).
+const C_MAX: usize = 4;
 
-/// How a block of 32 weights is stored (as GGUF stores it).
-trait BlockFormat {
+/// A GGUF block format and its panel layout. A panel block holds block `b` of each of the
+/// panel's 8 rows: the weights (`QBYTES`), then the 8 scales `d` as f16, then for formats
+/// with a minimum the 8 minimums `m` as f16; weight = d * q + m.
+trait PanelFormat {
+    /// Bytes of one GGUF block.
     const BYTES: usize;
-    /// Scale and minimum of a block: weight = d * q + m.
-    fn dm(wb: &[u8]) -> (f32, f32);
-    /// The 32 integer weights `q`.
+    /// Bytes of the weights of one panel block.
+    const QBYTES: usize;
+    /// Whether blocks have a minimum `m` (else it is 0).
+    const HAS_MIN: bool;
+    /// Bytes of one panel block.
+    const PANEL_BYTES: usize = Self::QBYTES + if Self::HAS_MIN { 32 } else { 16 };
+    /// The 32 integer weights `q` of a GGUF block.
     fn values(wb: &[u8]) -> [i32; QK];
-    /// The integer weights as a vector operand for `products`.
+    /// Byte offset in a panel block of weight `t` (0..32) of row `j`, and the nibble shift
+    /// for 4-bit formats.
+    fn place(j: usize, t: usize) -> (usize, u32);
+    /// Weight `t` of row `j` in a panel block.
+    fn value(pb: &[u8], j: usize, t: usize) -> i32;
+    /// For each of `C` input blocks, the 8 rows' integer dot products, one per i32 lane.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load(wb: *const u8) -> std::arch::x86_64::__m256i;
-    /// Sums of adjacent products of weights and inputs, as 8 x i32.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn products(
-        w: std::arch::x86_64::__m256i,
-        x: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i;
+    unsafe fn dots<const C: usize>(
+        pb: *const u8,
+        xs: &[&Q8Block; C],
+    ) -> [std::arch::x86_64::__m256i; C];
 }
 
 /// f16 `d`, f16 `m`, 16 bytes of nibbles (element j low nibble of byte j, j+16 high nibble).
+/// In a panel, byte `32 i + 4 j + u` holds weight `4 i + u` of row `j` in its low nibble and
+/// weight `4 (i + 4) + u` in its high nibble.
 struct Q4_1;
-/// f16 `d`, 32 signed bytes.
+/// f16 `d`, 32 signed bytes. In a panel, byte `32 g + 4 j + u` is weight `4 g + u` of row `j`.
 struct Q8_0;
 
-fn f16_at(wb: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([wb[at], wb[at + 1]]).to_f32()
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-impl BlockFormat for Q4_1 {
-    const BYTES: usize = 20;
+/// Four input bytes, from `4 g`, in every i32 lane.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn broadcast4(x: &Q8Block, g: usize) -> std::arch::x86_64::__m256i {
+    std::arch::x86_64::_mm256_set1_epi32((x.q.as_ptr().add(4 * g) as *const i32).read_unaligned())
+}
 
-    #[inline(always)]
-    fn dm(wb: &[u8]) -> (f32, f32) {
-        (f16_at(wb, 0), f16_at(wb, 2))
-    }
+impl PanelFormat for Q4_1 {
+    const BYTES: usize = 20;
+    const QBYTES: usize = 128;
+    const HAS_MIN: bool = true;
 
     fn values(wb: &[u8]) -> [i32; QK] {
         let mut v = [0i32; QK];
@@ -61,65 +85,89 @@ impl BlockFormat for Q4_1 {
         v
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load(wb: *const u8) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        let mask = _mm_set1_epi8(0x0F);
-        let qs = _mm_loadu_si128(wb.add(4) as *const __m128i);
-        let lo = _mm_and_si128(qs, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-        _mm256_set_m128i(hi, lo)
+    fn place(j: usize, t: usize) -> (usize, u32) {
+        let (g, u) = (t / 4, t % 4);
+        (32 * (g % 4) + 4 * j + u, if g < 4 { 0 } else { 4 })
+    }
+
+    fn value(pb: &[u8], j: usize, t: usize) -> i32 {
+        let (at, shift) = Self::place(j, t);
+        ((pb[at] >> shift) & 0x0F) as i32
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn products(
-        w: std::arch::x86_64::__m256i,
-        x: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i {
+    unsafe fn dots<const C: usize>(
+        pb: *const u8,
+        xs: &[&Q8Block; C],
+    ) -> [std::arch::x86_64::__m256i; C] {
         use std::arch::x86_64::*;
-        // Unsigned nibbles times signed inputs: at most 2 * 15 * 127, no saturation.
-        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+        let mask = _mm256_set1_epi8(0x0F);
+        // Nibble times signed byte, pairs summed: |p| <= 2 * 15 * 127, so the sum over the
+        // block's 8 groups (<= 30480) fits the i16 lanes.
+        let mut t = [_mm256_setzero_si256(); C];
+        for i in 0..4 {
+            let v = _mm256_loadu_si256(pb.add(32 * i) as *const __m256i);
+            let lo = _mm256_and_si256(v, mask);
+            for c in 0..C {
+                t[c] = _mm256_add_epi16(t[c], _mm256_maddubs_epi16(lo, broadcast4(xs[c], i)));
+            }
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            for c in 0..C {
+                t[c] = _mm256_add_epi16(t[c], _mm256_maddubs_epi16(hi, broadcast4(xs[c], i + 4)));
+            }
+        }
+        let ones = _mm256_set1_epi16(1);
+        t.map(|v| _mm256_madd_epi16(v, ones))
     }
 }
 
-impl BlockFormat for Q8_0 {
+impl PanelFormat for Q8_0 {
     const BYTES: usize = 34;
-
-    #[inline(always)]
-    fn dm(wb: &[u8]) -> (f32, f32) {
-        (f16_at(wb, 0), 0.0)
-    }
+    const QBYTES: usize = 256;
+    const HAS_MIN: bool = false;
 
     fn values(wb: &[u8]) -> [i32; QK] {
         std::array::from_fn(|j| wb[2 + j] as i8 as i32)
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load(wb: *const u8) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        _mm256_loadu_si256(wb.add(2) as *const __m256i)
+    fn place(j: usize, t: usize) -> (usize, u32) {
+        (32 * (t / 4) + 4 * j + t % 4, 0)
+    }
+
+    fn value(pb: &[u8], j: usize, t: usize) -> i32 {
+        pb[Self::place(j, t).0] as i8 as i32
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn products(
-        w: std::arch::x86_64::__m256i,
-        x: std::arch::x86_64::__m256i,
-    ) -> std::arch::x86_64::__m256i {
+    unsafe fn dots<const C: usize>(
+        pb: *const u8,
+        xs: &[&Q8Block; C],
+    ) -> [std::arch::x86_64::__m256i; C] {
         use std::arch::x86_64::*;
-        // maddubs wants one unsigned operand: |w| times x with w's sign moved onto x.
-        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+        let ones = _mm256_set1_epi16(1);
+        let mut t = [_mm256_setzero_si256(); C];
+        for g in 0..8 {
+            let w = _mm256_loadu_si256(pb.add(32 * g) as *const __m256i);
+            let aw = _mm256_sign_epi8(w, w);
+            for c in 0..C {
+                // maddubs wants one unsigned operand: |w| times x with w's sign moved onto x.
+                // Pairs reach 2 * 127 * 127, so each group widens to i32 at once.
+                let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(broadcast4(xs[c], g), w));
+                t[c] = _mm256_add_epi32(t[c], _mm256_madd_epi16(p, ones));
+            }
+        }
+        t
     }
 }
 
-/// Quantized weights this kernel multiplies by, rows of GGUF blocks.
+/// Quantized weights this kernel multiplies by, repacked into panels of 8 rows.
 pub struct QuantWeights {
     dtype: GgmlDType,
-    data: Vec<u8>,
+    /// Panel `p`'s blocks, in order, then the next panel's. The last panel is padded with
+    /// zero rows when `rows` is not a multiple of 8.
+    panels: Vec<u8>,
     rows: usize,
     cols: usize,
 }
@@ -134,16 +182,17 @@ struct Q8Block {
 }
 
 impl QuantWeights {
-    /// The weights when this kernel handles their type (Q4_1, Q8_0) and their size is right.
+    /// The weights, given as GGUF rows, when this kernel handles their type (Q4_1, Q8_0) and
+    /// their size is right.
     pub fn new(dtype: GgmlDType, data: Vec<u8>, rows: usize, cols: usize) -> Option<Self> {
-        let bytes = match dtype {
-            GgmlDType::Q4_1 => Q4_1::BYTES,
-            GgmlDType::Q8_0 => Q8_0::BYTES,
+        let panels = match dtype {
+            GgmlDType::Q4_1 => repack::<Q4_1>(&data, rows, cols)?,
+            GgmlDType::Q8_0 => repack::<Q8_0>(&data, rows, cols)?,
             _ => return None,
         };
-        (cols.is_multiple_of(QK) && data.len() == rows * cols / QK * bytes).then_some(Self {
+        Some(Self {
             dtype,
-            data,
+            panels,
             rows,
             cols,
         })
@@ -152,11 +201,35 @@ impl QuantWeights {
     pub fn rows(&self) -> usize {
         self.rows
     }
+}
 
-    fn row(&self, r: usize) -> &[u8] {
-        let len = self.data.len() / self.rows;
-        &self.data[r * len..(r + 1) * len]
+/// GGUF rows to panels (see `PanelFormat`); `None` when the size does not fit the shape.
+fn repack<F: PanelFormat>(data: &[u8], rows: usize, cols: usize) -> Option<Vec<u8>> {
+    let blocks = cols / QK;
+    if !cols.is_multiple_of(QK) || rows == 0 || data.len() != rows * blocks * F::BYTES {
+        return None;
     }
+    let n_panels = rows.div_ceil(PANEL);
+    let mut out = vec![0u8; n_panels * blocks * F::PANEL_BYTES];
+    for (p, panel) in out.chunks_exact_mut(blocks * F::PANEL_BYTES).enumerate() {
+        for (b, pb) in panel.chunks_exact_mut(F::PANEL_BYTES).enumerate() {
+            for j in 0..PANEL.min(rows - p * PANEL) {
+                let at = ((p * PANEL + j) * blocks + b) * F::BYTES;
+                let wb = &data[at..at + F::BYTES];
+                for (t, v) in F::values(wb).into_iter().enumerate() {
+                    let (at, shift) = F::place(j, t);
+                    pb[at] |= (v as u8) << shift;
+                }
+                // The block's f16 scale (and minimum) are its first bytes in GGUF.
+                let d = F::QBYTES + 2 * j;
+                pb[d..d + 2].copy_from_slice(&wb[0..2]);
+                if F::HAS_MIN {
+                    pb[d + 16..d + 18].copy_from_slice(&wb[2..4]);
+                }
+            }
+        }
+    }
+    Some(out)
 }
 
 fn quantize_rows(x: &[f32]) -> Vec<Q8Block> {
@@ -180,75 +253,59 @@ fn quantize_rows(x: &[f32]) -> Vec<Q8Block> {
     out
 }
 
-/// Results of one tile: `out[r][c]` is weight row `r` times input row `c`.
-type Tile = [[f32; TILE]; TILE];
+/// Results of one panel against up to `C_MAX` input rows: `out[c][j]` is input row `c` times
+/// the panel's row `j`.
+type Tile = [[f32; PANEL]; C_MAX];
 
-/// Largest tile side, in weight rows and in input rows.
-const TILE: usize = 4;
-
-/// Dot products of each of `ws` (≤ TILE weight rows) with each of `xs` (≤ TILE input rows).
-fn tile_portable<F: BlockFormat>(ws: &[&[u8]], xs: &[&[Q8Block]], out: &mut Tile) {
-    for (r, w) in ws.iter().enumerate() {
-        out[r] = [0.0; TILE];
-        for (b, wb) in w.chunks_exact(F::BYTES).enumerate() {
-            let (d, m) = F::dm(wb);
-            let vals = F::values(wb);
-            for (c, x) in xs.iter().enumerate() {
-                let xb = &x[b];
-                let dot: i32 = vals.iter().zip(&xb.q).map(|(a, b)| a * *b as i32).sum();
-                out[r][c] += d * xb.d * dot as f32 + m * xb.s;
+/// One panel (its blocks, `panel`) times each of `xs` (≤ C_MAX input rows).
+fn tile_portable<F: PanelFormat>(panel: &[u8], xs: &[&[Q8Block]], out: &mut Tile) {
+    for (c, x) in xs.iter().enumerate() {
+        out[c] = [0.0; PANEL];
+        for (pb, xb) in panel.chunks_exact(F::PANEL_BYTES).zip(x.iter()) {
+            for (j, o) in out[c].iter_mut().enumerate() {
+                let dot: i32 = (0..QK).map(|t| F::value(pb, j, t) * xb.q[t] as i32).sum();
+                let d = f16_at(pb, F::QBYTES + 2 * j);
+                let m = if F::HAS_MIN {
+                    f16_at(pb, F::QBYTES + 16 + 2 * j)
+                } else {
+                    0.0
+                };
+                *o += d * xb.d * dot as f32 + m * xb.s;
             }
         }
     }
 }
 
-/// `R` weight rows times `C` input rows with all `R * C` accumulators in registers: each
-/// weight block is decoded once for `C` rows, each input block loaded once for `R` rows, and
-/// the independent accumulators hide the multiply-add latency. `R` and `C` are constants so
-/// that the loops unroll (indexing accumulators by a runtime count spills them to memory).
+/// One panel times `C` input rows, the `C` accumulators (8 rows each) in registers. `C` is a
+/// constant so that the loops unroll (indexing accumulators by a runtime count spills them).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<F: BlockFormat, const R: usize, const C: usize>(
-    ws: &[&[u8]],
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<F: PanelFormat, const C: usize>(
+    panel: &[u8],
     xs: &[&[Q8Block]],
     out: &mut Tile,
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    let mut mins = [[0f32; C]; R];
+    let mut acc = [_mm256_setzero_ps(); C];
     let blocks = xs[0].len();
     for b in 0..blocks {
-        let mut wq = [_mm256_setzero_si256(); R];
-        let mut dm = [(0f32, 0f32); R];
-        for r in 0..R {
-            let wb = ws
-                .get_unchecked(r)
-                .get_unchecked(b * F::BYTES..(b + 1) * F::BYTES);
-            dm[r] = F::dm(wb);
-            wq[r] = F::load(wb.as_ptr());
-        }
+        let pb = panel.as_ptr().add(b * F::PANEL_BYTES);
+        let xb: [&Q8Block; C] = std::array::from_fn(|c| xs.get_unchecked(c).get_unchecked(b));
+        let dots = F::dots::<C>(pb, &xb);
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(F::QBYTES) as *const __m128i));
         for c in 0..C {
-            let xb = xs.get_unchecked(c).get_unchecked(b);
-            let xq = _mm256_load_si256(xb.q.as_ptr() as *const __m256i);
-            for r in 0..R {
-                let p = F::products(wq[r], xq);
-                acc[r][c] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(p),
-                    _mm256_set1_ps(dm[r].0 * xb.d),
-                    acc[r][c],
-                );
-                mins[r][c] += dm[r].1 * xb.s;
+            let scale = _mm256_mul_ps(d, _mm256_broadcast_ss(&xb[c].d));
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[c]), scale, acc[c]);
+        }
+        if F::HAS_MIN {
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(F::QBYTES + 16) as *const __m128i));
+            for c in 0..C {
+                acc[c] = _mm256_fmadd_ps(m, _mm256_broadcast_ss(&xb[c].s), acc[c]);
             }
         }
     }
-    for r in 0..R {
-        for c in 0..C {
-            let v = acc[r][c];
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            out[r][c] = _mm_cvtss_f32(s) + mins[r][c];
-        }
+    for c in 0..C {
+        _mm256_storeu_ps(out[c].as_mut_ptr(), acc[c]);
     }
 }
 
@@ -256,46 +313,32 @@ fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *AVX2.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
-fn tile<F: BlockFormat>(ws: &[&[u8]], xs: &[&[Q8Block]], out: &mut Tile) {
+fn tile<F: PanelFormat>(panel: &[u8], xs: &[&[Q8Block]], out: &mut Tile) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above); input blocks are 32-byte aligned;
-        // every weight row has as many blocks as every input row.
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above); every input row has as many
+        // blocks as the panel.
         unsafe {
-            match (ws.len(), xs.len()) {
-                (1, 1) => return tile_avx2::<F, 1, 1>(ws, xs, out),
-                (1, 2) => return tile_avx2::<F, 1, 2>(ws, xs, out),
-                (1, 3) => return tile_avx2::<F, 1, 3>(ws, xs, out),
-                (1, 4) => return tile_avx2::<F, 1, 4>(ws, xs, out),
-                (2, 1) => return tile_avx2::<F, 2, 1>(ws, xs, out),
-                (2, 2) => return tile_avx2::<F, 2, 2>(ws, xs, out),
-                (2, 3) => return tile_avx2::<F, 2, 3>(ws, xs, out),
-                (2, 4) => return tile_avx2::<F, 2, 4>(ws, xs, out),
-                (3, 1) => return tile_avx2::<F, 3, 1>(ws, xs, out),
-                (3, 2) => return tile_avx2::<F, 3, 2>(ws, xs, out),
-                (4, 1) => return tile_avx2::<F, 4, 1>(ws, xs, out),
-                (4, 2) => return tile_avx2::<F, 4, 2>(ws, xs, out),
-                // Shapes `tile_shape` never asks for would not fit the registers.
+            match xs.len() {
+                1 => return tile_avx2::<F, 1>(panel, xs, out),
+                2 => return tile_avx2::<F, 2>(panel, xs, out),
+                3 => return tile_avx2::<F, 3>(panel, xs, out),
+                4 => return tile_avx2::<F, 4>(panel, xs, out),
                 _ => {}
             }
         }
     }
-    tile_portable::<F>(ws, xs, out)
-}
-
-/// Tile shape (weight rows, input rows) for `m` input rows; at most 8 accumulators.
-fn tile_shape(m: usize) -> (usize, usize) {
-    match m {
-        1 => (2, 1),
-        2 | 3 => (4, 2),
-        _ => (2, 4),
-    }
+    tile_portable::<F>(panel, xs, out)
 }
 
 /// `x` [m, cols] times the transposed weights: [m, rows].
@@ -306,42 +349,44 @@ pub fn matmul(w: &QuantWeights, x: &[f32], m: usize) -> Vec<f32> {
     }
 }
 
-fn matmul_as<F: BlockFormat>(w: &QuantWeights, x: &[f32], m: usize) -> Vec<f32> {
+fn matmul_as<F: PanelFormat>(w: &QuantWeights, x: &[f32], m: usize) -> Vec<f32> {
     let (k, n) = (w.cols, w.rows);
     let xq = quantize_rows(x);
     let bpr = k / QK;
+    let panel_len = bpr * F::PANEL_BYTES;
+    let n_panels = n.div_ceil(PANEL);
     let mut dst = vec![0f32; m * n];
     let dst_ptr = dst.as_mut_ptr() as usize;
     let m_chunks = m.div_ceil(M_CHUNK);
-    // Weight rows per work item: enough to amortise scheduling, small enough to balance.
-    let n_chunk = if m == 1 { 16 } else { 64 };
-    let n_chunks = n.div_ceil(n_chunk);
-    let (tr, tc) = tile_shape(m);
-    candle_core::utils::barrier_pool().execute_chunked(m_chunks * n_chunks, |items| {
-        let mut out: Tile = [[0.0; TILE]; TILE];
+    // Panels per work item: enough to amortise scheduling, few enough to balance the cores.
+    let p_chunk = if m == 1 { 2 } else { 8 };
+    let p_chunks = n_panels.div_ceil(p_chunk);
+    candle_core::utils::barrier_pool().execute_chunked(m_chunks * p_chunks, |items| {
+        let mut out: Tile = [[0.0; PANEL]; C_MAX];
         for item in items {
-            let (mc, nc) = (item / n_chunks, item % n_chunks);
+            let (mc, pc) = (item / p_chunks, item % p_chunks);
             let (m0, m1) = (mc * M_CHUNK, ((mc + 1) * M_CHUNK).min(m));
-            let (n0, n1) = (nc * n_chunk, ((nc + 1) * n_chunk).min(n));
-            let mut c0 = n0;
-            while c0 < n1 {
-                let c1 = (c0 + tr).min(n1);
-                let ws: [&[u8]; TILE] = std::array::from_fn(|i| w.row((c0 + i).min(c1 - 1)));
+            for p in pc * p_chunk..((pc + 1) * p_chunk).min(n_panels) {
+                let panel = &w.panels[p * panel_len..(p + 1) * panel_len];
+                let (n0, n1) = (p * PANEL, ((p + 1) * PANEL).min(n));
                 let mut r0 = m0;
                 while r0 < m1 {
-                    let r1 = (r0 + tc).min(m1);
-                    let xs: [&[Q8Block]; TILE] =
+                    let r1 = (r0 + C_MAX).min(m1);
+                    let xs: [&[Q8Block]; C_MAX] =
                         std::array::from_fn(|i| &xq[(r0 + i).min(r1 - 1) * bpr..][..bpr]);
-                    tile::<F>(&ws[..c1 - c0], &xs[..r1 - r0], &mut out);
-                    for (i, r) in (r0..r1).enumerate() {
-                        for (j, col) in (c0..c1).enumerate() {
-                            // SAFETY: each (row, col) is written by exactly one work item.
-                            unsafe { *(dst_ptr as *mut f32).add(r * n + col) = out[j][i] };
-                        }
+                    tile::<F>(panel, &xs[..r1 - r0], &mut out);
+                    for (c, r) in (r0..r1).enumerate() {
+                        // SAFETY: each (row, col) is written by exactly one work item.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                (dst_ptr as *mut f32).add(r * n + n0),
+                                n1 - n0,
+                            )
+                        };
+                        row.copy_from_slice(&out[c][..n1 - n0]);
                     }
                     r0 = r1;
                 }
-                c0 = c1;
             }
         }
     });
@@ -400,13 +445,14 @@ mod tests {
 
     #[test]
     fn matches_candles_matmul_for_decode_and_prefill_shapes() {
-        let (n, k) = (72, 128);
+        // 70 rows: the last panel is partial.
+        let (n, k) = (70, 128);
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let w = pseudo_random(n * k, 1).reshape((n, k)).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let ours = QuantWeights::new(dtype, q.data().unwrap().into_owned(), n, k).unwrap();
             let theirs = QMatMul::from_qtensor(q).unwrap();
-            for m in [1usize, 2, 3, 4, 7, 130] {
+            for m in [1usize, 2, 3, 4, 5, 7, 130] {
                 let x = pseudo_random(m * k, m as u64 + 7).reshape((m, k)).unwrap();
                 let want: Vec<f32> = theirs
                     .forward(&x)
@@ -432,29 +478,30 @@ mod tests {
         }
     }
 
-    fn portable_and_simd_agree<F: BlockFormat>(dtype: GgmlDType) {
+    fn portable_and_simd_agree<F: PanelFormat>(dtype: GgmlDType) {
         let (n, k) = (8, 64);
         let w = pseudo_random(n * k, 3).reshape((n, k)).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
         let ours = QuantWeights::new(dtype, q.data().unwrap().into_owned(), n, k).unwrap();
-        let x: Vec<f32> = (0..4 * k)
+        let x: Vec<f32> = (0..C_MAX * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
         let xq = quantize_rows(&x);
         let rows: Vec<&[Q8Block]> = xq.chunks(k / QK).collect();
-        for (tr, tc) in [(1, 1), (1, 4), (2, 3), (2, 4), (3, 2), (4, 1), (4, 2)] {
-            let ws: Vec<&[u8]> = (0..tr).map(|r| ours.row(r)).collect();
+        for c in 1..=C_MAX {
             let (mut a, mut b): (Tile, Tile) = Default::default();
-            tile_portable::<F>(&ws, &rows[..tc], &mut a);
-            tile::<F>(&ws, &rows[..tc], &mut b);
-            for r in 0..tr {
-                for c in 0..tc {
-                    let (x, y) = (a[r][c], b[r][c]);
-                    assert!(
-                        (x - y).abs() < 1e-3 * (1.0 + x.abs()),
-                        "{dtype:?} {tr}x{tc} [{r}][{c}]: {x} vs {y}"
-                    );
-                }
+            tile_portable::<F>(&ours.panels, &rows[..c], &mut a);
+            tile::<F>(&ours.panels, &rows[..c], &mut b);
+            for (i, (x, y)) in a[..c]
+                .iter()
+                .flatten()
+                .zip(b[..c].iter().flatten())
+                .enumerate()
+            {
+                assert!(
+                    (x - y).abs() < 1e-3 * (1.0 + x.abs()),
+                    "{dtype:?} {c} rows [{i}]: {x} vs {y}"
+                );
             }
         }
     }
