@@ -233,24 +233,71 @@ fn repack<F: PanelFormat>(data: &[u8], rows: usize, cols: usize) -> Option<Vec<u
 }
 
 fn quantize_rows(x: &[f32]) -> Vec<Q8Block> {
-    let mut out = Vec::with_capacity(x.len() / QK);
-    for chunk in x.chunks_exact(QK) {
-        let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut q = [0i8; QK];
-        let mut sum = 0i32;
-        for (qi, &v) in q.iter_mut().zip(chunk) {
-            *qi = (v * inv).round() as i8;
-            sum += *qi as i32;
-        }
-        out.push(Q8Block {
-            q,
-            d,
-            s: d * sum as f32,
-        });
+    let blocks = x.chunks_exact(QK);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked above); every chunk has QK values.
+        return blocks.map(|c| unsafe { quantize_block_avx2(c) }).collect();
     }
-    out
+    blocks.map(quantize_block).collect()
+}
+
+/// 32 values as 8-bit integers times one scale (the largest magnitude maps to 127).
+fn quantize_block(chunk: &[f32]) -> Q8Block {
+    let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; QK];
+    let mut sum = 0i32;
+    for (qi, &v) in q.iter_mut().zip(chunk) {
+        *qi = (v * inv).round_ties_even() as i8;
+        sum += *qi as i32;
+    }
+    Q8Block {
+        q,
+        d,
+        s: d * sum as f32,
+    }
+}
+
+/// `quantize_block` in vector registers: it ran serially on one core for every matmul, a
+/// tenth of the time of a batched decode step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(chunk: &[f32]) -> Q8Block {
+    use std::arch::x86_64::*;
+    let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(chunk.as_ptr().add(8 * i)));
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+    let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    let amax = _mm_cvtss_f32(m);
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    // Round to nearest (ties to even, as `quantize_block`), then narrow to bytes: the packs
+    // interleave 128-bit lanes, which the final permute undoes.
+    let i = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)));
+    let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    let sum = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256(sum, 1),
+    );
+    let sum = _mm_hadd_epi32(sum, sum);
+    let sum = _mm_cvtsi128_si32(_mm_hadd_epi32(sum, sum));
+    let w = _mm256_packs_epi16(
+        _mm256_packs_epi32(i[0], i[1]),
+        _mm256_packs_epi32(i[2], i[3]),
+    );
+    let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let mut q = [0i8; QK];
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, w);
+    Q8Block {
+        q,
+        d,
+        s: d * sum as f32,
+    }
 }
 
 /// Results of one panel against up to `C_MAX` input rows: `out[c][j]` is input row `c` times
@@ -358,35 +405,31 @@ fn matmul_as<F: PanelFormat>(w: &QuantWeights, x: &[f32], m: usize) -> Vec<f32> 
     let mut dst = vec![0f32; m * n];
     let dst_ptr = dst.as_mut_ptr() as usize;
     let m_chunks = m.div_ceil(M_CHUNK);
-    // Panels per work item: enough to amortise scheduling, few enough to balance the cores.
-    let p_chunk = if m == 1 { 2 } else { 8 };
-    let p_chunks = n_panels.div_ceil(p_chunk);
-    candle_core::utils::barrier_pool().execute_chunked(m_chunks * p_chunks, |items| {
+    // One panel per work item; the pool hands them out in runs, balanced over the cores.
+    candle_core::utils::barrier_pool().execute_chunked(m_chunks * n_panels, |items| {
         let mut out: Tile = [[0.0; PANEL]; C_MAX];
         for item in items {
-            let (mc, pc) = (item / p_chunks, item % p_chunks);
+            let (mc, p) = (item / n_panels, item % n_panels);
             let (m0, m1) = (mc * M_CHUNK, ((mc + 1) * M_CHUNK).min(m));
-            for p in pc * p_chunk..((pc + 1) * p_chunk).min(n_panels) {
-                let panel = &w.panels[p * panel_len..(p + 1) * panel_len];
-                let (n0, n1) = (p * PANEL, ((p + 1) * PANEL).min(n));
-                let mut r0 = m0;
-                while r0 < m1 {
-                    let r1 = (r0 + C_MAX).min(m1);
-                    let xs: [&[Q8Block]; C_MAX] =
-                        std::array::from_fn(|i| &xq[(r0 + i).min(r1 - 1) * bpr..][..bpr]);
-                    tile::<F>(panel, &xs[..r1 - r0], &mut out);
-                    for (c, r) in (r0..r1).enumerate() {
-                        // SAFETY: each (row, col) is written by exactly one work item.
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                (dst_ptr as *mut f32).add(r * n + n0),
-                                n1 - n0,
-                            )
-                        };
-                        row.copy_from_slice(&out[c][..n1 - n0]);
-                    }
-                    r0 = r1;
+            let panel = &w.panels[p * panel_len..(p + 1) * panel_len];
+            let (n0, n1) = (p * PANEL, ((p + 1) * PANEL).min(n));
+            let mut r0 = m0;
+            while r0 < m1 {
+                let r1 = (r0 + C_MAX).min(m1);
+                let xs: [&[Q8Block]; C_MAX] =
+                    std::array::from_fn(|i| &xq[(r0 + i).min(r1 - 1) * bpr..][..bpr]);
+                tile::<F>(panel, &xs[..r1 - r0], &mut out);
+                for (c, r) in (r0..r1).enumerate() {
+                    // SAFETY: each (row, col) is written by exactly one work item.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            (dst_ptr as *mut f32).add(r * n + n0),
+                            n1 - n0,
+                        )
+                    };
+                    row.copy_from_slice(&out[c][..n1 - n0]);
                 }
+                r0 = r1;
             }
         }
     });
@@ -503,6 +546,19 @@ mod tests {
                     "{dtype:?} {c} rows [{i}]: {x} vs {y}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn vector_quantization_matches_the_scalar_one() {
+        let x: Vec<f32> = (0..8 * QK)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / (1.0 + (i % 5) as f32))
+            .chain([0.0; QK])
+            .collect();
+        for (c, got) in x.chunks_exact(QK).zip(quantize_rows(&x)) {
+            let want = quantize_block(c);
+            assert_eq!(got.q, want.q);
+            assert_eq!((got.d, got.s), (want.d, want.s));
         }
     }
 
