@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::memory::ForkExcluded;
 use crate::model::ModelConfig;
 use crate::{Error, Result};
 
@@ -33,6 +34,8 @@ impl BlockTable {
 
 pub struct KvCache {
     block_size: usize,
+    /// Declared before `layers`, so that they drop first.
+    _fork: Vec<ForkExcluded>,
     /// Per layer: [slots, 2, kv_heads, head_dim], K at index 0 and V at index 1 of dim 1.
     layers: Vec<Tensor>,
     refcount: Vec<u32>,
@@ -82,6 +85,7 @@ impl KvCache {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             block_size,
+            _fork: layers.iter().map(ForkExcluded::tensor).collect(),
             layers,
             refcount: vec![0; num_blocks],
             free: (0..num_blocks as u32).rev().collect(),

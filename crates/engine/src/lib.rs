@@ -10,6 +10,7 @@
 //! - `loader`: a located model to a loaded one (weights, tokenizer, template) or its info.
 //! - `model`: forgeline's llama/qwen2 model code, weight loaders, attention kernels.
 //! - `kv_cache`: the paged KV cache owned by the engine.
+//! - `memory`: large buffers (weights, KV cache) kept out of forked children.
 //! - `registry`: where models come from (path, models/ manifests, Hugging Face cache).
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/p, min-p, repetition penalty).
 //! - `scheduler`: continuous batching of all requests over shared models (`LlmClient`).
@@ -22,6 +23,7 @@ pub mod device;
 pub mod error;
 pub mod kv_cache;
 pub mod loader;
+mod memory;
 pub mod model;
 pub mod registry;
 pub mod sampling;

@@ -17,6 +17,7 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::kv_cache::{BlockTable, KvCache};
+use crate::memory::ForkExcluded;
 use crate::{Error, Result};
 use attention::{BatchLayout, GenericBatch, Heads, PagedAttention, RopeTable, WriteKv};
 pub use config::{Arch, ModelConfig};
@@ -110,6 +111,8 @@ pub enum AttentionImpl {
 pub struct Model {
     cfg: ModelConfig,
     device: Device,
+    /// Declared before `embed`, so that it drops first.
+    _fork: ForkExcluded,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -196,6 +199,7 @@ impl Model {
             rope: RopeTable::new(&cfg, cfg.context_length),
             cfg,
             device: device.clone(),
+            _fork: ForkExcluded::tensor(&embed),
             embed,
             layers,
             norm,

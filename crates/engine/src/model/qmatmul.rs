@@ -17,6 +17,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
 
+use crate::memory::ForkExcluded;
+
 /// Weights per GGUF block.
 const QK: usize = 32;
 /// Weight rows per panel: one f32 lane each in a 256-bit vector.
@@ -165,6 +167,8 @@ impl PanelFormat for Q8_0 {
 /// Quantized weights this kernel multiplies by, repacked into panels of 8 rows.
 pub struct QuantWeights {
     dtype: GgmlDType,
+    /// Declared before `panels`, so that it drops first.
+    _fork: ForkExcluded,
     /// Panel `p`'s blocks, in order, then the next panel's. The last panel is padded with
     /// zero rows when `rows` is not a multiple of 8.
     panels: Vec<u8>,
@@ -192,6 +196,7 @@ impl QuantWeights {
         };
         Some(Self {
             dtype,
+            _fork: ForkExcluded::slice(&panels),
             panels,
             rows,
             cols,
