@@ -139,6 +139,9 @@ impl InplaceOp2 for WriteKv<'_> {
     }
 }
 
+/// Tokens of one sequence whose queries share one pass over its cache.
+const QUERY_TILE: usize = 4;
+
 /// Attention of every query of `qkv` [T, qkv_width] over its own sequence's cached positions
 /// up to its own; returns [T, q_heads * head_dim].
 pub struct PagedAttention<'a> {
@@ -181,53 +184,96 @@ impl CustomOp2 for PagedAttention<'_> {
         let cache = f32_slice(s2, l2, "kv cache")?;
         let Heads { q: nh, kv, dim } = self.heads;
         let w = self.heads.qkv_width();
-        let n_tokens = self.batch.positions.len();
+        let batch = self.batch;
+        let n_tokens = batch.positions.len();
         let group = nh / kv;
         let slot_len = 2 * kv * dim;
         let scale = 1.0 / (dim as f32).sqrt();
         let mut out = vec![0f32; n_tokens * nh * dim];
         let out_ptr = out.as_mut_ptr() as usize;
-        let max_ctx = self
-            .batch
-            .seq_slots
-            .iter()
-            .map(|s| s.len())
-            .max()
-            .unwrap_or(0);
-
-        candle_core::utils::barrier_pool().execute_chunked(n_tokens * nh, |items| {
-            let mut scores = vec![0f32; max_ctx];
-            let mut qr = vec![0f32; dim];
+        let max_ctx = batch.seq_slots.iter().map(|s| s.len()).max().unwrap_or(0);
+        // Work items are (tile of up to QUERY_TILE consecutive tokens of one sequence, KV
+        // head): every query head sharing that KV head, for every token of the tile, is
+        // scored against each cached K row while it is loaded, and each V row is added into
+        // all of their outputs. Attention reads the cache once per item instead of once per
+        // (token, query head), and with long contexts those reads are its cost.
+        let mut tiles = Vec::new();
+        for r in &batch.seq_tokens {
+            let mut t = r.start;
+            while t < r.end {
+                tiles.push((t, (t + QUERY_TILE).min(r.end)));
+                t += QUERY_TILE;
+            }
+        }
+        let most = QUERY_TILE * group;
+        candle_core::utils::barrier_pool().execute_chunked(tiles.len() * kv, |items| {
+            let mut scores = vec![0f32; most * max_ctx];
+            let mut qr = vec![0f32; most * dim];
+            let mut acc = vec![0f32; most * dim];
             for item in items {
-                let (t, h) = (item / nh, item % nh);
-                let g = h / group;
-                let pos = self.batch.positions[t] as usize;
-                let slots = &self.batch.seq_slots[self.batch.token_seq[t] as usize][..=pos];
-                self.rope
-                    .rotate(&qkv[t * w + h * dim..t * w + (h + 1) * dim], pos, &mut qr);
-                let mut max = f32::NEG_INFINITY;
-                for (j, &slot) in slots.iter().enumerate() {
-                    let base = slot as usize * slot_len + g * dim;
-                    let s = dot(&qr, &cache[base..base + dim]) * scale;
-                    scores[j] = s;
-                    max = max.max(s);
+                let ((t0, t1), g) = (tiles[item / kv], item % kv);
+                // Query i is token t0 + i / group, head g * group + i % group; positions rise
+                // with the token, so the queries that see cache position j are a suffix,
+                // from `first(j)`.
+                let n_q = (t1 - t0) * group;
+                let pos = &batch.positions[t0..t1];
+                let first = |j: usize| pos.partition_point(|&p| (p as usize) < j) * group;
+                let slots =
+                    &batch.seq_slots[batch.token_seq[t0] as usize][..=pos[pos.len() - 1] as usize];
+                for (i, q) in qr.chunks_exact_mut(dim).take(n_q).enumerate() {
+                    let (t, h) = (t0 + i / group, g * group + i % group);
+                    let at = t * w + h * dim;
+                    self.rope
+                        .rotate(&qkv[at..at + dim], pos[i / group] as usize, q);
                 }
-                let mut sum = 0f32;
-                for s in &mut scores[..slots.len()] {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                // SAFETY: each (token, head) item owns its own `dim` outputs.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(item * dim), dim)
-                };
+                let mut from = 0;
                 for (j, &slot) in slots.iter().enumerate() {
-                    let p = scores[j] * inv;
-                    let base = slot as usize * slot_len + kv * dim + g * dim;
-                    for (o, v) in o.iter_mut().zip(&cache[base..base + dim]) {
-                        *o += p * v;
+                    if from < n_q && j > pos[from / group] as usize {
+                        from = first(j);
                     }
+                    let base = slot as usize * slot_len + g * dim;
+                    let k = &cache[base..base + dim];
+                    for (i, q) in qr.chunks_exact(dim).enumerate().take(n_q).skip(from) {
+                        scores[i * max_ctx + j] = dot(q, k) * scale;
+                    }
+                }
+                for (i, a) in acc.chunks_exact_mut(dim).take(n_q).enumerate() {
+                    let row = &mut scores[i * max_ctx..i * max_ctx + pos[i / group] as usize + 1];
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                    let mut sum = 0f32;
+                    for s in row.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|s| *s *= inv);
+                    a.fill(0.0);
+                }
+                let mut from = 0;
+                for (j, &slot) in slots.iter().enumerate() {
+                    if from < n_q && j > pos[from / group] as usize {
+                        from = first(j);
+                    }
+                    let base = slot as usize * slot_len + kv * dim + g * dim;
+                    let v = &cache[base..base + dim];
+                    for (i, a) in acc.chunks_exact_mut(dim).enumerate().take(n_q).skip(from) {
+                        let p = scores[i * max_ctx + j];
+                        for (a, v) in a.iter_mut().zip(v) {
+                            *a += p * v;
+                        }
+                    }
+                }
+                for (i, a) in acc.chunks_exact(dim).take(n_q).enumerate() {
+                    let (t, h) = (t0 + i / group, g * group + i % group);
+                    // SAFETY: each (token, head) belongs to exactly one item, which owns its
+                    // `dim` outputs.
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            (out_ptr as *mut f32).add((t * nh + h) * dim),
+                            dim,
+                        )
+                    };
+                    o.copy_from_slice(a);
                 }
             }
         });
@@ -349,4 +395,35 @@ pub fn generic_attention(
         outs.push(o.transpose(0, 1)?.reshape((range.len(), nh * dim))?);
     }
     Tensor::cat(&outs, 0)
+}
+
+#[cfg(test)]
+mod probe {
+    use super::*;
+    use crate::model::config::Arch;
+    use candle_core::{Device, Tensor};
+    #[test]
+    #[ignore]
+    fn attn_speed() {
+        let cfg = ModelConfig { arch: Arch::Llama, hidden_size: 576, intermediate_size: 1536, num_layers: 1, num_heads: 9, num_kv_heads: 3, head_dim: 64, vocab_size: 10, rms_norm_eps: 1e-5, rope_theta: 10000., rope_scaling: None, context_length: 4096, tie_word_embeddings: true };
+        let rope = RopeTable::new(&cfg, 4096);
+        let heads = Heads { q: 9, kv: 3, dim: 64 };
+        let slots_total = 16 * 1100 + 300;
+        let cache = Tensor::randn(0f32, 1.0, (slots_total, 2, 3, 64), &Device::Cpu).unwrap();
+        for (name, seqs, ctx, chunk) in [("decode 16x1000", 16usize, 1000usize, 1usize), ("decode 4x1000", 4, 1000, 1), ("prefill 256 @1000", 1, 1000, 256)] {
+            let mut b = BatchLayout { positions: vec![], write_slots: vec![], token_seq: vec![], seq_slots: vec![], seq_tokens: vec![] };
+            for s in 0..seqs {
+                let start = b.positions.len();
+                let base = (s * 1100) as u32;
+                for t in 0..chunk { let p = ctx - chunk + t; b.positions.push(p as u32); b.write_slots.push(base + p as u32); b.token_seq.push(s as u32); }
+                b.seq_slots.push((0..ctx as u32).map(|p| base + p).collect());
+                b.seq_tokens.push(start..b.positions.len());
+            }
+            let qkv = Tensor::randn(0f32, 1.0, (b.positions.len(), heads.qkv_width()), &Device::Cpu).unwrap();
+            let op = PagedAttention { heads, batch: &b, rope: &rope };
+            let mut best = f64::MAX;
+            for _ in 0..30 { let t = std::time::Instant::now(); std::hint::black_box(qkv.apply_op2_no_bwd(&cache, &op).unwrap()); best = best.min(t.elapsed().as_secs_f64()); }
+            println!("{name}: {:.3} ms", best * 1e3);
+        }
+    }
 }
