@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
+use forgeline_engine::kv_cache::KvCache;
 use forgeline_engine::loader::LoadedModel;
 use forgeline_engine::scheduler::{default_kv_budget, LlmClient, SchedulerConfig, SlotConfig};
 use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
@@ -82,7 +83,7 @@ impl PipelineArgs {
         }
         let budgets: Vec<usize> = models
             .iter()
-            .map(|m| default_kv_budget(m, models.len()))
+            .map(|m| default_kv_budget(m, models.len(), KvCache::DEFAULT_DTYPE))
             .collect();
         let client = LlmClient::start(models, pipeline_scheduler(&budgets))?;
         let sandbox = Sandbox::new(SandboxConfig::default()).await?;

@@ -142,6 +142,7 @@ pub fn run_engine_bench(
         mc,
         KvCache::DEFAULT_BLOCK_SIZE,
         need.div_ceil(KvCache::DEFAULT_BLOCK_SIZE) + max_batch,
+        KvCache::DEFAULT_DTYPE,
         m.model.device(),
     )?;
     let long = prompt_of(m, cfg.prompt_tokens)?;

@@ -45,10 +45,14 @@ pub struct KvCache {
 
 impl KvCache {
     pub const DEFAULT_BLOCK_SIZE: usize = 16;
+    /// What K and V are stored as by default. f16 (llama.cpp's default too) halves what
+    /// attention reads, and with long contexts those reads are most of its time; f32 is kept
+    /// for comparisons that must match a reference exactly.
+    pub const DEFAULT_DTYPE: DType = DType::F16;
 
     /// Bytes of cache one token takes across all layers.
-    pub fn bytes_per_token(cfg: &ModelConfig) -> usize {
-        cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * DType::F32.size_in_bytes()
+    pub fn bytes_per_token(cfg: &ModelConfig, dtype: DType) -> usize {
+        cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.size_in_bytes()
     }
 
     /// A cache of at most `budget_bytes` (at least one block).
@@ -56,16 +60,24 @@ impl KvCache {
         cfg: &ModelConfig,
         block_size: usize,
         budget_bytes: usize,
+        dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let per_block = Self::bytes_per_token(cfg) * block_size;
-        Self::new(cfg, block_size, (budget_bytes / per_block).max(1), device)
+        let per_block = Self::bytes_per_token(cfg, dtype) * block_size;
+        Self::new(
+            cfg,
+            block_size,
+            (budget_bytes / per_block).max(1),
+            dtype,
+            device,
+        )
     }
 
     pub fn new(
         cfg: &ModelConfig,
         block_size: usize,
         num_blocks: usize,
+        dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         if block_size == 0 || num_blocks == 0 {
@@ -73,15 +85,14 @@ impl KvCache {
                 "KV cache needs a positive block size and block count".into(),
             ));
         }
+        if !matches!(dtype, DType::F16 | DType::F32) {
+            return Err(Error::InvalidRequest(format!(
+                "KV cache type {dtype:?} is not supported (f16 or f32)"
+            )));
+        }
         let slots = block_size * num_blocks;
         let layers = (0..cfg.num_layers)
-            .map(|_| {
-                Tensor::zeros(
-                    (slots, 2, cfg.num_kv_heads, cfg.head_dim),
-                    DType::F32,
-                    device,
-                )
-            })
+            .map(|_| Tensor::zeros((slots, 2, cfg.num_kv_heads, cfg.head_dim), dtype, device))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             block_size,
@@ -89,7 +100,7 @@ impl KvCache {
             layers,
             refcount: vec![0; num_blocks],
             free: (0..num_blocks as u32).rev().collect(),
-            bytes_per_block: Self::bytes_per_token(cfg) * block_size,
+            bytes_per_block: Self::bytes_per_token(cfg, dtype) * block_size,
         })
     }
 
@@ -212,7 +223,7 @@ mod tests {
 
     #[test]
     fn reserve_is_all_or_nothing_and_release_returns_blocks() {
-        let mut kv = KvCache::new(&cfg(), 4, 3, &Device::Cpu).unwrap();
+        let mut kv = KvCache::new(&cfg(), 4, 3, DType::F32, &Device::Cpu).unwrap();
         let mut a = BlockTable::default();
         kv.reserve(&mut a, 9).unwrap();
         assert_eq!(a.blocks().len(), 3);
@@ -228,7 +239,7 @@ mod tests {
 
     #[test]
     fn shared_prefix_blocks_outlive_their_first_owner() {
-        let mut kv = KvCache::new(&cfg(), 4, 4, &Device::Cpu).unwrap();
+        let mut kv = KvCache::new(&cfg(), 4, 4, DType::F32, &Device::Cpu).unwrap();
         let mut a = BlockTable::default();
         kv.reserve(&mut a, 8).unwrap();
         let mut b = kv.share_prefix(&a, 2);

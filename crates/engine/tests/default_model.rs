@@ -83,7 +83,14 @@ fn mixed_batch_matches_reference_per_sequence() {
 
     for imp in [AttentionImpl::FusedCpu, AttentionImpl::Generic] {
         m.model.set_attention(imp).unwrap();
-        let mut kv = KvCache::new(m.model.config(), 16, 64, &Device::Cpu).unwrap();
+        let mut kv = KvCache::new(
+            m.model.config(),
+            16,
+            64,
+            KvCache::DEFAULT_DTYPE,
+            &Device::Cpu,
+        )
+        .unwrap();
         let (mut ta, mut tb, mut tc) = (
             BlockTable::default(),
             BlockTable::default(),

@@ -21,7 +21,14 @@ fn client(cfg: SchedulerConfig) -> LlmClient {
 
 /// KV budget of `tokens` positions of the default model.
 fn budget(tokens: usize) -> Option<usize> {
-    Some(tokens * 30 * 2 * 3 * 64 * 4)
+    Some(
+        tokens
+            * 30
+            * 2
+            * 3
+            * 64
+            * forgeline_engine::kv_cache::KvCache::DEFAULT_DTYPE.size_in_bytes(),
+    )
 }
 
 /// Stats once the engine has published its state after the last step (events reach callers
@@ -214,6 +221,7 @@ async fn a_full_queue_fails_at_once_with_overloaded() {
         },
         max_waiting: 2,
         kv_budget_bytes: budget(2048),
+        ..Default::default()
     });
     let mut held = Vec::new();
     let mut overloaded = None;

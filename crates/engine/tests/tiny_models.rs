@@ -5,8 +5,8 @@
 //!
 //! Every sequence of a mixed batch (a prefill together with another sequence's first chunk;
 //! then a decode step, that sequence's second chunk and a third whole prompt; then three decode
-//! steps), under both attention implementations, must give the logits the reference model gives
-//! when it runs that sequence alone from an empty cache.
+//! steps), under both attention implementations and with an f32 and an f16 KV cache, must give
+//! the logits the reference model gives when it runs that sequence alone from an empty cache.
 //!
 //! Tolerances:
 //! - Unquantized weights (GGUF F32 / F16 / BF16, safetensors in any dtype): 1e-4 absolute on
@@ -22,6 +22,8 @@
 //!   in total variation on every row. Checked: next-token distributions within 0.05 in total
 //!   variation, and the same greedy token whenever the reference's top two logits are more
 //!   than 0.2 apart (over twice the largest logit difference seen).
+//! - An f16 KV cache (the default), for any weights: K and V rounded to f16 move logits by
+//!   about 3e-3 here, so it gets the quantized types' check.
 
 mod common;
 
@@ -248,9 +250,22 @@ fn check_mixed_batch(m: &mut LoadedModel, r: &mut Reference, check: Check, label
             .clone()
     };
     let mut diffs = Diffs::default();
-    for imp in [AttentionImpl::FusedCpu, AttentionImpl::Generic] {
+    // The f16 cache (the default) rounds every K and V to 11 significant bits, so its rows
+    // are held to the quantized tolerance.
+    for (imp, kv_dtype) in [
+        (AttentionImpl::FusedCpu, DType::F32),
+        (AttentionImpl::Generic, DType::F32),
+        (AttentionImpl::FusedCpu, DType::F16),
+        (AttentionImpl::Generic, DType::F16),
+    ] {
+        let check = if kv_dtype == DType::F16 {
+            Check::Quantized
+        } else {
+            check
+        };
+        let label = &format!("{label} {kv_dtype:?} cache");
         m.model.set_attention(imp).unwrap();
-        let mut kv = KvCache::new(m.model.config(), 16, 16, &Device::Cpu).unwrap();
+        let mut kv = KvCache::new(m.model.config(), 16, 16, kv_dtype, &Device::Cpu).unwrap();
         let mut t = vec![BlockTable::default(); 3];
         reserve_interleaved(&mut kv, &mut t, &[a.len() + 2, b.len() + 1, c.len() + 1]);
         let half = 19; // b's first chunk ends inside its second block
@@ -456,7 +471,7 @@ fn gguf_and_safetensors_of_the_same_llama_agree() {
     let s = load(&loc(&st, Format::Safetensors), &Device::Cpu).unwrap();
     let toks = Rng::new(3).tokens(30, tiny.vocab_size);
     let logits = |m: &LoadedModel| -> Vec<f32> {
-        let mut kv = KvCache::new(m.model.config(), 16, 4, &Device::Cpu).unwrap();
+        let mut kv = KvCache::new(m.model.config(), 16, 4, DType::F32, &Device::Cpu).unwrap();
         let mut t = BlockTable::default();
         kv.reserve(&mut t, toks.len()).unwrap();
         let seq = SeqInput {

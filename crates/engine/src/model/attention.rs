@@ -8,7 +8,8 @@
 //!   matmul attention with a causal mask). Runs on every device; CUDA and Metal use it. Tests
 //!   run it on CPU and compare it with the fused kernels.
 
-use candle_core::{CpuStorage, CustomOp2, InplaceOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, InplaceOp2, Layout, Shape, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 use crate::model::ModelConfig;
 
@@ -65,6 +66,45 @@ impl RopeTable {
     }
 }
 
+/// What the KV cache stores: f32, or f16 (converted a row at a time, with F16C where the CPU
+/// has it).
+trait KvElem: Copy + Send + Sync {
+    fn load(src: &[Self], dst: &mut [f32]);
+    fn store(dst: &mut [Self], src: &[f32]);
+}
+
+impl KvElem for f32 {
+    fn load(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
+    fn store(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src)
+    }
+}
+
+impl KvElem for half::f16 {
+    fn load(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst)
+    }
+    fn store(dst: &mut [Self], src: &[f32]) {
+        dst.convert_from_f32_slice(src)
+    }
+}
+
+/// The cache's elements from `off`, by type.
+fn cache_mut<'a>(s: &'a mut CpuStorage, off: usize) -> candle_core::Result<CacheMut<'a>> {
+    Ok(match s {
+        CpuStorage::F32(v) => CacheMut::F32(&mut v[off..]),
+        CpuStorage::F16(v) => CacheMut::F16(&mut v[off..]),
+        _ => candle_core::bail!("kv cache must be f32 or f16"),
+    })
+}
+
+enum CacheMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [half::f16]),
+}
+
 /// Head geometry shared by both implementations.
 #[derive(Clone, Copy)]
 pub struct Heads {
@@ -95,6 +135,33 @@ pub struct WriteKv<'a> {
     pub rope: &'a RopeTable,
 }
 
+impl WriteKv<'_> {
+    fn write<E: KvElem>(&self, qkv: &[f32], cache: &mut [E]) -> candle_core::Result<()> {
+        let Heads { q, kv, dim } = self.heads;
+        let w = self.heads.qkv_width();
+        let slot_len = 2 * kv * dim;
+        let mut rotated = vec![0f32; dim];
+        for (t, (&slot, &pos)) in self
+            .batch
+            .write_slots
+            .iter()
+            .zip(&self.batch.positions)
+            .enumerate()
+        {
+            let row = &qkv[t * w..(t + 1) * w];
+            let dst = &mut cache[slot as usize * slot_len..(slot as usize + 1) * slot_len];
+            let (k_dst, v_dst) = dst.split_at_mut(kv * dim);
+            for g in 0..kv {
+                let k = &row[(q + g) * dim..(q + g + 1) * dim];
+                self.rope.rotate(k, pos as usize, &mut rotated);
+                E::store(&mut k_dst[g * dim..(g + 1) * dim], &rotated);
+            }
+            E::store(v_dst, &row[(q + kv) * dim..(q + 2 * kv) * dim]);
+        }
+        Ok(())
+    }
+}
+
 impl InplaceOp2 for WriteKv<'_> {
     fn name(&self) -> &'static str {
         "forgeline-write-kv"
@@ -111,31 +178,10 @@ impl InplaceOp2 for WriteKv<'_> {
         let Some((off, _)) = dst_l.contiguous_offsets() else {
             candle_core::bail!("kv cache must be contiguous")
         };
-        let cache = match dst {
-            CpuStorage::F32(v) => &mut v[off..],
-            _ => candle_core::bail!("kv cache must be f32"),
-        };
-        let Heads { q, kv, dim } = self.heads;
-        let w = self.heads.qkv_width();
-        let slot_len = 2 * kv * dim;
-        for (t, (&slot, &pos)) in self
-            .batch
-            .write_slots
-            .iter()
-            .zip(&self.batch.positions)
-            .enumerate()
-        {
-            let row = &qkv[t * w..(t + 1) * w];
-            let dst = &mut cache[slot as usize * slot_len..(slot as usize + 1) * slot_len];
-            let (k_dst, v_dst) = dst.split_at_mut(kv * dim);
-            for g in 0..kv {
-                let k = &row[(q + g) * dim..(q + g + 1) * dim];
-                self.rope
-                    .rotate(k, pos as usize, &mut k_dst[g * dim..(g + 1) * dim]);
-            }
-            v_dst.copy_from_slice(&row[(q + kv) * dim..(q + 2 * kv) * dim]);
+        match cache_mut(dst, off)? {
+            CacheMut::F32(c) => self.write(qkv, c),
+            CacheMut::F16(c) => self.write(qkv, c),
         }
-        Ok(())
     }
 }
 
@@ -168,20 +214,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-impl CustomOp2 for PagedAttention<'_> {
-    fn name(&self) -> &'static str {
-        "forgeline-paged-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let qkv = f32_slice(s1, l1, "qkv")?;
-        let cache = f32_slice(s2, l2, "kv cache")?;
+impl PagedAttention<'_> {
+    fn attend<E: KvElem>(&self, qkv: &[f32], cache: &[E]) -> Vec<f32> {
         let Heads { q: nh, kv, dim } = self.heads;
         let w = self.heads.qkv_width();
         let batch = self.batch;
@@ -210,6 +244,7 @@ impl CustomOp2 for PagedAttention<'_> {
             let mut scores = vec![0f32; most * max_ctx];
             let mut qr = vec![0f32; most * dim];
             let mut acc = vec![0f32; most * dim];
+            let mut row = vec![0f32; dim];
             for item in items {
                 let ((t0, t1), g) = (tiles[item / kv], item % kv);
                 // Query i is token t0 + i / group, head g * group + i % group; positions rise
@@ -232,9 +267,9 @@ impl CustomOp2 for PagedAttention<'_> {
                         from = first(j);
                     }
                     let base = slot as usize * slot_len + g * dim;
-                    let k = &cache[base..base + dim];
+                    E::load(&cache[base..base + dim], &mut row);
                     for (i, q) in qr.chunks_exact(dim).enumerate().take(n_q).skip(from) {
-                        scores[i * max_ctx + j] = dot(q, k) * scale;
+                        scores[i * max_ctx + j] = dot(q, &row) * scale;
                     }
                 }
                 for (i, a) in acc.chunks_exact_mut(dim).take(n_q).enumerate() {
@@ -255,10 +290,10 @@ impl CustomOp2 for PagedAttention<'_> {
                         from = first(j);
                     }
                     let base = slot as usize * slot_len + kv * dim + g * dim;
-                    let v = &cache[base..base + dim];
+                    E::load(&cache[base..base + dim], &mut row);
                     for (i, a) in acc.chunks_exact_mut(dim).enumerate().take(n_q).skip(from) {
                         let p = scores[i * max_ctx + j];
-                        for (a, v) in a.iter_mut().zip(v) {
+                        for (a, v) in a.iter_mut().zip(&row) {
                             *a += p * v;
                         }
                     }
@@ -277,7 +312,33 @@ impl CustomOp2 for PagedAttention<'_> {
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((n_tokens, nh * dim))))
+        out
+    }
+}
+
+impl CustomOp2 for PagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "forgeline-paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s1, l1, "qkv")?;
+        let Some((a, b)) = l2.contiguous_offsets() else {
+            candle_core::bail!("kv cache must be contiguous")
+        };
+        let out = match s2 {
+            CpuStorage::F32(v) => self.attend(qkv, &v[a..b]),
+            CpuStorage::F16(v) => self.attend(qkv, &v[a..b]),
+            _ => candle_core::bail!("kv cache must be f32 or f16"),
+        };
+        let (n_tokens, width) = (self.batch.positions.len(), self.heads.q * self.heads.dim);
+        Ok((CpuStorage::F32(out), Shape::from((n_tokens, width))))
     }
 }
 
@@ -365,14 +426,16 @@ pub fn generic_attention(
         .reshape((n, 1, kv, dim))?;
     let q = candle_nn::rotary_emb::rope_thd(&q, &gb.cos, &gb.sin)?.squeeze(0)?;
     let k = candle_nn::rotary_emb::rope_thd(&k, &gb.cos, &gb.sin)?.reshape((n, 1, kv, dim))?;
-    let new_kv = Tensor::cat(&[&k, &v], 1)?;
+    let new_kv = Tensor::cat(&[&k, &v], 1)?.to_dtype(cache.dtype())?;
     cache.scatter_set(&gb.write_index, &new_kv, 0)?;
 
     let scale = 1.0 / (dim as f64).sqrt();
     let neg_inf = Tensor::new(f32::NEG_INFINITY, qkv.device())?;
     let mut outs = Vec::with_capacity(batch.seq_tokens.len());
     for (s, range) in batch.seq_tokens.iter().enumerate() {
-        let kv_s = cache.index_select(&gb.seq_slots[s], 0)?; // [L, 2, kv, dim]
+        let kv_s = cache
+            .index_select(&gb.seq_slots[s], 0)? // [L, 2, kv, dim]
+            .to_dtype(DType::F32)?;
         let len = kv_s.dim(0)?;
         let expand = |t: Tensor| -> candle_core::Result<Tensor> {
             // [L, kv, dim] -> [nh, L, dim], each kv head repeated for its query heads.
@@ -395,35 +458,4 @@ pub fn generic_attention(
         outs.push(o.transpose(0, 1)?.reshape((range.len(), nh * dim))?);
     }
     Tensor::cat(&outs, 0)
-}
-
-#[cfg(test)]
-mod probe {
-    use super::*;
-    use crate::model::config::Arch;
-    use candle_core::{Device, Tensor};
-    #[test]
-    #[ignore]
-    fn attn_speed() {
-        let cfg = ModelConfig { arch: Arch::Llama, hidden_size: 576, intermediate_size: 1536, num_layers: 1, num_heads: 9, num_kv_heads: 3, head_dim: 64, vocab_size: 10, rms_norm_eps: 1e-5, rope_theta: 10000., rope_scaling: None, context_length: 4096, tie_word_embeddings: true };
-        let rope = RopeTable::new(&cfg, 4096);
-        let heads = Heads { q: 9, kv: 3, dim: 64 };
-        let slots_total = 16 * 1100 + 300;
-        let cache = Tensor::randn(0f32, 1.0, (slots_total, 2, 3, 64), &Device::Cpu).unwrap();
-        for (name, seqs, ctx, chunk) in [("decode 16x1000", 16usize, 1000usize, 1usize), ("decode 4x1000", 4, 1000, 1), ("prefill 256 @1000", 1, 1000, 256)] {
-            let mut b = BatchLayout { positions: vec![], write_slots: vec![], token_seq: vec![], seq_slots: vec![], seq_tokens: vec![] };
-            for s in 0..seqs {
-                let start = b.positions.len();
-                let base = (s * 1100) as u32;
-                for t in 0..chunk { let p = ctx - chunk + t; b.positions.push(p as u32); b.write_slots.push(base + p as u32); b.token_seq.push(s as u32); }
-                b.seq_slots.push((0..ctx as u32).map(|p| base + p).collect());
-                b.seq_tokens.push(start..b.positions.len());
-            }
-            let qkv = Tensor::randn(0f32, 1.0, (b.positions.len(), heads.qkv_width()), &Device::Cpu).unwrap();
-            let op = PagedAttention { heads, batch: &b, rope: &rope };
-            let mut best = f64::MAX;
-            for _ in 0..30 { let t = std::time::Instant::now(); std::hint::black_box(qkv.apply_op2_no_bwd(&cache, &op).unwrap()); best = best.min(t.elapsed().as_secs_f64()); }
-            println!("{name}: {:.3} ms", best * 1e3);
-        }
-    }
 }

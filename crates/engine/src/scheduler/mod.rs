@@ -40,6 +40,7 @@ use crate::loader::LoadedModel;
 use crate::stop::StopReason;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
+use candle_core::DType;
 use sequence::Seq;
 use slot::Slot;
 
@@ -50,6 +51,8 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     /// KV cache bytes per model; None derives it from available memory and the model.
     pub kv_budget_bytes: Option<usize>,
+    /// What the KV cache stores K and V as (f16 or f32).
+    pub kv_dtype: DType,
 }
 
 impl Default for SchedulerConfig {
@@ -58,14 +61,15 @@ impl Default for SchedulerConfig {
             slot: SlotConfig::default(),
             max_waiting: 256,
             kv_budget_bytes: None,
+            kv_dtype: KvCache::DEFAULT_DTYPE,
         }
     }
 }
 
 /// The default KV budget: room for four full contexts, within a quarter of available memory,
 /// and at least one full context.
-pub fn default_kv_budget(m: &LoadedModel, models: usize) -> usize {
-    let per_token = KvCache::bytes_per_token(m.model.config());
+pub fn default_kv_budget(m: &LoadedModel, models: usize, dtype: DType) -> usize {
+    let per_token = KvCache::bytes_per_token(m.model.config(), dtype);
     let ctx = m.model.config().context_length;
     let available = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -216,11 +220,12 @@ impl LlmClient {
             }
             let budget = cfg
                 .kv_budget_bytes
-                .unwrap_or_else(|| default_kv_budget(&m, n));
+                .unwrap_or_else(|| default_kv_budget(&m, n, cfg.kv_dtype));
             let kv = KvCache::with_budget(
                 m.model.config(),
                 KvCache::DEFAULT_BLOCK_SIZE,
                 budget,
+                cfg.kv_dtype,
                 m.model.device(),
             )?;
             handles.push(ModelHandle {

@@ -259,7 +259,7 @@ mod tests {
             context_length: 256,
             tie_word_embeddings: true,
         };
-        KvCache::new(&cfg, BS, num_blocks, &Device::Cpu).unwrap()
+        KvCache::new(&cfg, BS, num_blocks, candle_core::DType::F32, &Device::Cpu).unwrap()
     }
 
     /// A sequence that computed `tokens`: reserves its blocks, caches its whole ones.
