@@ -96,7 +96,7 @@ impl PipelineArgs {
     }
 }
 
-/// Pipeline jobs run many candidates at once (8 per job by default, several jobs together):
+/// Pipeline jobs run many candidates at once (16 per job by default, several jobs together):
 /// twice the engine's default KV budget and 64 running sequences, so that the candidates of
 /// concurrent jobs are admitted together and a shared prompt is not evicted from the prefix
 /// cache before the candidates waiting on it are admitted.
