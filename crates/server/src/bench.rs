@@ -179,31 +179,29 @@ pub async fn run(
     let http = HttpClient::new(addr);
 
     // Warm both paths (threads, allocations, the chat template's cached prefix).
-    http_pass(&http, &model.name, "warm-http", 1, 1, cfg.max_tokens).await?;
-    inprocess_pass(&client, &model.name, "warm-local", 1, 1, cfg.max_tokens).await?;
+    let workload = |tag: String, clients, requests| Workload {
+        model: model.name.clone(),
+        tag,
+        clients,
+        requests,
+        max_tokens: cfg.max_tokens,
+    };
+    http_pass(&http, workload("warm-http".into(), 1, 1)).await?;
+    inprocess_pass(&client, workload("warm-local".into(), 1, 1)).await?;
 
     let (mut h, mut l) = (Totals::default(), Totals::default());
     let mut by_round = Vec::new();
     for round in 0..cfg.rounds.max(1) {
-        let (ht, lt) = (format!("http{round}"), format!("local{round}"));
         let run_http = || {
             http_pass(
                 &http,
-                &model.name,
-                &ht,
-                cfg.clients,
-                cfg.requests,
-                cfg.max_tokens,
+                workload(format!("http{round}"), cfg.clients, cfg.requests),
             )
         };
         let run_local = || {
             inprocess_pass(
                 &client,
-                &model.name,
-                &lt,
-                cfg.clients,
-                cfg.requests,
-                cfg.max_tokens,
+                workload(format!("local{round}"), cfg.clients, cfg.requests),
             )
         };
         let (a, b) = if round % 2 == 0 {
@@ -240,26 +238,27 @@ pub async fn run(
     })
 }
 
-/// `requests` requests, `clients` at a time: each client takes the next request number
+/// The workload's requests, `clients` at a time: each client takes the next request number
 /// and runs `one` on it until none is left.
-async fn drive<F, Fut>(clients: usize, requests: usize, one: F) -> Result<Totals, String>
+async fn drive<F, Fut>(w: Workload, one: F) -> Result<Totals, String>
 where
-    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    F: Fn(&Workload, usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<Sample, String>> + Send,
 {
+    let w = Arc::new(w);
     let next = Arc::new(AtomicUsize::new(0));
     let (started, cpu) = (Instant::now(), process_cpu());
-    let workers: Vec<_> = (0..clients)
+    let workers: Vec<_> = (0..w.clients)
         .map(|_| {
-            let (next, one) = (next.clone(), one.clone());
+            let (next, one, w) = (next.clone(), one.clone(), w.clone());
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= requests {
+                    if i >= w.requests {
                         break;
                     }
-                    out.push(one(i).await?);
+                    out.push(one(&w, i).await?);
                 }
                 Ok::<_, String>(out)
             })
@@ -276,20 +275,23 @@ where
     Ok(totals)
 }
 
-/// `requests` requests, `clients` at a time, streamed over HTTP.
-async fn http_pass(
-    http: &HttpClient,
-    model: &str,
-    tag: &str,
+/// One pass of the workload: `requests` chat requests (their prompts tagged so that passes do
+/// not share cached prefixes), `clients` at a time.
+struct Workload {
+    model: String,
+    tag: String,
     clients: usize,
     requests: usize,
     max_tokens: usize,
-) -> Result<Totals, String> {
-    let (http, model, tag) = (http.clone(), model.to_string(), tag.to_string());
-    drive(clients, requests, move |i| {
+}
+
+/// The workload streamed over HTTP.
+async fn http_pass(http: &HttpClient, w: Workload) -> Result<Totals, String> {
+    let http = http.clone();
+    drive(w, move |w, i| {
         let body = json!({
-            "model": model, "messages": messages(&tag, i), "stream": true,
-            "stream_options": {"include_usage": true}, "max_tokens": max_tokens,
+            "model": w.model, "messages": messages(&w.tag, i), "stream": true,
+            "stream_options": {"include_usage": true}, "max_tokens": w.max_tokens,
             "temperature": 0, "ignore_eos": true,
         });
         let http = http.clone();
@@ -338,19 +340,12 @@ async fn http_request(http: &HttpClient, body: &Value) -> Result<Sample, String>
     })
 }
 
-/// The same workload straight through the client.
-async fn inprocess_pass(
-    client: &LlmClient,
-    model: &str,
-    tag: &str,
-    clients: usize,
-    requests: usize,
-    max_tokens: usize,
-) -> Result<Totals, String> {
-    let (client, model, tag) = (client.clone(), model.to_string(), tag.to_string());
-    drive(clients, requests, move |i| {
-        let mut req = GenerateRequest::chat(messages(&tag, i), max_tokens);
-        req.model = Some(model.clone());
+/// The workload straight through the client.
+async fn inprocess_pass(client: &LlmClient, w: Workload) -> Result<Totals, String> {
+    let client = client.clone();
+    drive(w, move |w, i| {
+        let mut req = GenerateRequest::chat(messages(&w.tag, i), w.max_tokens);
+        req.model = Some(w.model.clone());
         req.ignore_eos = true;
         let client = client.clone();
         async move { inprocess_request(&client, req).await }
