@@ -22,6 +22,9 @@ pub struct BenchEngineArgs {
     /// Batch sizes of the aggregate decode runs
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
     pub batches: Vec<usize>,
+    /// Positions each sequence holds before the decode runs (attention's cost grows with it)
+    #[arg(long, default_value_t = 16)]
+    pub depth: usize,
     /// Runs per figure; the best is reported
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -43,6 +46,7 @@ pub fn run(a: BenchEngineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         prompt_tokens: a.prompt_tokens,
         decode_tokens: a.decode_tokens,
         batches: a.batches,
+        depth: a.depth,
         repeats: a.repeats,
         reference: !a.no_reference,
     };
@@ -66,6 +70,10 @@ pub fn run(a: BenchEngineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         cfg.prompt_tokens,
         r.prefill_tok_s,
         ratio(r.prefill_tok_s)
+    );
+    println!(
+        "decode runs start with {} positions in each sequence",
+        r.depth
     );
     println!(
         "decode, 1 stream:              {:.1} tok/s{}",

@@ -19,6 +19,9 @@ pub struct EngineBenchConfig {
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
     pub batches: Vec<usize>,
+    /// Positions each sequence holds before the decode runs (llama-batched-bench's prompt
+    /// length): attention's cost grows with it.
+    pub depth: usize,
     pub repeats: usize,
     pub reference: bool,
 }
@@ -29,6 +32,7 @@ impl Default for EngineBenchConfig {
             prompt_tokens: 512,
             decode_tokens: 128,
             batches: vec![1, 2, 4, 8, 16],
+            depth: 16,
             repeats: 3,
             reference: true,
         }
@@ -48,6 +52,7 @@ pub struct EngineBenchReport {
     pub decode_tok_s: f64,
     pub reference_decode_tok_s: Option<f64>,
     pub batched: Vec<BatchFigure>,
+    pub depth: usize,
     pub threads: usize,
 }
 
@@ -129,12 +134,12 @@ pub fn run_engine_bench(
 ) -> Result<EngineBenchReport> {
     let mc = m.model.config();
     let max_batch = cfg.batches.iter().copied().max().unwrap_or(1);
-    let short = 16usize;
+    let short = cfg.depth.max(1);
     let need = (cfg.prompt_tokens + 16).max(max_batch * (short + cfg.decode_tokens + 16));
     if cfg.prompt_tokens + 1 > mc.context_length || short + cfg.decode_tokens > mc.context_length {
         return Err(Error::InvalidRequest(format!(
             "the benchmark needs {} positions, the model's context holds {}",
-            cfg.prompt_tokens.max(short + cfg.decode_tokens),
+            (cfg.prompt_tokens + 1).max(short + cfg.decode_tokens),
             mc.context_length
         )));
     }
@@ -145,8 +150,9 @@ pub fn run_engine_bench(
         KvCache::DEFAULT_DTYPE,
         m.model.device(),
     )?;
-    let long = prompt_of(m, cfg.prompt_tokens)?;
+    let long = prompt_of(m, cfg.prompt_tokens.max(short))?;
     let prompt = &long[..short];
+    let long = &long[..cfg.prompt_tokens];
 
     progress("prompt processing");
     let prefill_tok_s = best_of(cfg.repeats, || {
@@ -157,7 +163,7 @@ pub fn run_engine_bench(
             .model
             .forward(
                 &[SeqInput {
-                    tokens: &long,
+                    tokens: long,
                     start_pos: 0,
                     table: &t,
                     logits: true,
@@ -200,6 +206,7 @@ pub fn run_engine_bench(
         decode_tok_s,
         reference_decode_tok_s,
         batched,
+        depth: short,
         threads: candle_core::utils::get_num_threads(),
     })
 }

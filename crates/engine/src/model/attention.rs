@@ -238,8 +238,293 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Positions whose K (then V) rows are converted into one buffer and used by every query of
+/// a work item before the next chunk: 32 rows of 64 f32 are 8 KiB, well inside L1.
+const KEY_CHUNK: usize = 32;
+
+/// One work item: the queries of a tile (rotated, `n_q` rows of `dim`), the cache slots of
+/// its sequence, and where its KV head's K and V sit in a slot.
+struct Item<'a, E> {
+    cache: &'a [E],
+    slots: &'a [u32],
+    slot_len: usize,
+    k_off: usize,
+    v_off: usize,
+    dim: usize,
+    /// For each query, how many positions it sees (its own position + 1).
+    visible: &'a [usize],
+    queries: &'a [f32],
+}
+
+/// A work item's scratch space, allocated once per thread.
+struct Scratch {
+    /// Per query, scores over the positions, then (in place) their softmax weights.
+    scores: Vec<f32>,
+    stride: usize,
+    rows: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(queries: usize, max_ctx: usize, dim: usize) -> Self {
+        // Scores are written eight positions at a time.
+        let stride = max_ctx.next_multiple_of(8);
+        Self {
+            scores: vec![0f32; queries * stride],
+            stride,
+            rows: vec![0f32; KEY_CHUNK * dim],
+            acc: vec![0f32; queries * dim],
+        }
+    }
+}
+
+impl<E: KvElem> Item<'_, E> {
+    /// Converts the K (`off` = k_off) or V rows of positions `c0..c0 + n` into `rows`.
+    fn load_rows(&self, off: usize, c0: usize, n: usize, rows: &mut [f32]) {
+        let dim = self.dim;
+        for (r, &slot) in rows.chunks_exact_mut(dim).zip(&self.slots[c0..c0 + n]) {
+            let base = slot as usize * self.slot_len + off;
+            E::load(&self.cache[base..base + dim], r);
+        }
+    }
+
+    /// Portable: one dot product per (query, position), scalar softmax.
+    fn attend_portable(&self, s: &mut Scratch, scale: f32) {
+        let dim = self.dim;
+        let n_keys = self.slots.len();
+        let n_q = self.visible.len();
+        let mut c0 = 0;
+        while c0 < n_keys {
+            let n = KEY_CHUNK.min(n_keys - c0);
+            self.load_rows(self.k_off, c0, n, &mut s.rows);
+            for (i, q) in self.queries.chunks_exact(dim).enumerate() {
+                let seen = self.visible[i].saturating_sub(c0).min(n);
+                for (j, k) in s.rows.chunks_exact(dim).take(seen).enumerate() {
+                    s.scores[i * s.stride + c0 + j] = dot(q, k) * scale;
+                }
+            }
+            c0 += n;
+        }
+        for i in 0..n_q {
+            softmax_portable(&mut s.scores[i * s.stride..i * s.stride + self.visible[i]]);
+        }
+        s.acc[..n_q * dim].fill(0.0);
+        let mut c0 = 0;
+        while c0 < n_keys {
+            let n = KEY_CHUNK.min(n_keys - c0);
+            self.load_rows(self.v_off, c0, n, &mut s.rows);
+            for (i, a) in s.acc.chunks_exact_mut(dim).take(n_q).enumerate() {
+                let seen = self.visible[i].saturating_sub(c0).min(n);
+                let p = &s.scores[i * s.stride + c0..];
+                for (v, &p) in s.rows.chunks_exact(dim).take(seen).zip(p) {
+                    for (a, v) in a.iter_mut().zip(v) {
+                        *a += p * v;
+                    }
+                }
+            }
+            c0 += n;
+        }
+    }
+
+    /// AVX2: scores eight positions at a time with eight independent accumulators and one
+    /// transposing reduction, a vector exp, and weighted sums of V rows held in registers.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn attend_avx2(&self, s: &mut Scratch, scale: f32) {
+        let dim = self.dim;
+        let n_keys = self.slots.len();
+        let n_q = self.visible.len();
+        let mut c0 = 0;
+        while c0 < n_keys {
+            let n = KEY_CHUNK.min(n_keys - c0);
+            self.load_rows(self.k_off, c0, n, &mut s.rows);
+            // The last group of eight reads rows past `n`: zeros, whose scores are not used.
+            let padded = n.next_multiple_of(8);
+            s.rows[n * dim..padded * dim].fill(0.0);
+            for (i, q) in self.queries.chunks_exact(dim).enumerate() {
+                let seen = self.visible[i].saturating_sub(c0).min(n);
+                let out = s.scores[i * s.stride + c0..].as_mut_ptr();
+                for k0 in (0..seen).step_by(8) {
+                    // SAFETY: rows k0..k0 + 8 are within `padded`; the scores row has room
+                    // for eight from k0 (its stride is a multiple of eight past max_ctx).
+                    unsafe { simd::dot8(q, &s.rows[k0 * dim..(k0 + 8) * dim], scale, out.add(k0)) };
+                }
+            }
+            c0 += n;
+        }
+        for i in 0..n_q {
+            // SAFETY: the CPU has AVX2 and FMA (this function's features).
+            unsafe { simd::softmax(&mut s.scores[i * s.stride..i * s.stride + self.visible[i]]) };
+        }
+        s.acc[..n_q * dim].fill(0.0);
+        let mut c0 = 0;
+        while c0 < n_keys {
+            let n = KEY_CHUNK.min(n_keys - c0);
+            self.load_rows(self.v_off, c0, n, &mut s.rows);
+            for (i, a) in s.acc.chunks_exact_mut(dim).take(n_q).enumerate() {
+                let seen = self.visible[i].saturating_sub(c0).min(n);
+                let p = &s.scores[i * s.stride + c0..i * s.stride + c0 + seen];
+                // SAFETY: as above; `dim` is a multiple of 32 (checked by the caller).
+                unsafe { simd::weighted_sum(a, p, &s.rows[..seen * dim]) };
+            }
+            c0 += n;
+        }
+    }
+}
+
+fn softmax_portable(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut sum = 0f32;
+    for s in row.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// `out[k] = scale * (q . rows[k])` for the eight rows of `rows` (each `q.len()` long).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot8(q: &[f32], rows: &[f32], scale: f32, out: *mut f32) {
+        let dim = q.len();
+        debug_assert!(dim.is_multiple_of(8) && rows.len() == 8 * dim);
+        let (q, r) = (q.as_ptr(), rows.as_ptr());
+        let mut a = [_mm256_setzero_ps(); 8];
+        for d in (0..dim).step_by(8) {
+            let qv = _mm256_loadu_ps(q.add(d));
+            for (k, a) in a.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r.add(k * dim + d)), *a);
+            }
+        }
+        // Lane k of the result is the sum of a[k]'s lanes.
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+        let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+        let s = _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale));
+        _mm256_storeu_ps(out, s);
+    }
+
+    /// e^x for x <= 0 (softmax arguments), Cephes' polynomial: within 2 ulp of libm.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let p = _mm256_fmadd_ps(
+            _mm256_mul_ps(p, r),
+            r,
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(e))
+    }
+
+    /// Softmax of `row` in place.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax(row: &mut [f32]) {
+        let n = row.len();
+        let body = n - n % 8;
+        let p = row.as_mut_ptr();
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        for i in (0..body).step_by(8) {
+            m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let max = lanes
+            .iter()
+            .chain(&row[body..])
+            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let (mv, mut sv) = (_mm256_set1_ps(max), _mm256_setzero_ps());
+        for i in (0..body).step_by(8) {
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+            _mm256_storeu_ps(p.add(i), e);
+            sv = _mm256_add_ps(sv, e);
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sv);
+        let mut sum: f32 = lanes.iter().sum();
+        for s in &mut row[body..] {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = _mm256_set1_ps(1.0 / sum);
+        for i in (0..body).step_by(8) {
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+        }
+        for s in &mut row[body..] {
+            *s /= sum;
+        }
+    }
+
+    /// `acc += sum_j p[j] * rows[j]`, rows of `acc.len()` (a multiple of 32), the
+    /// accumulator in registers 64 (then 32) elements at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum(acc: &mut [f32], p: &[f32], rows: &[f32]) {
+        let dim = acc.len();
+        let mut d = 0;
+        while d + 64 <= dim {
+            weighted_sum_n::<8>(acc, d, p, rows);
+            d += 64;
+        }
+        if d < dim {
+            weighted_sum_n::<4>(acc, d, p, rows);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn weighted_sum_n<const N: usize>(acc: &mut [f32], d: usize, p: &[f32], rows: &[f32]) {
+        let dim = acc.len();
+        let a_ptr = acc.as_mut_ptr().add(d);
+        let mut a = [_mm256_setzero_ps(); N];
+        for (i, a) in a.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(a_ptr.add(8 * i));
+        }
+        for (j, &w) in p.iter().enumerate() {
+            let w = _mm256_set1_ps(w);
+            let r = rows.as_ptr().add(j * dim + d);
+            for (i, a) in a.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(8 * i)), *a);
+            }
+        }
+        for (i, a) in a.iter().enumerate() {
+            _mm256_storeu_ps(a_ptr.add(8 * i), *a);
+        }
+    }
+}
+
 impl PagedAttention<'_> {
     fn attend<E: KvElem>(&self, qkv: &[f32], cache: &[E]) -> Vec<f32> {
+        self.attend_with(qkv, cache, simd_fits(self.heads.dim))
+    }
+
+    fn attend_with<E: KvElem>(&self, qkv: &[f32], cache: &[E], simd: bool) -> Vec<f32> {
         let Heads { q: nh, kv, dim } = self.heads;
         let w = self.heads.qkv_width();
         let batch = self.batch;
@@ -265,64 +550,45 @@ impl PagedAttention<'_> {
         }
         let most = QUERY_TILE * group;
         candle_core::utils::barrier_pool().execute_chunked(tiles.len() * kv, |items| {
-            let mut scores = vec![0f32; most * max_ctx];
+            let mut scratch = Scratch::new(most, max_ctx, dim);
             let mut qr = vec![0f32; most * dim];
-            let mut acc = vec![0f32; most * dim];
-            let mut row = vec![0f32; dim];
+            let mut visible = vec![0usize; most];
             for item in items {
                 let ((t0, t1), g) = (tiles[item / kv], item % kv);
-                // Query i is token t0 + i / group, head g * group + i % group; positions rise
-                // with the token, so the queries that see cache position j are a suffix,
-                // from `first(j)`.
+                // Query i is token t0 + i / group, head g * group + i % group.
                 let n_q = (t1 - t0) * group;
                 let pos = &batch.positions[t0..t1];
-                let first = |j: usize| pos.partition_point(|&p| (p as usize) < j) * group;
-                let slots =
-                    &batch.seq_slots[batch.token_seq[t0] as usize][..=pos[pos.len() - 1] as usize];
                 for (i, q) in qr.chunks_exact_mut(dim).take(n_q).enumerate() {
                     let (t, h) = (t0 + i / group, g * group + i % group);
                     let at = t * w + h * dim;
                     self.rope
                         .rotate(&qkv[at..at + dim], pos[i / group] as usize, q);
+                    visible[i] = pos[i / group] as usize + 1;
                 }
-                let mut from = 0;
-                for (j, &slot) in slots.iter().enumerate() {
-                    if from < n_q && j > pos[from / group] as usize {
-                        from = first(j);
-                    }
-                    let base = slot as usize * slot_len + g * dim;
-                    E::load(&cache[base..base + dim], &mut row);
-                    for (i, q) in qr.chunks_exact(dim).enumerate().take(n_q).skip(from) {
-                        scores[i * max_ctx + j] = dot(q, &row) * scale;
-                    }
+                let last = pos[pos.len() - 1] as usize;
+                let it = Item {
+                    cache,
+                    slots: &batch.seq_slots[batch.token_seq[t0] as usize][..=last],
+                    slot_len,
+                    k_off: g * dim,
+                    v_off: kv * dim + g * dim,
+                    dim,
+                    visible: &visible[..n_q],
+                    queries: &qr[..n_q * dim],
+                };
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: `simd_fits` checked the CPU's features and the head size.
+                    unsafe { it.attend_avx2(&mut scratch, scale) };
+                } else {
+                    it.attend_portable(&mut scratch, scale);
                 }
-                for (i, a) in acc.chunks_exact_mut(dim).take(n_q).enumerate() {
-                    let row = &mut scores[i * max_ctx..i * max_ctx + pos[i / group] as usize + 1];
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                    let mut sum = 0f32;
-                    for s in row.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|s| *s *= inv);
-                    a.fill(0.0);
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = simd;
+                    it.attend_portable(&mut scratch, scale);
                 }
-                let mut from = 0;
-                for (j, &slot) in slots.iter().enumerate() {
-                    if from < n_q && j > pos[from / group] as usize {
-                        from = first(j);
-                    }
-                    let base = slot as usize * slot_len + kv * dim + g * dim;
-                    E::load(&cache[base..base + dim], &mut row);
-                    for (i, a) in acc.chunks_exact_mut(dim).enumerate().take(n_q).skip(from) {
-                        let p = scores[i * max_ctx + j];
-                        for (a, v) in a.iter_mut().zip(&row) {
-                            *a += p * v;
-                        }
-                    }
-                }
-                for (i, a) in acc.chunks_exact(dim).take(n_q).enumerate() {
+                for (i, a) in scratch.acc.chunks_exact(dim).take(n_q).enumerate() {
                     let (t, h) = (t0 + i / group, g * group + i % group);
                     // SAFETY: each (token, head) belongs to exactly one item, which owns its
                     // `dim` outputs.
@@ -338,6 +604,11 @@ impl PagedAttention<'_> {
         });
         out
     }
+}
+
+/// Whether the AVX2 kernel serves this head size on this CPU.
+fn simd_fits(dim: usize) -> bool {
+    dim.is_multiple_of(32) && crate::model::qmatmul::has_avx2()
 }
 
 impl CustomOp2 for PagedAttention<'_> {
@@ -482,4 +753,127 @@ pub fn generic_attention(
         outs.push(o.transpose(0, 1)?.reshape((range.len(), nh * dim))?);
     }
     Tensor::cat(&outs, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{Arch, ModelConfig};
+    use rand::{Rng, SeedableRng};
+
+    fn config(heads: Heads) -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            hidden_size: heads.q * heads.dim,
+            intermediate_size: 4 * heads.q * heads.dim,
+            num_layers: 1,
+            num_heads: heads.q,
+            num_kv_heads: heads.kv,
+            head_dim: heads.dim,
+            vocab_size: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            context_length: 512,
+            tie_word_embeddings: false,
+        }
+    }
+
+    /// Three sequences in one batch: one decoding a token over 300 cached positions, one
+    /// prefilling 7 tokens after 40 cached ones (tiles of 4 and 3, causal within the
+    /// chunk), one prefilling 5 tokens from position 0. Slots are scattered.
+    fn batch(rng: &mut impl Rng) -> BatchLayout {
+        let shapes = [(300usize, 1usize), (40, 7), (0, 5)];
+        let mut free: Vec<u32> = (0..400).collect();
+        let mut b = BatchLayout {
+            positions: vec![],
+            write_slots: vec![],
+            token_seq: vec![],
+            seq_slots: vec![],
+            seq_tokens: vec![],
+        };
+        for (s, &(cached, new)) in shapes.iter().enumerate() {
+            let slots: Vec<u32> = (0..cached + new)
+                .map(|_| free.swap_remove(rng.random_range(0..free.len())))
+                .collect();
+            let start = b.positions.len();
+            for (p, &slot) in slots.iter().enumerate().skip(cached) {
+                b.positions.push(p as u32);
+                b.write_slots.push(slot);
+                b.token_seq.push(s as u32);
+            }
+            b.seq_tokens.push(start..b.positions.len());
+            b.seq_slots.push(slots);
+        }
+        b
+    }
+
+    fn check<E: KvElem>(from: fn(f32) -> E) {
+        if !simd_fits(32) {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (q, kv, dim) in [(4, 2, 32), (9, 3, 64), (6, 2, 96), (8, 8, 128)] {
+            let heads = Heads { q, kv, dim };
+            let b = batch(&mut rng);
+            let rope = RopeTable::new(&config(heads), 512);
+            let n = b.positions.len();
+            let qkv: Vec<f32> = (0..n * heads.qkv_width())
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            let cache: Vec<E> = (0..400 * 2 * kv * dim)
+                .map(|_| from(rng.random_range(-2.0f32..2.0)))
+                .collect();
+            let op = PagedAttention {
+                heads,
+                batch: &b,
+                rope: &rope,
+            };
+            let fast = op.attend_with(&qkv, &cache, true);
+            let slow = op.attend_with(&qkv, &cache, false);
+            let worst = fast
+                .iter()
+                .zip(&slow)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-4,
+                "dim {dim}: AVX2 differs from portable by {worst}"
+            );
+        }
+    }
+
+    #[test]
+    fn avx2_kernel_matches_portable_f32_cache() {
+        check(|x| x);
+    }
+
+    #[test]
+    fn avx2_kernel_matches_portable_f16_cache() {
+        check(half::f16::from_f32);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_exp_is_close_to_libm() {
+        if !simd_fits(32) {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let mut x = -100.0f32;
+        while x <= 0.0 {
+            let xs: [f32; 8] = std::array::from_fn(|i| (x + i as f32 * 0.0137).min(0.0));
+            let mut got = [0f32; 8];
+            // SAFETY: simd_fits checked AVX2 and FMA.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), simd::exp(_mm256_loadu_ps(xs.as_ptr()))) };
+            for (g, x) in got.iter().zip(xs) {
+                let want = x.exp();
+                assert!(
+                    (g - want).abs() <= 4.0 * f32::EPSILON * want.max(f32::MIN_POSITIVE) + 1e-37,
+                    "exp({x}) = {g}, libm {want}"
+                );
+            }
+            x += 0.11;
+        }
+    }
 }

@@ -361,7 +361,7 @@ unsafe fn tile_avx2<F: PanelFormat, const C: usize>(
     }
 }
 
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
