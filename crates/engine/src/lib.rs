@@ -28,6 +28,7 @@ pub mod model;
 pub mod registry;
 pub mod sampling;
 pub mod scheduler;
+mod simd;
 pub mod stop;
 pub mod tokenizer;
 

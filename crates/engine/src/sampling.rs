@@ -104,30 +104,40 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / p.temperature;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = crate::simd::max(logits);
+        // Logits become weights (unnormalized probabilities) in place, in vector registers:
+        // over a 50k vocabulary the exponentials were most of a sequence's sampling time.
+        let total = crate::simd::exp_sum(logits, max, inv_t);
+        let weights = &*logits;
         if p.top_k == 0 && p.min_p == 0.0 && p.top_p >= 1.0 {
             // No cut: draw straight from the whole distribution, without building pairs.
-            let mut total = 0.0f32;
-            for l in logits.iter_mut() {
-                *l = ((*l - max) * inv_t).exp();
-                total += *l;
-            }
             let mut u = self.rng.random::<f32>() * total;
-            for (i, &w) in logits.iter().enumerate() {
+            for (i, &w) in weights.iter().enumerate() {
                 if u < w && w > 0.0 {
                     return i as u32;
                 }
                 u -= w;
             }
             // Rounding left u past the end: the last token with any weight.
-            return logits.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32;
+            return weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32;
         }
+        // Tokens below `floor` hold less than 1 - top_p of the mass together, so the smallest
+        // head that reaches top_p is made of the others alone. Without top-k or min-p the
+        // floor is known before any pair is built, and most of the vocabulary is below it.
+        let only_top_p = p.top_k == 0 && p.min_p == 0.0;
+        let floor = |total: f32, n: usize| (1.0 - p.top_p) * total / n as f32;
+        let pre = if only_top_p {
+            floor(total, weights.len())
+        } else {
+            0.0
+        };
         self.candidates.clear();
         self.candidates.extend(
-            logits
+            weights
                 .iter()
                 .enumerate()
-                .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())),
+                .filter(|(_, &w)| w >= pre)
+                .map(|(i, &w)| (i as u32, w)),
         );
         let c = &mut self.candidates;
         let by_prob = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
@@ -143,11 +153,14 @@ impl Sampler {
             c.retain(|x| x.1 >= p.min_p);
         }
         if p.top_p < 1.0 {
-            let total: f32 = c.iter().map(|x| x.1).sum();
-            // Tokens below this weight hold less than 1 - top_p of the mass together, so the
-            // smallest head that reaches top_p is made of the others alone.
-            let floor = (1.0 - p.top_p) * total / c.len() as f32;
-            c.retain(|x| x.1 >= floor);
+            let total = if only_top_p {
+                total
+            } else {
+                let total: f32 = c.iter().map(|x| x.1).sum();
+                let f = floor(total, c.len());
+                c.retain(|x| x.1 >= f);
+                total
+            };
             c.sort_unstable_by(by_prob);
             let mut acc = 0.0;
             let mut keep = c.len();

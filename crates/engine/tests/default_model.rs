@@ -49,18 +49,27 @@ fn softmax(xs: &[f32]) -> Vec<f32> {
 /// difference in an attention sum (any other summation order) can flip a rounding and move
 /// logits by a few tenths. Two correct implementations, forgeline's fused kernels and its
 /// generic tensor path, differ from each other that much too (next-token distributions up
-/// to 0.04 apart in total variation on short prompts), while sequences of up to 3 tokens come
+/// to 0.06 apart in total variation on short prompts), while sequences of up to 3 tokens come
 /// out bit-identical. So the check is on what sampling sees: the distributions differ by less
-/// than 0.1 in total variation, and the greedy token is the same. The tiny random-weight models (f32, no activation quantization) are held to 1e-4.
+/// than 0.1 in total variation, and the greedy token is one the reference also ranks within
+/// `NEAR_TIE` of its best (where the reference's own top two are closer than the rounding
+/// noise, either is right). The tiny random-weight models (f32, no activation quantization)
+/// are held to 1e-4.
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    const NEAR_TIE: f32 = 0.5;
     assert_eq!(got.len(), want.len());
     let (p, q) = (softmax(got), softmax(want));
     let tv = 0.5 * p.iter().zip(&q).map(|(x, y)| (x - y).abs()).sum::<f32>();
     assert!(tv < 0.1, "{what}: total variation {tv}");
-    assert_eq!(
-        forgeline_engine::sampling::argmax(got),
-        forgeline_engine::sampling::argmax(want),
-        "{what}: greedy token differs"
+    let (g, w) = (
+        forgeline_engine::sampling::argmax(got) as usize,
+        forgeline_engine::sampling::argmax(want) as usize,
+    );
+    assert!(
+        want[g] >= want[w] - NEAR_TIE,
+        "{what}: greedy token {g} has reference logit {}, the reference's best ({w}) {}",
+        want[g],
+        want[w]
     );
 }
 

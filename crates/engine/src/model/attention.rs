@@ -306,7 +306,9 @@ impl<E: KvElem> Item<'_, E> {
             c0 += n;
         }
         for i in 0..n_q {
-            softmax_portable(&mut s.scores[i * s.stride..i * s.stride + self.visible[i]]);
+            crate::simd::softmax_scalar(
+                &mut s.scores[i * s.stride..i * s.stride + self.visible[i]],
+            );
         }
         s.acc[..n_q * dim].fill(0.0);
         let mut c0 = 0;
@@ -353,8 +355,7 @@ impl<E: KvElem> Item<'_, E> {
             c0 += n;
         }
         for i in 0..n_q {
-            // SAFETY: the CPU has AVX2 and FMA (this function's features).
-            unsafe { simd::softmax(&mut s.scores[i * s.stride..i * s.stride + self.visible[i]]) };
+            crate::simd::softmax(&mut s.scores[i * s.stride..i * s.stride + self.visible[i]]);
         }
         s.acc[..n_q * dim].fill(0.0);
         let mut c0 = 0;
@@ -370,17 +371,6 @@ impl<E: KvElem> Item<'_, E> {
             c0 += n;
         }
     }
-}
-
-fn softmax_portable(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0f32;
-    for s in row.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|s| *s *= inv);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -411,76 +401,6 @@ mod simd {
         let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
         let s = _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale));
         _mm256_storeu_ps(out, s);
-    }
-
-    /// e^x for x <= 0 (softmax arguments), Cephes' polynomial: within 2 ulp of libm.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
-        let n = _mm256_floor_ps(_mm256_fmadd_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-            _mm256_set1_ps(0.5),
-        ));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let p = _mm256_fmadd_ps(
-            _mm256_mul_ps(p, r),
-            r,
-            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-        );
-        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_mul_ps(p, _mm256_castsi256_ps(e))
-    }
-
-    /// Softmax of `row` in place.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn softmax(row: &mut [f32]) {
-        let n = row.len();
-        let body = n - n % 8;
-        let p = row.as_mut_ptr();
-        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
-        for i in (0..body).step_by(8) {
-            m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
-        let max = lanes
-            .iter()
-            .chain(&row[body..])
-            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let (mv, mut sv) = (_mm256_set1_ps(max), _mm256_setzero_ps());
-        for i in (0..body).step_by(8) {
-            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
-            _mm256_storeu_ps(p.add(i), e);
-            sv = _mm256_add_ps(sv, e);
-        }
-        _mm256_storeu_ps(lanes.as_mut_ptr(), sv);
-        let mut sum: f32 = lanes.iter().sum();
-        for s in &mut row[body..] {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = _mm256_set1_ps(1.0 / sum);
-        for i in (0..body).step_by(8) {
-            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
-        }
-        for s in &mut row[body..] {
-            *s /= sum;
-        }
     }
 
     /// `acc += sum_j p[j] * rows[j]`, rows of `acc.len()` (a multiple of 32), the
@@ -608,7 +528,7 @@ impl PagedAttention<'_> {
 
 /// Whether the AVX2 kernel serves this head size on this CPU.
 fn simd_fits(dim: usize) -> bool {
-    dim.is_multiple_of(32) && crate::model::qmatmul::has_avx2()
+    dim.is_multiple_of(32) && crate::simd::has_avx2()
 }
 
 impl CustomOp2 for PagedAttention<'_> {
@@ -851,29 +771,5 @@ mod tests {
     #[test]
     fn avx2_kernel_matches_portable_f16_cache() {
         check(half::f16::from_f32);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn vector_exp_is_close_to_libm() {
-        if !simd_fits(32) {
-            return;
-        }
-        use std::arch::x86_64::*;
-        let mut x = -100.0f32;
-        while x <= 0.0 {
-            let xs: [f32; 8] = std::array::from_fn(|i| (x + i as f32 * 0.0137).min(0.0));
-            let mut got = [0f32; 8];
-            // SAFETY: simd_fits checked AVX2 and FMA.
-            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), simd::exp(_mm256_loadu_ps(xs.as_ptr()))) };
-            for (g, x) in got.iter().zip(xs) {
-                let want = x.exp();
-                assert!(
-                    (g - want).abs() <= 4.0 * f32::EPSILON * want.max(f32::MIN_POSITIVE) + 1e-37,
-                    "exp({x}) = {g}, libm {want}"
-                );
-            }
-            x += 0.11;
-        }
     }
 }

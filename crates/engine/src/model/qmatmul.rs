@@ -18,6 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
 
 use crate::memory::ForkExcluded;
+use crate::simd::has_avx2;
 
 /// Weights per GGUF block.
 const QK: usize = 32;
@@ -359,20 +360,6 @@ unsafe fn tile_avx2<F: PanelFormat, const C: usize>(
     for c in 0..C {
         _mm256_storeu_ps(out[c].as_mut_ptr(), acc[c]);
     }
-}
-
-pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 fn tile<F: PanelFormat>(panel: &[u8], xs: &[&[Q8Block]], out: &mut Tile) {

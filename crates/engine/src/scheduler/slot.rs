@@ -3,6 +3,7 @@
 //! token budget), preemption by recomputation, and the forward pass. Driven by the engine
 //! thread, or synchronously by `generate`.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::prefix_cache::PrefixCache;
@@ -289,6 +290,7 @@ impl Slot {
         let mut rows = rows.into_iter();
         let ctx = self.model.model.config().context_length;
         let bs = self.kv.block_size();
+        let mut logits: Vec<Option<Vec<f32>>> = vec![None; self.running.len()];
         for (&(_, n), &p) in plan.iter().zip(&positions) {
             let s = &mut self.running[p];
             let before = s.computed / bs;
@@ -302,11 +304,39 @@ impl Slot {
                 );
             }
             if s.computed == s.tokens.len() {
-                let mut row = rows.next().expect("a logits row per completed chunk");
-                let added = s.accept(&mut row, &self.model.tokenizer, ctx)?;
-                self.stats.completion_tokens += added as u64;
+                logits[p] = Some(rows.next().expect("a logits row per completed chunk"));
             }
-            s.flush_events();
+        }
+        // Grammar masks, sampling, detokenization and stop strings, one sequence per work
+        // item on the thread pool: over a large batch they were a serial tail of every step.
+        let tok = &self.model.tokenizer;
+        let work: Vec<Mutex<Accept>> = self
+            .running
+            .iter_mut()
+            .zip(logits)
+            .filter_map(|(seq, row)| {
+                row.map(|row| {
+                    Mutex::new(Accept {
+                        seq,
+                        row,
+                        added: Ok(0),
+                    })
+                })
+            })
+            .collect();
+        candle_core::utils::barrier_pool().execute_chunked(work.len(), |items| {
+            for i in items {
+                let mut guard = work[i].lock().unwrap_or_else(|e| e.into_inner());
+                let a = &mut *guard;
+                a.added = a.seq.accept(&mut a.row, tok, ctx);
+            }
+        });
+        for a in work {
+            let a = a.into_inner().unwrap_or_else(|e| e.into_inner());
+            self.stats.completion_tokens += a.added? as u64;
+        }
+        for &p in &positions {
+            self.running[p].flush_events();
         }
         let mut i = 0;
         while i < self.running.len() {
@@ -327,6 +357,13 @@ impl Slot {
         self.stats.kv_cached_bytes =
             self.cache.cached_blocks() * self.kv.capacity_bytes() / self.kv.num_blocks().max(1);
     }
+}
+
+/// One sequence's sampling step, run on the thread pool.
+struct Accept<'a> {
+    seq: &'a mut Seq,
+    row: Vec<f32>,
+    added: Result<usize>,
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
