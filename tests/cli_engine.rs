@@ -103,6 +103,10 @@ fn bad_input_gets_exit_code_2_and_names_the_problem() {
 
     let out = expect(&["--device", "cuda", "prompt", "hi"], 2);
     assert!(text(&out.stderr).contains("`cuda` feature"));
+
+    let out = expect(&["--cache-type", "q4_0", "prompt", "hi"], 2);
+    let err = text(&out.stderr);
+    assert!(err.contains("--cache-type") && err.contains("q4_0"), "{err}");
 }
 
 #[test]
@@ -120,11 +124,17 @@ fn bench_engine_reports_every_figure_as_json() {
             "1,2",
             "--repeats",
             "1",
+            "--depth",
+            "40",
+            "--cache-type",
+            "f32",
         ],
         0,
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["model"], "smollm2-135m-instruct");
+    assert_eq!(v["depth"], 40);
+    assert_eq!(v["cache_type"], "f32");
     for k in ["prefill_tok_s", "decode_tok_s", "reference_decode_tok_s"] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
     }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use forgeline_engine::bench::{run_engine_bench, run_scheduler_bench, EngineBenchConfig};
-use forgeline_engine::scheduler::{LlmClient, SchedulerConfig};
+use forgeline_engine::scheduler::LlmClient;
 
 use crate::Env;
 
@@ -47,6 +47,7 @@ pub fn run(a: BenchEngineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         decode_tokens: a.decode_tokens,
         batches: a.batches,
         depth: a.depth,
+        cache_type: env.cache_type,
         repeats: a.repeats,
         reference: !a.no_reference,
     };
@@ -60,7 +61,10 @@ pub fn run(a: BenchEngineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("model: {} ({} threads)", r.model, r.threads);
+    println!(
+        "model: {} ({} threads, {} KV cache)",
+        r.model, r.threads, r.cache_type
+    );
     let ratio = |x: f64| match r.reference_decode_tok_s {
         Some(refr) if refr > 0.0 => format!(" ({:.2}x reference decode)", x / refr),
         _ => String::new(),
@@ -123,7 +127,7 @@ pub fn run_scheduler(a: BenchSchedulerArgs, env: &Env) -> anyhow::Result<ExitCod
     let device = env.device.open()?;
     let start = || {
         let m = forgeline_engine::loader::load(&loc, &device)?;
-        LlmClient::start(vec![m], SchedulerConfig::default())
+        LlmClient::start(vec![m], env.scheduler())
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

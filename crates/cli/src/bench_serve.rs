@@ -44,7 +44,7 @@ pub fn run_bench(a: BenchServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         SchedulerConfig {
             // Every client's request is admitted: the bench measures HTTP, not the queue bound.
             max_waiting: a.requests.max(256),
-            ..SchedulerConfig::default()
+            ..env.scheduler()
         },
     )?;
     let cfg = BenchConfig {

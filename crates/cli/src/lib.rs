@@ -34,8 +34,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use forgeline_engine::device::DeviceChoice;
+use forgeline_engine::kv_cache::KvCacheType;
 use forgeline_engine::loader::LoadedModel;
 use forgeline_engine::registry::{Registry, DEFAULT_MODEL};
+use forgeline_engine::scheduler::SchedulerConfig;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +52,14 @@ pub struct Cli {
     /// Device to run models on: cpu, cuda[:N] (feature `cuda`), metal[:N] (feature `metal`)
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
+    /// What the KV cache stores K and V as: f16 (half the memory and bandwidth) or f32
+    #[arg(
+        long,
+        global = true,
+        default_value = "f16",
+        env = "FORGELINE_CACHE_TYPE"
+    )]
+    cache_type: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,6 +178,7 @@ fn init_logging() {
 pub(crate) struct Env {
     pub registry: Registry,
     pub device: DeviceChoice,
+    pub cache_type: KvCacheType,
 }
 
 impl Env {
@@ -181,10 +192,24 @@ impl Env {
             }
         });
         let device = cli.device.parse::<DeviceChoice>()?;
+        let cache_type = cli
+            .cache_type
+            .parse::<KvCacheType>()
+            .map_err(|e| usage(format!("--cache-type: {e}")))?;
         Ok(Self {
             registry: Registry::new(models_dir),
             device,
+            cache_type,
         })
+    }
+
+    /// The scheduler settings every command starts from: the engine's defaults with this
+    /// command line's KV cache type.
+    pub fn scheduler(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            kv_dtype: self.cache_type.dtype(),
+            ..SchedulerConfig::default()
+        }
     }
 
     /// Resolves and loads a model (the default one when `name` is None).

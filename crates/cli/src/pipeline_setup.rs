@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use forgeline_engine::kv_cache::KvCache;
 use forgeline_engine::loader::LoadedModel;
 use forgeline_engine::scheduler::{default_kv_budget, LlmClient, SchedulerConfig, SlotConfig};
 use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
@@ -83,9 +82,9 @@ impl PipelineArgs {
         }
         let budgets: Vec<usize> = models
             .iter()
-            .map(|m| default_kv_budget(m, models.len(), KvCache::DEFAULT_DTYPE))
+            .map(|m| default_kv_budget(m, models.len(), env.cache_type.dtype()))
             .collect();
-        let client = LlmClient::start(models, pipeline_scheduler(&budgets))?;
+        let client = LlmClient::start(models, pipeline_scheduler(env.scheduler(), &budgets))?;
         let sandbox = Sandbox::new(SandboxConfig::default()).await?;
         let pipeline = Pipeline::new(Arc::new(client.clone()), sandbox.clone(), prompts, cfg);
         Ok(PipelineSetup {
@@ -100,13 +99,13 @@ impl PipelineArgs {
 /// twice the engine's default KV budget and 64 running sequences, so that the candidates of
 /// concurrent jobs are admitted together and a shared prompt is not evicted from the prefix
 /// cache before the candidates waiting on it are admitted.
-fn pipeline_scheduler(kv_budgets: &[usize]) -> SchedulerConfig {
+fn pipeline_scheduler(base: SchedulerConfig, kv_budgets: &[usize]) -> SchedulerConfig {
     SchedulerConfig {
         slot: SlotConfig {
             max_running: 64,
-            ..SlotConfig::default()
+            ..base.slot
         },
         kv_budget_bytes: kv_budgets.iter().min().map(|b| 2 * b),
-        ..SchedulerConfig::default()
+        ..base
     }
 }

@@ -69,12 +69,12 @@ pub fn run(a: PromptArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let name = m.info.name.clone();
     let ctx = m.model.config().context_length;
     // One request: a cache for the whole context is enough.
-    let kv_bytes = KvCache::bytes_per_token(m.model.config(), KvCache::DEFAULT_DTYPE) * ctx;
+    let kv_bytes = KvCache::bytes_per_token(m.model.config(), env.cache_type.dtype()) * ctx;
     let client = LlmClient::start(
         vec![m],
         SchedulerConfig {
             kv_budget_bytes: Some(kv_bytes),
-            ..Default::default()
+            ..env.scheduler()
         },
     )?;
     let prompt = if a.chat {

@@ -101,7 +101,7 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         loaded,
         SchedulerConfig {
             max_waiting: a.max_waiting,
-            ..SchedulerConfig::default()
+            ..env.scheduler()
         },
     )?;
     let config = ServerConfig {

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::kv_cache::{BlockTable, KvCache};
+use crate::kv_cache::{BlockTable, KvCache, KvCacheType};
 use crate::loader::LoadedModel;
 use crate::model::{Arch, SeqInput};
 use crate::registry::Format;
@@ -22,6 +22,7 @@ pub struct EngineBenchConfig {
     /// Positions each sequence holds before the decode runs (llama-batched-bench's prompt
     /// length): attention's cost grows with it.
     pub depth: usize,
+    pub cache_type: KvCacheType,
     pub repeats: usize,
     pub reference: bool,
 }
@@ -33,6 +34,7 @@ impl Default for EngineBenchConfig {
             decode_tokens: 128,
             batches: vec![1, 2, 4, 8, 16],
             depth: 16,
+            cache_type: KvCacheType::default(),
             repeats: 3,
             reference: true,
         }
@@ -53,6 +55,7 @@ pub struct EngineBenchReport {
     pub reference_decode_tok_s: Option<f64>,
     pub batched: Vec<BatchFigure>,
     pub depth: usize,
+    pub cache_type: String,
     pub threads: usize,
 }
 
@@ -147,7 +150,7 @@ pub fn run_engine_bench(
         mc,
         KvCache::DEFAULT_BLOCK_SIZE,
         need.div_ceil(KvCache::DEFAULT_BLOCK_SIZE) + max_batch,
-        KvCache::DEFAULT_DTYPE,
+        cfg.cache_type.dtype(),
         m.model.device(),
     )?;
     let long = prompt_of(m, cfg.prompt_tokens.max(short))?;
@@ -207,6 +210,7 @@ pub fn run_engine_bench(
         reference_decode_tok_s,
         batched,
         depth: short,
+        cache_type: cfg.cache_type.to_string(),
         threads: candle_core::utils::get_num_threads(),
     })
 }

@@ -43,12 +43,55 @@ pub struct KvCache {
     bytes_per_block: usize,
 }
 
+/// What the KV cache stores K and V as, by the names the command line takes
+/// (`--cache-type`, as llama.cpp's `--cache-type-k`): f16 by default, or f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvCacheType {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvCacheType {
+    pub const fn dtype(self) -> DType {
+        match self {
+            Self::F16 => DType::F16,
+            Self::F32 => DType::F32,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F16 => "f16",
+            Self::F32 => "f32",
+        }
+    }
+}
+
+impl std::str::FromStr for KvCacheType {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            _ => Err(format!("unknown KV cache type `{s}`: expected f16 or f32")),
+        }
+    }
+}
+
+impl std::fmt::Display for KvCacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl KvCache {
     pub const DEFAULT_BLOCK_SIZE: usize = 16;
     /// What K and V are stored as by default. f16 (llama.cpp's default too) halves what
     /// attention reads, and with long contexts those reads are most of its time; f32 is kept
     /// for comparisons that must match a reference exactly.
-    pub const DEFAULT_DTYPE: DType = DType::F16;
+    pub const DEFAULT_DTYPE: DType = KvCacheType::F16.dtype();
 
     /// Bytes of cache one token takes across all layers.
     pub fn bytes_per_token(cfg: &ModelConfig, dtype: DType) -> usize {
@@ -201,6 +244,15 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_types_parse_by_name() {
+        assert_eq!("f16".parse::<KvCacheType>(), Ok(KvCacheType::F16));
+        assert_eq!("F32".parse::<KvCacheType>(), Ok(KvCacheType::F32));
+        assert_eq!(KvCacheType::default().dtype(), KvCache::DEFAULT_DTYPE);
+        let e = "q8_0".parse::<KvCacheType>().unwrap_err();
+        assert!(e.contains("q8_0") && e.contains("f16"), "{e}");
+    }
     use crate::model::Arch;
 
     fn cfg() -> ModelConfig {
