@@ -106,7 +106,10 @@ fn bad_input_gets_exit_code_2_and_names_the_problem() {
 
     let out = expect(&["--cache-type", "q4_0", "prompt", "hi"], 2);
     let err = text(&out.stderr);
-    assert!(err.contains("--cache-type") && err.contains("q4_0"), "{err}");
+    assert!(
+        err.contains("--cache-type") && err.contains("q4_0"),
+        "{err}"
+    );
 }
 
 #[test]

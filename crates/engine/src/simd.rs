@@ -69,11 +69,14 @@ fn normalize(xs: &mut [f32], sum: f32) {
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    /// e^x for x <= 0 (arguments below -87 give e^-87), Cephes' polynomial: within a few
-    /// ulp of libm.
+    /// e^x, arguments clamped to [-87, 88] (e^88 is near f32's largest), Cephes'
+    /// polynomial: within a few ulp of libm.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+            _mm256_set1_ps(88.0),
+        );
         let n = _mm256_floor_ps(_mm256_fmadd_ps(
             x,
             _mm256_set1_ps(std::f32::consts::LOG2_E),

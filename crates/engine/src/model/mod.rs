@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod config;
 pub mod qmatmul;
+mod swiglu;
 pub mod weights;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
@@ -101,7 +102,8 @@ struct Layer {
     down: Linear,
 }
 
-/// How attention runs: the fused CPU kernels, or candle tensor ops on any device.
+/// How attention (and the feed-forward activation) run: forgeline's fused CPU kernels, or
+/// candle tensor ops on any device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionImpl {
     FusedCpu,
@@ -327,7 +329,12 @@ impl Model {
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gu = layer.gate_up.forward(&h)?;
             let i = self.cfg.intermediate_size;
-            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, i)?)? * gu.narrow(1, i, i)?)?;
+            let act = match self.attention {
+                AttentionImpl::FusedCpu => gu.apply_op1_no_bwd(&swiglu::SwiGlu { width: i })?,
+                AttentionImpl::Generic => {
+                    (candle_nn::ops::silu(&gu.narrow(1, 0, i)?)? * gu.narrow(1, i, i)?)?
+                }
+            };
             x = (x + layer.down.forward(&act)?)?;
         }
         let rows: Vec<u32> = seqs
