@@ -395,7 +395,8 @@ impl WorkerInput<'_> {
         }
         let mut sent = 0;
         let mut first_error = None;
-        for r in join_all(calls).await {
+        // Awaited together, so that their LLM calls batch in the scheduler.
+        for r in futures_util::future::join_all(calls).await {
             match r {
                 Ok(n) => sent += n,
                 Err(e) => {
@@ -491,31 +492,6 @@ fn doc_targets(task: &str, route: &Route) -> Vec<String> {
     out
 }
 
-/// Awaits futures concurrently, keeping their order (their LLM calls batch together).
-pub async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
-    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = (0..futs.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter()
-        .map(|v| v.expect("every future finished"))
-        .collect()
-}
 
 #[cfg(test)]
 mod tests {
@@ -542,16 +518,5 @@ mod tests {
             doc_targets(&task.task, &route),
             vec!["re.sub", "itertools.groupby", "re", "itertools"]
         );
-    }
-
-    #[tokio::test]
-    async fn join_all_keeps_order() {
-        let futs: Vec<_> = (0..4u64)
-            .map(|i| async move {
-                tokio::time::sleep(std::time::Duration::from_millis(40 - 10 * i)).await;
-                i
-            })
-            .collect();
-        assert_eq!(join_all(futs).await, vec![0, 1, 2, 3]);
     }
 }

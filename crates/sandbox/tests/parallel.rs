@@ -34,7 +34,7 @@ async fn runs_wait_for_a_slot_and_leave_the_runtime_free() {
     .unwrap();
     let started = Instant::now();
     let runs = (0..4).map(|_| sandbox.run_program(&module));
-    let reports = futures_join_all(runs.collect()).await;
+    let reports = futures_util::future::join_all(runs.collect::<Vec<_>>()).await;
     let elapsed = started.elapsed();
     ticker.abort();
     let mut intervals = Vec::new();
@@ -65,28 +65,4 @@ async fn runs_wait_for_a_slot_and_leave_the_runtime_free() {
         ticks as u128 >= elapsed.as_millis() / 10 / 2,
         "only {ticks} ticks in {elapsed:?}"
     );
-}
-
-/// Polls all futures concurrently on this task.
-async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(value) => *output = Some(value),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().map(Option::unwrap).collect()
 }
