@@ -82,11 +82,7 @@ pub async fn validate_and_retry(
     );
     ctx.rec.event(
         Stage::FinalValidator,
-        if v.passed {
-            EventStatus::Passed
-        } else {
-            EventStatus::Failed
-        },
+        EventStatus::of(v.passed),
         None,
         Some(1),
         if v.passed {
@@ -152,11 +148,7 @@ pub async fn validate_and_retry(
         );
         ctx.rec.event(
             Stage::SynthesizerRetry,
-            if v.passed {
-                EventStatus::Passed
-            } else {
-                EventStatus::Failed
-            },
+            EventStatus::of(v.passed),
             None,
             Some(r + 1),
             format!(

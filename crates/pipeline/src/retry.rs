@@ -143,7 +143,7 @@ pub async fn run_subtask(
                     let v: Verdict = v;
                     ctx.rec.event(
                         Stage::Validation,
-                        if v.passed { EventStatus::Passed } else { EventStatus::Failed },
+                        EventStatus::of(v.passed),
                         id,
                         Some(attempt + 1),
                         format!("candidate {}: {}", i + 1, if v.passed { "passed".to_string() } else { first_line(&v.feedback) }),
@@ -280,11 +280,7 @@ pub async fn run_subtask(
     // even when no retry was needed.
     ctx.rec.event(
         Stage::Retry,
-        if passed {
-            EventStatus::Passed
-        } else {
-            EventStatus::Failed
-        },
+        EventStatus::of(passed),
         id,
         Some(attempts.len()),
         stopped.clone(),

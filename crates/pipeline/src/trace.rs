@@ -76,6 +76,17 @@ pub enum EventStatus {
     Skipped,
 }
 
+impl EventStatus {
+    /// Passed or Failed.
+    pub fn of(passed: bool) -> Self {
+        if passed {
+            Self::Passed
+        } else {
+            Self::Failed
+        }
+    }
+}
+
 /// One step of a job, as it happens.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobEvent {

@@ -492,7 +492,6 @@ fn doc_targets(task: &str, route: &Route) -> Vec<String> {
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
