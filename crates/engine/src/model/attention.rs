@@ -288,8 +288,17 @@ impl<E: KvElem> Item<'_, E> {
         }
     }
 
-    /// Portable: one dot product per (query, position), scalar softmax.
-    fn attend_portable(&self, s: &mut Scratch, scale: f32) {
+    /// The two passes every kernel makes over the positions, `KEY_CHUNK` rows at a time:
+    /// `score(query, rows, seen, out)` writes the query's scores against the first `seen`
+    /// rows into `out`, `softmax` turns each query's scores into weights, and
+    /// `add(acc, weights, rows)` adds the weighted V rows into a query's output.
+    fn passes(
+        &self,
+        s: &mut Scratch,
+        mut score: impl FnMut(&[f32], &[f32], usize, &mut [f32]),
+        softmax: impl Fn(&mut [f32]),
+        mut add: impl FnMut(&mut [f32], &[f32], &[f32]),
+    ) {
         let dim = self.dim;
         let n_keys = self.slots.len();
         let n_q = self.visible.len();
@@ -297,65 +306,18 @@ impl<E: KvElem> Item<'_, E> {
         while c0 < n_keys {
             let n = KEY_CHUNK.min(n_keys - c0);
             self.load_rows(self.k_off, c0, n, &mut s.rows);
+            // Kernels that score eight positions at a time read rows past `n`: zeros, whose
+            // scores are not used.
+            s.rows[n * dim..n.next_multiple_of(8) * dim].fill(0.0);
             for (i, q) in self.queries.chunks_exact(dim).enumerate() {
                 let seen = self.visible[i].saturating_sub(c0).min(n);
-                for (j, k) in s.rows.chunks_exact(dim).take(seen).enumerate() {
-                    s.scores[i * s.stride + c0 + j] = dot(q, k) * scale;
-                }
+                let out = &mut s.scores[i * s.stride + c0..(i + 1) * s.stride];
+                score(q, &s.rows, seen, out);
             }
             c0 += n;
         }
         for i in 0..n_q {
-            crate::simd::softmax_scalar(
-                &mut s.scores[i * s.stride..i * s.stride + self.visible[i]],
-            );
-        }
-        s.acc[..n_q * dim].fill(0.0);
-        let mut c0 = 0;
-        while c0 < n_keys {
-            let n = KEY_CHUNK.min(n_keys - c0);
-            self.load_rows(self.v_off, c0, n, &mut s.rows);
-            for (i, a) in s.acc.chunks_exact_mut(dim).take(n_q).enumerate() {
-                let seen = self.visible[i].saturating_sub(c0).min(n);
-                let p = &s.scores[i * s.stride + c0..];
-                for (v, &p) in s.rows.chunks_exact(dim).take(seen).zip(p) {
-                    for (a, v) in a.iter_mut().zip(v) {
-                        *a += p * v;
-                    }
-                }
-            }
-            c0 += n;
-        }
-    }
-
-    /// AVX2: scores eight positions at a time with eight independent accumulators and one
-    /// transposing reduction, a vector exp, and weighted sums of V rows held in registers.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn attend_avx2(&self, s: &mut Scratch, scale: f32) {
-        let dim = self.dim;
-        let n_keys = self.slots.len();
-        let n_q = self.visible.len();
-        let mut c0 = 0;
-        while c0 < n_keys {
-            let n = KEY_CHUNK.min(n_keys - c0);
-            self.load_rows(self.k_off, c0, n, &mut s.rows);
-            // The last group of eight reads rows past `n`: zeros, whose scores are not used.
-            let padded = n.next_multiple_of(8);
-            s.rows[n * dim..padded * dim].fill(0.0);
-            for (i, q) in self.queries.chunks_exact(dim).enumerate() {
-                let seen = self.visible[i].saturating_sub(c0).min(n);
-                let out = s.scores[i * s.stride + c0..].as_mut_ptr();
-                for k0 in (0..seen).step_by(8) {
-                    // SAFETY: rows k0..k0 + 8 are within `padded`; the scores row has room
-                    // for eight from k0 (its stride is a multiple of eight past max_ctx).
-                    unsafe { simd::dot8(q, &s.rows[k0 * dim..(k0 + 8) * dim], scale, out.add(k0)) };
-                }
-            }
-            c0 += n;
-        }
-        for i in 0..n_q {
-            crate::simd::softmax(&mut s.scores[i * s.stride..i * s.stride + self.visible[i]]);
+            softmax(&mut s.scores[i * s.stride..i * s.stride + self.visible[i]]);
         }
         s.acc[..n_q * dim].fill(0.0);
         let mut c0 = 0;
@@ -365,11 +327,58 @@ impl<E: KvElem> Item<'_, E> {
             for (i, a) in s.acc.chunks_exact_mut(dim).take(n_q).enumerate() {
                 let seen = self.visible[i].saturating_sub(c0).min(n);
                 let p = &s.scores[i * s.stride + c0..i * s.stride + c0 + seen];
-                // SAFETY: as above; `dim` is a multiple of 32 (checked by the caller).
-                unsafe { simd::weighted_sum(a, p, &s.rows[..seen * dim]) };
+                add(a, p, &s.rows[..seen * dim]);
             }
             c0 += n;
         }
+    }
+
+    /// Portable: one dot product per (query, position), scalar softmax.
+    fn attend_portable(&self, s: &mut Scratch, scale: f32) {
+        self.passes(
+            s,
+            |q, rows, seen, out| {
+                for (o, k) in out.iter_mut().zip(rows.chunks_exact(q.len())).take(seen) {
+                    *o = dot(q, k) * scale;
+                }
+            },
+            crate::simd::softmax_scalar,
+            |a, p, rows| {
+                for (v, &p) in rows.chunks_exact(a.len()).zip(p) {
+                    for (a, v) in a.iter_mut().zip(v) {
+                        *a += p * v;
+                    }
+                }
+            },
+        )
+    }
+
+    /// AVX2: scores eight positions at a time with eight independent accumulators and one
+    /// transposing reduction, a vector exp, and weighted sums of V rows held in registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and `dim` is a multiple of 32 (`simd_fits`).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn attend_avx2(&self, s: &mut Scratch, scale: f32) {
+        self.passes(
+            s,
+            |q, rows, seen, out| {
+                let dim = q.len();
+                for k0 in (0..seen).step_by(8) {
+                    // Rows k0..k0 + 8 exist (zero-padded to a multiple of eight) and the
+                    // scores row has room for eight from k0 (its stride is a multiple of
+                    // eight past the context).
+                    let out = &mut out[k0..k0 + 8];
+                    // SAFETY: the CPU has AVX2 and FMA (this function's contract).
+                    unsafe {
+                        simd::dot8(q, &rows[k0 * dim..(k0 + 8) * dim], scale, out.as_mut_ptr())
+                    };
+                }
+            },
+            crate::simd::softmax,
+            // SAFETY: as above; `dim` is a multiple of 32.
+            |a, p, rows| unsafe { simd::weighted_sum(a, p, rows) },
+        )
     }
 }
 
