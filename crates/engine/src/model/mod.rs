@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod generic_attention;
 pub mod qmatmul;
 mod swiglu;
 pub mod weights;
@@ -20,8 +21,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::memory::ForkExcluded;
 use crate::{Error, Result};
-use attention::{BatchLayout, GenericBatch, Heads, PagedAttention, RopeTable, WriteKv};
+use attention::{BatchLayout, Heads, PagedAttention, RopeTable, WriteKv};
 pub use config::{Arch, ModelConfig};
+use generic_attention::GenericBatch;
 use weights::{RawLinear, Weight, WeightSource};
 
 /// The weight of a linear layer, and which kernel multiplies by it.
@@ -323,7 +325,7 @@ impl Model {
                         },
                     )?
                 }
-                Some(gb) => attention::generic_attention(heads, &batch, gb, &qkv, cache)?,
+                Some(gb) => generic_attention::generic_attention(heads, &batch, gb, &qkv, cache)?,
             };
             x = (x + layer.o.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
