@@ -77,6 +77,14 @@ pub struct Limits {
     pub candidates: usize,
     /// Temperature of the sampled candidates.
     pub candidate_temperature: f32,
+    /// Candidates of one attempt that may always be written at once.
+    pub job_candidates_in_flight: usize,
+    /// Further candidates written at once, shared by every job of the pipeline. A job alone
+    /// writes `job_candidates_in_flight` plus these together (all 16 by default: an idle
+    /// engine batches them for little more than the cost of one). Under load they are
+    /// speculative work that competes with other jobs' needed work, so each job keeps few
+    /// in flight, and the candidates not yet started when one passes are never written.
+    pub shared_candidates_in_flight: usize,
     /// Attempts after the first, per subtask.
     pub max_retries: usize,
     /// Re-syntheses after a failed final validation.
@@ -98,6 +106,8 @@ impl Default for Limits {
             max_concurrent_workers: 4,
             candidates: 16,
             candidate_temperature: 0.7,
+            job_candidates_in_flight: 2,
+            shared_candidates_in_flight: 14,
             max_retries: 2,
             max_synthesis_retries: 1,
             llm_judge: true,
@@ -208,6 +218,7 @@ impl PipelineConfig {
             (l.max_subtasks, "max_subtasks"),
             (l.max_concurrent_workers, "max_concurrent_workers"),
             (l.candidates, "candidates"),
+            (l.job_candidates_in_flight, "job_candidates_in_flight"),
             (l.validators, "validators"),
         ] {
             if v == 0 {

@@ -13,6 +13,7 @@ use forgeline_sandbox::Sandbox;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::collector;
 use crate::config::PipelineConfig;
@@ -66,6 +67,8 @@ struct Shared {
     config: PipelineConfig,
     queue: ValidationQueue,
     load: ModelLoad,
+    /// Candidates in flight beyond each job's own few (`shared_candidates_in_flight`).
+    candidate_slots: Arc<Semaphore>,
     next_job: AtomicU64,
 }
 
@@ -171,6 +174,23 @@ impl JobContext {
     /// The module name the result is saved and imported as.
     pub fn module_name(&self) -> String {
         "solution".into()
+    }
+
+    /// Waits until one more of an attempt's candidates may be written: a permit of the
+    /// attempt's own (`own`, `job_candidates_in_flight` of them), or else one shared by
+    /// every job. Waiters are served in order, so earlier candidates (the greedy ones
+    /// first) start first. Dropping the permit lets the next candidate start.
+    /// (`None` only if a semaphore were closed, which neither is.)
+    pub async fn candidate_permit<'a>(&'a self, own: &'a Semaphore) -> Option<SemaphorePermit<'a>> {
+        let shared = &self.shared.candidate_slots;
+        if let Ok(p) = own.try_acquire() {
+            return Some(p);
+        }
+        tokio::select! {
+            biased;
+            p = own.acquire() => p.ok(),
+            p = shared.acquire() => p.ok(),
+        }
     }
 
     /// Runs an LLM call with its stage's settings on the least busy model of the stage,
@@ -327,6 +347,7 @@ impl Pipeline {
         config: PipelineConfig,
     ) -> Self {
         let queue = ValidationQueue::start(config.limits.validators);
+        let candidate_slots = Arc::new(Semaphore::new(config.limits.shared_candidates_in_flight));
         Self {
             shared: Arc::new(Shared {
                 llm,
@@ -335,6 +356,7 @@ impl Pipeline {
                 config,
                 queue,
                 load: ModelLoad::default(),
+                candidate_slots,
                 next_job: AtomicU64::new(1),
             }),
         }

@@ -147,3 +147,48 @@ async fn a_retry_is_told_what_failed_and_the_best_attempt_is_kept() {
     );
     assert!(out.rendered.contains("return a + b"));
 }
+
+#[tokio::test]
+async fn a_lone_job_writes_its_candidates_at_once_and_a_busy_one_only_those_it_needs() {
+    let latency = std::time::Duration::from_millis(300);
+    let wrong = "def add(a, b):\n    return a - b\n```";
+    let right = "def add(a, b):\n    return a + b\n```";
+    let plan = r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#;
+
+    // Alone, a job's own candidates and the shared ones together: all 16 at once.
+    let model = ScriptedModel::new()
+        .with_latency(latency)
+        .on("orchestrator", plan)
+        .on("code", wrong);
+    let bed = TestBed::with_config(model.clone(), config(16)).await;
+    let out = bed
+        .pipeline
+        .run(TaskRequest::new(STUB), Format::Code, None)
+        .await
+        .unwrap();
+    assert!(!out.result.passed);
+    assert_eq!(model.max_in_flight("code"), 16);
+
+    // The shared candidates taken by other jobs: two at a time, and once the second passes
+    // the ones not yet started are never written.
+    let model = ScriptedModel::new()
+        .with_latency(latency)
+        .on("orchestrator", plan)
+        .on("code", wrong)
+        .on("code", right)
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "Adds.")
+        .on("final_validator", JUDGE_OK);
+    let mut cfg = config(16);
+    cfg.limits.shared_candidates_in_flight = 0;
+    let bed = TestBed::with_config(model.clone(), cfg).await;
+    let out = bed
+        .pipeline
+        .run(TaskRequest::new(STUB), Format::Code, None)
+        .await
+        .unwrap();
+    assert!(out.result.passed);
+    assert_eq!(model.max_in_flight("code"), 2);
+    let written = model.calls().iter().filter(|(s, _)| s == "code").count();
+    assert!(written < 16, "{written} candidates written");
+}

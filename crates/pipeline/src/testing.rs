@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use forgeline_engine::scheduler::{Completion, GenerateRequest, Prompt};
 use forgeline_engine::stop::StopReason;
@@ -39,11 +40,15 @@ struct Script {
     answers: HashMap<String, Vec<String>>,
     /// Stages of the calls made, in order, with the text each was given.
     calls: Vec<(String, String)>,
+    /// Calls of each stage in flight now, and the most at once so far.
+    in_flight: HashMap<String, (usize, usize)>,
 }
 
 #[derive(Clone, Default)]
 pub struct ScriptedModel {
     script: Arc<Mutex<Script>>,
+    /// How long each answer takes.
+    latency: Duration,
 }
 
 impl ScriptedModel {
@@ -61,6 +66,18 @@ impl ScriptedModel {
             .or_default()
             .push(answer.into());
         self
+    }
+
+    /// Each answer takes `d` (calls then overlap, as on a real engine).
+    pub fn with_latency(mut self, d: Duration) -> Self {
+        self.latency = d;
+        self
+    }
+
+    /// The most calls of `stage` that were in flight at once.
+    pub fn max_in_flight(&self, stage: &str) -> usize {
+        let script = self.script.lock().unwrap();
+        script.in_flight.get(stage).map_or(0, |&(_, max)| max)
     }
 
     pub fn calls(&self) -> Vec<(String, String)> {
@@ -110,7 +127,18 @@ impl LanguageModel for ScriptedModel {
             Some(list) => list[0].clone(),
             None => String::new(),
         };
+        let (now, max) = script.in_flight.entry(stage.clone()).or_default();
+        *now += 1;
+        *max = (*max).max(*now);
+        drop(script);
+        let (script, latency) = (self.script.clone(), self.latency);
         Box::pin(async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            if let Some((now, _)) = script.lock().unwrap().in_flight.get_mut(&stage) {
+                *now -= 1;
+            }
             let mut c = Completion::default();
             c.usage.completion_tokens = answer.split_whitespace().count();
             c.text = answer;

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Semaphore;
 
 use forgeline_sandbox::{Check, Job, Module};
 use serde::{Deserialize, Serialize};
@@ -330,7 +331,9 @@ impl WorkerInput<'_> {
     }
 
     /// Several candidates at once (their calls batch in the scheduler), across the
-    /// framings above. Each writes the whole function: the default model, given a stub to
+    /// framings above, as many at a time as `JobContext::candidate_permit` allows: all of
+    /// them on an idle engine, a few per job under load, so that the candidates not yet
+    /// started when one passes cost nothing. Each writes the whole function: the default model, given a stub to
     /// continue, mostly closed the code block at once.
     async fn code(&self, out: &UnboundedSender<Artifact>) -> Result<usize> {
         let limits = &self.ctx.config.limits;
@@ -358,6 +361,7 @@ impl WorkerInput<'_> {
             })
             .collect::<Result<Vec<_>>>()?;
         let seen = Mutex::new(HashSet::new());
+        let own = Semaphore::new(limits.job_candidates_in_flight);
         let mut calls = Vec::with_capacity(n);
         for i in 0..n {
             let prompt = prompts[i % prompts.len()].clone();
@@ -373,10 +377,12 @@ impl WorkerInput<'_> {
             if self.spec.critical {
                 call = call.raise_priority();
             }
-            let (header, seen) = (&header, &seen);
+            let (header, seen, own) = (&header, &seen, &own);
             calls.push(async move {
                 let prefix = call.prompt.assistant.clone();
+                let permit = self.ctx.candidate_permit(own).await;
                 let completion = self.ctx.llm(call).await?;
+                drop(permit);
                 // A model that opens its own code block ignored the start it was given.
                 let text = if completion.text.trim_start().starts_with("```") {
                     completion.text
