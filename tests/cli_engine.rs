@@ -110,6 +110,9 @@ fn bad_input_gets_exit_code_2_and_names_the_problem() {
         err.contains("--cache-type") && err.contains("q4_0"),
         "{err}"
     );
+
+    let out = expect(&["bench", "pipeline", "--repeats", "0"], 2);
+    assert!(text(&out.stderr).contains("--repeats"));
 }
 
 #[test]
