@@ -3,6 +3,7 @@
 
 use crate::config::PipelineConfig;
 use crate::formatter::Format;
+use crate::job::JobOutcome;
 use crate::task::TaskRequest;
 use crate::testing::{ScriptedModel, TestBed};
 use crate::trace::Stage;
@@ -14,6 +15,15 @@ fn config(candidates: usize) -> PipelineConfig {
     let mut c = PipelineConfig::default();
     c.limits.candidates = candidates;
     c
+}
+
+/// The add stub through a whole job on `model`, with `cfg`.
+async fn run_stub(model: &ScriptedModel, cfg: PipelineConfig, format: Format) -> JobOutcome {
+    let bed = TestBed::with_config(model.clone(), cfg).await;
+    bed.pipeline
+        .run(TaskRequest::new(STUB), format, None)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -82,12 +92,7 @@ async fn malformed_json_and_empty_answers_fail_cleanly() {
         .on("code", "")
         .on("synthesizer", "")
         .on("final_validator", "not json");
-    let bed = TestBed::with_config(model, config(2)).await;
-    let out = bed
-        .pipeline
-        .run(TaskRequest::new(STUB), Format::Json, None)
-        .await
-        .unwrap();
+    let out = run_stub(&model, config(2), Format::Json).await;
     let r = &out.result;
     assert!(!r.passed);
     assert!(out
@@ -124,12 +129,7 @@ async fn a_retry_is_told_what_failed_and_the_best_attempt_is_kept() {
         .on("validator", JUDGE_OK)
         .on("synthesizer", "Adds.")
         .on("final_validator", JUDGE_OK);
-    let bed = TestBed::with_config(model.clone(), config(1)).await;
-    let out = bed
-        .pipeline
-        .run(TaskRequest::new(STUB), Format::Code, None)
-        .await
-        .unwrap();
+    let out = run_stub(&model, config(1), Format::Code).await;
     assert!(out.result.passed);
     assert_eq!(out.trace.subtasks[0].attempts.len(), 2);
     let code_prompts: Vec<String> = model
@@ -160,12 +160,7 @@ async fn a_lone_job_writes_its_candidates_at_once_and_a_busy_one_only_those_it_n
         .with_latency(latency)
         .on("orchestrator", plan)
         .on("code", wrong);
-    let bed = TestBed::with_config(model.clone(), config(16)).await;
-    let out = bed
-        .pipeline
-        .run(TaskRequest::new(STUB), Format::Code, None)
-        .await
-        .unwrap();
+    let out = run_stub(&model, config(16), Format::Code).await;
     assert!(!out.result.passed);
     assert_eq!(model.max_in_flight("code"), 16);
 
@@ -181,12 +176,7 @@ async fn a_lone_job_writes_its_candidates_at_once_and_a_busy_one_only_those_it_n
         .on("final_validator", JUDGE_OK);
     let mut cfg = config(16);
     cfg.limits.shared_candidates_in_flight = 0;
-    let bed = TestBed::with_config(model.clone(), cfg).await;
-    let out = bed
-        .pipeline
-        .run(TaskRequest::new(STUB), Format::Code, None)
-        .await
-        .unwrap();
+    let out = run_stub(&model, cfg, Format::Code).await;
     assert!(out.result.passed);
     assert_eq!(model.max_in_flight("code"), 2);
     let written = model.calls().iter().filter(|(s, _)| s == "code").count();
