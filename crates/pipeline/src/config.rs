@@ -84,6 +84,7 @@ pub struct Limits {
     /// engine batches them for little more than the cost of one). Under load they are
     /// speculative work that competes with other jobs' needed work, so each job keeps few
     /// in flight, and the candidates not yet started when one passes are never written.
+    /// The pipeline's own setting counts (one pool for all its jobs).
     pub shared_candidates_in_flight: usize,
     /// Attempts after the first, per subtask.
     pub max_retries: usize,

@@ -109,6 +109,16 @@ impl ScriptedModel {
     }
 }
 
+struct InFlight(Arc<Mutex<Script>>, String);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some((now, _)) = self.0.lock().unwrap().in_flight.get_mut(&self.1) {
+            *now -= 1;
+        }
+    }
+}
+
 impl LanguageModel for ScriptedModel {
     fn complete(
         &self,
@@ -131,13 +141,13 @@ impl LanguageModel for ScriptedModel {
         *now += 1;
         *max = (*max).max(*now);
         drop(script);
-        let (script, latency) = (self.script.clone(), self.latency);
+        // Counted out when the call ends or is dropped (a cancelled candidate).
+        let in_flight = InFlight(self.script.clone(), stage);
+        let latency = self.latency;
         Box::pin(async move {
+            let _in_flight = in_flight;
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
-            }
-            if let Some((now, _)) = script.lock().unwrap().in_flight.get_mut(&stage) {
-                *now -= 1;
             }
             let mut c = Completion::default();
             c.usage.completion_tokens = answer.split_whitespace().count();

@@ -333,8 +333,8 @@ impl WorkerInput<'_> {
     /// Several candidates at once (their calls batch in the scheduler), across the
     /// framings above, as many at a time as `JobContext::candidate_permit` allows: all of
     /// them on an idle engine, a few per job under load, so that the candidates not yet
-    /// started when one passes cost nothing. Each writes the whole function: the default model, given a stub to
-    /// continue, mostly closed the code block at once.
+    /// started when one passes cost nothing. Each writes the whole function: the default
+    /// model, given a stub to continue, mostly closed the code block at once.
     async fn code(&self, out: &UnboundedSender<Artifact>) -> Result<usize> {
         let limits = &self.ctx.config.limits;
         let n = if self.attempt == 0 {
