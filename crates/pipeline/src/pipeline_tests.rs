@@ -130,8 +130,13 @@ async fn a_retry_is_told_what_failed_and_the_best_attempt_is_kept() {
         .on("synthesizer", "Adds.")
         .on("final_validator", JUDGE_OK);
     let out = run_stub(&model, config(1), Format::Code).await;
-    assert!(out.result.passed);
-    assert_eq!(out.trace.subtasks[0].attempts.len(), 2);
+    assert!(out.result.passed, "{:#?}", out.result.verdict);
+    assert_eq!(
+        out.trace.subtasks[0].attempts.len(),
+        2,
+        "{:#?}",
+        out.trace.subtasks[0].attempts
+    );
     let code_prompts: Vec<String> = model
         .calls()
         .into_iter()

@@ -20,8 +20,10 @@ use nix::unistd::Pid;
 #[derive(Debug)]
 pub(crate) struct CgroupPool {
     base: PathBuf,
-    next: AtomicU64,
 }
+
+/// The number of the next run cgroup this process creates.
+static NEXT_RUN: AtomicU64 = AtomicU64::new(0);
 
 /// One run's cgroup; removed (after killing what is left in it) when dropped.
 #[derive(Debug)]
@@ -56,19 +58,24 @@ impl CgroupPool {
                 }
             }
         }
-        let pool = CgroupPool {
-            base,
-            next: AtomicU64::new(0),
-        };
+        let pool = CgroupPool { base };
         drop(pool.create(1).ok()?);
         Some(pool)
     }
 
     /// A fresh cgroup allowing `max_pids` processes.
     pub(crate) fn create(&self, max_pids: u32) -> io::Result<RunCgroup> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let dir = self.base.join(format!("run-{}-{n}", std::process::id()));
-        fs::create_dir(&dir)?;
+        // Numbered across the process (several sandboxes in one process share the base);
+        // a name still taken (a run's cgroup that could not be removed in time) is skipped.
+        let dir = loop {
+            let n = NEXT_RUN.fetch_add(1, Ordering::Relaxed);
+            let dir = self.base.join(format!("run-{}-{n}", std::process::id()));
+            match fs::create_dir(&dir) {
+                Ok(()) => break dir,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        };
         let cgroup = RunCgroup {
             procs: CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
@@ -215,6 +222,20 @@ mod tests {
             mine.dir.exists(),
             "a concurrent start removed a live run's cgroup"
         );
+    }
+
+    #[test]
+    fn two_sandboxes_in_one_process_never_share_a_run_cgroup() {
+        let Some(a) = CgroupPool::detect() else {
+            eprintln!("no writable pids cgroup here (not root?): nothing to exercise");
+            return;
+        };
+        let b = CgroupPool::detect().unwrap();
+        let runs: Vec<RunCgroup> = (0..4)
+            .flat_map(|_| [a.create(4).unwrap(), b.create(4).unwrap()])
+            .collect();
+        let dirs: std::collections::HashSet<_> = runs.iter().map(|r| &r.dir).collect();
+        assert_eq!(dirs.len(), runs.len());
     }
 
     #[test]
