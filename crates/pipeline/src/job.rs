@@ -68,7 +68,7 @@ struct Shared {
     queue: ValidationQueue,
     load: ModelLoad,
     /// Candidates in flight beyond each job's own few (`shared_candidates_in_flight`).
-    candidate_slots: Arc<Semaphore>,
+    candidate_slots: Semaphore,
     next_job: AtomicU64,
 }
 
@@ -182,14 +182,11 @@ impl JobContext {
     /// first) start first. Dropping the permit lets the next candidate start.
     /// (`None` only if a semaphore were closed, which neither is.)
     pub async fn candidate_permit<'a>(&'a self, own: &'a Semaphore) -> Option<SemaphorePermit<'a>> {
-        let shared = &self.shared.candidate_slots;
-        if let Ok(p) = own.try_acquire() {
-            return Some(p);
-        }
+        // Biased: the attempt's own permit first, when both are free.
         tokio::select! {
             biased;
             p = own.acquire() => p.ok(),
-            p = shared.acquire() => p.ok(),
+            p = self.shared.candidate_slots.acquire() => p.ok(),
         }
     }
 
@@ -347,7 +344,7 @@ impl Pipeline {
         config: PipelineConfig,
     ) -> Self {
         let queue = ValidationQueue::start(config.limits.validators);
-        let candidate_slots = Arc::new(Semaphore::new(config.limits.shared_candidates_in_flight));
+        let candidate_slots = Semaphore::new(config.limits.shared_candidates_in_flight);
         Self {
             shared: Arc::new(Shared {
                 llm,
