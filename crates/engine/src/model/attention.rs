@@ -23,6 +23,92 @@ pub struct BatchLayout {
     pub seq_slots: Vec<Vec<u32>>,
     /// For each sequence, the range of its tokens in the batch.
     pub seq_tokens: Vec<std::ops::Range<usize>>,
+    /// How the CPU kernel groups the batch's query tiles: worked out once, on the first
+    /// layer, and the same for every layer.
+    pub tile_groups: std::sync::OnceLock<Vec<TileGroup>>,
+}
+
+/// Tiles of up to `QUERY_TILE` consecutive tokens of one sequence whose cache slots start
+/// with the same `shared` slots: sequences that share a cached prefix (several samples of
+/// one prompt, prompts with a common system part) or tiles of one sequence's prefill. The
+/// kernel reads those rows once for every query of the group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TileGroup {
+    /// Token ranges, in the batch.
+    pub tiles: Vec<(usize, usize)>,
+    /// Leading positions every tile's slots have in common: a multiple of 8, and 0 for a
+    /// group of one.
+    pub shared: usize,
+}
+
+/// Most tokens in one group: bounds a work item's scratch and keeps enough items to
+/// balance over the cores.
+const GROUP_TOKENS: usize = 16;
+/// Fewest shared positions worth grouping for: one cache block.
+const MIN_SHARED: usize = 16;
+
+impl BatchLayout {
+    /// The slots a tile's queries see: its sequence's, up to the tile's last position.
+    fn tile_slots(&self, (t0, t1): (usize, usize)) -> &[u32] {
+        let seq = self.token_seq[t0] as usize;
+        &self.seq_slots[seq][..=self.positions[t1 - 1] as usize]
+    }
+
+    /// The batch's tiles grouped by shared prefix (see `TileGroup`). Tiles are ordered by
+    /// their slots, so that those sharing the longest prefix sit together, and taken in
+    /// runs that share at least `MIN_SHARED` positions; a tile that shares more with the
+    /// one after it than with the run it would join starts a run of its own.
+    pub fn groups(&self) -> &[TileGroup] {
+        self.tile_groups.get_or_init(|| {
+            let mut tiles = Vec::new();
+            for r in &self.seq_tokens {
+                let mut t = r.start;
+                while t < r.end {
+                    tiles.push((t, (t + QUERY_TILE).min(r.end)));
+                    t += QUERY_TILE;
+                }
+            }
+            tiles.sort_by(|&a, &b| self.tile_slots(a).cmp(self.tile_slots(b)));
+            let lcp = |a, b| {
+                let (a, b) = (self.tile_slots(a), self.tile_slots(b));
+                let n = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+                // Whole rows of eight, so that shared and own passes meet on the
+                // kernel's eight-row steps.
+                n - n % 8
+            };
+            let mut groups: Vec<TileGroup> = Vec::new();
+            for (i, &tile) in tiles.iter().enumerate() {
+                if let Some(g) = groups.last_mut() {
+                    let first = g.tiles[0];
+                    let tokens: usize = g.tiles.iter().map(|(a, b)| b - a).sum();
+                    let common = lcp(first, tile);
+                    let joins = tokens + (tile.1 - tile.0) <= GROUP_TOKENS
+                        && common >= MIN_SHARED
+                        && if g.tiles.len() == 1 {
+                            // A pair fixes the group's prefix: not when the next tile
+                            // would share more with this one.
+                            tiles.get(i + 1).is_none_or(|&next| lcp(tile, next) <= common)
+                        } else {
+                            common >= g.shared
+                        };
+                    if joins {
+                        g.shared = if g.tiles.len() == 1 {
+                            common
+                        } else {
+                            g.shared.min(common)
+                        };
+                        g.tiles.push(tile);
+                        continue;
+                    }
+                }
+                groups.push(TileGroup {
+                    tiles: vec![tile],
+                    shared: 0,
+                });
+            }
+            groups
+        })
+    }
 }
 
 /// cos/sin of the rotary embedding per position: [positions, head_dim / 2].
@@ -240,11 +326,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// a work item before the next chunk: 32 rows of 64 f32 are 8 KiB, well inside L1.
 const KEY_CHUNK: usize = 32;
 
-/// One work item: the queries of a tile (rotated, `n_q` rows of `dim`), the cache slots of
-/// its sequence, and where its KV head's K and V sit in a slot.
+/// One tile of a work item: the slots its queries see and the range of its queries in the
+/// item.
+struct Member<'a> {
+    slots: &'a [u32],
+    queries: std::ops::Range<usize>,
+}
+
+/// One work item: the queries of a group of tiles (rotated, `n_q` rows of `dim`) for one KV
+/// head, the tiles' cache slots, and where that head's K and V sit in a slot.
 struct Item<'a, E> {
     cache: &'a [E],
-    slots: &'a [u32],
+    members: &'a [Member<'a>],
+    /// Leading positions all members' slots share (see `TileGroup`).
+    shared: usize,
     slot_len: usize,
     k_off: usize,
     v_off: usize,
@@ -254,42 +349,80 @@ struct Item<'a, E> {
     queries: &'a [f32],
 }
 
-/// A work item's scratch space, allocated once per thread.
+/// A work item's scratch space, kept by each thread and grown as needed: nothing in it is
+/// read before this item wrote it.
+#[derive(Default)]
 struct Scratch {
     /// Per query, scores over the positions, then (in place) their softmax weights.
     scores: Vec<f32>,
     stride: usize,
     rows: Vec<f32>,
     acc: Vec<f32>,
+    /// The item's rotated queries, and how many positions each sees.
+    queries: Vec<f32>,
+    visible: Vec<usize>,
 }
 
 impl Scratch {
-    fn new(queries: usize, max_ctx: usize, dim: usize) -> Self {
+    fn fit(&mut self, queries: usize, max_ctx: usize, dim: usize) {
         // Scores are written eight positions at a time.
-        let stride = max_ctx.next_multiple_of(8);
-        Self {
-            scores: vec![0f32; queries * stride],
-            stride,
-            rows: vec![0f32; KEY_CHUNK * dim],
-            acc: vec![0f32; queries * dim],
+        self.stride = max_ctx.next_multiple_of(8);
+        let grow = |v: &mut Vec<f32>, n: usize| {
+            if v.len() < n {
+                v.resize(n, 0.0)
+            }
+        };
+        grow(&mut self.scores, queries * self.stride);
+        grow(&mut self.rows, KEY_CHUNK * dim);
+        grow(&mut self.acc, queries * dim);
+        grow(&mut self.queries, queries * dim);
+        if self.visible.len() < queries {
+            self.visible.resize(queries, 0);
         }
     }
 }
 
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
 impl<E: KvElem> Item<'_, E> {
-    /// Converts the K (`off` = k_off) or V rows of positions `c0..c0 + n` into `rows`.
-    fn load_rows(&self, off: usize, c0: usize, n: usize, rows: &mut [f32]) {
+    /// Converts the K (`off` = k_off) or V rows of `slots[c0..c0 + n]` into `rows`.
+    fn load_rows(&self, slots: &[u32], off: usize, c0: usize, n: usize, rows: &mut [f32]) {
         let dim = self.dim;
-        for (r, &slot) in rows.chunks_exact_mut(dim).zip(&self.slots[c0..c0 + n]) {
+        for (r, &slot) in rows.chunks_exact_mut(dim).zip(&slots[c0..c0 + n]) {
             let base = slot as usize * self.slot_len + off;
             E::load(&self.cache[base..base + dim], r);
         }
     }
 
-    /// The two passes every kernel makes over the positions, `KEY_CHUNK` rows at a time:
+    /// The spans of positions a pass visits, `KEY_CHUNK` rows at a time: the shared
+    /// prefix once for every query of the item, then each member's own positions for its
+    /// own queries. Calls `f(slots, first position, rows, queries)`.
+    fn spans(&self, mut f: impl FnMut(&[u32], usize, usize, std::ops::Range<usize>)) {
+        let all = 0..self.visible.len();
+        let mut c0 = 0;
+        while c0 < self.shared {
+            let n = KEY_CHUNK.min(self.shared - c0);
+            f(self.members[0].slots, c0, n, all.clone());
+            c0 += n;
+        }
+        for m in self.members {
+            let mut c0 = self.shared;
+            while c0 < m.slots.len() {
+                let n = KEY_CHUNK.min(m.slots.len() - c0);
+                f(m.slots, c0, n, m.queries.clone());
+                c0 += n;
+            }
+        }
+    }
+
+    /// The two passes every kernel makes over the positions (see `spans`):
     /// `score(query, rows, seen, out)` writes the query's scores against the first `seen`
     /// rows into `out`, `softmax` turns each query's scores into weights, and
-    /// `add(acc, weights, rows)` adds the weighted V rows into a query's output.
+    /// `add(acc, weights, rows)` adds the weighted V rows into a query's output. Every
+    /// query meets its positions in order, so a group computes exactly what its tiles
+    /// would one by one.
     fn passes(
         &self,
         s: &mut Scratch,
@@ -298,37 +431,32 @@ impl<E: KvElem> Item<'_, E> {
         mut add: impl FnMut(&mut [f32], &[f32], &[f32]),
     ) {
         let dim = self.dim;
-        let n_keys = self.slots.len();
         let n_q = self.visible.len();
-        let mut c0 = 0;
-        while c0 < n_keys {
-            let n = KEY_CHUNK.min(n_keys - c0);
-            self.load_rows(self.k_off, c0, n, &mut s.rows);
+        let (stride, scores, rows) = (s.stride, &mut s.scores, &mut s.rows);
+        self.spans(|slots, c0, n, qs| {
+            self.load_rows(slots, self.k_off, c0, n, rows);
             // Kernels that score eight positions at a time read rows past `n`: zeros, whose
             // scores are not used.
-            s.rows[n * dim..n.next_multiple_of(8) * dim].fill(0.0);
-            for (i, q) in self.queries.chunks_exact(dim).enumerate() {
+            rows[n * dim..n.next_multiple_of(8) * dim].fill(0.0);
+            for i in qs {
                 let seen = self.visible[i].saturating_sub(c0).min(n);
-                let out = &mut s.scores[i * s.stride + c0..(i + 1) * s.stride];
-                score(q, &s.rows, seen, out);
+                let q = &self.queries[i * dim..(i + 1) * dim];
+                score(q, rows, seen, &mut scores[i * stride + c0..(i + 1) * stride]);
             }
-            c0 += n;
-        }
+        });
         for i in 0..n_q {
-            softmax(&mut s.scores[i * s.stride..i * s.stride + self.visible[i]]);
+            softmax(&mut scores[i * stride..i * stride + self.visible[i]]);
         }
-        s.acc[..n_q * dim].fill(0.0);
-        let mut c0 = 0;
-        while c0 < n_keys {
-            let n = KEY_CHUNK.min(n_keys - c0);
-            self.load_rows(self.v_off, c0, n, &mut s.rows);
-            for (i, a) in s.acc.chunks_exact_mut(dim).take(n_q).enumerate() {
+        let acc = &mut s.acc;
+        acc[..n_q * dim].fill(0.0);
+        self.spans(|slots, c0, n, qs| {
+            self.load_rows(slots, self.v_off, c0, n, rows);
+            for i in qs {
                 let seen = self.visible[i].saturating_sub(c0).min(n);
-                let p = &s.scores[i * s.stride + c0..i * s.stride + c0 + seen];
-                add(a, p, &s.rows[..seen * dim]);
+                let p = &scores[i * stride + c0..i * stride + c0 + seen];
+                add(&mut acc[i * dim..(i + 1) * dim], p, &rows[..seen * dim]);
             }
-            c0 += n;
-        }
+        });
     }
 
     /// Portable: one dot product per (query, position), scalar softmax.
@@ -448,10 +576,16 @@ mod simd {
 
 impl PagedAttention<'_> {
     fn attend<E: KvElem>(&self, qkv: &[f32], cache: &[E]) -> Vec<f32> {
-        self.attend_with(qkv, cache, simd_fits(self.heads.dim))
+        self.attend_with(qkv, cache, simd_fits(self.heads.dim), self.batch.groups())
     }
 
-    fn attend_with<E: KvElem>(&self, qkv: &[f32], cache: &[E], simd: bool) -> Vec<f32> {
+    fn attend_with<E: KvElem>(
+        &self,
+        qkv: &[f32],
+        cache: &[E],
+        simd: bool,
+        groups: &[TileGroup],
+    ) -> Vec<f32> {
         let Heads { q: nh, kv, dim } = self.heads;
         let w = self.heads.qkv_width();
         let batch = self.batch;
@@ -462,72 +596,87 @@ impl PagedAttention<'_> {
         let mut out = vec![0f32; n_tokens * nh * dim];
         let out_ptr = out.as_mut_ptr() as usize;
         let max_ctx = batch.seq_slots.iter().map(|s| s.len()).max().unwrap_or(0);
-        // Work items are (tile of up to QUERY_TILE consecutive tokens of one sequence, KV
-        // head): every query head sharing that KV head, for every token of the tile, is
-        // scored against each cached K row while it is loaded, and each V row is added into
-        // all of their outputs. Attention reads the cache once per item instead of once per
-        // (token, query head), and with long contexts those reads are its cost.
-        let mut tiles = Vec::new();
-        for r in &batch.seq_tokens {
-            let mut t = r.start;
-            while t < r.end {
-                tiles.push((t, (t + QUERY_TILE).min(r.end)));
-                t += QUERY_TILE;
-            }
-        }
-        let most = QUERY_TILE * group;
-        candle_core::utils::barrier_pool().execute_chunked(tiles.len() * kv, |items| {
-            let mut scratch = Scratch::new(most, max_ctx, dim);
-            let mut qr = vec![0f32; most * dim];
-            let mut visible = vec![0usize; most];
-            for item in items {
-                let ((t0, t1), g) = (tiles[item / kv], item % kv);
-                // Query i is token t0 + i / group, head g * group + i % group.
-                let n_q = (t1 - t0) * group;
-                let pos = &batch.positions[t0..t1];
-                for (i, q) in qr.chunks_exact_mut(dim).take(n_q).enumerate() {
-                    let (t, h) = (t0 + i / group, g * group + i % group);
-                    let at = t * w + h * dim;
-                    self.rope
-                        .rotate(&qkv[at..at + dim], pos[i / group] as usize, q);
-                    visible[i] = pos[i / group] as usize + 1;
-                }
-                let last = pos[pos.len() - 1] as usize;
-                let it = Item {
-                    cache,
-                    slots: &batch.seq_slots[batch.token_seq[t0] as usize][..=last],
-                    slot_len,
-                    k_off: g * dim,
-                    v_off: kv * dim + g * dim,
-                    dim,
-                    visible: &visible[..n_q],
-                    queries: &qr[..n_q * dim],
-                };
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: `simd_fits` checked the CPU's features and the head size.
-                    unsafe { it.attend_avx2(&mut scratch, scale) };
-                } else {
-                    it.attend_portable(&mut scratch, scale);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                {
-                    let _ = simd;
-                    it.attend_portable(&mut scratch, scale);
-                }
-                for (i, a) in scratch.acc.chunks_exact(dim).take(n_q).enumerate() {
-                    let (t, h) = (t0 + i / group, g * group + i % group);
-                    // SAFETY: each (token, head) belongs to exactly one item, which owns its
-                    // `dim` outputs.
-                    let o = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            (out_ptr as *mut f32).add((t * nh + h) * dim),
-                            dim,
-                        )
+        let most = groups
+            .iter()
+            .map(|g| g.tiles.iter().map(|(a, b)| b - a).sum::<usize>())
+            .max()
+            .unwrap_or(0)
+            * group;
+        // Work items are (group of tiles, KV head): every query head sharing that KV head,
+        // for every token of the group's tiles, is scored against each cached K row while
+        // it is loaded, and each V row is added into all of their outputs. Attention reads
+        // the cache once per item instead of once per (token, query head), and once per
+        // group for the prefix its tiles share; with long contexts those reads are its cost.
+        candle_core::utils::barrier_pool().execute_chunked(groups.len() * kv, |items| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                scratch.fit(most, max_ctx, dim);
+                for item in items {
+                    let (tg, g) = (&groups[item / kv], item % kv);
+                    // Query i of a member is its token t0 + i / group, head
+                    // g * group + i % group.
+                    let mut members = Vec::with_capacity(tg.tiles.len());
+                    let mut n_q = 0;
+                    for &(t0, t1) in &tg.tiles {
+                        let start = n_q;
+                        for t in t0..t1 {
+                            let pos = batch.positions[t] as usize;
+                            for h in g * group..(g + 1) * group {
+                                let at = t * w + h * dim;
+                                let q = &mut scratch.queries[n_q * dim..(n_q + 1) * dim];
+                                self.rope.rotate(&qkv[at..at + dim], pos, q);
+                                scratch.visible[n_q] = pos + 1;
+                                n_q += 1;
+                            }
+                        }
+                        members.push(Member {
+                            slots: batch.tile_slots((t0, t1)),
+                            queries: start..n_q,
+                        });
+                    }
+                    let (queries, visible) =
+                        (std::mem::take(&mut scratch.queries), std::mem::take(&mut scratch.visible));
+                    let it = Item {
+                        cache,
+                        members: &members,
+                        shared: tg.shared,
+                        slot_len,
+                        k_off: g * dim,
+                        v_off: kv * dim + g * dim,
+                        dim,
+                        visible: &visible[..n_q],
+                        queries: &queries[..n_q * dim],
                     };
-                    o.copy_from_slice(a);
+                    #[cfg(target_arch = "x86_64")]
+                    if simd {
+                        // SAFETY: `simd_fits` checked the CPU's features and the head size.
+                        unsafe { it.attend_avx2(scratch, scale) };
+                    } else {
+                        it.attend_portable(scratch, scale);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    {
+                        let _ = simd;
+                        it.attend_portable(scratch, scale);
+                    }
+                    (scratch.queries, scratch.visible) = (queries, visible);
+                    for (m, &(t0, _)) in members.iter().zip(&tg.tiles) {
+                        let accs = scratch.acc[m.queries.start * dim..m.queries.end * dim]
+                            .chunks_exact(dim);
+                        for (i, a) in accs.enumerate() {
+                            let (t, h) = (t0 + i / group, g * group + i % group);
+                            // SAFETY: each (token, head) belongs to exactly one item, which
+                            // owns its `dim` outputs.
+                            let o = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    (out_ptr as *mut f32).add((t * nh + h) * dim),
+                                    dim,
+                                )
+                            };
+                            o.copy_from_slice(a);
+                        }
+                    }
                 }
-            }
+            })
         });
         out
     }
@@ -600,6 +749,7 @@ mod tests {
             token_seq: vec![],
             seq_slots: vec![],
             seq_tokens: vec![],
+            tile_groups: Default::default(),
         };
         for (s, &(cached, new)) in shapes.iter().enumerate() {
             let slots: Vec<u32> = (0..cached + new)
@@ -638,8 +788,8 @@ mod tests {
                 batch: &b,
                 rope: &rope,
             };
-            let fast = op.attend_with(&qkv, &cache, true);
-            let slow = op.attend_with(&qkv, &cache, false);
+            let fast = op.attend_with(&qkv, &cache, true, b.groups());
+            let slow = op.attend_with(&qkv, &cache, false, b.groups());
             let worst = fast
                 .iter()
                 .zip(&slow)
@@ -648,6 +798,106 @@ mod tests {
             assert!(
                 worst < 1e-4,
                 "dim {dim}: AVX2 differs from portable by {worst}"
+            );
+        }
+    }
+
+    /// Sequences that share cached prefixes (three samples of one 200-position prompt,
+    /// one sharing its first 96 positions), one prefilling 40 tokens after 100 cached ones
+    /// (tiles that share each other's positions), and one on its own.
+    fn shared_batch(rng: &mut impl Rng) -> BatchLayout {
+        let mut free: Vec<u32> = (0..1000).collect();
+        let mut take = |n: usize| -> Vec<u32> {
+            (0..n)
+                .map(|_| free.swap_remove(rng.random_range(0..free.len())))
+                .collect()
+        };
+        let prompt = take(200);
+        let mut seqs: Vec<(Vec<u32>, usize)> = Vec::new();
+        for own in [50, 30, 7] {
+            seqs.push(([prompt.clone(), take(own)].concat(), 1));
+        }
+        seqs.push(([prompt[..96].to_vec(), take(21)].concat(), 1));
+        seqs.push((take(140), 40));
+        seqs.push((take(60), 1));
+        let mut b = BatchLayout {
+            positions: vec![],
+            write_slots: vec![],
+            token_seq: vec![],
+            seq_slots: vec![],
+            seq_tokens: vec![],
+            tile_groups: Default::default(),
+        };
+        for (s, (slots, new)) in seqs.into_iter().enumerate() {
+            let start = b.positions.len();
+            for p in slots.len() - new..slots.len() {
+                b.positions.push(p as u32);
+                b.write_slots.push(slots[p]);
+                b.token_seq.push(s as u32);
+            }
+            b.seq_tokens.push(start..b.positions.len());
+            b.seq_slots.push(slots);
+        }
+        b
+    }
+
+    #[test]
+    fn tiles_sharing_a_prefix_are_grouped_and_give_the_same_bits() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let b = shared_batch(&mut rng);
+        let groups = b.groups();
+        // Every tile is in exactly one group, and no group is over its size.
+        let mut tiles: Vec<_> = groups.iter().flat_map(|g| g.tiles.clone()).collect();
+        tiles.sort();
+        let singles: Vec<TileGroup> = tiles
+            .iter()
+            .map(|&t| TileGroup {
+                tiles: vec![t],
+                shared: 0,
+            })
+            .collect();
+        assert_eq!(tiles.len(), 3 + 1 + 10 + 1);
+        assert!(groups
+            .iter()
+            .all(|g| g.tiles.iter().map(|(a, b)| b - a).sum::<usize>() <= GROUP_TOKENS));
+        // The three samples of the prompt share its 200 positions; the prefill's tiles
+        // share what the earliest of each group sees.
+        let seq_of = |g: &TileGroup| b.token_seq[g.tiles[0].0];
+        let samples = groups.iter().find(|g| seq_of(g) == 0).unwrap();
+        assert_eq!((samples.tiles.len(), samples.shared), (3, 200));
+        let prefill: Vec<_> = groups.iter().filter(|g| seq_of(g) == 4).collect();
+        assert!(prefill.iter().all(|g| g.shared % 8 == 0));
+        assert!(prefill.iter().any(|g| g.tiles.len() == 4 && g.shared >= 100));
+        for g in groups.iter().filter(|g| g.tiles.len() > 1) {
+            for &t in &g.tiles {
+                assert_eq!(b.tile_slots(t)[..g.shared], b.tile_slots(g.tiles[0])[..g.shared]);
+            }
+        }
+
+        let heads = Heads {
+            q: 9,
+            kv: 3,
+            dim: 64,
+        };
+        let rope = RopeTable::new(&config(heads), 512);
+        let n = b.positions.len();
+        let qkv: Vec<f32> = (0..n * heads.qkv_width())
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let cache: Vec<half::f16> = (0..1000 * 2 * heads.kv * heads.dim)
+            .map(|_| half::f16::from_f32(rng.random_range(-2.0f32..2.0)))
+            .collect();
+        let op = PagedAttention {
+            heads,
+            batch: &b,
+            rope: &rope,
+        };
+        for simd in [false, simd_fits(heads.dim)] {
+            let grouped = op.attend_with(&qkv, &cache, simd, groups);
+            let alone = op.attend_with(&qkv, &cache, simd, &singles);
+            assert!(
+                grouped.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "simd {simd}: grouped attention differs from tile-by-tile"
             );
         }
     }

@@ -246,6 +246,7 @@ impl Model {
             token_seq: Vec::new(),
             seq_slots: Vec::with_capacity(seqs.len()),
             seq_tokens: Vec::with_capacity(seqs.len()),
+            tile_groups: Default::default(),
         };
         for (s, seq) in seqs.iter().enumerate() {
             let end = seq.start_pos + seq.tokens.len();
