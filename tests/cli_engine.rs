@@ -132,6 +132,7 @@ fn bench_engine_reports_every_figure_as_json() {
             "1",
             "--depth",
             "40",
+            "--shared-prompt",
             "--cache-type",
             "f32",
         ],
@@ -140,6 +141,7 @@ fn bench_engine_reports_every_figure_as_json() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["model"], "smollm2-135m-instruct");
     assert_eq!(v["depth"], 40);
+    assert_eq!(v["shared_prompt"], true);
     assert_eq!(v["cache_type"], "f32");
     for k in ["prefill_tok_s", "decode_tok_s", "reference_decode_tok_s"] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");

@@ -25,6 +25,10 @@ pub struct BenchEngineArgs {
     /// Positions each sequence holds before the decode runs (attention's cost grows with it)
     #[arg(long, default_value_t = 16)]
     pub depth: usize,
+    /// The batched sequences share one cached prompt of `--depth` positions (as samples of
+    /// one request do) instead of each holding a copy
+    #[arg(long)]
+    pub shared_prompt: bool,
     /// Runs per figure; the best is reported
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -47,6 +51,7 @@ pub fn run(a: BenchEngineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         decode_tokens: a.decode_tokens,
         batches: a.batches,
         depth: a.depth,
+        shared_prompt: a.shared_prompt,
         cache_type: env.cache_type,
         repeats: a.repeats,
         reference: !a.no_reference,
@@ -76,8 +81,13 @@ pub fn run(a: BenchEngineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         ratio(r.prefill_tok_s)
     );
     println!(
-        "decode runs start with {} positions in each sequence",
-        r.depth
+        "decode runs start with {} positions in each sequence{}",
+        r.depth,
+        if r.shared_prompt {
+            " (one shared prompt)"
+        } else {
+            ""
+        }
     );
     println!(
         "decode, 1 stream:              {:.1} tok/s{}",

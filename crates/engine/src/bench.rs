@@ -22,6 +22,9 @@ pub struct EngineBenchConfig {
     /// Positions each sequence holds before the decode runs (llama-batched-bench's prompt
     /// length): attention's cost grows with it.
     pub depth: usize,
+    /// Whether the batched sequences share one cached prompt (as samples of one request
+    /// do; llama-batched-bench's `-pps`) rather than each holding a copy.
+    pub shared_prompt: bool,
     pub cache_type: KvCacheType,
     pub repeats: usize,
     pub reference: bool,
@@ -34,6 +37,7 @@ impl Default for EngineBenchConfig {
             decode_tokens: 128,
             batches: vec![1, 2, 4, 8, 16],
             depth: 16,
+            shared_prompt: false,
             cache_type: KvCacheType::default(),
             repeats: 3,
             reference: true,
@@ -55,6 +59,7 @@ pub struct EngineBenchReport {
     pub reference_decode_tok_s: Option<f64>,
     pub batched: Vec<BatchFigure>,
     pub depth: usize,
+    pub shared_prompt: bool,
     pub cache_type: String,
     pub threads: usize,
 }
@@ -80,25 +85,49 @@ fn best_of<F: FnMut() -> Result<f64>>(repeats: usize, mut f: F) -> Result<f64> {
     Ok(best)
 }
 
-/// Prefills `batch` copies of `prompt` (as separate sequences), then decodes `steps` tokens
-/// for each, greedily, all in one forward per step. Returns decode tokens per second.
+/// Prefills `batch` copies of `prompt` (as separate sequences, or with `shared` as
+/// sequences sharing the first's cached blocks and each computing only the rest), then
+/// decodes `steps` tokens for each, greedily, all in one forward per step. Returns decode
+/// tokens per second.
 fn batched_decode(
     m: &LoadedModel,
     kv: &mut KvCache,
     prompt: &[u32],
     batch: usize,
     steps: usize,
+    shared: bool,
 ) -> Result<f64> {
     let mut tables = vec![BlockTable::default(); batch];
     let mut run = || -> Result<f64> {
+        // Whole blocks only, and never the last prompt token, whose logits each needs.
+        let share = if shared {
+            (prompt.len() - 1) / kv.block_size() * kv.block_size()
+        } else {
+            0
+        };
+        if share > 0 {
+            kv.reserve(&mut tables[0], prompt.len() + steps)?;
+            m.model.forward(
+                &[SeqInput {
+                    tokens: &prompt[..share],
+                    start_pos: 0,
+                    table: &tables[0],
+                    logits: false,
+                }],
+                kv,
+            )?;
+            for i in 1..batch {
+                tables[i] = kv.share_prefix(&tables[0], share / kv.block_size());
+            }
+        }
         for t in &mut tables {
             kv.reserve(t, prompt.len() + steps)?;
         }
         let inputs: Vec<SeqInput> = tables
             .iter()
             .map(|t| SeqInput {
-                tokens: prompt,
-                start_pos: 0,
+                tokens: &prompt[share..],
+                start_pos: share,
                 table: t,
                 logits: true,
             })
@@ -182,7 +211,7 @@ pub fn run_engine_bench(
 
     progress("single-stream decode");
     let decode_tok_s = best_of(cfg.repeats, || {
-        batched_decode(m, &mut kv, prompt, 1, cfg.decode_tokens)
+        batched_decode(m, &mut kv, prompt, 1, cfg.decode_tokens, false)
     })?;
 
     let mut batched = Vec::new();
@@ -190,7 +219,7 @@ pub fn run_engine_bench(
         progress(&format!("aggregate decode, {b} sequences"));
         let steps = (cfg.decode_tokens / 2).max(8);
         let tok_s = best_of(cfg.repeats.min(2), || {
-            batched_decode(m, &mut kv, prompt, b, steps)
+            batched_decode(m, &mut kv, prompt, b, steps, cfg.shared_prompt)
         })?;
         batched.push(BatchFigure { batch: b, tok_s });
     }
@@ -210,6 +239,7 @@ pub fn run_engine_bench(
         reference_decode_tok_s,
         batched,
         depth: short,
+        shared_prompt: cfg.shared_prompt,
         cache_type: cfg.cache_type.to_string(),
         threads: candle_core::utils::get_num_threads(),
     })

@@ -87,16 +87,16 @@ impl BatchLayout {
                         && if g.tiles.len() == 1 {
                             // A pair fixes the group's prefix: not when the next tile
                             // would share more with this one.
-                            tiles.get(i + 1).is_none_or(|&next| lcp(tile, next) <= common)
+                            tiles
+                                .get(i + 1)
+                                .is_none_or(|&next| lcp(tile, next) <= common)
                         } else {
                             common >= g.shared
                         };
                     if joins {
-                        g.shared = if g.tiles.len() == 1 {
-                            common
-                        } else {
-                            g.shared.min(common)
-                        };
+                        if g.tiles.len() == 1 {
+                            g.shared = common;
+                        }
                         g.tiles.push(tile);
                         continue;
                     }
@@ -441,7 +441,12 @@ impl<E: KvElem> Item<'_, E> {
             for i in qs {
                 let seen = self.visible[i].saturating_sub(c0).min(n);
                 let q = &self.queries[i * dim..(i + 1) * dim];
-                score(q, rows, seen, &mut scores[i * stride + c0..(i + 1) * stride]);
+                score(
+                    q,
+                    rows,
+                    seen,
+                    &mut scores[i * stride + c0..(i + 1) * stride],
+                );
             }
         });
         for i in 0..n_q {
@@ -633,8 +638,10 @@ impl PagedAttention<'_> {
                             queries: start..n_q,
                         });
                     }
-                    let (queries, visible) =
-                        (std::mem::take(&mut scratch.queries), std::mem::take(&mut scratch.visible));
+                    let (queries, visible) = (
+                        std::mem::take(&mut scratch.queries),
+                        std::mem::take(&mut scratch.visible),
+                    );
                     let it = Item {
                         cache,
                         members: &members,
@@ -830,9 +837,9 @@ mod tests {
         };
         for (s, (slots, new)) in seqs.into_iter().enumerate() {
             let start = b.positions.len();
-            for p in slots.len() - new..slots.len() {
+            for (p, &slot) in slots.iter().enumerate().skip(slots.len() - new) {
                 b.positions.push(p as u32);
-                b.write_slots.push(slots[p]);
+                b.write_slots.push(slot);
                 b.token_seq.push(s as u32);
             }
             b.seq_tokens.push(start..b.positions.len());
@@ -867,10 +874,15 @@ mod tests {
         assert_eq!((samples.tiles.len(), samples.shared), (3, 200));
         let prefill: Vec<_> = groups.iter().filter(|g| seq_of(g) == 4).collect();
         assert!(prefill.iter().all(|g| g.shared % 8 == 0));
-        assert!(prefill.iter().any(|g| g.tiles.len() == 4 && g.shared >= 100));
+        assert!(prefill
+            .iter()
+            .any(|g| g.tiles.len() == 4 && g.shared >= 100));
         for g in groups.iter().filter(|g| g.tiles.len() > 1) {
             for &t in &g.tiles {
-                assert_eq!(b.tile_slots(t)[..g.shared], b.tile_slots(g.tiles[0])[..g.shared]);
+                assert_eq!(
+                    b.tile_slots(t)[..g.shared],
+                    b.tile_slots(g.tiles[0])[..g.shared]
+                );
             }
         }
 
@@ -896,7 +908,10 @@ mod tests {
             let grouped = op.attend_with(&qkv, &cache, simd, groups);
             let alone = op.attend_with(&qkv, &cache, simd, &singles);
             assert!(
-                grouped.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()),
+                grouped
+                    .iter()
+                    .zip(&alone)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "simd {simd}: grouped attention differs from tile-by-tile"
             );
         }
