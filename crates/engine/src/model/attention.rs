@@ -744,12 +744,8 @@ mod tests {
         }
     }
 
-    /// Three sequences in one batch: one decoding a token over 300 cached positions, one
-    /// prefilling 7 tokens after 40 cached ones (tiles of 4 and 3, causal within the
-    /// chunk), one prefilling 5 tokens from position 0. Slots are scattered.
-    fn batch(rng: &mut impl Rng) -> BatchLayout {
-        let shapes = [(300usize, 1usize), (40, 7), (0, 5)];
-        let mut free: Vec<u32> = (0..400).collect();
+    /// A batch of sequences given by their slots, the last `new` of which are computed now.
+    fn layout_of(seqs: Vec<(Vec<u32>, usize)>) -> BatchLayout {
         let mut b = BatchLayout {
             positions: vec![],
             write_slots: vec![],
@@ -758,12 +754,9 @@ mod tests {
             seq_tokens: vec![],
             tile_groups: Default::default(),
         };
-        for (s, &(cached, new)) in shapes.iter().enumerate() {
-            let slots: Vec<u32> = (0..cached + new)
-                .map(|_| free.swap_remove(rng.random_range(0..free.len())))
-                .collect();
+        for (s, (slots, new)) in seqs.into_iter().enumerate() {
             let start = b.positions.len();
-            for (p, &slot) in slots.iter().enumerate().skip(cached) {
+            for (p, &slot) in slots.iter().enumerate().skip(slots.len() - new) {
                 b.positions.push(p as u32);
                 b.write_slots.push(slot);
                 b.token_seq.push(s as u32);
@@ -772,6 +765,23 @@ mod tests {
             b.seq_slots.push(slots);
         }
         b
+    }
+
+    /// Three sequences in one batch: one decoding a token over 300 cached positions, one
+    /// prefilling 7 tokens after 40 cached ones (tiles of 4 and 3, causal within the
+    /// chunk), one prefilling 5 tokens from position 0. Slots are scattered.
+    fn batch(rng: &mut impl Rng) -> BatchLayout {
+        let mut free: Vec<u32> = (0..400).collect();
+        let seqs = [(300usize, 1usize), (40, 7), (0, 5)]
+            .into_iter()
+            .map(|(cached, new)| {
+                let slots = (0..cached + new)
+                    .map(|_| free.swap_remove(rng.random_range(0..free.len())))
+                    .collect();
+                (slots, new)
+            })
+            .collect();
+        layout_of(seqs)
     }
 
     fn check<E: KvElem>(from: fn(f32) -> E) {
@@ -827,25 +837,7 @@ mod tests {
         seqs.push(([prompt[..96].to_vec(), take(21)].concat(), 1));
         seqs.push((take(140), 40));
         seqs.push((take(60), 1));
-        let mut b = BatchLayout {
-            positions: vec![],
-            write_slots: vec![],
-            token_seq: vec![],
-            seq_slots: vec![],
-            seq_tokens: vec![],
-            tile_groups: Default::default(),
-        };
-        for (s, (slots, new)) in seqs.into_iter().enumerate() {
-            let start = b.positions.len();
-            for (p, &slot) in slots.iter().enumerate().skip(slots.len() - new) {
-                b.positions.push(p as u32);
-                b.write_slots.push(slot);
-                b.token_seq.push(s as u32);
-            }
-            b.seq_tokens.push(start..b.positions.len());
-            b.seq_slots.push(slots);
-        }
-        b
+        layout_of(seqs)
     }
 
     #[test]
