@@ -1,115 +1,17 @@
 //! Attention over the paged KV cache, for a batch that mixes sequences of different lengths.
 //!
-//! The batch layout and rotary table both implementations use, and the fused CPU one: two
-//! kernels (write rotated K and V into their slots; attend each query to its own sequence's
-//! slots), parallel over (tokens, KV head) on candle's CPU thread pool. One op per step instead
+//! The rotary table both implementations use, and the fused CPU one: two kernels (write
+//! rotated K and V into their slots; attend each query to its own sequence's slots),
+//! parallel over (group of query tiles, KV head) on candle's CPU thread pool; the batch's
+//! layout and its tile groups are in `batch`. One op per step instead
 //! of a dozen small ones: on a small model, per-op overhead is most of the time. The other
 //! implementation, candle tensor ops on any device, is `generic_attention`.
 
 use candle_core::{CpuStorage, CustomOp2, InplaceOp2, Layout, Shape};
 use half::slice::HalfFloatSliceExt;
 
+use crate::model::batch::{BatchLayout, TileGroup};
 use crate::model::ModelConfig;
-
-/// Per-token and per-sequence indices of one forward call.
-pub struct BatchLayout {
-    /// Position of each token in its sequence.
-    pub positions: Vec<u32>,
-    /// Cache slot each token's K and V are written to.
-    pub write_slots: Vec<u32>,
-    /// Index of each token's sequence.
-    pub token_seq: Vec<u32>,
-    /// For each sequence, the slots of positions 0..=its last position in this batch.
-    pub seq_slots: Vec<Vec<u32>>,
-    /// For each sequence, the range of its tokens in the batch.
-    pub seq_tokens: Vec<std::ops::Range<usize>>,
-    /// How the CPU kernel groups the batch's query tiles: worked out once, on the first
-    /// layer, and the same for every layer.
-    pub tile_groups: std::sync::OnceLock<Vec<TileGroup>>,
-}
-
-/// Tiles of up to `QUERY_TILE` consecutive tokens of one sequence whose cache slots start
-/// with the same `shared` slots: sequences that share a cached prefix (several samples of
-/// one prompt, prompts with a common system part) or tiles of one sequence's prefill. The
-/// kernel reads those rows once for every query of the group.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TileGroup {
-    /// Token ranges, in the batch.
-    pub tiles: Vec<(usize, usize)>,
-    /// Leading positions every tile's slots have in common: a multiple of 8, and 0 for a
-    /// group of one.
-    pub shared: usize,
-}
-
-/// Most tokens in one group: bounds a work item's scratch and keeps enough items to
-/// balance over the cores.
-const GROUP_TOKENS: usize = 16;
-/// Fewest shared positions worth grouping for: one cache block.
-const MIN_SHARED: usize = 16;
-
-impl BatchLayout {
-    /// The slots a tile's queries see: its sequence's, up to the tile's last position.
-    fn tile_slots(&self, (t0, t1): (usize, usize)) -> &[u32] {
-        let seq = self.token_seq[t0] as usize;
-        &self.seq_slots[seq][..=self.positions[t1 - 1] as usize]
-    }
-
-    /// The batch's tiles grouped by shared prefix (see `TileGroup`). Tiles are ordered by
-    /// their slots, so that those sharing the longest prefix sit together, and taken in
-    /// runs that share at least `MIN_SHARED` positions; a tile that shares more with the
-    /// one after it than with the run it would join starts a run of its own.
-    pub fn groups(&self) -> &[TileGroup] {
-        self.tile_groups.get_or_init(|| {
-            let mut tiles = Vec::new();
-            for r in &self.seq_tokens {
-                let mut t = r.start;
-                while t < r.end {
-                    tiles.push((t, (t + QUERY_TILE).min(r.end)));
-                    t += QUERY_TILE;
-                }
-            }
-            tiles.sort_by(|&a, &b| self.tile_slots(a).cmp(self.tile_slots(b)));
-            let lcp = |a, b| {
-                let (a, b) = (self.tile_slots(a), self.tile_slots(b));
-                let n = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-                // Whole rows of eight, so that shared and own passes meet on the
-                // kernel's eight-row steps.
-                n - n % 8
-            };
-            let mut groups: Vec<TileGroup> = Vec::new();
-            for (i, &tile) in tiles.iter().enumerate() {
-                if let Some(g) = groups.last_mut() {
-                    let first = g.tiles[0];
-                    let tokens: usize = g.tiles.iter().map(|(a, b)| b - a).sum();
-                    let common = lcp(first, tile);
-                    let joins = tokens + (tile.1 - tile.0) <= GROUP_TOKENS
-                        && common >= MIN_SHARED
-                        && if g.tiles.len() == 1 {
-                            // A pair fixes the group's prefix: not when the next tile
-                            // would share more with this one.
-                            tiles
-                                .get(i + 1)
-                                .is_none_or(|&next| lcp(tile, next) <= common)
-                        } else {
-                            common >= g.shared
-                        };
-                    if joins {
-                        if g.tiles.len() == 1 {
-                            g.shared = common;
-                        }
-                        g.tiles.push(tile);
-                        continue;
-                    }
-                }
-                groups.push(TileGroup {
-                    tiles: vec![tile],
-                    shared: 0,
-                });
-            }
-            groups
-        })
-    }
-}
 
 /// cos/sin of the rotary embedding per position: [positions, head_dim / 2].
 pub struct RopeTable {
@@ -293,9 +195,6 @@ impl InplaceOp2 for WriteKv<'_> {
     }
 }
 
-/// Tokens of one sequence whose queries share one pass over its cache.
-const QUERY_TILE: usize = 4;
-
 /// Attention of every query of `qkv` [T, qkv_width] over its own sequence's cached positions
 /// up to its own; returns [T, q_heads * head_dim].
 pub struct PagedAttention<'a> {
@@ -349,32 +248,39 @@ struct Item<'a, E> {
     queries: &'a [f32],
 }
 
-/// A work item's scratch space, kept by each thread and grown as needed: nothing in it is
-/// read before this item wrote it.
+/// A thread's scratch space, kept and grown as needed: nothing in it is read before the
+/// work item using it wrote it.
 #[derive(Default)]
 struct Scratch {
+    /// The item's rotated queries, and how many positions each sees.
+    queries: Vec<f32>,
+    visible: Vec<usize>,
+    work: Work,
+}
+
+/// What the kernels compute into.
+#[derive(Default)]
+struct Work {
     /// Per query, scores over the positions, then (in place) their softmax weights.
     scores: Vec<f32>,
     stride: usize,
     rows: Vec<f32>,
     acc: Vec<f32>,
-    /// The item's rotated queries, and how many positions each sees.
-    queries: Vec<f32>,
-    visible: Vec<usize>,
 }
 
 impl Scratch {
     fn fit(&mut self, queries: usize, max_ctx: usize, dim: usize) {
-        // Scores are written eight positions at a time.
-        self.stride = max_ctx.next_multiple_of(8);
         let grow = |v: &mut Vec<f32>, n: usize| {
             if v.len() < n {
                 v.resize(n, 0.0)
             }
         };
-        grow(&mut self.scores, queries * self.stride);
-        grow(&mut self.rows, KEY_CHUNK * dim);
-        grow(&mut self.acc, queries * dim);
+        let w = &mut self.work;
+        // Scores are written eight positions at a time.
+        w.stride = max_ctx.next_multiple_of(8);
+        grow(&mut w.scores, queries * w.stride);
+        grow(&mut w.rows, KEY_CHUNK * dim);
+        grow(&mut w.acc, queries * dim);
         grow(&mut self.queries, queries * dim);
         if self.visible.len() < queries {
             self.visible.resize(queries, 0);
@@ -425,7 +331,7 @@ impl<E: KvElem> Item<'_, E> {
     /// would one by one.
     fn passes(
         &self,
-        s: &mut Scratch,
+        s: &mut Work,
         mut score: impl FnMut(&[f32], &[f32], usize, &mut [f32]),
         softmax: impl Fn(&mut [f32]),
         mut add: impl FnMut(&mut [f32], &[f32], &[f32]),
@@ -465,7 +371,7 @@ impl<E: KvElem> Item<'_, E> {
     }
 
     /// Portable: one dot product per (query, position), scalar softmax.
-    fn attend_portable(&self, s: &mut Scratch, scale: f32) {
+    fn attend_portable(&self, s: &mut Work, scale: f32) {
         self.passes(
             s,
             |q, rows, seen, out| {
@@ -490,7 +396,7 @@ impl<E: KvElem> Item<'_, E> {
     /// # Safety
     /// The CPU has AVX2, FMA and F16C, and `dim` is a multiple of 32 (`simd_fits`).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn attend_avx2(&self, s: &mut Scratch, scale: f32) {
+    unsafe fn attend_avx2(&self, s: &mut Work, scale: f32) {
         self.passes(
             s,
             |q, rows, seen, out| {
@@ -615,11 +521,17 @@ impl PagedAttention<'_> {
         candle_core::utils::barrier_pool().execute_chunked(groups.len() * kv, |items| {
             SCRATCH.with_borrow_mut(|scratch| {
                 scratch.fit(most, max_ctx, dim);
+                let Scratch {
+                    queries,
+                    visible,
+                    work,
+                } = scratch;
+                let mut members = Vec::new();
                 for item in items {
                     let (tg, g) = (&groups[item / kv], item % kv);
                     // Query i of a member is its token t0 + i / group, head
                     // g * group + i % group.
-                    let mut members = Vec::with_capacity(tg.tiles.len());
+                    members.clear();
                     let mut n_q = 0;
                     for &(t0, t1) in &tg.tiles {
                         let start = n_q;
@@ -627,9 +539,9 @@ impl PagedAttention<'_> {
                             let pos = batch.positions[t] as usize;
                             for h in g * group..(g + 1) * group {
                                 let at = t * w + h * dim;
-                                let q = &mut scratch.queries[n_q * dim..(n_q + 1) * dim];
+                                let q = &mut queries[n_q * dim..(n_q + 1) * dim];
                                 self.rope.rotate(&qkv[at..at + dim], pos, q);
-                                scratch.visible[n_q] = pos + 1;
+                                visible[n_q] = pos + 1;
                                 n_q += 1;
                             }
                         }
@@ -638,10 +550,6 @@ impl PagedAttention<'_> {
                             queries: start..n_q,
                         });
                     }
-                    let (queries, visible) = (
-                        std::mem::take(&mut scratch.queries),
-                        std::mem::take(&mut scratch.visible),
-                    );
                     let it = Item {
                         cache,
                         members: &members,
@@ -656,19 +564,18 @@ impl PagedAttention<'_> {
                     #[cfg(target_arch = "x86_64")]
                     if simd {
                         // SAFETY: `simd_fits` checked the CPU's features and the head size.
-                        unsafe { it.attend_avx2(scratch, scale) };
+                        unsafe { it.attend_avx2(work, scale) };
                     } else {
-                        it.attend_portable(scratch, scale);
+                        it.attend_portable(work, scale);
                     }
                     #[cfg(not(target_arch = "x86_64"))]
                     {
                         let _ = simd;
-                        it.attend_portable(scratch, scale);
+                        it.attend_portable(work, scale);
                     }
-                    (scratch.queries, scratch.visible) = (queries, visible);
                     for (m, &(t0, _)) in members.iter().zip(&tg.tiles) {
-                        let accs = scratch.acc[m.queries.start * dim..m.queries.end * dim]
-                            .chunks_exact(dim);
+                        let accs =
+                            work.acc[m.queries.start * dim..m.queries.end * dim].chunks_exact(dim);
                         for (i, a) in accs.enumerate() {
                             let (t, h) = (t0 + i / group, g * group + i % group);
                             // SAFETY: each (token, head) belongs to exactly one item, which
@@ -723,6 +630,7 @@ impl CustomOp2 for PagedAttention<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::batch::tests::{layout_of, shared_batch};
     use crate::model::config::{Arch, ModelConfig};
     use rand::{Rng, SeedableRng};
 
@@ -742,29 +650,6 @@ mod tests {
             context_length: 512,
             tie_word_embeddings: false,
         }
-    }
-
-    /// A batch of sequences given by their slots, the last `new` of which are computed now.
-    fn layout_of(seqs: Vec<(Vec<u32>, usize)>) -> BatchLayout {
-        let mut b = BatchLayout {
-            positions: vec![],
-            write_slots: vec![],
-            token_seq: vec![],
-            seq_slots: vec![],
-            seq_tokens: vec![],
-            tile_groups: Default::default(),
-        };
-        for (s, (slots, new)) in seqs.into_iter().enumerate() {
-            let start = b.positions.len();
-            for (p, &slot) in slots.iter().enumerate().skip(slots.len() - new) {
-                b.positions.push(p as u32);
-                b.write_slots.push(slot);
-                b.token_seq.push(s as u32);
-            }
-            b.seq_tokens.push(start..b.positions.len());
-            b.seq_slots.push(slots);
-        }
-        b
     }
 
     /// Three sequences in one batch: one decoding a token over 300 cached positions, one
@@ -819,65 +704,20 @@ mod tests {
         }
     }
 
-    /// Sequences that share cached prefixes (three samples of one 200-position prompt,
-    /// one sharing its first 96 positions), one prefilling 40 tokens after 100 cached ones
-    /// (tiles that share each other's positions), and one on its own.
-    fn shared_batch(rng: &mut impl Rng) -> BatchLayout {
-        let mut free: Vec<u32> = (0..1000).collect();
-        let mut take = |n: usize| -> Vec<u32> {
-            (0..n)
-                .map(|_| free.swap_remove(rng.random_range(0..free.len())))
-                .collect()
-        };
-        let prompt = take(200);
-        let mut seqs: Vec<(Vec<u32>, usize)> = Vec::new();
-        for own in [50, 30, 7] {
-            seqs.push(([prompt.clone(), take(own)].concat(), 1));
-        }
-        seqs.push(([prompt[..96].to_vec(), take(21)].concat(), 1));
-        seqs.push((take(140), 40));
-        seqs.push((take(60), 1));
-        layout_of(seqs)
-    }
-
     #[test]
-    fn tiles_sharing_a_prefix_are_grouped_and_give_the_same_bits() {
+    fn grouped_attention_gives_the_bits_of_tile_by_tile() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let b = shared_batch(&mut rng);
         let groups = b.groups();
-        // Every tile is in exactly one group, and no group is over its size.
-        let mut tiles: Vec<_> = groups.iter().flat_map(|g| g.tiles.clone()).collect();
-        tiles.sort();
-        let singles: Vec<TileGroup> = tiles
+        assert!(groups.iter().any(|g| g.shared > 0));
+        let singles: Vec<TileGroup> = groups
             .iter()
+            .flat_map(|g| &g.tiles)
             .map(|&t| TileGroup {
                 tiles: vec![t],
                 shared: 0,
             })
             .collect();
-        assert_eq!(tiles.len(), 3 + 1 + 10 + 1);
-        assert!(groups
-            .iter()
-            .all(|g| g.tiles.iter().map(|(a, b)| b - a).sum::<usize>() <= GROUP_TOKENS));
-        // The three samples of the prompt share its 200 positions; the prefill's tiles
-        // share what the earliest of each group sees.
-        let seq_of = |g: &TileGroup| b.token_seq[g.tiles[0].0];
-        let samples = groups.iter().find(|g| seq_of(g) == 0).unwrap();
-        assert_eq!((samples.tiles.len(), samples.shared), (3, 200));
-        let prefill: Vec<_> = groups.iter().filter(|g| seq_of(g) == 4).collect();
-        assert!(prefill.iter().all(|g| g.shared % 8 == 0));
-        assert!(prefill
-            .iter()
-            .any(|g| g.tiles.len() == 4 && g.shared >= 100));
-        for g in groups.iter().filter(|g| g.tiles.len() > 1) {
-            for &t in &g.tiles {
-                assert_eq!(
-                    b.tile_slots(t)[..g.shared],
-                    b.tile_slots(g.tiles[0])[..g.shared]
-                );
-            }
-        }
-
         let heads = Heads {
             q: 9,
             kv: 3,

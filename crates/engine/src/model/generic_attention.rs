@@ -5,7 +5,8 @@
 
 use candle_core::{DType, Tensor};
 
-use super::attention::{BatchLayout, Heads, RopeTable};
+use super::attention::{Heads, RopeTable};
+use super::batch::BatchLayout;
 
 /// Tensors the generic path builds once per forward call and reuses in every layer.
 pub struct GenericBatch {

@@ -9,6 +9,7 @@
 //! which leaves every attention score unchanged (q and k get the same permutation).
 
 pub mod attention;
+pub mod batch;
 pub mod config;
 pub mod generic_attention;
 pub mod qmatmul;
@@ -21,7 +22,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::memory::ForkExcluded;
 use crate::{Error, Result};
-use attention::{BatchLayout, Heads, PagedAttention, RopeTable, WriteKv};
+use attention::{Heads, PagedAttention, RopeTable, WriteKv};
+use batch::BatchLayout;
 pub use config::{Arch, ModelConfig};
 use generic_attention::GenericBatch;
 use weights::{RawLinear, Weight, WeightSource};
