@@ -149,7 +149,7 @@ impl Default for PipelineConfig {
         use Priority::*;
         let stages = [
             ("router", StageSettings::with(48, High)),
-            ("orchestrator", StageSettings::with(320, High)),
+            ("orchestrator", StageSettings::with(192, High)),
             ("code", StageSettings::with(384, Normal)),
             ("tests", StageSettings::with(320, Normal)),
             ("reasoning", StageSettings::with(200, Normal)),

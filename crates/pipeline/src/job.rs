@@ -415,6 +415,9 @@ impl Pipeline {
         if let Some(f) = &plan.fallback {
             notes.insert(0, format!("plan: one-subtask plan ({f})"));
         }
+        if let Some(c) = &plan.cut {
+            notes.insert(0, format!("plan: the subtasks the model finished ({c})"));
+        }
         notes.extend(synthesis.notes.iter().cloned());
         let mut result = JobResult {
             job: ctx.rec.job,

@@ -1,8 +1,11 @@
 //! Stage 2, the orchestrator: one LLM call that plans subtasks (id, specialisation,
 //! description, dependencies, acceptance criteria). The answer is JSON constrained to a
-//! schema at sampling time, so even a tiny model's plan parses; a plan that is still
-//! unusable becomes a one-subtask plan, and the trace says why.
+//! schema at sampling time, so even a tiny model's plan parses. An answer cut off by the
+//! token budget (a small model can loop inside a string until the budget runs out) keeps the
+//! subtasks it finished; a plan that is still unusable becomes a one-subtask plan. The trace
+//! says which.
 
+use forgeline_engine::stop::StopReason;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -30,6 +33,9 @@ pub struct Plan {
     /// Why the one-subtask plan was used instead of the model's, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// Why only the subtasks the model finished were kept, if the answer was cut off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<String>,
 }
 
 /// The schema the orchestrator's answer is held to while it is sampled.
@@ -47,7 +53,7 @@ pub fn plan_schema(max_subtasks: usize) -> Value {
                     "properties": {
                         "id": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,23}$"},
                         "kind": {"enum": kinds},
-                        "description": {"type": "string", "maxLength": 240},
+                        "description": {"type": "string", "maxLength": 160},
                         "depends_on": {
                             "type": "array",
                             "maxItems": 4,
@@ -55,8 +61,8 @@ pub fn plan_schema(max_subtasks: usize) -> Value {
                         },
                         "acceptance": {
                             "type": "array",
-                            "maxItems": 3,
-                            "items": {"type": "string", "maxLength": 120}
+                            "maxItems": 2,
+                            "items": {"type": "string", "maxLength": 80}
                         }
                     },
                     "required": ["id", "kind", "description", "depends_on", "acceptance"],
@@ -81,7 +87,43 @@ pub fn single_subtask_plan(task: &TaskRequest, route: &Route, reason: String) ->
             acceptance: Vec::new(),
         }],
         fallback: Some(reason),
+        cut: None,
     }
+}
+
+/// The subtasks a cut-off answer finished: the text up to the last subtask object that
+/// closed inside the `subtasks` array, with the array and the plan closed after it. `None`
+/// when no subtask was finished.
+fn finished_subtasks(text: &str) -> Option<Plan> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut last = None;
+    for (i, c) in text.char_indices() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' | '[' => depth += 1,
+            '}' | ']' => {
+                depth = depth.checked_sub(1)?;
+                // Depth 2 is inside the plan's object and its `subtasks` array.
+                if c == '}' && depth == 2 {
+                    last = Some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    let closed = format!("{}]}}", &text[..=last?]);
+    serde_json::from_str::<Plan>(&closed)
+        .ok()
+        .filter(|p| !p.subtasks.is_empty())
 }
 
 /// The worker kind that produces a route's result.
@@ -125,14 +167,19 @@ pub async fn plan(ctx: &JobContext, task: &TaskRequest, route: &Route) -> Result
     let plan = match serde_json::from_str::<Plan>(&out.text) {
         Ok(p) if !p.subtasks.is_empty() => p,
         Ok(_) => single_subtask_plan(task, route, "the plan had no subtasks".into()),
-        Err(e) => single_subtask_plan(
-            task,
-            route,
-            format!(
+        Err(e) => {
+            let why = format!(
                 "the plan did not parse ({e}; stopped by {:?} after {} tokens)",
                 out.stop_reason, out.usage.completion_tokens
-            ),
-        ),
+            );
+            match finished_subtasks(&out.text) {
+                Some(mut p) if out.stop_reason == StopReason::MaxTokens => {
+                    p.cut = Some(why);
+                    p
+                }
+                _ => single_subtask_plan(task, route, why),
+            }
+        }
     };
     ctx.rec.stage(
         Stage::Orchestrator,
@@ -141,11 +188,12 @@ pub async fn plan(ctx: &JobContext, task: &TaskRequest, route: &Route) -> Result
         json!({"task": task.task, "route": route.kind}),
         json!({"answer": out.text, "plan": plan}),
     );
-    let msg = match &plan.fallback {
-        Some(r) => format!("one-subtask plan: {r}"),
-        None => format!(
-            "{} subtasks: {}",
+    let msg = match (&plan.fallback, &plan.cut) {
+        (Some(r), _) => format!("one-subtask plan: {r}"),
+        (None, cut) => format!(
+            "{} {}subtasks: {}",
             plan.subtasks.len(),
+            if cut.is_some() { "finished " } else { "" },
             plan.subtasks
                 .iter()
                 .map(|s| format!("{} ({})", s.id, s.kind))
@@ -194,6 +242,46 @@ mod tests {
         assert!(p.fallback.is_some());
         let p = plan_with(r#"{"subtasks": []}"#).await;
         assert_eq!(p.fallback.as_deref(), Some("the plan had no subtasks"));
+    }
+
+    /// Two finished subtasks, then a third that loops until the budget cuts it.
+    const LOOPING: &str = r#"{"subtasks": [{"id": "implement", "kind": "code", "description": "Write add(a, b) {not a brace}", "depends_on": [], "acceptance": ["add(1, 2) is 3"]}, {"id": "tests", "kind": "tests", "description": "Test \"add\" }]", "depends_on": ["implement"], "acceptance": []}, {"id": "research", "kind": "research", "description": "add is add and add is add and add is add and add is add and add is add and add is add"#;
+
+    #[test]
+    fn a_cut_answer_keeps_the_subtasks_it_finished() {
+        let p = finished_subtasks(LOOPING).unwrap();
+        let ids: Vec<_> = p.subtasks.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["implement", "tests"]);
+        assert_eq!(p.subtasks[1].description, r#"Test "add" }]"#);
+        assert_eq!(p.subtasks[1].depends_on, ["implement"]);
+        // Nothing finished, or not a plan at all: nothing to keep.
+        assert_eq!(
+            finished_subtasks(r#"{"subtasks": [{"id": "impl", "kind": "#),
+            None
+        );
+        assert_eq!(finished_subtasks("}}] not json {"), None);
+        assert_eq!(finished_subtasks(""), None);
+    }
+
+    #[tokio::test]
+    async fn a_plan_cut_by_the_budget_keeps_its_finished_subtasks() {
+        let mut config = crate::config::PipelineConfig::default();
+        let budget = LOOPING.split_whitespace().count() - 5;
+        config.stages.get_mut("orchestrator").unwrap().max_tokens = budget;
+        let bed =
+            TestBed::with_config(ScriptedModel::new().on("orchestrator", LOOPING), config).await;
+        let task = TaskRequest::new("Write a function add(a, b) that returns a + b.");
+        let route = crate::router::route_by_rules(&task);
+        let p = plan(&bed.ctx(), &task, &route).await.unwrap();
+        assert_eq!(p.fallback, None);
+        assert_eq!(p.subtasks.len(), 2, "{p:?}");
+        let cut = p.cut.as_deref().unwrap();
+        assert!(cut.contains("MaxTokens"), "{cut}");
+
+        // An answer that ends by itself is never salvaged, even if it does not parse.
+        let p = plan_with(&LOOPING[..LOOPING.len() / 2]).await;
+        assert!(p.fallback.is_some(), "{p:?}");
+        assert_eq!(p.cut, None);
     }
 
     #[test]

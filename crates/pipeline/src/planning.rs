@@ -336,6 +336,7 @@ mod tests {
             &Plan {
                 subtasks: subs,
                 fallback: None,
+                cut: None,
             },
             &route,
             max,

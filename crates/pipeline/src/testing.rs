@@ -144,15 +144,28 @@ impl LanguageModel for ScriptedModel {
         // Counted out when the call ends or is dropped (a cancelled candidate).
         let in_flight = InFlight(self.script.clone(), stage);
         let latency = self.latency;
+        let max_tokens = req.max_tokens;
         Box::pin(async move {
             let _in_flight = in_flight;
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
             }
+            // A word is a token; an answer longer than the budget is cut after it.
             let mut c = Completion::default();
-            c.usage.completion_tokens = answer.split_whitespace().count();
-            c.text = answer;
-            c.stop_reason = StopReason::Eos;
+            let mut words = answer.split_whitespace();
+            match words.nth(max_tokens) {
+                Some(first_over) => {
+                    let end = first_over.as_ptr() as usize - answer.as_ptr() as usize;
+                    c.text = answer[..end].trim_end().to_string();
+                    c.usage.completion_tokens = max_tokens;
+                    c.stop_reason = StopReason::MaxTokens;
+                }
+                None => {
+                    c.usage.completion_tokens = answer.split_whitespace().count();
+                    c.text = answer;
+                    c.stop_reason = StopReason::Eos;
+                }
+            }
             Ok(c)
         })
     }
