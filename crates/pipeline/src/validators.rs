@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use forgeline_engine::stop::StopReason;
 use forgeline_sandbox::{Check, Job, Module, RunReport, TestKind, TestSuite};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -490,10 +491,15 @@ async fn judge(
     };
     let call = LlmCall::new(stage, prompt).schema(schema).subtask(&spec.id);
     match ctx.llm(call).await {
-        Ok(out) => serde_json::from_str(&out.text).unwrap_or_else(|e| Judgement {
-            pass: true,
-            problems: vec![],
-            feedback: format!("the review did not parse ({e}); ignored"),
+        Ok(out) => serde_json::from_str(&out.text).unwrap_or_else(|e| {
+            let cut = (out.stop_reason == StopReason::MaxTokens)
+                .then(|| cut_judgement(&out.text))
+                .flatten();
+            cut.unwrap_or_else(|| Judgement {
+                pass: true,
+                problems: vec![],
+                feedback: format!("the review did not parse ({e}); ignored"),
+            })
         }),
         Err(e) => Judgement {
             pass: true,
@@ -503,9 +509,98 @@ async fn judge(
     }
 }
 
+/// What a review cut off by its token budget had already said. The schema puts `pass` first,
+/// so a cut answer still holds the verdict, and the problems it finished listing.
+fn cut_judgement(text: &str) -> Option<Judgement> {
+    fn after<'a>(s: &'a str, token: &str) -> Option<&'a str> {
+        s.trim_start().strip_prefix(token)
+    }
+    let rest = after(after(after(text, "{")?, "\"pass\"")?, ":")?.trim_start();
+    let (pass, mut rest) = if let Some(r) = rest.strip_prefix("true") {
+        (true, r)
+    } else {
+        (false, rest.strip_prefix("false")?)
+    };
+    let mut problems = Vec::new();
+    if let Some(r) = after(rest, ",").and_then(|r| after(r, "\"problems\"")) {
+        rest = after(r, ":").and_then(|r| after(r, "[")).unwrap_or("");
+        // Each finished string, up to the one the budget cut.
+        loop {
+            let r = rest.trim_start();
+            if !r.starts_with('"') {
+                break;
+            }
+            let mut strings = serde_json::Deserializer::from_str(r).into_iter::<String>();
+            let Some(Ok(problem)) = strings.next() else {
+                break;
+            };
+            problems.push(problem);
+            rest = after(&r[strings.byte_offset()..], ",").unwrap_or("");
+        }
+    }
+    Some(Judgement {
+        pass,
+        problems,
+        feedback: "(the review was cut off by its token budget)".into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_review_keeps_its_verdict_and_finished_problems() {
+        let j =
+            cut_judgement(r#"{"pass": false, "problems": ["returns \"x\", not y", "loops for ev"#)
+                .unwrap();
+        assert!(!j.pass);
+        assert_eq!(j.problems, [r#"returns "x", not y"#]);
+        assert!(j.feedback.contains("cut off"));
+        let j = cut_judgement(r#" { "pass" : true, "prob"#).unwrap();
+        assert!(j.pass && j.problems.is_empty());
+        let j = cut_judgement(r#"{"pass": false, "problems": ["a", "b"], "feedback": "the loo"#);
+        assert_eq!(j.unwrap().problems, ["a", "b"]);
+        // No verdict yet: nothing to keep.
+        assert_eq!(cut_judgement(r#"{"pass": "#), None);
+        assert_eq!(cut_judgement(r#"{"problems": []"#), None);
+        assert_eq!(cut_judgement(""), None);
+    }
+
+    #[tokio::test]
+    async fn a_review_cut_by_its_budget_still_rejects() {
+        use crate::testing::{ScriptedModel, TestBed};
+        let rambling = format!(
+            r#"{{"pass": false, "problems": ["it never says why"], "feedback": "{}"#,
+            "and so on ".repeat(200)
+        );
+        let bed = TestBed::new(ScriptedModel::new().on("validator", &rambling)).await;
+        let ctx = bed.ctx();
+        let route = crate::router::route_by_rules(&ctx.task);
+        let spec = TaskSpec {
+            id: "why".into(),
+            kind: WorkerKind::Reasoning,
+            description: "explain".into(),
+            depends_on: vec![],
+            acceptance: vec![],
+            primary: true,
+            critical: true,
+        };
+        let artifact = Artifact {
+            subtask: "why".into(),
+            kind: WorkerKind::Reasoning,
+            attempt: 1,
+            candidate: 1,
+            text: "Adding two numbers gives their sum, as arithmetic says.".into(),
+            code: None,
+            files: vec![],
+        };
+        let v = validate(&ctx, &route, &spec, &artifact, &Evidence::default()).await;
+        assert!(!v.passed, "{v:?}");
+        let judge = v.judge.unwrap();
+        assert_eq!(judge.problems, ["it never says why"]);
+        assert!(judge.feedback.contains("cut off"), "{}", judge.feedback);
+    }
 
     fn check(name: &str, passed: bool, hard: bool, tests: Option<(u32, u32)>) -> CheckResult {
         CheckResult {
