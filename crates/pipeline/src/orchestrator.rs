@@ -191,9 +191,13 @@ pub async fn plan(ctx: &JobContext, task: &TaskRequest, route: &Route) -> Result
     let msg = match (&plan.fallback, &plan.cut) {
         (Some(r), _) => format!("one-subtask plan: {r}"),
         (None, cut) => format!(
-            "{} {}subtasks: {}",
+            "{} subtasks{}: {}",
             plan.subtasks.len(),
-            if cut.is_some() { "finished " } else { "" },
+            if cut.is_some() {
+                " (those finished before the token budget cut the plan off)"
+            } else {
+                ""
+            },
             plan.subtasks
                 .iter()
                 .map(|s| format!("{} ({})", s.id, s.kind))
