@@ -84,6 +84,33 @@ fn prompt_streams_text_to_stdout_and_timings_to_stderr() {
 }
 
 #[test]
+fn dry_stops_the_model_continuing_a_repeat() {
+    let complete = |multiplier: &str| {
+        let out = expect(
+            &[
+                "prompt",
+                "--max-tokens",
+                "12",
+                "--dry-multiplier",
+                multiplier,
+                "1, 2, 1, 2, 1, 2, 1, 2,",
+            ],
+            0,
+        );
+        text(&out.stdout)
+    };
+    // Greedy, the model goes on counting 1, 2; with DRY, going on would continue the run it
+    // has already repeated, so it writes something else.
+    let plain = complete("0");
+    assert!(plain.contains("1, 2, 1, 2"), "{plain:?}");
+    let dry = complete("5");
+    assert!(!dry.contains("1, 2, 1"), "{dry:?}");
+
+    let out = expect(&["prompt", "--dry-multiplier", "-1", "hi"], 2);
+    assert!(text(&out.stderr).contains("dry_multiplier"));
+}
+
+#[test]
 fn bad_input_gets_exit_code_2_and_names_the_problem() {
     let out = expect(&["prompt", "--model", "no-such-model", "hi"], 2);
     assert!(text(&out.stderr).contains("no-such-model"));

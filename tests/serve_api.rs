@@ -213,6 +213,15 @@ async fn bad_input_gets_its_status_and_a_message_naming_the_field() {
     assert_eq!((s, p), (StatusCode::BAD_REQUEST, json!("temperature")));
     assert_eq!(m, "`temperature` must be a number, not a string");
 
+    let mut dry = chat("x", 4);
+    dry["dry_penalty_last_n"] = json!(-5);
+    let (s, m, p) = post(dry.to_string()).await;
+    assert_eq!(
+        (s, p),
+        (StatusCode::BAD_REQUEST, json!("dry_penalty_last_n"))
+    );
+    assert!(m.starts_with("`dry_penalty_last_n` must be -1"), "{m}");
+
     let mut unknown = chat("x", 4);
     unknown["model"] = json!("gpt-4o");
     let (s, m, p) = post(unknown.to_string()).await;

@@ -37,6 +37,17 @@ pub struct PromptArgs {
     pub min_p: f32,
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
+    /// DRY repetition penalty (as llama.cpp's): 0 is off; 0.8 is a usual strength
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub dry_multiplier: f32,
+    #[arg(long, default_value_t = 1.75)]
+    pub dry_base: f32,
+    /// Repeats shorter than this go unpenalised
+    #[arg(long, default_value_t = 2)]
+    pub dry_allowed_length: usize,
+    /// Last tokens searched for repeats: -1 all, 0 off
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub dry_penalty_last_n: i64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Most tokens to generate (capped by the context left after the prompt)
@@ -60,6 +71,10 @@ pub fn run(a: PromptArgs, env: &Env) -> anyhow::Result<ExitCode> {
         top_p: a.top_p,
         min_p: a.min_p,
         repetition_penalty: a.repetition_penalty,
+        dry_multiplier: a.dry_multiplier,
+        dry_base: a.dry_base,
+        dry_allowed_length: a.dry_allowed_length,
+        dry_penalty_last_n: a.dry_penalty_last_n,
         seed: a.seed,
     };
     sampling.validate()?;

@@ -1,5 +1,5 @@
 //! Turning logits into the next token: greedy, temperature, top-k, top-p, min-p, repetition
-//! penalty, with a per-request seed so that the same seed gives the same output.
+//! penalty, DRY, with a per-request seed so that the same seed gives the same output.
 
 use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::rngs::StdRng;
@@ -21,6 +21,17 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1 means none; > 1 discourages tokens already in the prompt or output.
     pub repetition_penalty: f32,
+    /// DRY ("don't repeat yourself", llama.cpp's `--dry-multiplier`): 0 means off. Above 0, a
+    /// token that would continue a run of at least `dry_allowed_length` tokens that already
+    /// appeared in the prompt or output, followed by that token, loses
+    /// `dry_multiplier * dry_base ^ (run - dry_allowed_length)` from its logit. Runs stop at
+    /// sequence breakers (tokens holding a newline, `:`, `"` or `*`), so the syntax between
+    /// values in JSON or code is not penalised, and a loop inside a string is.
+    pub dry_multiplier: f32,
+    pub dry_base: f32,
+    pub dry_allowed_length: usize,
+    /// Last tokens of the prompt and output searched for runs: -1 means all, 0 turns DRY off.
+    pub dry_penalty_last_n: i64,
     pub seed: u64,
 }
 
@@ -32,6 +43,10 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            dry_multiplier: 0.0,
+            dry_base: 1.75,
+            dry_allowed_length: 2,
+            dry_penalty_last_n: -1,
             seed: 0,
         }
     }
@@ -57,9 +72,25 @@ impl SamplingParams {
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return bad("`repetition_penalty` must be a finite number > 0");
         }
+        if !self.dry_multiplier.is_finite() || self.dry_multiplier < 0.0 {
+            return bad("`dry_multiplier` must be a finite number >= 0");
+        }
+        if !self.dry_base.is_finite() || self.dry_base < 1.0 {
+            return bad("`dry_base` must be a finite number >= 1");
+        }
+        if self.dry_allowed_length == 0 {
+            return bad("`dry_allowed_length` must be at least 1");
+        }
+        if self.dry_penalty_last_n < -1 {
+            return bad("`dry_penalty_last_n` must be -1 (all), 0 (off) or a count of tokens");
+        }
         Ok(())
     }
 }
+
+/// Longest run DRY matches: longer ones are penalised as this long, which is already far
+/// beyond any logit gap.
+const DRY_MAX_RUN: usize = 48;
 
 pub struct Sampler {
     params: SamplingParams,
@@ -80,6 +111,60 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// Whether `penalize_repeats` does anything.
+    pub fn uses_dry(&self) -> bool {
+        self.params.dry_multiplier > 0.0 && self.params.dry_penalty_last_n != 0
+    }
+
+    /// DRY's penalties (see `SamplingParams::dry_multiplier`) on `logits`, given the prompt
+    /// and output so far; `breakers[t]` says whether token `t` is a sequence breaker. Runs
+    /// in the searched window that end with the last token are matched backwards (to at
+    /// most `DRY_MAX_RUN` tokens); the token that followed each earlier occurrence is
+    /// penalised by the longest run it would continue. Breakers are never penalised.
+    pub fn penalize_repeats(&self, logits: &mut [f32], history: &[u32], breakers: &[bool]) {
+        if !self.uses_dry() {
+            return;
+        }
+        let p = &self.params;
+        let window =
+            usize::try_from(p.dry_penalty_last_n).map_or(history.len(), |n| n.min(history.len()));
+        let h = &history[history.len() - window..];
+        let breaks = |t: u32| breakers.get(t as usize).copied().unwrap_or(true);
+        let Some(&last) = h.last() else {
+            return;
+        };
+        if breaks(last) {
+            return;
+        }
+        let n = h.len();
+        let mut longest: Vec<(u32, usize)> = Vec::new();
+        for i in 0..n - 1 {
+            let next = h[i + 1];
+            if h[i] != last || breaks(next) {
+                continue;
+            }
+            let mut run = 1;
+            while run < DRY_MAX_RUN
+                && run <= i
+                && h[i - run] == h[n - 1 - run]
+                && !breaks(h[i - run])
+            {
+                run += 1;
+            }
+            match longest.iter_mut().find(|(t, _)| *t == next) {
+                Some((_, r)) => *r = (*r).max(run),
+                None => longest.push((next, run)),
+            }
+        }
+        for (t, run) in longest {
+            if run >= p.dry_allowed_length {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.dry_multiplier * p.dry_base.powi((run - p.dry_allowed_length) as i32);
+                }
+            }
+        }
     }
 
     /// Picks the next token from `logits`; `history` is the prompt and output so far (for the
@@ -199,6 +284,80 @@ mod tests {
 
     fn logits() -> Vec<f32> {
         vec![1.0, 3.0, 2.0, 0.5, 2.9]
+    }
+
+    fn dry(multiplier: f32, last_n: i64) -> Sampler {
+        Sampler::new(SamplingParams {
+            dry_multiplier: multiplier,
+            dry_penalty_last_n: last_n,
+            ..SamplingParams::greedy()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn dry_penalises_the_token_that_would_continue_a_repeat() {
+        // Tokens 0..8; 7 is a breaker. "1 2 3 4" was followed by 5; the output ends "1 2 3 4"
+        // again, so 5 would continue a run of 4: 0.8 * 1.75^(4 - 2) off its logit.
+        let breakers = [false, false, false, false, false, false, false, true];
+        let history = [0, 1, 2, 3, 4, 5, 6, 1, 2, 3, 4];
+        let mut l = vec![0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 2.0, 0.0];
+        let s = dry(0.8, -1);
+        s.penalize_repeats(&mut l, &history, &breakers);
+        let want = 3.0 - 0.8 * 1.75f32.powi(2);
+        assert!((l[5] - want).abs() < 1e-6, "{l:?}");
+        assert_eq!(&l[..5], &[0.0; 5]);
+        assert_eq!(l[6], 2.0);
+        // Greedy now takes 6 instead of continuing the loop.
+        let mut s = s;
+        assert_eq!(s.sample(&mut l, &history), 6);
+
+        // A breaker inside the earlier occurrence cuts the run to 1 (below the allowed 2).
+        let history = [0, 7, 4, 5, 6, 7, 4];
+        let mut l = vec![0.0; 8];
+        dry(0.8, -1).penalize_repeats(&mut l, &history, &breakers);
+        assert_eq!(l, vec![0.0; 8]);
+        let history = [2, 3, 4, 5, 6, 2, 3, 4];
+        let mut l = vec![0.0; 8];
+        dry(0.8, -1).penalize_repeats(&mut l, &history, &breakers);
+        assert!(l[5] < 0.0, "{l:?}");
+
+        // A breaker is never penalised: a string may always close.
+        let history = [2, 3, 7, 2, 3];
+        let mut l = vec![0.0; 8];
+        dry(0.8, -1).penalize_repeats(&mut l, &history, &breakers);
+        assert_eq!(l, vec![0.0; 8]);
+
+        // Off, or a window too short to hold the earlier occurrence: nothing changes.
+        let history = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4];
+        for s in [dry(0.0, -1), dry(0.8, 0), dry(0.8, 6)] {
+            let mut l = vec![0.0; 8];
+            s.penalize_repeats(&mut l, &history, &breakers);
+            assert_eq!(l, vec![0.0; 8]);
+        }
+        let mut l = vec![0.0; 8];
+        dry(0.8, 9).penalize_repeats(&mut l, &history, &breakers);
+        assert!(l[5] < 0.0);
+    }
+
+    #[test]
+    fn dry_settings_are_checked() {
+        for (m, base, len, n) in [
+            (-1.0, 1.75, 2, -1),
+            (0.8, 0.5, 2, -1),
+            (0.8, 1.75, 0, -1),
+            (0.8, 1.75, 2, -2),
+        ] {
+            let p = SamplingParams {
+                dry_multiplier: m,
+                dry_base: base,
+                dry_allowed_length: len,
+                dry_penalty_last_n: n,
+                ..SamplingParams::default()
+            };
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.contains("`dry_"), "{e}");
+        }
     }
 
     #[test]

@@ -121,7 +121,14 @@ pub struct Tokenizer {
     eos: Option<String>,
     add_bos: bool,
     vocab_size: usize,
+    /// Per token id, whether DRY's matches stop at it; built on first use, shared by clones
+    /// (the client's and the engine thread's).
+    dry_breakers: std::sync::Arc<std::sync::OnceLock<Box<[bool]>>>,
 }
+
+/// The texts that end a DRY match (llama.cpp's default sequence breakers): a token holding
+/// any of them is never part of a repeat.
+pub const DRY_SEQUENCE_BREAKERS: [&str; 4] = ["\n", ":", "\"", "*"];
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -291,7 +298,25 @@ impl Tokenizer {
             eos,
             add_bos,
             vocab_size,
+            dry_breakers: Default::default(),
         }
+    }
+
+    /// Per token id, whether its text holds one of `DRY_SEQUENCE_BREAKERS` (special tokens
+    /// always do: a turn boundary ends every repeat).
+    pub fn dry_breakers(&self) -> &[bool] {
+        self.dry_breakers.get_or_init(|| {
+            let n = self.vocab_size.max(self.hf.get_vocab_size(true));
+            (0..n as u32)
+                .map(|id| match self.hf.decode(&[id], false) {
+                    Ok(text) if !text.is_empty() => {
+                        DRY_SEQUENCE_BREAKERS.iter().any(|b| text.contains(b))
+                            || self.hf.decode(&[id], true).is_ok_and(|t| t.is_empty())
+                    }
+                    _ => true,
+                })
+                .collect()
+        })
     }
 
     /// Encodes `text`; special tokens written in it (`<|im_start|>`) become their ids.

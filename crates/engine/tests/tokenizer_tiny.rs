@@ -304,3 +304,23 @@ fn chatml_default_and_sources() {
         .unwrap();
     assert_eq!(t.render(&[], true).unwrap(), "plain");
 }
+
+#[test]
+fn dry_breakers_are_the_tokens_holding_a_breaker_and_the_specials() {
+    let tok = tiny("smollm");
+    let clone = tok.clone();
+    let b = tok.dry_breakers();
+    assert_eq!(b.len(), tok.vocab_size());
+    // Built once: clones (the client's, the engine thread's) share the table.
+    assert!(std::ptr::eq(b, clone.dry_breakers()));
+    let id = |t: &str| tok.token_to_id(t).unwrap() as usize;
+    // Newline (Ċ), a pair of them, quote and colon break a run; words and specials do not
+    // continue one either way.
+    for t in ["Ċ", "ĊĊ", "\"", ":", "*"] {
+        assert!(b[id(t)], "{t} is a breaker");
+    }
+    for t in ["hello", "Ġworld", "123", "a"] {
+        assert!(!b[id(t)], "{t} is not a breaker");
+    }
+    assert!(b[id("<|im_end|>")] && b[id("<|endoftext|>")]);
+}

@@ -23,11 +23,17 @@ pub struct StageSettings {
     pub top_k: usize,
     pub min_p: f32,
     pub repetition_penalty: f32,
+    /// DRY, as llama.cpp's `--dry-*` options (see the engine's `SamplingParams`): 0 is off.
+    pub dry_multiplier: f32,
+    pub dry_base: f32,
+    pub dry_allowed_length: usize,
+    pub dry_penalty_last_n: i64,
     pub priority: Priority,
 }
 
 impl Default for StageSettings {
     fn default() -> Self {
+        let engine = SamplingParams::default();
         Self {
             models: Vec::new(),
             max_tokens: 256,
@@ -36,6 +42,10 @@ impl Default for StageSettings {
             top_k: 0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            dry_multiplier: engine.dry_multiplier,
+            dry_base: engine.dry_base,
+            dry_allowed_length: engine.dry_allowed_length,
+            dry_penalty_last_n: engine.dry_penalty_last_n,
             priority: Priority::Normal,
         }
     }
@@ -58,6 +68,10 @@ impl StageSettings {
             top_p: self.top_p,
             min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
+            dry_multiplier: self.dry_multiplier,
+            dry_base: self.dry_base,
+            dry_allowed_length: self.dry_allowed_length,
+            dry_penalty_last_n: self.dry_penalty_last_n,
             seed,
         }
     }
@@ -149,7 +163,15 @@ impl Default for PipelineConfig {
         use Priority::*;
         let stages = [
             ("router", StageSettings::with(48, High)),
-            ("orchestrator", StageSettings::with(192, High)),
+            (
+                "orchestrator",
+                // A small model's plan can loop inside a string until its budget runs out:
+                // DRY makes continuing a repeat cost more than closing the string.
+                StageSettings {
+                    dry_multiplier: 0.8,
+                    ..StageSettings::with(192, High)
+                },
+            ),
             ("code", StageSettings::with(384, Normal)),
             ("tests", StageSettings::with(320, Normal)),
             ("reasoning", StageSettings::with(200, Normal)),

@@ -108,6 +108,18 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A whole number, possibly negative.
+    pub fn i64(&self, name: &str) -> ApiResult<Option<i64>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
+                let p = self.param(name);
+                ApiError::field(&p, format!("`{p}` must be a whole number, not {n}"))
+            }),
+            Some(v) => Err(self.wrong(name, "a whole number", v)),
+        }
+    }
+
     pub fn object(&self, name: &str) -> ApiResult<Option<Fields<'a>>> {
         match self.get(name) {
             None => Ok(None),

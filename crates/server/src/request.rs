@@ -2,7 +2,8 @@
 //! `ApiRequest` (an engine `GenerateRequest` plus how to answer), with errors naming the field.
 //!
 //! Besides OpenAI's parameters, vLLM's sampling extras are accepted: `top_k`, `min_p`,
-//! `repetition_penalty` and `ignore_eos` (benchmarks).
+//! `repetition_penalty`, the `dry_*` fields (as llama.cpp's server) and `ignore_eos`
+//! (benchmarks).
 
 use forgeline_engine::chat::ChatMessage;
 use forgeline_engine::constraint::Constraint;
@@ -312,6 +313,18 @@ fn sampling(f: &Fields) -> ApiResult<SamplingParams> {
     }
     if let Some(r) = f.f32("repetition_penalty")? {
         s.repetition_penalty = r;
+    }
+    if let Some(m) = f.f32("dry_multiplier")? {
+        s.dry_multiplier = m;
+    }
+    if let Some(b) = f.f32("dry_base")? {
+        s.dry_base = b;
+    }
+    if let Some(n) = f.u64("dry_allowed_length")? {
+        s.dry_allowed_length = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    if let Some(n) = f.i64("dry_penalty_last_n")? {
+        s.dry_penalty_last_n = n;
     }
     if let Some(seed) = f.u64("seed")? {
         s.seed = seed;

@@ -326,6 +326,10 @@ impl LlmClient {
         let (idx, m) = self.model(req.model.as_deref())?;
         let prompt = self.tokenize(&req)?;
         let valid = ValidRequest::new(&req, idx, &m.limits, prompt)?;
+        if req.sampling.dry_multiplier > 0.0 {
+            // Built once per model, here on the caller's thread rather than in a decode step.
+            m.tokenizer.dry_breakers();
+        }
         let valid = match &req.constraint {
             Some(c) => valid.with_constraint(Some(m.constraints.compile(c)?)),
             None => valid,

@@ -149,6 +149,10 @@ impl Seq {
                 return Ok(0);
             }
         }
+        if self.sampler.uses_dry() {
+            self.sampler
+                .penalize_repeats(logits, &self.tokens, tok.dry_breakers());
+        }
         let t = self.sampler.sample(logits, &self.tokens);
         if self.first_token.is_none() {
             self.first_token = Some(Instant::now());
