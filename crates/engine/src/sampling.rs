@@ -86,6 +86,11 @@ impl SamplingParams {
         }
         Ok(())
     }
+
+    /// Whether DRY is on.
+    pub fn uses_dry(&self) -> bool {
+        self.dry_multiplier > 0.0 && self.dry_penalty_last_n != 0
+    }
 }
 
 /// Longest run DRY matches: longer ones are penalised as this long, which is already far
@@ -97,6 +102,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Scratch of (token, probability) pairs, reused between steps.
     candidates: Vec<(u32, f32)>,
+    /// DRY's scratch: each token that followed an earlier occurrence, with its longest run.
+    runs: Vec<(u32, usize)>,
 }
 
 impl Sampler {
@@ -106,6 +113,7 @@ impl Sampler {
             rng: StdRng::seed_from_u64(params.seed),
             params,
             candidates: Vec::new(),
+            runs: Vec::new(),
         })
     }
 
@@ -115,7 +123,7 @@ impl Sampler {
 
     /// Whether `penalize_repeats` does anything.
     pub fn uses_dry(&self) -> bool {
-        self.params.dry_multiplier > 0.0 && self.params.dry_penalty_last_n != 0
+        self.params.uses_dry()
     }
 
     /// DRY's penalties (see `SamplingParams::dry_multiplier`) on `logits`, given the prompt
@@ -123,7 +131,7 @@ impl Sampler {
     /// in the searched window that end with the last token are matched backwards (to at
     /// most `DRY_MAX_RUN` tokens); the token that followed each earlier occurrence is
     /// penalised by the longest run it would continue. Breakers are never penalised.
-    pub fn penalize_repeats(&self, logits: &mut [f32], history: &[u32], breakers: &[bool]) {
+    pub fn penalize_repeats(&mut self, logits: &mut [f32], history: &[u32], breakers: &[bool]) {
         if !self.uses_dry() {
             return;
         }
@@ -139,7 +147,8 @@ impl Sampler {
             return;
         }
         let n = h.len();
-        let mut longest: Vec<(u32, usize)> = Vec::new();
+        let longest = &mut self.runs;
+        longest.clear();
         for i in 0..n - 1 {
             let next = h[i + 1];
             if h[i] != last || breaks(next) {
@@ -158,7 +167,7 @@ impl Sampler {
                 None => longest.push((next, run)),
             }
         }
-        for (t, run) in longest {
+        for &(t, run) in longest.iter() {
             if run >= p.dry_allowed_length {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l -= p.dry_multiplier * p.dry_base.powi((run - p.dry_allowed_length) as i32);
@@ -302,14 +311,13 @@ mod tests {
         let breakers = [false, false, false, false, false, false, false, true];
         let history = [0, 1, 2, 3, 4, 5, 6, 1, 2, 3, 4];
         let mut l = vec![0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 2.0, 0.0];
-        let s = dry(0.8, -1);
+        let mut s = dry(0.8, -1);
         s.penalize_repeats(&mut l, &history, &breakers);
         let want = 3.0 - 0.8 * 1.75f32.powi(2);
         assert!((l[5] - want).abs() < 1e-6, "{l:?}");
         assert_eq!(&l[..5], &[0.0; 5]);
         assert_eq!(l[6], 2.0);
         // Greedy now takes 6 instead of continuing the loop.
-        let mut s = s;
         assert_eq!(s.sample(&mut l, &history), 6);
 
         // A breaker inside the earlier occurrence cuts the run to 1 (below the allowed 2).
@@ -330,7 +338,7 @@ mod tests {
 
         // Off, or a window too short to hold the earlier occurrence: nothing changes.
         let history = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4];
-        for s in [dry(0.0, -1), dry(0.8, 0), dry(0.8, 6)] {
+        for mut s in [dry(0.0, -1), dry(0.8, 0), dry(0.8, 6)] {
             let mut l = vec![0.0; 8];
             s.penalize_repeats(&mut l, &history, &breakers);
             assert_eq!(l, vec![0.0; 8]);

@@ -98,23 +98,26 @@ impl<'a> Fields<'a> {
 
     /// A whole number >= 0.
     pub fn u64(&self, name: &str) -> ApiResult<Option<u64>> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
-                let p = self.param(name);
-                ApiError::field(&p, format!("`{p}` must be a whole number >= 0, not {n}"))
-            }),
-            Some(v) => Err(self.wrong(name, "a whole number", v)),
-        }
+        self.whole(name, serde_json::Number::as_u64, "a whole number >= 0")
     }
 
     /// A whole number, possibly negative.
     pub fn i64(&self, name: &str) -> ApiResult<Option<i64>> {
+        self.whole(name, serde_json::Number::as_i64, "a whole number")
+    }
+
+    /// A number that `convert` takes exactly; `what` names the range in the error.
+    fn whole<T>(
+        &self,
+        name: &str,
+        convert: fn(&serde_json::Number) -> Option<T>,
+        what: &str,
+    ) -> ApiResult<Option<T>> {
         match self.get(name) {
             None => Ok(None),
-            Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
+            Some(Value::Number(n)) => convert(n).map(Some).ok_or_else(|| {
                 let p = self.param(name);
-                ApiError::field(&p, format!("`{p}` must be a whole number, not {n}"))
+                ApiError::field(&p, format!("`{p}` must be {what}, not {n}"))
             }),
             Some(v) => Err(self.wrong(name, "a whole number", v)),
         }

@@ -326,7 +326,7 @@ impl LlmClient {
         let (idx, m) = self.model(req.model.as_deref())?;
         let prompt = self.tokenize(&req)?;
         let valid = ValidRequest::new(&req, idx, &m.limits, prompt)?;
-        if req.sampling.dry_multiplier > 0.0 {
+        if req.sampling.uses_dry() {
             // Built once per model, here on the caller's thread rather than in a decode step.
             m.tokenizer.dry_breakers();
         }
