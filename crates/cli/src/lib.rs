@@ -225,6 +225,9 @@ pub(crate) fn stderr_is_terminal() -> bool {
 }
 
 pub fn main() -> ExitCode {
+    // Started as the sandbox's launcher, this applies a run's setup and becomes Python;
+    // otherwise every sandbox of this process starts its runs through this program.
+    forgeline_sandbox::launcher::run_if_requested();
     // A closed pipe (`forgeline ... | head`) ends the process quietly, as in other Unix tools.
     // SAFETY: called first thing, before any other thread exists.
     unsafe {

@@ -5,10 +5,8 @@
 //! be stopped by the timeout. The run's cgroup also finds every process left over, whatever
 //! session or process group it moved to.
 
-use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -29,7 +27,6 @@ static NEXT_RUN: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug)]
 pub(crate) struct RunCgroup {
     dir: PathBuf,
-    procs: CString,
 }
 
 impl CgroupPool {
@@ -76,11 +73,7 @@ impl CgroupPool {
                 Err(e) => return Err(e),
             }
         };
-        let cgroup = RunCgroup {
-            procs: CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-            dir,
-        };
+        let cgroup = RunCgroup { dir };
         fs::write(cgroup.dir.join("pids.max"), max_pids.to_string())?;
         Ok(cgroup)
     }
@@ -93,8 +86,8 @@ fn owner_pid(name: &str) -> Option<u32> {
 
 impl RunCgroup {
     /// The file the child writes itself into.
-    pub(crate) fn procs_path(&self) -> &CString {
-        &self.procs
+    pub(crate) fn procs_path(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
     }
 
     /// SIGKILLs every process in the cgroup until it is empty (or a short deadline passes).

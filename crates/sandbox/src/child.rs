@@ -1,6 +1,8 @@
-//! What the sandboxed process does to itself between `fork` and `exec`.
+//! What the sandboxed process does to itself before it execs Python: between `fork` and `exec`
+//! in a child of the caller, or in the launcher (`launcher.rs`), which gets the same setup as
+//! a [`SetupSpec`] and applies it the same way.
 //!
-//! Everything here runs in the child of a multi-threaded parent, so it only makes
+//! In the forked case it runs in the child of a multi-threaded parent, so it only makes
 //! async-signal-safe calls: no allocation, no locks. All it needs (paths as `CString`s, the
 //! Landlock ruleset, the seccomp programs, the limits) was prepared before the fork.
 //!
@@ -21,6 +23,8 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use landlock::{RestrictionStatus, RulesetCreated, RulesetError};
@@ -32,9 +36,91 @@ use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::unistd::{fork, setsid, ForkResult};
 use seccompiler::BpfProgram;
+use serde::{Deserialize, Serialize};
+
+use crate::isolation::FsRules;
 
 /// The waiter's exit code when the program's status was lost (init died unexpectedly).
 const STATUS_LOST: i32 = 255;
+
+/// A resource limit a run sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Rlimit {
+    Cpu,
+    AddressSpace,
+    FileSize,
+    OpenFiles,
+    Core,
+    Processes,
+}
+
+impl Rlimit {
+    fn resource(self) -> Resource {
+        match self {
+            Rlimit::Cpu => Resource::RLIMIT_CPU,
+            Rlimit::AddressSpace => Resource::RLIMIT_AS,
+            Rlimit::FileSize => Resource::RLIMIT_FSIZE,
+            Rlimit::OpenFiles => Resource::RLIMIT_NOFILE,
+            Rlimit::Core => Resource::RLIMIT_CORE,
+            Rlimit::Processes => Resource::RLIMIT_NPROC,
+        }
+    }
+}
+
+/// A run's setup as data: what the parent decides, in a form that crosses exec (the
+/// launcher's argument). [`SetupSpec::child_setup`] prepares it for applying.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SetupSpec {
+    pub rlimits: Vec<(Rlimit, u64)>,
+    /// `cgroup.procs` of the run's cgroup.
+    pub cgroup_procs: Option<PathBuf>,
+    /// `CloneFlags` bits of the namespaces to enter.
+    pub namespaces: i32,
+    pub run_as: Option<u32>,
+    /// The run's Landlock rules (with `workdir` writable), when Landlock is used.
+    pub fs_rules: Option<FsRules>,
+    pub workdir: PathBuf,
+    /// Whether the seccomp filter is applied.
+    pub seccomp: bool,
+}
+
+impl SetupSpec {
+    /// Everything prepared for [`ChildSetup::apply`]: the Landlock ruleset built, paths as C
+    /// strings. `seccomp` is the compiled filter when `self.seccomp` is set.
+    pub(crate) fn child_setup(
+        &self,
+        seccomp: Option<Arc<Vec<BpfProgram>>>,
+    ) -> io::Result<ChildSetup> {
+        let landlock = match &self.fs_rules {
+            Some(rules) => Some(
+                rules
+                    .ruleset(&self.workdir)
+                    .map_err(|e| io::Error::other(format!("build the Landlock ruleset: {e}")))?,
+            ),
+            None => None,
+        };
+        let cgroup_procs = match &self.cgroup_procs {
+            Some(path) => Some(
+                CString::new(path.as_os_str().as_bytes())
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            ),
+            None => None,
+        };
+        Ok(ChildSetup {
+            rlimits: self
+                .rlimits
+                .iter()
+                .map(|&(limit, value)| (limit.resource(), value))
+                .collect(),
+            cgroup_procs,
+            namespaces: CloneFlags::from_bits_truncate(self.namespaces),
+            run_as: self.run_as,
+            landlock,
+            seccomp: seccomp.filter(|_| self.seccomp),
+        })
+    }
+}
 
 /// Everything the child applies to itself, prepared by the parent.
 pub(crate) struct ChildSetup {

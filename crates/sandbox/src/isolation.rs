@@ -100,7 +100,7 @@ impl IsolationPlan {
 
 /// The file-system view of a run: read-only system and Python directories, a few devices,
 /// and full access to the run's own directory. Nothing else is reachable.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct FsRules {
     read: Vec<PathBuf>,
     devices: Vec<PathBuf>,

@@ -22,7 +22,8 @@
 //! # Isolation
 //!
 //! Isolation is built at the OS level, never by restricting Python from inside. Each layer is
-//! applied in the child between `fork` and `exec`, and [`IsolationReport`] (in every report)
+//! applied by the run's process to itself before it execs Python (in a fork of the caller, or
+//! in the [`launcher`] the caller's `main` registered), and [`IsolationReport`] (in every report)
 //! says which were in force:
 //!
 //! - **An unprivileged user**: run by root, the program switches to `nobody` (65534), keeping
@@ -65,7 +66,8 @@
 //! - `outcome`: [`Outcome`], [`RunReport`] and their parts, and their short text forms.
 //! - `record`: the harness's JSON record, and how an exit and a record become an outcome.
 //! - `isolation`: [`IsolationReport`], the Landlock rules and the seccomp filter.
-//! - `child`: what the child does to itself between fork and exec (async-signal-safe).
+//! - `child`: what the run's process does to itself before exec (async-signal-safe).
+//! - `launcher`: starting runs from a fresh process rather than a fork of the caller.
 //! - `cgroup`: a pids cgroup per run.
 //! - `runner`: spawning, output capture, timeout, killing the process tree.
 //! - `python`: finding the interpreter and checking its version.
@@ -79,6 +81,7 @@ mod child;
 mod error;
 mod harness;
 mod isolation;
+pub mod launcher;
 mod limits;
 mod outcome;
 mod python;

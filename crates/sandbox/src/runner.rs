@@ -8,15 +8,15 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::resource::Resource;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 
 use crate::cgroup::RunCgroup;
-use crate::child::ChildSetup;
+use crate::child::{Rlimit, SetupSpec};
 use crate::isolation::IsolationPlan;
+use crate::launcher;
 use crate::limits::Limits;
 use crate::record::Termination;
 use crate::{Error, Result};
@@ -35,6 +35,8 @@ pub(crate) struct Launch {
     pub workdir: PathBuf,
     pub limits: Limits,
     pub plan: Arc<IsolationPlan>,
+    /// The program that starts the process (see `launcher.rs`); this process forks when None.
+    pub launcher: Option<PathBuf>,
 }
 
 /// How the process ended, and what it printed.
@@ -47,9 +49,11 @@ pub(crate) struct Finished {
 }
 
 /// The process tree of a run. Killing it is always safe while the waiter is not reaped: its
-/// PID is then still the group's ID. Dropping it kills whatever is left, so a cancelled run
-/// leaves nothing behind.
+/// PID is then still its own and the group's ID. Dropping it kills whatever is left, so a
+/// cancelled run leaves nothing behind.
 struct ProcessTree {
+    /// The process started (the program, or the waiter above it); None once reaped.
+    leader: Option<Pid>,
     group: Option<Pid>,
     cgroup: Option<RunCgroup>,
     pid_namespace: bool,
@@ -57,6 +61,10 @@ struct ProcessTree {
 
 impl ProcessTree {
     fn kill(&mut self) {
+        // A launcher makes its group itself: killed before that, it is not yet in one.
+        if let Some(leader) = self.leader {
+            let _ = kill(leader, Signal::SIGKILL);
+        }
         if let Some(group) = self.group {
             let _ = killpg(group, Signal::SIGKILL);
         }
@@ -69,6 +77,7 @@ impl ProcessTree {
     /// killed the namespace). Without one, leftovers still hold the group ID, so killing the
     /// group reaches them.
     fn reaped(&mut self) {
+        self.leader = None;
         if self.pid_namespace {
             self.group = None;
         }
@@ -83,38 +92,32 @@ impl Drop for ProcessTree {
     }
 }
 
-fn setup(launch: &Launch, cgroup: Option<&RunCgroup>) -> Result<ChildSetup> {
+/// The run's setup as data (for the launcher, or to prepare in this process).
+fn setup_spec(launch: &Launch, cgroup: Option<&RunCgroup>) -> SetupSpec {
     let limits = &launch.limits;
     let plan = &launch.plan;
     let mut rlimits = vec![
-        (Resource::RLIMIT_CPU, limits.cpu_seconds()),
-        (Resource::RLIMIT_AS, limits.memory_bytes),
-        (Resource::RLIMIT_FSIZE, limits.file_size_bytes),
-        (Resource::RLIMIT_NOFILE, u64::from(limits.max_open_files)),
-        (Resource::RLIMIT_CORE, 0),
+        (Rlimit::Cpu, limits.cpu_seconds()),
+        (Rlimit::AddressSpace, limits.memory_bytes),
+        (Rlimit::FileSize, limits.file_size_bytes),
+        (Rlimit::OpenFiles, u64::from(limits.max_open_files)),
+        (Rlimit::Core, 0),
     ];
     if plan.nproc_rlimit {
         rlimits.push((
-            Resource::RLIMIT_NPROC,
+            Rlimit::Processes,
             u64::from(limits.max_processes + SUPERVISORS),
         ));
     }
-    let landlock = match &plan.fs_rules {
-        Some(rules) => Some(
-            rules
-                .ruleset(&launch.workdir)
-                .map_err(|e| Error::io("build the Landlock ruleset", std::io::Error::other(e)))?,
-        ),
-        None => None,
-    };
-    Ok(ChildSetup {
+    SetupSpec {
         rlimits,
-        cgroup_procs: cgroup.map(|c| c.procs_path().clone()),
-        namespaces: plan.namespaces,
+        cgroup_procs: cgroup.map(RunCgroup::procs_path),
+        namespaces: plan.namespaces.bits(),
         run_as: plan.run_as,
-        landlock,
-        seccomp: plan.seccomp.clone(),
-    })
+        fs_rules: plan.fs_rules.clone(),
+        workdir: launch.workdir.clone(),
+        seccomp: plan.seccomp.is_some(),
+    }
 }
 
 /// Gives the run directory and what is in it to the user the program runs as.
@@ -126,7 +129,7 @@ fn hand_over(workdir: &Path, id: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Spawns the process (blocking: forks, and waits for exec).
+/// Spawns the process (blocking: forks or spawns the launcher, and waits for exec).
 fn spawn(launch: &Launch) -> Result<(tokio::process::Child, ProcessTree)> {
     let cgroup = match &launch.plan.cgroups {
         Some(pool) => Some(
@@ -139,9 +142,31 @@ fn spawn(launch: &Launch) -> Result<(tokio::process::Child, ProcessTree)> {
         hand_over(&launch.workdir, id)
             .map_err(|e| Error::io("hand the run directory to the sandbox user", e))?;
     }
-    let mut setup = setup(launch, cgroup.as_ref())?;
+    let spec = setup_spec(launch, cgroup.as_ref());
     let tmp = launch.workdir.join("tmp");
-    let mut command = tokio::process::Command::new(&launch.python);
+    let mut command = match &launch.launcher {
+        Some(launcher) => {
+            let mut command = tokio::process::Command::new(launcher);
+            command.args(launcher::arguments(&spec, &launch.python).map_err(|e| {
+                Error::io(
+                    "pass the run's setup to the launcher",
+                    std::io::Error::other(e),
+                )
+            })?);
+            command
+        }
+        None => {
+            let mut setup = spec
+                .child_setup(launch.plan.seccomp.clone())
+                .map_err(|e| Error::io("prepare the run's isolation", e))?;
+            let mut command = tokio::process::Command::new(&launch.python);
+            // SAFETY: ChildSetup::apply only makes async-signal-safe calls (see child.rs).
+            unsafe {
+                command.pre_exec(move || setup.apply());
+            }
+            command
+        }
+    };
     command
         .args(&launch.args)
         .current_dir(&launch.workdir)
@@ -153,16 +178,13 @@ fn spawn(launch: &Launch) -> Result<(tokio::process::Child, ProcessTree)> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: ChildSetup::apply only makes async-signal-safe calls (see child.rs).
-    unsafe {
-        command.pre_exec(move || setup.apply());
-    }
     let child = command.spawn().map_err(Error::Spawn)?;
     let group = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw);
     let tree = ProcessTree {
+        leader: group,
         group,
         cgroup,
         pid_namespace: launch
@@ -179,6 +201,7 @@ pub(crate) async fn execute(launch: Launch) -> Result<Finished> {
     let wall_time = launch.limits.wall_time;
     let output_bytes = launch.limits.output_bytes;
     let workdir = launch.workdir.clone();
+    let launched = launch.launcher.is_some();
     let (mut child, mut tree) = tokio::task::spawn_blocking(move || spawn(&launch))
         .await
         .map_err(|e| Error::io("spawn the sandboxed process", std::io::Error::other(e)))??;
@@ -230,6 +253,11 @@ pub(crate) async fn execute(launch: Launch) -> Result<Finished> {
     }
     let stderr = outputs.pop().unwrap_or_default();
     let stdout = outputs.pop().unwrap_or_default();
+    if let (true, Termination::Exited(code)) = (launched, termination) {
+        if let Some(why) = launcher::failure(code, &stderr) {
+            return Err(Error::Spawn(std::io::Error::other(why.to_string())));
+        }
+    }
     Ok(Finished {
         termination,
         stdout,
@@ -294,31 +322,33 @@ async fn capture(
     captured
 }
 
-/// Whether a plan works here: `python -I -S -c pass` under it exits with 0.
-pub(crate) async fn trial(python: &Path, plan: Arc<IsolationPlan>, work_root: &Path) -> bool {
-    let Ok(dir) = tempfile::Builder::new()
+/// Whether a plan works here: `python -I -S -c pass` under it exits with 0. Says why not.
+pub(crate) async fn trial(
+    python: &Path,
+    plan: Arc<IsolationPlan>,
+    work_root: &Path,
+    launcher: Option<&Path>,
+) -> std::result::Result<(), String> {
+    let dir = tempfile::Builder::new()
         .prefix(&format!("forgeline-run-{}-", std::process::id()))
         .tempdir_in(work_root)
-    else {
-        return false;
-    };
-    if std::fs::create_dir(dir.path().join("tmp")).is_err() {
-        return false;
-    }
+        .map_err(|e| format!("create a run directory: {e}"))?;
+    std::fs::create_dir(dir.path().join("tmp"))
+        .map_err(|e| format!("create a run directory: {e}"))?;
     let launch = Launch {
         python: python.to_path_buf(),
         args: ["-I", "-S", "-c", "pass"].map(OsString::from).to_vec(),
         workdir: dir.path().to_path_buf(),
         limits: Limits::default(),
         plan,
+        launcher: launcher.map(Path::to_path_buf),
     };
-    match execute(launch).await {
-        Ok(finished) => finished.termination == Termination::Exited(0),
-        Err(e) => {
-            tracing::debug!(error = %e, "isolation trial failed");
-            false
-        }
+    let finished = execute(launch).await.map_err(|e| e.to_string())?;
+    if finished.termination == Termination::Exited(0) {
+        return Ok(());
     }
+    let said = finished.stderr.lines().next().unwrap_or_default();
+    Err(format!("{:?}: {said}", finished.termination))
 }
 
 #[cfg(test)]

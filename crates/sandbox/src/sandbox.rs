@@ -24,7 +24,7 @@ use crate::runner::{self, Launch};
 use crate::{Error, Result};
 
 /// How the sandbox is set up.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SandboxConfig {
     /// The interpreter; `python3` on PATH when None.
     pub python: Option<PathBuf>,
@@ -41,6 +41,24 @@ pub struct SandboxConfig {
     pub process_pth_files: bool,
     /// Where run directories are created; the system's temporary directory when None.
     pub work_root: Option<PathBuf>,
+    /// The program that starts each run (see [`launcher`](crate::launcher)); each run forks
+    /// this process when None. The default is this program when its `main` called
+    /// [`launcher::run_if_requested`](crate::launcher::run_if_requested), else None.
+    pub launcher: Option<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            python: None,
+            limits: Limits::default(),
+            max_parallel: 0,
+            require_full_isolation: false,
+            process_pth_files: false,
+            work_root: None,
+            launcher: crate::launcher::registered(),
+        }
+    }
 }
 
 /// Runs untrusted Python. Cheap to clone; clones share the parallelism limit.
@@ -74,7 +92,16 @@ impl Sandbox {
             python.site_packages.clone()
         };
         let harness = HarnessDir::install(&work_root, &python, &site_dirs).await?;
-        let (plan, isolation) = probe_isolation(&python, harness.path(), &work_root).await;
+        if let Some(launcher) = &config.launcher {
+            check_launcher(&python, launcher, &work_root).await?;
+        }
+        let (plan, isolation) = probe_isolation(
+            &python,
+            harness.path(),
+            &work_root,
+            config.launcher.as_deref(),
+        )
+        .await;
         check_required(&isolation, config.require_full_isolation)?;
         let max_parallel = if config.max_parallel == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -141,6 +168,7 @@ impl Sandbox {
             workdir: workdir.path().to_path_buf(),
             limits: limits.clone(),
             plan: inner.plan.clone(),
+            launcher: inner.config.launcher.clone(),
         };
         let finished = runner::execute(launch).await;
         // Read the record and remove the directory off the async threads.
@@ -246,14 +274,40 @@ fn prepare(work_root: &Path, job: &Job) -> Result<TempDir> {
 
 /// Finds the strongest isolation that works here, one layer at a time, each confirmed by a
 /// trial run.
+/// A launcher that does not start Python even without isolation is an error of its own: the
+/// probe would otherwise find every plan failing and report no isolation.
+async fn check_launcher(python: &PythonInfo, launcher: &Path, work_root: &Path) -> Result<()> {
+    let plan = Arc::new(IsolationPlan::nothing());
+    runner::trial(&python.executable, plan, work_root, Some(launcher))
+        .await
+        .map_err(|why| {
+            Error::Spawn(std::io::Error::other(format!(
+                "the sandbox launcher {} did not run Python ({why}); a launcher calls \
+                 forgeline_sandbox::launcher::run_if_requested first in main",
+                launcher.display()
+            )))
+        })
+}
+
 async fn probe_isolation(
     python: &PythonInfo,
     harness_dir: &Path,
     work_root: &Path,
+    launcher: Option<&Path>,
 ) -> (IsolationPlan, IsolationReport) {
     let exe = python.executable.as_path();
     let root = nix::unistd::geteuid().is_root();
-    let works = |plan: &IsolationPlan| runner::trial(exe, Arc::new(plan.clone()), work_root);
+    let works = |plan: &IsolationPlan| {
+        let trial = runner::trial(exe, Arc::new(plan.clone()), work_root, launcher);
+        async move {
+            trial
+                .await
+                .inspect_err(|why| {
+                    tracing::debug!(%why, "an isolation trial failed");
+                })
+                .is_ok()
+        }
+    };
 
     let mut plan = IsolationPlan::nothing();
     for (namespaces, run_as) in namespace_candidates(root) {

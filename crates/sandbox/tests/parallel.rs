@@ -66,3 +66,18 @@ async fn runs_wait_for_a_slot_and_leave_the_runtime_free() {
         "only {ticks} ticks in {elapsed:?}"
     );
 }
+
+#[tokio::test]
+async fn a_launcher_that_does_not_start_python_is_refused_by_name() {
+    let err = Sandbox::new(SandboxConfig {
+        launcher: Some("/bin/false".into()),
+        ..SandboxConfig::default()
+    })
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("the sandbox launcher /bin/false did not run Python"),
+        "{err}"
+    );
+}

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use forgeline_sandbox::{Limits, Module, RunReport, Sandbox, SandboxConfig, TestSuite};
@@ -19,11 +20,22 @@ pub fn test_limits() -> Limits {
     }
 }
 
+/// How this test binary's runs start: forked from the test process in test binaries named
+/// `*_forked`, by the launcher (as forgeline starts them) in the others.
+pub fn launcher() -> Option<PathBuf> {
+    if env!("CARGO_CRATE_NAME").ends_with("_forked") {
+        None
+    } else {
+        Some(env!("CARGO_BIN_EXE_forgeline-sandbox-launch").into())
+    }
+}
+
 pub async fn sandbox() -> &'static Sandbox {
     SANDBOX
         .get_or_init(|| async {
             Sandbox::new(SandboxConfig {
                 limits: test_limits(),
+                launcher: launcher(),
                 ..SandboxConfig::default()
             })
             .await
