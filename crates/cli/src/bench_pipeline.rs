@@ -83,6 +83,7 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         };
         let (mut runs, mut best) = (Vec::new(), [f64::INFINITY; 2]);
         let mut best_together_engine = json!(null);
+        let mut best_fit = json!(null);
         for run in 1..=a.repeats {
             eprintln!(
                 "{} jobs together (run {run} of {})...",
@@ -101,7 +102,12 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
                 best_together_engine = together_engine.clone();
             }
             best[1] = best[1].min(sequential.wall_s);
+            let fit = cost_fit(&sequential_engine, &together_engine, sequential.wall_s);
+            if together.wall_s <= best[0] {
+                best_fit = fit.clone();
+            }
             runs.push(json!({
+                "cost_fit": fit,
                 "together_s": together.wall_s,
                 "one_after_another_s": sequential.wall_s,
                 "together_tokens": together.completion_tokens,
@@ -122,6 +128,7 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
             "engine_rates": rates,
             "together_floor_s": floor,
             "floor_ratio": floor / best[1],
+            "cost_fit": best_fit,
             "runs": runs,
         });
     }
@@ -221,6 +228,45 @@ fn engine_floor_s(engine: &serde_json::Value, r: &EngineRates) -> f64 {
         + tokens("completion_tokens") / r.batched_decode_tok_s
 }
 
+/// The engine's cost per forward pass (`a`) and per computed token (`c`), fitted to a run's
+/// two halves: each half's busy time is `passes * a + tokens * c`, two equations in two
+/// unknowns. Batching across jobs saves only `a` (the together half makes a quarter of the
+/// passes), so `ratio_bound`, the together half's tokens at `c` over the one-after-another
+/// wall time, is the least ratio this machine allows for this work even if the together
+/// half's passes cost nothing more than their tokens. Null when the halves do not determine
+/// a positive fit.
+fn cost_fit(
+    sequential: &serde_json::Value,
+    together: &serde_json::Value,
+    sequential_wall_s: f64,
+) -> serde_json::Value {
+    let figures = |e: &serde_json::Value| {
+        let get = |k: &str| e[k].as_f64();
+        Some((
+            get("steps")?,
+            get("computed_prompt_tokens")? + get("completion_tokens")?,
+            get("busy_s")?,
+        ))
+    };
+    let (Some((s1, n1, b1)), Some((s2, n2, b2))) = (figures(sequential), figures(together)) else {
+        return json!(null);
+    };
+    let det = s1 * n2 - s2 * n1;
+    if det.abs() < 1e-9 {
+        return json!(null);
+    }
+    let a = (b1 * n2 - b2 * n1) / det;
+    let c = (s1 * b2 - s2 * b1) / det;
+    if a <= 0.0 || c <= 0.0 || sequential_wall_s <= 0.0 {
+        return json!(null);
+    }
+    json!({
+        "per_forward_ms": a * 1e3,
+        "per_token_ms": c * 1e3,
+        "ratio_bound": n2 * c / sequential_wall_s,
+    })
+}
+
 /// What the engine did between two snapshots: forward passes, busy time, tokens, prefix
 /// hits, preemptions, batch sizes.
 fn engine_delta(a: &Stats, b: &Stats) -> serde_json::Value {
@@ -250,6 +296,22 @@ fn engine_delta(a: &Stats, b: &Stats) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cost_fit_solves_both_halves() {
+        // 5 ms a pass and 2 ms a token: 1000 passes and 10000 tokens, then 200 and 9000.
+        let sequential = json!({"steps": 1000, "computed_prompt_tokens": 4000, "completion_tokens": 6000, "busy_s": 25.0});
+        let together = json!({"steps": 200, "computed_prompt_tokens": 4000, "completion_tokens": 5000, "busy_s": 19.0});
+        let fit = cost_fit(&sequential, &together, 25.0);
+        let close = |k: &str, v: f64| (fit[k].as_f64().unwrap() - v).abs() < 1e-9;
+        assert!(close("per_forward_ms", 5.0), "{fit}");
+        assert!(close("per_token_ms", 2.0), "{fit}");
+        // 9000 tokens at 2 ms over 25 s.
+        assert!(close("ratio_bound", 0.72), "{fit}");
+        // Halves that cannot be told apart, or missing figures, give no fit.
+        assert_eq!(cost_fit(&sequential, &sequential, 25.0), json!(null));
+        assert_eq!(cost_fit(&json!(null), &together, 25.0), json!(null));
+    }
 
     #[test]
     fn the_floor_is_the_work_at_the_engines_rates() {
