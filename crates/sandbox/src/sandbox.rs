@@ -43,7 +43,9 @@ pub struct SandboxConfig {
     pub work_root: Option<PathBuf>,
     /// The program that starts each run (see [`launcher`](crate::launcher)); each run forks
     /// this process when None. The default is this program when its `main` called
-    /// [`launcher::run_if_requested`](crate::launcher::run_if_requested), else None.
+    /// [`launcher::run_if_requested`](crate::launcher::run_if_requested), else None. A
+    /// launcher that cannot run Python is an error at set-up, except this default one, which
+    /// falls back to forking with a warning.
     pub launcher: Option<PathBuf>,
 }
 
@@ -82,7 +84,7 @@ struct Inner {
 impl Sandbox {
     /// Finds and checks the interpreter, installs the harness, and finds out which isolation
     /// this machine allows (a few trial runs).
-    pub async fn new(config: SandboxConfig) -> Result<Sandbox> {
+    pub async fn new(mut config: SandboxConfig) -> Result<Sandbox> {
         config.limits.validate()?;
         let python = python::probe(config.python.as_deref()).await?;
         let work_root = config.work_root.clone().unwrap_or_else(std::env::temp_dir);
@@ -93,7 +95,15 @@ impl Sandbox {
         };
         let harness = HarnessDir::install(&work_root, &python, &site_dirs).await?;
         if let Some(launcher) = &config.launcher {
-            check_launcher(&python, launcher, &work_root).await?;
+            if let Err(e) = check_launcher(&python, launcher, &work_root).await {
+                // This program registered itself but cannot be re-run (started through a
+                // loader, say): fork instead. A launcher the caller chose is theirs to fix.
+                if crate::launcher::registered().as_ref() != Some(launcher) {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "starting sandbox runs by forking instead");
+                config.launcher = None;
+            }
         }
         let (plan, isolation) = probe_isolation(
             &python,
