@@ -87,6 +87,10 @@ pub(crate) fn failure(code: i32, stderr: &str) -> Option<&str> {
 }
 
 fn launch(mut args: impl Iterator<Item = OsString>) -> Result<std::convert::Infallible, String> {
+    // Started as /proc/self/exe, it would show as "exe" in ps and top while it waits on the
+    // run (as the PID namespace's waiter and init).
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { nix::libc::prctl(nix::libc::PR_SET_NAME, c"forgeline-run".as_ptr(), 0, 0, 0) };
     let spec = args.next().ok_or("no setup given")?;
     let spec = spec.to_str().ok_or("the setup is not UTF-8")?;
     let spec: SetupSpec =
