@@ -103,7 +103,7 @@ fn launch(mut args: impl Iterator<Item = OsString>) -> Result<std::convert::Infa
     };
     let mut setup = spec
         .child_setup(seccomp)
-        .map_err(|e| format!("build the Landlock ruleset: {e}"))?;
+        .map_err(|e| format!("prepare the setup: {e}"))?;
     // SAFETY: this process has one thread and exec follows; `apply` was written for the
     // stricter case of a forked child of a multi-threaded process.
     unsafe { setup.apply() }.map_err(|e| format!("set up the sandbox: {e}"))?;
