@@ -88,12 +88,16 @@ impl HarnessDir {
 }
 
 /// Removes the harness and run directories of processes that are gone (killed before they
-/// could clean up, or holding a sandbox in a static until exit). Their names carry the PID;
-/// only our own user's directories are touched.
+/// could clean up, or holding a sandbox in a static until exit). Their names carry the PID.
+/// Only real directories (never a link, which could point out of the work root) owned by us
+/// or, when we are root, by the sandbox user (a run's directory is handed to it) are touched;
+/// a run directory that is still a tmpfs mount is unmounted first.
 fn remove_stale(work_root: &Path) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(work_root) else {
         return;
     };
+    let me = nix::unistd::geteuid();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
@@ -106,12 +110,20 @@ fn remove_stale(work_root: &Path) {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        use std::os::unix::fs::MetadataExt;
-        let ours = entry
-            .metadata()
-            .is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
-        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
+        // DirEntry::metadata does not follow a link.
+        let Ok(meta) = entry.metadata() else { continue };
+        let owner = meta.uid();
+        let ours = owner == me.as_raw() || (me.is_root() && owner == crate::isolation::SANDBOX_ID);
+        if !meta.is_dir() || !ours || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        if let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid C string; fails harmlessly when it is no mount point.
+            unsafe { nix::libc::umount2(c_path.as_ptr(), nix::libc::MNT_DETACH) };
+        }
+        if let Err(e) = crate::rundir::remove_tree(&path) {
+            tracing::debug!(dir = %path.display(), error = %e, "could not remove a stale directory");
         }
     }
 }
@@ -143,9 +155,32 @@ mod tests {
         for dir in [&dead, &alive, &other] {
             std::fs::create_dir(dir).unwrap();
         }
+        // A dead run's directory the sandbox user owns, deep and with a locked subdirectory.
+        let handed = root.path().join("forgeline-run-999999998-xyz");
+        let mut deep = handed.clone();
+        for _ in 0..200 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::set_permissions(
+            handed.join("d"),
+            std::os::unix::fs::PermissionsExt::from_mode(0),
+        )
+        .unwrap();
+        // A link named like a dead run's directory, pointing out of the work root.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), b"keep").unwrap();
+        let link = root.path().join("forgeline-run-999999997-lnk");
+        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let id = crate::isolation::SANDBOX_ID;
+            std::os::unix::fs::chown(&handed, Some(id), Some(id)).unwrap();
+        }
         remove_stale(root.path());
         assert!(!dead.exists());
+        assert!(!handed.exists());
         assert!(alive.exists() && other.exists());
+        assert!(outside.path().join("keep").exists());
     }
 
     #[test]

@@ -87,6 +87,7 @@ mod outcome;
 mod python;
 mod record;
 mod runner;
+mod rundir;
 mod sandbox;
 
 pub use checks::{Check, Job, Module, TestKind, TestSuite};

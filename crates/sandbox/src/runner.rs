@@ -329,9 +329,7 @@ pub(crate) async fn trial(
     work_root: &Path,
     launcher: Option<&Path>,
 ) -> std::result::Result<(), String> {
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("forgeline-run-{}-", std::process::id()))
-        .tempdir_in(work_root)
+    let dir = crate::rundir::RunDir::create(work_root, None)
         .map_err(|e| format!("create a run directory: {e}"))?;
     std::fs::create_dir(dir.path().join("tmp"))
         .map_err(|e| format!("create a run directory: {e}"))?;

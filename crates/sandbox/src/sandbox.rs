@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::sched::CloneFlags;
-use tempfile::TempDir;
 use tokio::sync::Semaphore;
 
 use crate::cgroup::CgroupPool;
@@ -20,6 +19,7 @@ use crate::limits::Limits;
 use crate::outcome::RunReport;
 use crate::python::{self, PythonInfo};
 use crate::record::{self, RecordFile};
+use crate::rundir::{self, RunDir};
 use crate::runner::{self, Launch};
 use crate::{Error, Result};
 
@@ -259,16 +259,13 @@ fn check_required(isolation: &IsolationReport, required: bool) -> Result<()> {
 }
 
 /// A fresh run directory with the module, the tests, and `tmp/` (the run's TMPDIR).
-fn prepare(work_root: &Path, job: &Job) -> Result<TempDir> {
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("forgeline-run-{}-", std::process::id()))
-        .tempdir_in(work_root)
-        .map_err(|e| {
-            Error::io(
-                format!("create a run directory in {}", work_root.display()),
-                e,
-            )
-        })?;
+fn prepare(work_root: &Path, job: &Job) -> Result<RunDir> {
+    let dir = RunDir::create(work_root, None).map_err(|e| {
+        Error::io(
+            format!("create a run directory in {}", work_root.display()),
+            e,
+        )
+    })?;
     let write = |name: &str, source: &[u8]| {
         std::fs::write(dir.path().join(name), source)
             .map_err(|e| Error::io(format!("write {name}"), e))

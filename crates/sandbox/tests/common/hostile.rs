@@ -423,3 +423,42 @@ async fn a_cancelled_run_leaves_nothing_behind() {
     drop(run);
     assert_host_unharmed(&marker).await;
 }
+
+/// The run directory the program ran in, from its own `os.getcwd()` on the first line.
+fn run_dir_of(report: &RunReport) -> std::path::PathBuf {
+    let cwd = report.stdout.lines().next().unwrap_or_default();
+    assert!(
+        cwd.starts_with('/'),
+        "no directory printed: {}",
+        show(report)
+    );
+    cwd.into()
+}
+
+#[tokio::test]
+async fn deeply_nested_directories_are_removed_without_recursion() {
+    // mkdir + rename keeps every path short while the tree grows 15,000 deep; a locked
+    // (mode 000) directory at the top and in the middle. Removal used to overflow a stack.
+    let code = "import os\n\
+                print(os.getcwd(), flush=True)\n\
+                os.mkdir('n')\n\
+                depth = 0\n\
+                try:\n\
+                \x20   for depth in range(1, 15001):\n\
+                \x20       os.mkdir('t')\n\
+                \x20       os.rename('n', 't/n')\n\
+                \x20       os.rename('t', 'n')\n\
+                \x20       if depth == 7000:\n\
+                \x20           os.chmod('n/n', 0)\n\
+                except OSError as e:\n\
+                \x20   print('stopped', e.errno)\n\
+                os.chmod('n', 0)\n\
+                print('depth', depth)\n";
+    let report = run(code).await;
+    assert_eq!(report.outcome, Outcome::Passed, "{}", show(&report));
+    assert!(report.stdout.contains("depth "), "{}", show(&report));
+    eprintln!("{}", report.stdout);
+    let dir = run_dir_of(&report);
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+    assert_host_unharmed("deep-has-no-marker").await;
+}
