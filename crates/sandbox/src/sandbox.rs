@@ -2,6 +2,7 @@
 //! to a limit.
 
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -184,7 +185,7 @@ impl Sandbox {
         // Read the record and remove the directory off the async threads.
         let keep = job.keep.clone();
         let (bytes, files) = tokio::task::spawn_blocking(move || {
-            let bytes = std::fs::read(workdir.path().join(".forgeline-result.json")).ok();
+            let bytes = read_record(workdir.path());
             let files = kept_files(workdir.path(), &keep);
             drop(workdir);
             (bytes, files)
@@ -367,8 +368,26 @@ async fn probe_isolation(
     (plan, report)
 }
 
+/// The largest result record read; a bigger one is a broken record.
+const MAX_RECORD_BYTES: u64 = 16 << 20;
+
+/// The harness's record, when the run left a readable one. The program can write there too:
+/// a FIFO, a link (to /dev/zero, say) or an oversized file is no record.
+fn read_record(dir: &Path) -> Option<Vec<u8>> {
+    match rundir::read_capped(&dir.join(".forgeline-result.json"), MAX_RECORD_BYTES) {
+        Ok(bytes) => Some(bytes),
+        Err(rundir::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring an unreadable result record");
+            None
+        }
+    }
+}
+
 /// The files with one of these extensions in `dir` and its subdirectories (one level),
-/// regular files only (a link could point anywhere), within the count and size caps.
+/// regular files only (a link could point anywhere; a FIFO would block), within the count
+/// and size caps. Nothing is followed: directories and files are opened relative to their
+/// parent's descriptor with O_NOFOLLOW.
 fn kept_files(dir: &Path, extensions: &[String]) -> Vec<crate::outcome::KeptFile> {
     const MAX_FILES: usize = 32;
     const MAX_BYTES: u64 = 16 << 20;
@@ -379,42 +398,38 @@ fn kept_files(dir: &Path, extensions: &[String]) -> Vec<crate::outcome::KeptFile
     let mut total = 0u64;
     let mut dirs = vec![(dir.to_path_buf(), 0)];
     while let Some((d, depth)) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
+        let Ok((fd, entries)) = rundir::list(&d) else {
             continue;
         };
-        let mut entries: Vec<_> = entries.flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let Ok(meta) = e.path().symlink_metadata() else {
-                continue;
-            };
-            let path = e.path();
-            if meta.is_dir() && depth == 0 && e.file_name() != "tmp" {
-                dirs.push((path, 1));
+        for (name, is_dir) in entries {
+            let path = d.join(&name);
+            if is_dir {
+                if depth == 0 && name != "tmp" {
+                    dirs.push((path, 1));
+                }
                 continue;
             }
             let wanted = path
                 .extension()
                 .and_then(|x| x.to_str())
                 .is_some_and(|x| extensions.iter().any(|k| k.eq_ignore_ascii_case(x)));
-            if !meta.is_file() || !wanted || out.len() == MAX_FILES {
+            if !wanted || out.len() == MAX_FILES {
                 continue;
             }
-            if total + meta.len() > MAX_BYTES {
+            let room = MAX_BYTES - total;
+            let Ok(bytes) = rundir::read_capped_at(fd.as_raw_fd(), &name, room) else {
                 continue;
-            }
-            if let Ok(bytes) = std::fs::read(&path) {
-                total += bytes.len() as u64;
-                out.push(crate::outcome::KeptFile {
-                    name: path
-                        .strip_prefix(dir)
-                        .unwrap_or(&path)
-                        .to_string_lossy()
-                        .into_owned(),
-                    size: bytes.len() as u64,
-                    bytes,
-                });
-            }
+            };
+            total += bytes.len() as u64;
+            out.push(crate::outcome::KeptFile {
+                name: path
+                    .strip_prefix(dir)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .into_owned(),
+                size: bytes.len() as u64,
+                bytes,
+            });
         }
     }
     out
@@ -466,6 +481,9 @@ mod tests {
         std::fs::create_dir(d.join("tmp")).unwrap();
         std::fs::write(d.join("tmp/scratch.png"), b"no").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.join("link.png")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.join("zero.png")).unwrap();
+        std::os::unix::fs::symlink(d.join("figures"), d.join("linked")).unwrap();
+        nix::unistd::mkfifo(&d.join("fifo.png"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         let mut names: Vec<String> = kept_files(d, &["png".into()])
             .into_iter()
             .map(|f| f.name)

@@ -462,3 +462,43 @@ async fn deeply_nested_directories_are_removed_without_recursion() {
     assert!(!dir.exists(), "{} was left behind", dir.display());
     assert_host_unharmed("deep-has-no-marker").await;
 }
+
+/// Runs `code` with `.png` files kept, failing the test instead of hanging.
+async fn run_keeping_png(code: &str) -> RunReport {
+    let job = forgeline_sandbox::Job::new(module(code), forgeline_sandbox::Check::Run)
+        .keep_files(&["png"]);
+    let run = sandbox().await.run(job);
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("reading the run directory back hung")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_fifo_as_the_result_record_or_a_kept_file_does_not_hang() {
+    // Ended with os._exit, the harness never writes its record: the FIFO stays.
+    let code = "import os\n\
+                os.mkfifo('.forgeline-result.json')\n\
+                os.mkfifo('figure.png')\n\
+                open('real.png', 'wb').write(b'png')\n\
+                os._exit(0)\n";
+    let report = run_keeping_png(code).await;
+    assert_eq!(report.outcome, Outcome::Passed, "{}", show(&report));
+    let names: Vec<_> = report.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["real.png"]);
+    assert_host_unharmed("fifo-has-no-marker").await;
+}
+
+#[tokio::test]
+async fn a_link_to_dev_zero_as_the_result_record_or_a_kept_file_is_not_read() {
+    let code = "import os\n\
+                os.symlink('/dev/zero', '.forgeline-result.json')\n\
+                os.symlink('/dev/zero', 'zero.png')\n\
+                os.mkdir('figures')\n\
+                os.symlink('/dev/zero', 'figures/deeper.png')\n\
+                os._exit(0)\n";
+    let report = run_keeping_png(code).await;
+    assert_eq!(report.outcome, Outcome::Passed, "{}", show(&report));
+    assert!(report.files.is_empty(), "{:?}", report.files.len());
+    assert_host_unharmed("zero-has-no-marker").await;
+}
