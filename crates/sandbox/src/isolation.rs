@@ -254,7 +254,7 @@ fn denied_syscalls() -> Vec<i64> {
 }
 
 /// The seccomp programs of a run: a deny list answering EPERM, including `clone` with any
-/// namespace flag, and `clone3` answering ENOSYS (its flags sit behind a pointer, out of
+/// namespace flag and `socket(AF_UNIX, ...)`, and `clone3` answering ENOSYS (its flags sit behind a pointer, out of
 /// seccomp's reach; libc then falls back to `clone`).
 pub(crate) fn seccomp_programs() -> Result<Vec<BpfProgram>, String> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
@@ -284,6 +284,18 @@ pub(crate) fn seccomp_programs() -> Result<Vec<BpfProgram>, String> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     rules.insert(libc::SYS_clone, clone_rules);
+    // Unix sockets by path reach past Landlock (it does not confine connect on them): a
+    // program could talk to any listening host socket it can name. socketpair stays allowed
+    // (multiprocessing uses it; a pair connects only to itself).
+    let unix = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_UNIX as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(|e| e.to_string())?;
+    rules.insert(libc::SYS_socket, vec![unix]);
     let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,

@@ -502,3 +502,60 @@ async fn a_link_to_dev_zero_as_the_result_record_or_a_kept_file_is_not_read() {
     assert!(report.files.is_empty(), "{:?}", report.files.len());
     assert_host_unharmed("zero-has-no-marker").await;
 }
+
+#[tokio::test]
+async fn unix_sockets_on_the_host_cannot_be_reached() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    let dir = tempfile::Builder::new()
+        .prefix("forgeline-unix-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let path = dir.path().join("host.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let code = format!(
+        "import socket\n\
+         try:\n\
+         \x20   s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         \x20   s.settimeout(2)\n\
+         \x20   s.connect({path:?})\n\
+         \x20   s.sendall(b'hello')\n\
+         \x20   print('unix CONNECTED', s.recv(5))\n\
+         except OSError as e:\n\
+         \x20   print('unix failed', e.errno)\n\
+         a, b = socket.socketpair()\n\
+         a.sendall(b'pair')\n\
+         print('socketpair', b.recv(4).decode())\n",
+        path = path.display().to_string()
+    );
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = done.clone();
+    let server = std::thread::spawn(move || {
+        // Accepts until the run is over (and a moment more).
+        let mut grace = 10;
+        while grace > 0 {
+            if finished.load(std::sync::atomic::Ordering::Relaxed) {
+                grace -= 1;
+            }
+            if let Ok((mut conn, _)) = listener.accept() {
+                conn.set_nonblocking(false).unwrap();
+                let _ = conn.write_all(b"reply");
+                let mut buf = [0u8; 5];
+                let _ = conn.read(&mut buf);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    });
+    let report = run(&code).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(report.outcome, Outcome::Passed, "{}", show(&report));
+    assert!(report.stdout.contains("unix failed"), "{}", report.stdout);
+    assert!(report.stdout.contains("socketpair pair"), "{}", report.stdout);
+    assert!(!server.join().unwrap(), "the program reached the host's socket");
+    assert_host_unharmed("unix-has-no-marker").await;
+}
