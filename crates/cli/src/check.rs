@@ -62,10 +62,12 @@ pub struct CheckArgs {
 }
 
 pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(crate::usage(
-            "--timeout must be a positive number of seconds",
-        ));
+    let max = forgeline_pipeline::config::MAX_SANDBOX_TIMEOUT_S;
+    if !(args.timeout > 0.0 && args.timeout <= max) {
+        return Err(crate::usage(format!(
+            "--timeout must be a number of seconds in (0, {max}], not {}",
+            args.timeout
+        )));
     }
     let source = read(&args.file)?;
     let module_file = file_name(&args.file)?;

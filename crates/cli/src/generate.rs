@@ -2,13 +2,15 @@
 //! JSON) goes to stdout; on a terminal, live progress per stage goes to stderr.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
 use forgeline_pipeline::formatter::{self, Format};
+use forgeline_pipeline::job::MODULE_NAME;
 use forgeline_pipeline::{trace_json, ContextFile, EventStatus, JobEvent, TaskRequest};
+use serde_json::json;
 use tokio::sync::mpsc::unbounded_channel;
 
 use crate::pipeline_setup::PipelineArgs;
@@ -27,9 +29,12 @@ pub struct GenerateArgs {
     /// The function the result must define
     #[arg(long)]
     pub entry_point: Option<String>,
-    /// Write the result's files here
+    /// Write the result's files here (never over files already there, unless --force)
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Let --out replace files that this run did not write
+    #[arg(long, requires = "out")]
+    pub force: bool,
     /// What to print: a markdown report, the code alone, or JSON
     #[arg(long, default_value = "md", value_parser = parse_format)]
     pub format: Format,
@@ -38,6 +43,22 @@ pub struct GenerateArgs {
     pub trace: Option<PathBuf>,
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+}
+
+/// Whether `path` could be written, without changing it: an existing file is opened for
+/// appending (never truncated); a new one is created and removed again.
+fn check_writable(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Err(std::io::Error::other("it is a directory")),
+        Ok(_) => std::fs::OpenOptions::new().append(true).open(path).map(drop),
+        Err(_) => {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)?;
+            std::fs::remove_file(path)
+        }
+    }
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -69,38 +90,63 @@ pub async fn run(a: GenerateArgs, env: &Env) -> anyhow::Result<ExitCode> {
     }
     task.entry_point = a.entry_point.clone();
     task.validate().map_err(|e| crate::usage(e.to_string()))?;
+    // Fail before the work, not after it, and change nothing yet.
     if let Some(t) = &a.trace {
-        // Fail before the work, not after it.
-        std::fs::File::create(t)
+        check_writable(t)
             .map_err(|e| crate::usage(format!("cannot write the trace to {}: {e}", t.display())))?;
+    }
+    if let (Some(dir), false) = (&a.out, a.force) {
+        let taken = formatter::existing(dir, &formatter::output_names(MODULE_NAME));
+        if !taken.is_empty() {
+            return Err(forgeline_pipeline::Error::WouldOverwrite(taken).into());
+        }
     }
 
     let setup = a.pipeline.build(env).await?;
     let (tx, rx) = unbounded_channel();
     let progress = crate::stderr_is_terminal().then(|| tokio::spawn(show_progress(rx)));
-    let outcome = setup.pipeline.run(task, a.format, Some(tx)).await;
+    let outcome = setup.pipeline.run_traced(task, a.format, Some(tx)).await;
     if let Some(p) = progress {
         // Events still queued are drawn; then the line is cleared.
         tokio::time::sleep(Duration::from_millis(150)).await;
         p.abort();
         eprint!("\r\x1b[2K");
     }
-    let outcome = outcome?;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(failure) => {
+            // What the stages did until the failure is kept: the trace says where it was.
+            if let Some(t) = &a.trace {
+                let json = json!({
+                    "error": failure.error.to_string(),
+                    "failed_in": failure.stage.map(|s| s.name()),
+                    "stages": failure.trace.stages,
+                    "llm_calls": failure.trace.llm_calls,
+                });
+                match formatter::write_atomically(t, (serde_json::to_string_pretty(&json)? + "\n").as_bytes()) {
+                    Ok(()) => eprintln!("wrote the trace of the failed job to {}", t.display()),
+                    Err(e) => eprintln!("cannot write the trace to {}: {e}", t.display()),
+                }
+            }
+            return Err(failure.error.into());
+        }
+    };
     let r = &outcome.result;
+    // The result goes out first: a file that cannot be written loses nothing.
+    let mut out = std::io::stdout().lock();
+    out.write_all(outcome.rendered.as_bytes())?;
+    out.flush()?;
     if let Some(t) = &a.trace {
         let json = serde_json::to_string_pretty(&trace_json(&outcome.trace))?;
-        std::fs::write(t, json + "\n")
+        formatter::write_atomically(t, (json + "\n").as_bytes())
             .map_err(|e| crate::usage(format!("cannot write the trace to {}: {e}", t.display())))?;
     }
     if let Some(dir) = &a.out {
-        let written = formatter::write_files(r, dir)?;
+        let written = formatter::write_files(r, dir, a.force)?;
         for p in written {
             eprintln!("wrote {}", p.display());
         }
     }
-    let mut out = std::io::stdout().lock();
-    out.write_all(outcome.rendered.as_bytes())?;
-    out.flush()?;
     eprintln!(
         "{} · {} LLM calls, {} tokens generated, {:.1} s",
         if r.passed {

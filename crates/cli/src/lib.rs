@@ -110,9 +110,14 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
         if let Some(f) = cause.downcast_ref::<forgeline_pipeline::Error>() {
             use forgeline_pipeline::Error as P;
             return match f {
-                P::InvalidTask(_) | P::Config(_) | P::Prompt(_) | P::Io(_) => 2,
+                P::InvalidTask(_)
+                | P::Config(_)
+                | P::Prompt(_)
+                | P::Io(_)
+                | P::WouldOverwrite(_) => 2,
                 P::Engine(e) => engine_exit_code(e),
                 P::Sandbox(e) => sandbox_exit_code(e),
+                P::Internal(_) => 3,
             };
         }
         // Reading the user's files, or a problem with what they asked for.

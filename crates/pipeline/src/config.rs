@@ -77,6 +77,10 @@ impl StageSettings {
     }
 }
 
+/// The longest `sandbox_timeout_s` accepted (a day): longer is a typo, and past about
+/// 1.8e19 s a `Duration` cannot hold it at all.
+pub const MAX_SANDBOX_TIMEOUT_S: f64 = 86_400.0;
+
 /// Limits of one job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -248,8 +252,11 @@ impl PipelineConfig {
                 return Err(format!("limits.{name} must be at least 1"));
             }
         }
-        if !(l.sandbox_timeout_s > 0.0 && l.sandbox_timeout_s.is_finite()) {
-            return Err("limits.sandbox_timeout_s must be a positive number".into());
+        if !(l.sandbox_timeout_s > 0.0 && l.sandbox_timeout_s <= MAX_SANDBOX_TIMEOUT_S) {
+            return Err(format!(
+                "limits.sandbox_timeout_s must be a number of seconds in (0, {MAX_SANDBOX_TIMEOUT_S}], not {}",
+                l.sandbox_timeout_s
+            ));
         }
         for (name, s) in &self.stages {
             if s.max_tokens == 0 {
@@ -305,5 +312,10 @@ mod tests {
         assert!(e.contains("limits.candidates"), "{e}");
         let e = PipelineConfig::parse("[stages.code]\nmax_tokens = \"x\"\n").unwrap_err();
         assert!(e.contains("max_tokens"), "{e}");
+        for t in ["1e20", "nan", "inf", "-1.0", "0.0"] {
+            let e = PipelineConfig::parse(&format!("[limits]\nsandbox_timeout_s = {t}\n"))
+                .unwrap_err();
+            assert!(e.contains("limits.sandbox_timeout_s"), "{t}: {e}");
+        }
     }
 }

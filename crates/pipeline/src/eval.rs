@@ -203,6 +203,8 @@ pub async fn run_eval(
     let progress = Arc::new(progress);
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut set = tokio::task::JoinSet::new();
+    let task_ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
+    let mut ids = std::collections::HashMap::new();
     for (i, t) in tasks.into_iter().enumerate() {
         let (runner, sandbox, permits, progress, done) = (
             runner.clone(),
@@ -211,7 +213,7 @@ pub async fn run_eval(
             progress.clone(),
             done.clone(),
         );
-        set.spawn(async move {
+        let handle = set.spawn(async move {
             let _permit = permits.acquire_owned().await.expect("never closed");
             let t0 = Instant::now();
             let s = match runner.program(&t).await {
@@ -239,11 +241,31 @@ pub async fn run_eval(
             progress(&s, k, n);
             (i, s)
         });
+        ids.insert(handle.id(), i);
     }
     let mut per_task: Vec<(usize, TaskScore)> = Vec::with_capacity(n);
-    while let Some(r) = set.join_next().await {
-        if let Ok(x) = r {
-            per_task.push(x);
+    while let Some(r) = set.join_next_with_id().await {
+        match r {
+            Ok((_, x)) => per_task.push(x),
+            // A task that panicked is scored as failed with the panic, never left out.
+            Err(e) => {
+                let i = ids.get(&e.id()).copied().unwrap_or(usize::MAX);
+                let task_id = task_ids.get(i).cloned().unwrap_or_default();
+                per_task.push((
+                    i,
+                    TaskScore {
+                        task_id,
+                        passed: false,
+                        outcome: "error".into(),
+                        error: Some(format!(
+                            "internal error: {}",
+                            crate::join_error_message(e)
+                        )),
+                        completion_tokens: 0,
+                        wall_s: 0.0,
+                    },
+                ));
+            }
         }
     }
     per_task.sort_by_key(|(i, _)| *i);

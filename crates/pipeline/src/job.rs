@@ -29,11 +29,14 @@ use crate::retry::SubtaskResult;
 use crate::router::{self, Route, RouteKind};
 use crate::synthesizer::{OutputFile, Synthesis};
 use crate::task::TaskRequest;
-use crate::trace::{JobEvent, LlmCallRecord, Recorder, TraceData};
+use crate::trace::{EventStatus, JobEvent, LlmCallRecord, Recorder, Stage, TraceData};
 use crate::validation::{QueueStats, ValidationQueue};
 use crate::validators::{Evidence, Verdict};
 use crate::workers::{KindStats, WorkerManager};
 use crate::{Error, Result};
+
+/// The name of the module a job writes (`solution.py`).
+pub const MODULE_NAME: &str = "solution";
 
 /// Calls in flight per model, to send each call to the least busy model that serves its
 /// stage.
@@ -173,7 +176,7 @@ impl std::ops::Deref for PromptsRef {
 impl JobContext {
     /// The module name the result is saved and imported as.
     pub fn module_name(&self) -> String {
-        "solution".into()
+        MODULE_NAME.into()
     }
 
     /// Waits until one more of an attempt's candidates may be written: a permit of the
@@ -328,6 +331,15 @@ pub struct JobTrace {
     pub result: JobResult,
 }
 
+/// A job that failed: the error, the stage it was in (of its latest event), and what its
+/// stages recorded until then.
+#[derive(Debug)]
+pub struct JobFailure {
+    pub error: Error,
+    pub stage: Option<Stage>,
+    pub trace: TraceData,
+}
+
 /// A finished job: the result, rendered in the asked format, and its trace.
 pub struct JobOutcome {
     pub result: JobResult,
@@ -392,24 +404,66 @@ impl Pipeline {
         format: Format,
         events: Option<UnboundedSender<JobEvent>>,
     ) -> Result<JobOutcome> {
-        task.validate()?;
+        self.run_traced(task, format, events)
+            .await
+            .map_err(|f| f.error)
+    }
+
+    /// [`Pipeline::run`], and on failure what the job's stages recorded until it failed.
+    /// A stage that panics (a bug) fails its job with [`Error::Internal`] and nothing
+    /// else: the pipeline, its validation runners and other jobs go on.
+    pub async fn run_traced(
+        &self,
+        task: TaskRequest,
+        format: Format,
+        events: Option<UnboundedSender<JobEvent>>,
+    ) -> std::result::Result<JobOutcome, JobFailure> {
+        if let Err(error) = task.validate() {
+            return Err(JobFailure {
+                error,
+                stage: None,
+                trace: TraceData::default(),
+            });
+        }
         let ctx = self.context(task, events);
+        let run = std::panic::AssertUnwindSafe(self.run_stages(&ctx, format));
+        let error = match futures_util::FutureExt::catch_unwind(run).await {
+            Ok(Ok(outcome)) => return Ok(outcome),
+            Ok(Err(e)) => e,
+            Err(panic) => Error::Internal(crate::panic_message(&*panic)),
+        };
+        let stage = ctx.rec.current_stage();
+        ctx.rec.event(
+            stage.unwrap_or(Stage::Router),
+            EventStatus::Failed,
+            None,
+            None,
+            format!("the job failed: {error}"),
+        );
+        Err(JobFailure {
+            error,
+            stage,
+            trace: ctx.rec.snapshot(),
+        })
+    }
+
+    async fn run_stages(&self, ctx: &JobContext, format: Format) -> Result<JobOutcome> {
         let task = ctx.task.clone();
-        let route = router::route(&ctx, &task).await?;
-        let plan = orchestrator::plan(&ctx, &task, &route).await?;
-        let dag = planning::plan_dag(&ctx, &plan, &route);
+        let route = router::route(ctx, &task).await?;
+        let plan = orchestrator::plan(ctx, &task, &route).await?;
+        let dag = planning::plan_dag(ctx, &plan, &route);
         let evidence = Evidence {
             module: ctx.module_name(),
             examples: python::examples_test(&ctx.module_name(), &route.examples),
             supplied: task.tests.clone(),
             generated: Vec::new(),
         };
-        let manager = Arc::new(WorkerManager::new(&ctx));
-        let results = dispatcher::dispatch(&ctx, manager.clone(), &route, &dag, &evidence).await;
-        let collected = collector::collect(&ctx, &dag, &results);
-        let synthesis = crate::synthesizer::synthesize(&ctx, &route, &collected).await?;
+        let manager = Arc::new(WorkerManager::new(ctx));
+        let results = dispatcher::dispatch(ctx, manager.clone(), &route, &dag, &evidence).await;
+        let collected = collector::collect(ctx, &dag, &results);
+        let synthesis = crate::synthesizer::synthesize(ctx, &route, &collected).await?;
         let (synthesis, verdict) =
-            final_validation::validate_and_retry(&ctx, &route, synthesis, &evidence).await?;
+            final_validation::validate_and_retry(ctx, &route, synthesis, &evidence).await?;
         let trace = ctx.rec.snapshot();
         let mut notes: Vec<String> = dag.repairs.iter().map(|r| format!("plan: {r}")).collect();
         if let Some(f) = &plan.fallback {
@@ -444,7 +498,7 @@ impl Pipeline {
             llm_calls: trace.llm_calls.len(),
             wall_ms: ctx.rec.elapsed_ms(),
         };
-        let rendered = formatter::render(&ctx, &result, format)?;
+        let rendered = formatter::render(ctx, &result, format)?;
         result.wall_ms = ctx.rec.elapsed_ms();
         let TraceData { stages, llm_calls } = ctx.rec.snapshot();
         let trace = JobTrace {

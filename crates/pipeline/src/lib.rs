@@ -54,11 +54,13 @@ pub mod workers;
 #[cfg(test)]
 mod pipeline_tests;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod testing;
 
 pub use config::PipelineConfig;
 pub use formatter::Format;
-pub use job::{trace_json, JobOutcome, JobResult, JobTrace, Pipeline};
+pub use job::{trace_json, JobFailure, JobOutcome, JobResult, JobTrace, Pipeline};
 pub use llm::LanguageModel;
 pub use prompts::Prompts;
 pub use task::{ContextFile, TaskRequest};
@@ -79,6 +81,32 @@ pub enum Error {
     Engine(#[from] forgeline_engine::Error),
     #[error(transparent)]
     Sandbox(#[from] forgeline_sandbox::Error),
+    /// Files in the output directory that this run did not write.
+    #[error("refusing to overwrite {}: not written by this run (pass --force to replace them)", .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    WouldOverwrite(Vec<std::path::PathBuf>),
+    /// A bug in forgeline stopped the job (a stage panicked); the job fails, nothing else.
+    #[error("internal error (a bug in forgeline; the job was stopped): {0}")]
+    Internal(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a panic said, for a job's error or a check's failure.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with no message".into()
+    }
+}
+
+/// Why a spawned task did not return: its panic's message, or that it was cancelled.
+pub(crate) fn join_error_message(e: tokio::task::JoinError) -> String {
+    if e.is_panic() {
+        format!("panicked: {}", panic_message(&*e.into_panic()))
+    } else {
+        "cancelled".into()
+    }
+}

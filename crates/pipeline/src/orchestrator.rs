@@ -94,7 +94,7 @@ pub fn single_subtask_plan(task: &TaskRequest, route: &Route, reason: String) ->
 /// The subtasks a cut-off answer finished: the text up to the last subtask object that
 /// closed inside the `subtasks` array, with the array and the plan closed after it. `None`
 /// when no subtask was finished.
-fn finished_subtasks(text: &str) -> Option<Plan> {
+pub(crate) fn finished_subtasks(text: &str) -> Option<Plan> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     let mut last = None;
     for (i, c) in text.char_indices() {

@@ -187,3 +187,98 @@ async fn a_lone_job_writes_its_candidates_at_once_and_a_busy_one_only_those_it_n
     let written = model.calls().iter().filter(|(s, _)| s == "code").count();
     assert!(written < 16, "{written} candidates written");
 }
+
+/// A stage that panics fails its job with the panic, records where it was, and leaves the
+/// pipeline serving the next job.
+#[tokio::test]
+async fn a_panicking_stage_fails_its_job_and_the_next_job_runs() {
+    let model = ScriptedModel::new()
+        .on("orchestrator", crate::testing::PANIC)
+        .on(
+            "orchestrator",
+            r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#,
+        )
+        .on("code", "def add(a, b):\n    return a + b\n```")
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "add(a, b) returns the sum.")
+        .on("final_validator", JUDGE_OK);
+    let bed = TestBed::with_config(model.clone(), config(1)).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let failure = bed
+        .pipeline
+        .run_traced(TaskRequest::new(STUB), Format::Md, Some(tx))
+        .await
+        .err()
+        .expect("the job fails");
+    assert!(
+        matches!(&failure.error, crate::Error::Internal(m) if m.contains("scripted panic")),
+        "{:?}",
+        failure.error
+    );
+    assert_eq!(failure.stage, Some(Stage::Orchestrator));
+    assert!(failure.trace.stages.iter().any(|s| s.stage == Stage::Router));
+    let mut last = None;
+    while let Ok(ev) = rx.try_recv() {
+        last = Some(ev);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.status, crate::trace::EventStatus::Failed);
+    assert!(last.message.contains("scripted panic"), "{}", last.message);
+
+    let out = bed
+        .pipeline
+        .run(TaskRequest::new(STUB), Format::Md, None)
+        .await
+        .unwrap();
+    assert!(out.result.passed, "{:#?}", out.result.verdict);
+}
+
+/// A judge that panics inside a validation runner fails that check only; the runner lives
+/// on and the job still ends with a verdict.
+#[tokio::test]
+async fn a_panicking_check_does_not_take_the_validation_runners_down() {
+    let model = ScriptedModel::new()
+        .on(
+            "orchestrator",
+            r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#,
+        )
+        .on("code", "def add(a, b):\n    return a + b\n```")
+        .on("validator", crate::testing::PANIC)
+        .on("synthesizer", "add(a, b) returns the sum.")
+        .on("final_validator", crate::testing::PANIC);
+    let mut cfg = config(1);
+    cfg.limits.validators = 1;
+    let bed = TestBed::with_config(model.clone(), cfg).await;
+    for _ in 0..2 {
+        let out = bed
+            .pipeline
+            .run(TaskRequest::new(STUB), Format::Md, None)
+            .await;
+        // Whatever the verdict, the job ends: the panics did not hang or kill it.
+        assert!(out.is_ok() || matches!(out, Err(crate::Error::Internal(_))));
+    }
+    assert!(bed.pipeline.validation_stats().running == 0);
+}
+
+/// Non-ASCII text in the task's docstring (HumanEval's `≤`, `➞`) runs through every stage.
+#[tokio::test]
+async fn non_ascii_task_text_runs_through_the_job() {
+    let stub = "def add(a: int, b: int) -> int:\n    \"\"\"Return the sum of a and b, 0 ≤ a ≤ 10 ➞ café.\n\n    >>> add(2, 3)\n    5\n    \"\"\"\n";
+    let model = ScriptedModel::new()
+        .on(
+            "orchestrator",
+            r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add ≤", "depends_on": [], "acceptance": []}]}"#,
+        )
+        .on("code", "def add(a, b):\n    \"\"\"Sum ≤ café\\é.\"\"\"\n    return a + b\n```")
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "add(a, b) returns the sum ≤.")
+        .on("final_validator", JUDGE_OK);
+    let bed = TestBed::with_config(model.clone(), config(1)).await;
+    let out = bed
+        .pipeline
+        .run(TaskRequest::new(stub), Format::Md, None)
+        .await
+        .unwrap();
+    assert!(out.result.passed, "{:#?}", out.result.verdict);
+    assert!(out.result.module().unwrap().contains("café"));
+}

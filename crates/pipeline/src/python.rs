@@ -144,12 +144,15 @@ impl Scanner {
         self.depth > 0 || self.triple.is_some() || self.backslash
     }
 
+    /// Compares bytes, never slices the line: every delimiter it looks for is ASCII, and no
+    /// byte of a multi-byte UTF-8 character is ASCII, so a skip that lands inside one (a
+    /// backslash before `≤`) only steps over bytes that cannot match.
     fn feed(&mut self, line: &str) {
         let b = line.as_bytes();
         let mut i = 0;
         while i < b.len() {
             if let Some(q) = self.triple {
-                if line[i..].starts_with(q) {
+                if b[i..].starts_with(q.as_bytes()) {
                     self.triple = None;
                     i += 3;
                 } else {
@@ -163,7 +166,7 @@ impl Scanner {
                 b')' | b']' | b'}' => self.depth = (self.depth - 1).max(0),
                 q @ (b'"' | b'\'') => {
                     let triple = if q == b'"' { "\"\"\"" } else { "'''" };
-                    if line[i..].starts_with(triple) {
+                    if b[i..].starts_with(triple.as_bytes()) {
                         self.triple = Some(triple);
                         i += 3;
                         continue;
@@ -494,6 +497,23 @@ mod tests {
     }
 
     #[test]
+    fn non_ascii_text_in_strings_and_comments() {
+        // Seen on HumanEval tasks: each panicked the scanner, which sliced inside a character.
+        let src = "def any_int(x, y, z):\n    \"\"\"Constraints: 0 ≤ N ≤ 10000\n    any_int(5, 2, 7) ➞ True\n    \"\"\"\n    s = 'café\\é'  # été\n    return \"\"\"Returns café\\≤\"\"\"\n\ndef g():\n    pass\n";
+        let kinds: Vec<_> = statements(src).into_iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                StatementKind::Def("any_int".into()),
+                StatementKind::Def("g".into())
+            ]
+        );
+        assert_eq!(signatures(src)[0].params, vec!["x", "y", "z"]);
+        assert!(docstring_prose(src).unwrap().contains("0 ≤ N"));
+        assert_eq!(statements("def f():\n    '''é\\≤'''\nx = 1\n").len(), 2);
+    }
+
+    #[test]
     fn adds_missing_imports_once() {
         let header = "from typing import List\nimport math\n\ndef f(x: List[int]) -> int:\n    \"\"\"doc\"\"\"\n";
         let code = "import math\n\ndef f(x):\n    return 1\n";
@@ -505,5 +525,79 @@ mod tests {
         assert_eq!(ensure_imports(&fixed, header), fixed);
         assert!(defines(&fixed, "f"));
         assert!(!defines(&fixed, "g"));
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn cases() -> u32 {
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2000)
+        }
+
+        /// Python-shaped text: the delimiters the scanner tracks, keywords it classifies,
+        /// and arbitrary Unicode (multi-byte characters next to quotes and backslashes).
+        fn pythonish() -> impl Strategy<Value = String> {
+            let fixed = [
+                "\"\"\"", "'''", "\"", "'", "\\", "#", "\n", "\r\n", "    ", "\t", "(", ")", "[",
+                "}", "def f(a, b=(1, 2)) -> int:", "def ≤(", "class A:", "import os",
+                "from x import (y,", "@dec", "if __name__ == '__main__':", ">>> f(1)", "... 2",
+                "```python\n", "```", "≤➞é😀",
+            ];
+            let piece = prop_oneof![
+                prop::sample::select(fixed.to_vec()).prop_map(String::from),
+                any::<char>().prop_map(String::from),
+                "\\PC{0,6}",
+            ];
+            prop::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+        }
+
+        fn no_space(s: &str) -> String {
+            s.chars()
+                .filter(|c| !c.is_whitespace())
+                .collect()
+        }
+
+        fn all_reads(src: &str) {
+            for s in signatures(src) {
+                assert!(src.contains(&s.text), "{s:?}");
+                assert!(!s.name.is_empty());
+            }
+            if let Some(s) = signature_of(src) {
+                assert!(src.contains(&s.text), "{s:?}");
+            }
+            let _ = docstring_prose(src);
+            let _ = examples_test("solution", &examples(src));
+            let _ = extract_code(src);
+            let fixed = ensure_imports(src, src);
+            assert_eq!(ensure_imports(&fixed, src), fixed);
+            let _ = defines(src, "f");
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+            /// Splitting never panics and loses nothing but blank space.
+            #[test]
+            fn prop_statements_keep_every_character(src in pythonish()) {
+                let joined: String = statements(&src).iter().map(|s| s.text.as_str()).collect();
+                prop_assert_eq!(no_space(&joined), no_space(&src));
+            }
+
+            #[test]
+            fn prop_python_reads_never_panic(src in pythonish()) {
+                all_reads(&src);
+            }
+
+            #[test]
+            fn prop_python_reads_on_arbitrary_unicode(src in "\\PC{0,200}") {
+                let joined: String = statements(&src).iter().map(|s| s.text.as_str()).collect();
+                prop_assert_eq!(no_space(&joined), no_space(&src));
+                all_reads(&src);
+            }
+        }
     }
 }

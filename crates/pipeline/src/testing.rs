@@ -16,6 +16,9 @@ use crate::llm::{BoxFuture, LanguageModel};
 use crate::prompts::Prompts;
 use crate::task::TaskRequest;
 
+/// An answer that makes the call panic instead.
+pub const PANIC: &str = "<panic>";
+
 /// Each stage's template opens its system block with this.
 pub fn marker(stage: &str) -> &'static str {
     match stage {
@@ -149,6 +152,10 @@ impl LanguageModel for ScriptedModel {
             let _in_flight = in_flight;
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
+            }
+            // Stands in for a bug that some model output reaches.
+            if answer == PANIC {
+                panic!("scripted panic");
             }
             // A word is a token; an answer longer than the budget is cut after it.
             let mut c = Completion::default();

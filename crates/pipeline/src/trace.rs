@@ -144,6 +144,8 @@ pub struct Recorder {
     started: Instant,
     data: Arc<Mutex<TraceData>>,
     events: Option<UnboundedSender<JobEvent>>,
+    /// The stage of the latest event: where a job that fails was.
+    current: Arc<Mutex<Option<Stage>>>,
 }
 
 impl Recorder {
@@ -153,6 +155,7 @@ impl Recorder {
             started: Instant::now(),
             data: Arc::default(),
             events,
+            current: Arc::default(),
         }
     }
 
@@ -178,6 +181,9 @@ impl Recorder {
             elapsed_ms: self.elapsed_ms(),
         };
         tracing::debug!(job = ev.job, stage = stage.name(), status = ?status, "{}", ev.message);
+        if let Ok(mut c) = self.current.lock() {
+            *c = Some(stage);
+        }
         if let Some(tx) = &self.events {
             let _ = tx.send(ev);
         }
@@ -209,6 +215,11 @@ impl Recorder {
         if let Ok(mut d) = self.data.lock() {
             d.llm_calls.push(rec);
         }
+    }
+
+    /// The stage of the latest event, if any.
+    pub fn current_stage(&self) -> Option<Stage> {
+        self.current.lock().ok().and_then(|c| *c)
     }
 
     pub fn snapshot(&self) -> TraceData {

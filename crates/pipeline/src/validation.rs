@@ -184,7 +184,12 @@ async fn run(inner: Arc<Inner>) {
             continue;
         }
         inner.state.lock().expect("queue lock").stats.running += 1;
-        let verdict = (item.work)().await;
+        // A check runs as its own task: if it panics (a bug reached by some output), that
+        // item fails with the panic's message and this runner goes on serving every job.
+        let verdict = match tokio::spawn((item.work)()).await {
+            Ok(v) => v,
+            Err(e) => Verdict::internal_failure(&crate::join_error_message(e)),
+        };
         {
             let mut s = inner.state.lock().expect("queue lock");
             s.stats.running -= 1;
@@ -208,6 +213,25 @@ mod tests {
             passed,
             ..Verdict::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_check_fails_its_item_and_the_runner_survives() {
+        let q = ValidationQueue::start(1);
+        let (tx, mut rx) = unbounded_channel();
+        let p = ValidationPriority {
+            critical: false,
+            attempt: 0,
+        };
+        q.submit(p, 0, tx.clone(), || Box::pin(async { panic!("boom at 3") }));
+        q.submit(p, 1, tx, || Box::pin(async { verdict(true) }));
+        let (i, v) = rx.recv().await.unwrap();
+        assert_eq!(i, 0);
+        assert!(!v.passed && !v.executed);
+        assert!(v.feedback.contains("boom at 3"), "{}", v.feedback);
+        let (i, v) = rx.recv().await.unwrap();
+        assert_eq!((i, v.passed), (1, true));
+        assert_eq!(q.stats().failed, 1);
     }
 
     #[tokio::test]

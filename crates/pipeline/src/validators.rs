@@ -73,6 +73,27 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// A check that could not finish because forgeline itself failed (a panic): a hard
+    /// failure that claims nothing about the output.
+    pub fn internal_failure(why: &str) -> Self {
+        let detail = format!("internal error in forgeline, not in the code: {why}");
+        Self {
+            passed: false,
+            score: 0.0,
+            checks: vec![CheckResult {
+                name: "internal".into(),
+                passed: false,
+                hard: true,
+                detail: detail.clone(),
+                tests: None,
+            }],
+            judge: None,
+            feedback: detail,
+            executed: false,
+            files: Vec::new(),
+        }
+    }
+
     fn add(&mut self, c: CheckResult) {
         self.checks.push(c);
     }
@@ -161,9 +182,10 @@ impl JobContext {
             .sandbox
             .limits()
             .clone()
-            .with_timeout(Duration::from_secs_f64(
-                self.config.limits.sandbox_timeout_s,
-            ));
+            .with_timeout(
+                Duration::try_from_secs_f64(self.config.limits.sandbox_timeout_s)
+                    .unwrap_or(Duration::from_secs(crate::config::MAX_SANDBOX_TIMEOUT_S as u64)),
+            );
         self.sandbox.run(job.with_limits(limits)).await
     }
 
@@ -511,7 +533,7 @@ async fn judge(
 
 /// What a review cut off by its token budget had already said. The schema puts `pass` first,
 /// so a cut answer still holds the verdict, and the problems it finished listing.
-fn cut_judgement(text: &str) -> Option<Judgement> {
+pub(crate) fn cut_judgement(text: &str) -> Option<Judgement> {
     fn after<'a>(s: &'a str, token: &str) -> Option<&'a str> {
         s.trim_start().strip_prefix(token)
     }
