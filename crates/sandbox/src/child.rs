@@ -39,6 +39,7 @@ use seccompiler::BpfProgram;
 use serde::{Deserialize, Serialize};
 
 use crate::isolation::FsRules;
+use crate::unveil::{Unveil, UnveilSpec};
 
 /// The waiter's exit code when the program's status was lost (init died unexpectedly).
 const STATUS_LOST: i32 = 255;
@@ -78,6 +79,9 @@ pub(crate) struct SetupSpec {
     /// `CloneFlags` bits of the namespaces to enter.
     pub namespaces: i32,
     pub run_as: Option<u32>,
+    /// Directories to cover and bind back in a private mount namespace (see `unveil.rs`).
+    #[serde(default)]
+    pub unveil: Option<UnveilSpec>,
     /// The run's Landlock rules (with `workdir` writable), when Landlock is used.
     pub fs_rules: Option<FsRules>,
     pub workdir: PathBuf,
@@ -107,14 +111,20 @@ impl SetupSpec {
             ),
             None => None,
         };
+        let unveil = self.unveil.as_ref().map(UnveilSpec::prepare).transpose()?;
+        let mut namespaces = CloneFlags::from_bits_truncate(self.namespaces);
+        if unveil.is_some() {
+            namespaces |= CloneFlags::CLONE_NEWNS;
+        }
         Ok(ChildSetup {
+            unveil,
             rlimits: self
                 .rlimits
                 .iter()
                 .map(|&(limit, value)| (limit.resource(), value))
                 .collect(),
             cgroup_procs,
-            namespaces: CloneFlags::from_bits_truncate(self.namespaces),
+            namespaces,
             run_as: self.run_as,
             landlock,
             seccomp: seccomp.filter(|_| self.seccomp),
@@ -130,6 +140,7 @@ pub(crate) struct ChildSetup {
     pub namespaces: CloneFlags,
     /// The unprivileged user (and group) ID to switch to; only when running as root.
     pub run_as: Option<u32>,
+    pub unveil: Option<Unveil>,
     pub landlock: Option<RulesetCreated>,
     pub seccomp: Option<Arc<Vec<BpfProgram>>>,
 }
@@ -154,12 +165,13 @@ impl ChildSetup {
         if !self.namespaces.is_empty() {
             nix::sched::unshare(self.namespaces)?;
         }
+        if let Some(unveil) = &mut self.unveil {
+            unveil.apply()?;
+        }
         if self.namespaces.contains(CloneFlags::CLONE_NEWPID) {
             supervise()?;
         }
-        if let Some(id) = self.run_as {
-            become_unprivileged(id)?;
-        }
+        drop_capabilities(self.run_as)?;
         for &(resource, limit) in &self.rlimits {
             let hard = if resource == Resource::RLIMIT_CPU {
                 // SIGXCPU at the soft limit, SIGKILL a second later if it is caught.
@@ -184,14 +196,12 @@ impl ChildSetup {
     }
 }
 
-/// Linux capability number of CAP_DAC_READ_SEARCH.
-const CAP_DAC_READ_SEARCH: u32 = 2;
-
-/// Switches from root to user and group `id`, keeping only CAP_DAC_READ_SEARCH (as an
-/// ambient capability, so that it survives exec): the program can then read the Python
-/// installation wherever it is (pyenv puts it under /root), while Landlock decides what it
-/// may read, and it owns nothing outside its run directory, so it cannot chmod host files.
-fn become_unprivileged(id: u32) -> io::Result<()> {
+/// Leaves the program no capability at all, in any set: the bounding set emptied first (so
+/// that no exec can regain one, not even as root), then, when running as root, the switch to
+/// user and group `run_as` (which clears the permitted and effective sets), then the ambient
+/// and inheritable sets and whatever is left of the others. File permissions then apply to
+/// the program as to any unprivileged user; see `unveil.rs` for a Python it could not read.
+fn drop_capabilities(run_as: Option<u32>) -> io::Result<()> {
     #[repr(C)]
     struct CapHeader {
         version: u32,
@@ -213,20 +223,35 @@ fn become_unprivileged(id: u32) -> io::Result<()> {
     };
     // SAFETY: plain system calls with valid arguments; nix has no capset.
     unsafe {
-        check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0).into())?;
-        check(libc::setgroups(0, std::ptr::null()).into())?;
-        check(libc::setresgid(id, id, id).into())?;
-        check(libc::setresuid(id, id, id).into())?;
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 {
+                // EINVAL: past the last capability. EPERM: no CAP_SETPCAP, so no capability
+                // to drop either (a caller that is neither root nor in its own namespace).
+                break;
+            }
+        }
+        if let Some(id) = run_as {
+            check(libc::setgroups(0, std::ptr::null()).into())?;
+            check(libc::setresgid(id, id, id).into())?;
+            check(libc::setresuid(id, id, id).into())?;
+        }
+        // EINVAL on kernels without ambient capabilities, which then have none to clear.
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
         let header = CapHeader {
             version: LINUX_CAPABILITY_VERSION_3,
             pid: 0,
         };
-        let bit = 1u32 << CAP_DAC_READ_SEARCH;
-        let data = [
+        let none = [
             CapData {
-                effective: bit,
-                permitted: bit,
-                inheritable: bit,
+                effective: 0,
+                permitted: 0,
+                inheritable: 0,
             },
             CapData {
                 effective: 0,
@@ -234,17 +259,7 @@ fn become_unprivileged(id: u32) -> io::Result<()> {
                 inheritable: 0,
             },
         ];
-        check(libc::syscall(libc::SYS_capset, &header, data.as_ptr()))?;
-        check(
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_RAISE,
-                CAP_DAC_READ_SEARCH as libc::c_ulong,
-                0,
-                0,
-            )
-            .into(),
-        )?;
+        check(libc::syscall(libc::SYS_capset, &header, none.as_ptr()))?;
     }
     Ok(())
 }

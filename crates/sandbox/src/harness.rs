@@ -52,6 +52,12 @@ impl HarnessDir {
             .prefix(&format!("forgeline-harness-{}-", std::process::id()))
             .tempdir_in(work_root)
             .map_err(|e| Error::io("create the harness directory", e))?;
+        // Runs read it as an unprivileged user with no capabilities.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .map_err(|e| Error::io("open the harness directory to runs", e))?;
         for (name, text) in FILES {
             std::fs::write(dir.path().join(name), text)
                 .map_err(|e| Error::io(format!("write the harness file {name}"), e))?;

@@ -78,6 +78,8 @@ pub(crate) struct IsolationPlan {
     pub namespaces: CloneFlags,
     /// When running as root: the unprivileged ID the program switches to.
     pub run_as: Option<u32>,
+    /// With `run_as`: what to cover and bind back so that the run can read Python.
+    pub unveil: Option<crate::unveil::UnveilSpec>,
     pub fs_rules: Option<FsRules>,
     pub seccomp: Option<Arc<Vec<BpfProgram>>>,
     pub cgroups: Option<Arc<CgroupPool>>,
@@ -90,6 +92,7 @@ impl IsolationPlan {
         IsolationPlan {
             namespaces: CloneFlags::empty(),
             run_as: None,
+            unveil: None,
             fs_rules: None,
             seccomp: None,
             cgroups: None,
@@ -131,7 +134,8 @@ const SYSTEM_READ: &[&str] = &[
     "/etc/mime.types",
     "/etc/os-release",
     "/etc/alternatives",
-    "/etc/ssl",
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
 ];
 
 const DEVICES: &[&str] = &[
@@ -443,6 +447,7 @@ mod tests {
         let full = IsolationPlan {
             namespaces: namespace_candidates(false)[0].0,
             run_as: Some(SANDBOX_ID),
+            unveil: None,
             fs_rules: Some(FsRules {
                 read: vec![],
                 devices: vec![],

@@ -123,6 +123,11 @@ mod tests {
             cgroup_procs: Some("/sys/fs/cgroup/forgeline-sandbox/run-1-2/cgroup.procs".into()),
             namespaces: libc_flags(),
             run_as: Some(65534),
+            unveil: Some(crate::unveil::UnveilSpec {
+                covers: vec!["/root".into()],
+                dirs: vec!["/root/py".into()],
+                binds: vec!["/root/py".into()],
+            }),
             fs_rules: None,
             workdir: "/tmp/forgeline-run-1".into(),
             seccomp: true,

@@ -86,9 +86,10 @@ mod limits;
 mod outcome;
 mod python;
 mod record;
-mod runner;
 mod rundir;
+mod runner;
 mod sandbox;
+mod unveil;
 
 pub use checks::{Check, Job, Module, TestKind, TestSuite};
 pub use error::{Error, Result};

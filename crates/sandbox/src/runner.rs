@@ -114,6 +114,7 @@ fn setup_spec(launch: &Launch, cgroup: Option<&RunCgroup>) -> SetupSpec {
         cgroup_procs: cgroup.map(RunCgroup::procs_path),
         namespaces: plan.namespaces.bits(),
         run_as: plan.run_as,
+        unveil: plan.unveil.clone().filter(|_| plan.run_as.is_some()),
         fs_rules: plan.fs_rules.clone(),
         workdir: launch.workdir.clone(),
         seccomp: plan.seccomp.is_some(),

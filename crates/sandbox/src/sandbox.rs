@@ -22,6 +22,7 @@ use crate::python::{self, PythonInfo};
 use crate::record::{self, RecordFile};
 use crate::rundir::{self, RunDir};
 use crate::runner::{self, Launch};
+use crate::unveil::UnveilSpec;
 use crate::{Error, Result};
 
 /// How the sandbox is set up.
@@ -318,6 +319,18 @@ async fn probe_isolation(
     };
 
     let mut plan = IsolationPlan::nothing();
+    if root {
+        // The program keeps no capability: what it needs must be readable to the sandbox
+        // user as it is, or be made so in its own mount namespace.
+        let mut needed: Vec<PathBuf> = python.prefixes.clone();
+        needed.extend(python.path.iter().cloned());
+        needed.extend(python.site_packages.iter().cloned());
+        needed.extend(python.executable.parent().map(Path::to_path_buf));
+        needed.push(harness_dir.to_path_buf());
+        needed.push(work_root.to_path_buf());
+        needed.retain(|p| p.is_dir());
+        plan.unveil = UnveilSpec::needed(&needed, crate::isolation::SANDBOX_ID);
+    }
     for (namespaces, run_as) in namespace_candidates(root) {
         plan.namespaces = namespaces;
         plan.run_as = run_as;
