@@ -6,14 +6,19 @@
 //! format; templates also call Python string methods (`.strip()`, `.startswith()`), which
 //! minijinja-contrib's pycompat provides. A model without a template gets ChatML.
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::quantized::gguf_file::Content;
-use minijinja::value::Kwargs;
-use minijinja::{context, Environment, ErrorKind, Value};
+use minijinja::value::{Kwargs, Rest, StringInput};
+use minijinja::{context, Environment, ErrorKind, State, Value};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::model::files;
 use crate::tokenizer::Tokenizer;
 
 /// One turn of a conversation.
@@ -49,11 +54,26 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}\
 
 const NAME: &str = "chat";
 
+/// Template instructions one render may run. Real templates run a few dozen per message;
+/// without a limit, nested loops over `range(100000)` would run for ever.
+pub const FUEL: u64 = 200_000;
+/// Nested blocks, loops and macro calls.
+const RECURSION_LIMIT: usize = 100;
+/// Bytes a render may write (a prompt far beyond any context window).
+pub const MAX_OUTPUT: usize = 16 << 20;
+/// Size arguments of filters (indent width, batch and slice counts, format widths): the
+/// built-in filters allocate whatever they are asked for.
+const MAX_SIZE_ARG: usize = 100_000;
+/// Work inside one filter call uses no fuel; a render running this long is abandoned.
+pub const RENDER_DEADLINE: Duration = Duration::from_secs(10);
+
 /// A compiled chat template with the BOS/EOS strings it may reference.
 #[derive(Clone)]
 pub struct ChatTemplate {
-    env: Environment<'static>,
+    env: Arc<Environment<'static>>,
     source: String,
+    /// Where the template came from, for errors ("model.gguf, key tokenizer.chat_template").
+    origin: String,
     bos: Option<String>,
     eos: Option<String>,
 }
@@ -62,6 +82,7 @@ impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTemplate")
             .field("source", &self.source)
+            .field("origin", &self.origin)
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .finish()
@@ -75,32 +96,67 @@ impl ChatTemplate {
         bos_token: Option<String>,
         eos_token: Option<String>,
     ) -> Result<Self> {
+        Self::compile(source, String::new(), bos_token, eos_token)
+    }
+
+    /// As `new`, with `origin` (the file, and the key within it) named in every error.
+    pub fn compile(
+        source: String,
+        origin: String,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(FUEL));
+        env.set_recursion_limit(RECURSION_LIMIT);
+        env.set_unknown_method_callback(py_method);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.clone())
-            .map_err(|e| Error::Template(format!("cannot compile: {e:#}")))?;
-        Ok(Self {
-            env,
-            source,
+        env.add_filter("indent", indent);
+        env.add_filter("batch", batch);
+        env.add_filter("slice", slice);
+        env.add_filter("replace", replace);
+        env.add_filter("format", format);
+        let mut t = Self {
+            env: Arc::new(Environment::empty()),
+            source: source.clone(),
+            origin,
             bos: bos_token,
             eos: eos_token,
-        })
+        };
+        // The parser recurses on nesting; a panic in it is one more compile error.
+        let added =
+            std::panic::catch_unwind(AssertUnwindSafe(|| env.add_template_owned(NAME, source)));
+        match added {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(t.err(format!("cannot compile: {e:#}"))),
+            Err(_) => return Err(t.err("cannot compile: the template engine panicked".into())),
+        }
+        t.env = Arc::new(env);
+        Ok(t)
     }
 
-    /// The template in `tokenizer.chat_template`, if the GGUF has one.
-    pub fn from_gguf(content: &Content, tok: &Tokenizer) -> Result<Option<Self>> {
+    fn err(&self, msg: String) -> Error {
+        if self.origin.is_empty() {
+            Error::Template(msg)
+        } else {
+            Error::Template(format!("{}: {msg}", self.origin))
+        }
+    }
+
+    /// The template in `tokenizer.chat_template`, if the GGUF at `path` has one.
+    pub fn from_gguf(content: &Content, path: &Path, tok: &Tokenizer) -> Result<Option<Self>> {
         let Some(v) = content.metadata.get("tokenizer.chat_template") else {
             return Ok(None);
         };
         let source = v
             .to_string()
-            .map_err(|_| Error::Template("tokenizer.chat_template is not a string".into()))?;
-        Self::with_tokens(source.clone(), tok).map(Some)
+            .map_err(|_| Error::bad_model(path, "tokenizer.chat_template is not a string"))?;
+        let origin = format!("{}, key tokenizer.chat_template", path.display());
+        Self::with_tokens(source.clone(), origin, tok).map(Some)
     }
 
     /// The template in tokenizer_config.json's `chat_template` (a string, or a list of named
@@ -112,14 +168,14 @@ impl ChatTemplate {
         } else {
             (path.to_path_buf(), path.parent().unwrap_or(Path::new(".")))
         };
-        let config: serde_json::Value = match std::fs::read(&file) {
+        let config: serde_json::Value = match files::read_capped(&file, files::MAX_TEXT_FILE) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| Error::bad_model(&file, format!("bad JSON: {e}")))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
-            Err(e) => return Err(Error::io(&file, e)),
+            Err(e) if files::is_not_found(&e) => serde_json::Value::Null,
+            Err(e) => return Err(e),
         };
         let source = match config.get("chat_template") {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::String(s)) => Some((s.clone(), origin(&file))),
             Some(serde_json::Value::Array(list)) => {
                 let named = |name: &str| {
                     list.iter()
@@ -133,14 +189,14 @@ impl ChatTemplate {
                         "chat_template list has no template named \"default\"",
                     )
                 })?;
-                Some(source.to_string())
+                Some((source.to_string(), origin(&file)))
             }
             Some(serde_json::Value::Null) | None => {
                 let jinja = dir.join("chat_template.jinja");
-                match std::fs::read_to_string(&jinja) {
-                    Ok(s) => Some(s),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                    Err(e) => return Err(Error::io(&jinja, e)),
+                match files::read_text(&jinja) {
+                    Ok(s) => Some((s, jinja.display().to_string())),
+                    Err(e) if files::is_not_found(&e) => None,
+                    Err(e) => return Err(e),
                 }
             }
             Some(_) => {
@@ -150,21 +206,39 @@ impl ChatTemplate {
                 ))
             }
         };
-        source.map(|s| Self::with_tokens(s, tok)).transpose()
+        source
+            .map(|(s, origin)| Self::with_tokens(s, origin, tok))
+            .transpose()
     }
 
     /// ChatML, for models without a template of their own.
     pub fn chatml(tok: &Tokenizer) -> Self {
-        Self::with_tokens(CHATML_TEMPLATE.to_string(), tok)
+        Self::with_tokens(CHATML_TEMPLATE.to_string(), "built-in ChatML".into(), tok)
             .expect("the built-in ChatML template compiles")
     }
 
-    fn with_tokens(source: String, tok: &Tokenizer) -> Result<Self> {
-        Self::new(
+    fn with_tokens(source: String, origin: String, tok: &Tokenizer) -> Result<Self> {
+        Self::compile(
             source,
+            origin,
             tok.bos_token().map(str::to_string),
             tok.eos_token().map(str::to_string),
         )
+    }
+
+    /// Renders a one-message conversation, so that a template that cannot render at all
+    /// (out of fuel, too much output, too slow) fails the load, naming its file, rather
+    /// than every request. Errors that depend on the conversation (`raise_exception` on
+    /// roles, say) are only logged: real requests may well satisfy the template.
+    pub fn probe(&self) -> Result<()> {
+        match self.render(&[ChatMessage::user("Hello")], true) {
+            Err(e) if e.to_string().contains(LIMIT_MARK) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "the chat template fails on a one-message chat");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+        }
     }
 
     pub fn source(&self) -> &str {
@@ -172,20 +246,222 @@ impl ChatTemplate {
     }
 
     /// Renders the conversation; with `add_generation_prompt` the result ends where the
-    /// assistant's answer starts. `raise_exception` in the template becomes an error here.
+    /// assistant's answer starts. `raise_exception` in the template becomes an error here,
+    /// as do running out of fuel, writing more than `MAX_OUTPUT` bytes and taking longer
+    /// than `RENDER_DEADLINE`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        // On its own thread, so that work fuel does not see (inside one filter call) cannot
+        // hold the caller past the deadline.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let this = self.clone();
+        let msgs = messages.to_vec();
+        let spawned = std::thread::Builder::new()
+            .name("chat-template".into())
+            .spawn(move || {
+                let _ = tx.send(this.render_here(&msgs, add_generation_prompt));
+            });
+        if spawned.is_err() {
+            return self.render_here(messages, add_generation_prompt);
+        }
+        match rx.recv_timeout(RENDER_DEADLINE) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(self.err(format!(
+                "render: {LIMIT_MARK}: took longer than {} s and was abandoned",
+                RENDER_DEADLINE.as_secs()
+            ))),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(self.err("render: the template engine failed".into()))
+            }
+        }
+    }
+
+    fn render_here(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let tmpl = self
             .env
             .get_template(NAME)
-            .map_err(|e| Error::Template(format!("{e:#}")))?;
-        tmpl.render(context! {
+            .map_err(|e| self.err(format!("{e:#}")))?;
+        let ctx = context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.as_deref().unwrap_or(""),
             eos_token => self.eos.as_deref().unwrap_or(""),
-        })
-        .map_err(|e| Error::Template(format!("render: {e:#}")))
+        };
+        let mut out = CappedWriter::default();
+        let res = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            tmpl.render_captured_to(ctx, &mut out).map(|_| ())
+        }));
+        match res {
+            Ok(Ok(())) => String::from_utf8(out.buf)
+                .map_err(|_| self.err("render: the output is not UTF-8".into())),
+            Ok(Err(_)) if out.overflow => Err(self.err(format!(
+                "render: {LIMIT_MARK}: the output exceeds {MAX_OUTPUT} bytes"
+            ))),
+            Ok(Err(e)) if e.kind() == ErrorKind::OutOfFuel => Err(self.err(format!(
+                "render: {LIMIT_MARK}: ran out of fuel after {FUEL} steps (a loop that does not end?)"
+            ))),
+            Ok(Err(e)) => Err(self.err(format!("render: {e:#}"))),
+            Err(_) => Err(self.err("render: the template engine panicked".into())),
+        }
     }
+}
+
+/// Marks the errors of a template that exceeds a resource limit.
+const LIMIT_MARK: &str = "over its limits";
+
+/// Collects output up to `MAX_OUTPUT` bytes; a write past it fails the render.
+#[derive(Default)]
+struct CappedWriter {
+    buf: Vec<u8>,
+    overflow: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > MAX_OUTPUT {
+            self.overflow = true;
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn origin(file: &Path) -> String {
+    format!("{}, key chat_template", file.display())
+}
+
+fn too_large(what: &str, n: usize, max: usize) -> minijinja::Error {
+    minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{what} {n} is over the limit of {max}"),
+    )
+}
+
+fn size_arg(what: &str, n: usize) -> std::result::Result<(), minijinja::Error> {
+    if n > MAX_SIZE_ARG {
+        return Err(too_large(what, n, MAX_SIZE_ARG));
+    }
+    Ok(())
+}
+
+/// Rejects integer arguments past `MAX_SIZE_ARG` (widths given with `*` or `{}`) and width
+/// digits of that size written in the format string itself.
+fn check_format(fmt: &str, args: &[Value]) -> std::result::Result<(), minijinja::Error> {
+    for a in args {
+        if let Ok(n) = i64::try_from(a.clone()) {
+            size_arg("format argument", n.unsigned_abs() as usize)?;
+        }
+    }
+    let digits = MAX_SIZE_ARG.to_string().len();
+    let mut run = 0;
+    for c in fmt.chars() {
+        run = if c.is_ascii_digit() { run + 1 } else { 0 };
+        if run >= digits {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("format strings with numbers of {digits} or more digits are refused"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The length of `s` with every `from` replaced by `to` (an empty `from` matches between
+/// every two characters, as Python's `str.replace` does).
+fn replaced_len(s: &str, from: &str, to: &str) -> usize {
+    let n = if from.is_empty() {
+        s.chars().count() + 1
+    } else {
+        s.matches(from).count()
+    };
+    let kept = s.len() - n.saturating_mul(from.len()).min(s.len());
+    kept.saturating_add(n.saturating_mul(to.len()))
+}
+
+fn check_replace(s: &str, from: &str, to: &str) -> std::result::Result<(), minijinja::Error> {
+    let n = replaced_len(s, from, to);
+    if n > MAX_OUTPUT {
+        return Err(too_large("replace result of", n, MAX_OUTPUT));
+    }
+    Ok(())
+}
+
+fn indent(
+    value: StringInput<'_>,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
+    let width = match width {
+        Some(w) => Some(w),
+        None => kwargs.get::<Option<usize>>("width")?,
+    };
+    size_arg("indent width", width.unwrap_or(0))?;
+    minijinja::filters::indent(value, width, first, blank, kwargs)
+}
+
+fn batch(
+    state: &State,
+    value: Value,
+    count: usize,
+    fill: Option<Value>,
+) -> std::result::Result<Value, minijinja::Error> {
+    size_arg("batch size", count)?;
+    minijinja::filters::batch(state, value, count, fill)
+}
+
+fn slice(
+    state: &State,
+    value: Value,
+    count: usize,
+    fill: Option<Value>,
+) -> std::result::Result<Value, minijinja::Error> {
+    size_arg("slice count", count)?;
+    minijinja::filters::slice(state, value, count, fill)
+}
+
+fn replace(
+    state: &State,
+    value: StringInput<'_>,
+    from: StringInput<'_>,
+    to: StringInput<'_>,
+) -> std::result::Result<Value, minijinja::Error> {
+    check_replace(value.as_str(), from.as_str(), to.as_str())?;
+    minijinja::filters::replace(state, value, from, to)
+}
+
+fn format(
+    state: &State,
+    fmt: &Value,
+    args: Rest<Value>,
+) -> std::result::Result<Value, minijinja::Error> {
+    check_format(fmt.as_str().unwrap_or(""), &args)?;
+    minijinja::filters::format(state, fmt, args)
+}
+
+/// Python's string methods (pycompat), with the size checks of the filters above.
+fn py_method(
+    state: &State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> std::result::Result<Value, minijinja::Error> {
+    if let Some(s) = value.as_str() {
+        match (method, args) {
+            ("replace", [from, to, ..]) => {
+                if let (Some(from), Some(to)) = (from.as_str(), to.as_str()) {
+                    check_replace(s, from, to)?;
+                }
+            }
+            ("format", _) => check_format(s, args)?,
+            _ => {}
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
 
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {

@@ -7,6 +7,7 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::chat::ChatTemplate;
+use crate::model::files;
 use crate::model::weights::{GgufSource, SafetensorsSource, WeightSource};
 use crate::model::{Model, ModelConfig};
 use crate::registry::{Format, ModelLocation};
@@ -57,8 +58,9 @@ fn open(loc: &ModelLocation) -> Result<Parts> {
             let src = GgufSource::open(&loc.path)?;
             let cfg = ModelConfig::from_gguf(&src.content, &loc.path)?;
             let tokenizer = Tokenizer::from_gguf(&src.content, &loc.path)?;
-            let template = ChatTemplate::from_gguf(&src.content, &tokenizer)?
+            let template = ChatTemplate::from_gguf(&src.content, &loc.path, &tokenizer)?
                 .unwrap_or_else(|| ChatTemplate::chatml(&tokenizer));
+            template.probe()?;
             Ok(Parts {
                 cfg,
                 tokenizer,
@@ -69,7 +71,7 @@ fn open(loc: &ModelLocation) -> Result<Parts> {
         Format::Safetensors => {
             let dir = &loc.path;
             let cfg_path = dir.join("config.json");
-            let json = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let json = files::read_text(&cfg_path)?;
             let cfg = ModelConfig::from_hf_config(&json, &cfg_path)?;
             let tok_path = dir.join("tokenizer.json");
             if !tok_path.exists() {
@@ -83,6 +85,7 @@ fn open(loc: &ModelLocation) -> Result<Parts> {
                 None
             }
             .unwrap_or_else(|| ChatTemplate::chatml(&tokenizer));
+            template.probe()?;
             let src = SafetensorsSource::open(dir)?;
             Ok(Parts {
                 cfg: cfg.clone(),
@@ -110,6 +113,7 @@ fn info(loc: &ModelLocation, p: &Parts) -> ModelInfo {
         (c.num_heads * c.head_dim) as u64,
         (c.num_kv_heads * c.head_dim) as u64,
     );
+    // `validate` bounds every size, so none of these products comes near u64::MAX.
     let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
     let head = if c.tie_word_embeddings { 0 } else { v * h };
     ModelInfo {

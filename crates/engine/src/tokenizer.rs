@@ -18,6 +18,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
+use crate::model::files;
 
 /// GPT-2's split regex as llama.cpp writes it (no trailing `\s+`: unmatched spans stay pieces).
 const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
@@ -145,9 +146,7 @@ impl std::fmt::Debug for Tokenizer {
 impl Tokenizer {
     /// Reads the GGUF header at `path` and builds the tokenizer from its metadata.
     pub fn from_gguf_file(path: &Path) -> Result<Self> {
-        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = Content::read(&mut f)
-            .map_err(|e| Error::bad_model(path, format!("not a GGUF file: {e}")))?;
+        let (_, content) = crate::model::gguf::read_file(path)?;
         Self::from_gguf(&content, path)
     }
 
@@ -166,6 +165,9 @@ impl Tokenizer {
             }
         }
         let tokens = gguf_strings(md, "tokenizer.ggml.tokens", path)?;
+        if tokens.is_empty() {
+            return Err(bad("tokenizer.ggml.tokens is empty".into()));
+        }
         let merges = gguf_strings(md, "tokenizer.ggml.merges", path)?;
         let types = match md.get("tokenizer.ggml.token_type") {
             Some(v) => gguf_array(v, "tokenizer.ggml.token_type", path)?
@@ -195,9 +197,15 @@ impl Tokenizer {
                 return Ok(None);
             };
             let id = gguf_int(v, key, path)?;
-            if id < 0 || id as usize >= tokens.len() {
-                // llama.cpp writes -1 (or u32::MAX) for "none".
+            // llama.cpp writes -1 (or u32::MAX) for "none".
+            if id < 0 || id == i64::from(u32::MAX) {
                 return Ok(None);
+            }
+            if id as u64 >= tokens.len() as u64 {
+                return Err(bad(format!(
+                    "{key} is {id}, outside the vocabulary of {} tokens",
+                    tokens.len()
+                )));
             }
             Ok(Some(id as u32))
         };
@@ -230,9 +238,18 @@ impl Tokenizer {
     /// Loads a tokenizer.json. BOS/EOS come from tokenizer_config.json and
     /// generation_config.json beside it when present.
     pub fn from_file(tokenizer_json: &Path) -> Result<Self> {
-        let bytes = std::fs::read(tokenizer_json).map_err(|e| Error::io(tokenizer_json, e))?;
-        let hf = tokenizers::Tokenizer::from_bytes(&bytes)
+        let bytes = files::read_capped(tokenizer_json, files::MAX_TEXT_FILE)?;
+        // The tokenizers crate validates as it builds; a panic in it is one more error here.
+        let hf = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|_| "the tokenizers library panicked on it".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|e| Error::bad_model(tokenizer_json, format!("bad tokenizer.json: {e}")))?;
+        if hf.get_vocab_size(true) == 0 {
+            return Err(Error::bad_model(
+                tokenizer_json,
+                "bad tokenizer.json: the vocabulary is empty",
+            ));
+        }
         let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
         let config = read_json_if_exists(&dir.join("tokenizer_config.json"))?;
         let gen = read_json_if_exists(&dir.join("generation_config.json"))?;
@@ -260,7 +277,7 @@ impl Tokenizer {
                     .collect::<Vec<_>>()
                     .join("\n"),
             ),
-            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+            _ => files::read_text(&dir.join("chat_template.jinja")).ok(),
         };
         add_end_tokens(&hf, template.as_deref(), &mut eos_ids);
         let add_bos = match field("add_bos_token").and_then(|v| v.as_bool()) {
@@ -273,6 +290,19 @@ impl Tokenizer {
         };
         let pad_id = named_id("pad_token").or_else(|| gen_ids("pad_token_id").first().copied());
         let vocab_size = hf.get_vocab_size(true);
+        // generation_config.json's ids are numbers, not names: they must be in the vocabulary.
+        let in_vocab = |what: &str, id: Option<&u32>| match id {
+            Some(&id) if id as usize >= vocab_size => Err(Error::bad_model(
+                dir.join("generation_config.json"),
+                format!("{what} {id} is outside the vocabulary of {vocab_size} tokens"),
+            )),
+            _ => Ok(()),
+        };
+        in_vocab("bos_token_id", bos_id.as_ref())?;
+        in_vocab("pad_token_id", pad_id.as_ref())?;
+        for id in &eos_ids {
+            in_vocab("eos_token_id", Some(id))?;
+        }
         let mut tok = Self::assemble(hf, bos_id, eos_ids, add_bos, vocab_size);
         tok.pad_id = pad_id;
         Ok(tok)
@@ -532,12 +562,12 @@ fn gguf_int(v: &Value, key: &str, path: &Path) -> Result<i64> {
 }
 
 fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {
-    match std::fs::read(path) {
+    match files::read_capped(path, files::MAX_TEXT_FILE) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| Error::bad_model(path, format!("bad JSON: {e}"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(path, e)),
+        Err(e) if files::is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

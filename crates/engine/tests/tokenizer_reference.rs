@@ -12,8 +12,7 @@ use forgeline_engine::tokenizer::Tokenizer;
 const REFERENCE: &str = include_str!("data/smollm2-135m-instruct-tokens.json");
 
 fn default_model() -> (Tokenizer, Content) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = path_of_default();
     assert!(
         path.exists(),
         "default model missing at {}: run scripts/fetch-default-model",
@@ -22,6 +21,10 @@ fn default_model() -> (Tokenizer, Content) {
     let mut f = std::fs::File::open(&path).unwrap();
     let content = Content::read(&mut f).unwrap();
     (Tokenizer::from_gguf(&content, &path).unwrap(), content)
+}
+
+fn path_of_default() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 #[test]
@@ -74,7 +77,7 @@ fn default_model_stream_holds_back_split_emoji() {
 #[test]
 fn default_model_chat_template() {
     let (tok, content) = default_model();
-    let template = ChatTemplate::from_gguf(&content, &tok)
+    let template = ChatTemplate::from_gguf(&content, &path_of_default(), &tok)
         .unwrap()
         .expect("SmolLM2 has a template");
     let messages = [

@@ -272,11 +272,15 @@ fn chatml_default_and_sources() {
         t.render(&sys_user()[..1], true).unwrap(),
         "<|im_start|>system\nYou write Python.<|im_end|>\n<|im_start|>assistant\n"
     );
-    assert!(ChatTemplate::from_gguf(&tiny_gguf("smollm", None), &tok)
-        .unwrap()
-        .is_none());
+    assert!(
+        ChatTemplate::from_gguf(&tiny_gguf("smollm", None), Path::new("t.gguf"), &tok)
+            .unwrap()
+            .is_none()
+    );
     let content = tiny_gguf("smollm", Some("{{ bos_token }}{{ eos_token }}"));
-    let t = ChatTemplate::from_gguf(&content, &tok).unwrap().unwrap();
+    let t = ChatTemplate::from_gguf(&content, Path::new("t.gguf"), &tok)
+        .unwrap()
+        .unwrap();
     assert_eq!(t.render(&[], false).unwrap(), "<|im_start|><|im_end|>");
 
     let dir = tempfile::tempdir().unwrap();

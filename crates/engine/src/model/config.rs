@@ -57,15 +57,38 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
 }
 
+/// Upper bounds of the hyper-parameters (several times the largest released models').
+const MAX_HIDDEN: usize = 1 << 17;
+const MAX_INTERMEDIATE: usize = 1 << 20;
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_HEADS: usize = 1 << 12;
+const MAX_HEAD_DIM: usize = 1 << 12;
+const MAX_VOCAB: usize = 1 << 23;
+const MAX_CONTEXT: usize = 1 << 21;
+
 impl ModelConfig {
-    /// Checks the relations the forward pass relies on; `path` names the file in errors.
+    /// Checks the relations the forward pass relies on, and that every size is positive and
+    /// within a bound no real model reaches (the rotary table alone is context x head_dim
+    /// floats, allocated at load); `path` names the file in errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| Err(Error::bad_model(path, msg));
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
-            return bad(format!(
-                "heads ({}), kv heads ({}) and layers ({}) must all be positive",
-                self.num_heads, self.num_kv_heads, self.num_layers
-            ));
+        for (what, v, max) in [
+            ("hidden size", self.hidden_size, MAX_HIDDEN),
+            (
+                "intermediate size",
+                self.intermediate_size,
+                MAX_INTERMEDIATE,
+            ),
+            ("layer count", self.num_layers, MAX_LAYERS),
+            ("attention head count", self.num_heads, MAX_HEADS),
+            ("kv head count", self.num_kv_heads, MAX_HEADS),
+            ("head dimension", self.head_dim, MAX_HEAD_DIM),
+            ("vocabulary size", self.vocab_size, MAX_VOCAB),
+            ("context length", self.context_length, MAX_CONTEXT),
+        ] {
+            if v == 0 || v > max {
+                return bad(format!("{what} is {v}, expected 1 to {max}"));
+            }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
@@ -76,8 +99,17 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {} is odd", self.head_dim));
         }
-        if self.context_length == 0 {
-            return bad("context length is 0".into());
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(format!(
+                "RMS norm epsilon {} is not a finite non-negative number",
+                self.rms_norm_eps
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!(
+                "rope theta {} is not a finite positive number",
+                self.rope_theta
+            ));
         }
         Ok(())
     }
@@ -103,12 +135,24 @@ impl ModelConfig {
                 format!("partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim}) are not supported"),
             ));
         }
-        let vocab_size = match ct.metadata.get(&key("vocab_size")) {
-            Some(v) => v.to_u32()? as usize,
-            None => match ct.metadata.get("tokenizer.ggml.tokens") {
-                Some(v) => v.to_vec()?.len(),
-                None => tensor_dims(ct, "token_embd.weight", path)?[0],
-            },
+        let vocab_size = if ct.metadata.contains_key(&key("vocab_size")) {
+            u("vocab_size")?
+        } else if let Some(v) = ct.metadata.get("tokenizer.ggml.tokens") {
+            v.to_vec()
+                .map_err(|_| wrong_type(path, "tokenizer.ggml.tokens", v, "an array"))?
+                .len()
+        } else {
+            // GGUF lists dims outermost first: the embedding is [vocab, hidden].
+            let dims = tensor_dims(ct, "token_embd.weight", path)?;
+            match dims[..] {
+                [vocab, _] => vocab,
+                _ => {
+                    return Err(Error::bad_model(
+                        path,
+                        format!("tensor `token_embd.weight` has shape {dims:?}, expected [vocab, {hidden_size}]"),
+                    ))
+                }
+            }
         };
         let cfg = ModelConfig {
             arch,
@@ -247,31 +291,52 @@ fn md<'a>(ct: &'a gguf_file::Content, key: &str, path: &Path) -> Result<&'a gguf
         .ok_or_else(|| Error::bad_model(path, format!("missing GGUF metadata key `{key}`")))
 }
 
-fn wrong_type(path: &Path, key: &str, e: candle_core::Error) -> Error {
-    Error::bad_model(path, format!("GGUF metadata key `{key}`: {e}"))
+/// Names the type found, not the value (which may be a megabyte-long array).
+fn wrong_type(path: &Path, key: &str, v: &gguf_file::Value, expected: &str) -> Error {
+    Error::bad_model(
+        path,
+        format!(
+            "GGUF metadata key `{key}`: expected {expected}, found {:?}",
+            v.value_type()
+        ),
+    )
 }
 
 pub(crate) fn md_u32(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<u32> {
+    use gguf_file::Value as V;
     let v = md(ct, key, path)?;
-    // Writers differ on integer widths; accept any that fits.
-    v.to_u32()
-        .or_else(|_| v.to_u64().map(|x| x as u32))
-        .or_else(|_| v.to_i32().map(|x| x as u32))
-        .map_err(|e| wrong_type(path, key, e))
+    // Writers differ on integer widths; accept any whose value fits.
+    let wide: i128 = match *v {
+        V::U8(x) => x.into(),
+        V::I8(x) => x.into(),
+        V::U16(x) => x.into(),
+        V::I16(x) => x.into(),
+        V::U32(x) => x.into(),
+        V::I32(x) => x.into(),
+        V::U64(x) => x.into(),
+        V::I64(x) => x.into(),
+        _ => return Err(wrong_type(path, key, v, "an integer")),
+    };
+    u32::try_from(wide).map_err(|_| {
+        Error::bad_model(
+            path,
+            format!("GGUF metadata key `{key}`: {wide} is out of range"),
+        )
+    })
 }
 
 pub(crate) fn md_f32(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<f32> {
     let v = md(ct, key, path)?;
     v.to_f32()
         .or_else(|_| v.to_f64().map(|x| x as f32))
-        .map_err(|e| wrong_type(path, key, e))
+        .map_err(|_| wrong_type(path, key, v, "a float"))
 }
 
 pub(crate) fn md_string(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<String> {
-    md(ct, key, path)?
-        .to_string()
+    let v = md(ct, key, path)?;
+    v.to_string()
         .cloned()
-        .map_err(|e| wrong_type(path, key, e))
+        .map_err(|_| wrong_type(path, key, v, "a string"))
 }
 
 pub(crate) fn tensor_dims(ct: &gguf_file::Content, name: &str, path: &Path) -> Result<Vec<usize>> {

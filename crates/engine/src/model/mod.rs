@@ -11,7 +11,9 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
+pub(crate) mod files;
 pub mod generic_attention;
+pub mod gguf;
 pub mod qmatmul;
 mod swiglu;
 pub mod weights;
@@ -157,6 +159,8 @@ impl Model {
                 })
                 .collect()
         };
+        // Every shape first: a wrong one is named before gigabytes of weights are read.
+        check_shapes(&cfg, src)?;
         let linear = |src: &mut dyn WeightSource, w: Weight, rows, cols| src.linear(w, rows, cols);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
@@ -359,6 +363,39 @@ impl Model {
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         self.lm_head.forward(&x)
     }
+}
+
+/// Checks that every tensor `Model::load` reads is present with the shape `cfg` implies.
+fn check_shapes(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    for l in 0..cfg.num_layers {
+        let mut want = vec![
+            (Weight::AttnNorm(l), vec![h]),
+            (Weight::Q(l), vec![q, h]),
+            (Weight::K(l), vec![kv, h]),
+            (Weight::V(l), vec![kv, h]),
+            (Weight::O(l), vec![h, q]),
+            (Weight::FfnNorm(l), vec![h]),
+            (Weight::Gate(l), vec![i, h]),
+            (Weight::Up(l), vec![i, h]),
+            (Weight::Down(l), vec![h, i]),
+        ];
+        if src.has(Weight::QBias(l)) {
+            want.push((Weight::QBias(l), vec![q]));
+            want.push((Weight::KBias(l), vec![kv]));
+            want.push((Weight::VBias(l), vec![kv]));
+        }
+        for (w, shape) in want {
+            src.check_shape(w, &shape)?;
+        }
+    }
+    src.check_shape(Weight::Embed, &[v, h])?;
+    src.check_shape(Weight::LmHead, &[v, h])?;
+    src.check_shape(Weight::Norm, &[h])
 }
 
 fn plain(w: RawLinear, device: &Device) -> Result<Linear> {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
@@ -165,6 +165,8 @@ pub trait WeightSource {
     fn dense(&mut self, w: Weight, shape: &[usize], device: &Device) -> Result<Tensor>;
     /// Bytes of weights in the file, and a short name of their dominant storage type.
     fn summary(&self) -> (u64, String);
+    /// Checks that `w` is present with shape `want`, without reading its data.
+    fn check_shape(&self, w: Weight, want: &[usize]) -> Result<()>;
 }
 
 fn check_shape(path: &Path, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
@@ -186,30 +188,8 @@ pub struct GgufSource {
 
 impl GgufSource {
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| Error::bad_model(path, format!("not a readable GGUF file: {e}")))?;
-        // A truncated download reads fine until the first missing tensor; say so up front.
-        let mut need = content.tensor_data_offset;
-        for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let bs = info.ggml_dtype.block_size();
-            if elems % bs != 0 {
-                return Err(Error::bad_model(
-                    path,
-                    format!("tensor `{name}` has {elems} elements, not a multiple of its {:?} block size {bs}", info.ggml_dtype),
-                ));
-            }
-            let bytes = (elems / bs * info.ggml_dtype.type_size()) as u64;
-            need = need.max(content.tensor_data_offset + info.offset + bytes);
-        }
-        if len < need {
-            return Err(Error::bad_model(
-                path,
-                format!("file is truncated: its tensors need {need} bytes, the file has {len}"),
-            ));
-        }
+        // Validates every count, shape and offset (and that the tensors fit in the file).
+        let (file, content) = super::gguf::read_file(path)?;
         let arch = content
             .metadata
             .get("general.architecture")
@@ -256,6 +236,15 @@ impl GgufSource {
             .map_err(|e| Error::bad_model(&self.path, format!("reading tensor `{name}`: {e}")))
     }
 
+    /// The tensor that holds `w`: the tied output layer reads the embedding table.
+    fn resolve(&self, w: Weight) -> String {
+        if w == Weight::LmHead && !self.has(Weight::LmHead) {
+            Self::name(Weight::Embed)
+        } else {
+            Self::name(w)
+        }
+    }
+
     /// GGUF stores llama's q/k rows interleaved for the "normal" rotary convention.
     pub fn rope_interleaved(&self) -> bool {
         self.arch == "llama"
@@ -272,12 +261,7 @@ impl WeightSource for GgufSource {
     }
 
     fn linear(&mut self, w: Weight, rows: usize, cols: usize) -> Result<RawLinear> {
-        // The tied output layer reads the embedding table.
-        let name = if w == Weight::LmHead && !self.has(Weight::LmHead) {
-            Self::name(Weight::Embed)
-        } else {
-            Self::name(w)
-        };
+        let name = self.resolve(w);
         let qt = self.qtensor(&name, &[rows, cols])?;
         Ok(match qt.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
@@ -301,10 +285,12 @@ impl WeightSource for GgufSource {
         let mut bytes = 0u64;
         let mut by_type: HashMap<String, u64> = HashMap::new();
         for info in self.content.tensor_infos.values() {
-            let b = (info.shape.elem_count() / info.ggml_dtype.block_size()
-                * info.ggml_dtype.type_size()) as u64;
-            bytes += b;
-            *by_type.entry(format!("{:?}", info.ggml_dtype)).or_default() += b;
+            // The reader checked that each size fits; tensors may overlap, so saturate.
+            let b = (info.shape.elem_count() / info.ggml_dtype.block_size()) as u64
+                * info.ggml_dtype.type_size() as u64;
+            bytes = bytes.saturating_add(b);
+            let t = by_type.entry(format!("{:?}", info.ggml_dtype)).or_default();
+            *t = t.saturating_add(b);
         }
         let dominant = by_type
             .into_iter()
@@ -312,6 +298,16 @@ impl WeightSource for GgufSource {
             .map(|(t, _)| t)
             .unwrap_or_default();
         (bytes, dominant)
+    }
+
+    fn check_shape(&self, w: Weight, want: &[usize]) -> Result<()> {
+        let name = self.resolve(w);
+        let info = self
+            .content
+            .tensor_infos
+            .get(&name)
+            .ok_or_else(|| Error::bad_model(&self.path, format!("missing tensor `{name}`")))?;
+        check_shape(&self.path, &name, info.shape.dims(), want)
     }
 }
 
@@ -418,6 +414,24 @@ impl WeightSource for SafetensorsSource {
             .to_device(device)?)
     }
 
+    fn check_shape(&self, w: Weight, want: &[usize]) -> Result<()> {
+        let w = if w == Weight::LmHead && !self.has(Weight::LmHead) {
+            Weight::Embed
+        } else {
+            w
+        };
+        let name = Self::name(w);
+        let &i = self
+            .names
+            .get(&name)
+            .ok_or_else(|| Error::bad_model(&self.dir, format!("missing tensor `{name}`")))?;
+        let (file, st) = &self.files[i];
+        let view = st
+            .get(&name)
+            .map_err(|e| Error::bad_model(file, format!("reading tensor `{name}`: {e}")))?;
+        check_shape(file, &name, view.shape(), want)
+    }
+
     fn summary(&self) -> (u64, String) {
         let mut bytes = 0u64;
         let mut dtype = String::new();
@@ -431,14 +445,10 @@ impl WeightSource for SafetensorsSource {
     }
 }
 
-/// Whether the file starts with the GGUF magic bytes.
+/// Whether the file is a regular file starting with the GGUF magic bytes (a FIFO or device
+/// is not opened for reading at all).
 pub fn is_gguf(path: &Path) -> bool {
     let mut magic = [0u8; 4];
-    File::open(path)
-        .and_then(|mut f| {
-            f.rewind()?;
-            f.read_exact(&mut magic)
-        })
-        .is_ok()
-        && &magic == b"GGUF"
+    super::files::open_regular(path)
+        .is_ok_and(|mut f| f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
 }
