@@ -15,7 +15,7 @@ use forgeline_engine::loader::LoadedModel;
 use forgeline_engine::registry::{Registry, DEFAULT_MODEL};
 use forgeline_engine::scheduler::{LlmClient, SchedulerConfig};
 use forgeline_server::client::HttpClient;
-use forgeline_server::{ModelCard, Server, ServerConfig};
+use forgeline_server::{ModelCard, Server, ServerConfig, Stopped};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -54,14 +54,18 @@ pub fn shared_client() -> (LlmClient, ModelCard) {
 pub struct TestServer {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
+    task: Option<JoinHandle<std::io::Result<Stopped>>>,
 }
 
 impl TestServer {
     pub async fn start(client: LlmClient, card: ModelCard, config: ServerConfig) -> Self {
+        Self::serve(Server::new(client, vec![card], config)).await
+    }
+
+    /// Runs a server built by the test (with jobs, say).
+    pub async fn serve(server: Server) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = Server::new(client, vec![card], config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(listener, async move {
             let _ = stopped.await;
@@ -78,17 +82,21 @@ impl TestServer {
     }
 
     /// Signals shutdown and waits for the server to end.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) -> Stopped {
+        self.stop_within(Duration::from_secs(60)).await
+    }
+
+    /// Signals shutdown and waits up to `limit` for the server to end.
+    pub async fn stop_within(mut self, limit: Duration) -> Stopped {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(60), t)
-                .await
-                .expect("server stops within a minute")
-                .unwrap()
-                .unwrap();
-        }
+        let t = self.task.take().expect("not stopped yet");
+        tokio::time::timeout(limit, t)
+            .await
+            .expect("the server stops in time")
+            .unwrap()
+            .unwrap()
     }
 }
 

@@ -12,7 +12,9 @@ use forgeline_engine::loader::LoadedModel;
 use forgeline_engine::scheduler::{LlmClient, SchedulerConfig};
 use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
 use forgeline_sandbox::{Sandbox, SandboxConfig};
-use forgeline_server::{check_exposure, ApiKey, JobLimits, ModelCard, Server, ServerConfig};
+use forgeline_server::{
+    check_exposure, AllowedOrigins, ApiKey, JobLimits, ModelCard, Server, ServerConfig,
+};
 
 use crate::pipeline_setup::PipelineArgs;
 use crate::Env;
@@ -38,13 +40,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
     /// Seconds a generation may take from submission (0: no limit)
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub request_timeout: u64,
     /// Largest request body, in bytes
     #[arg(long, default_value_t = 4 << 20)]
     pub body_limit: usize,
-    /// Seconds running requests get to finish after SIGTERM or Ctrl-C
-    #[arg(long, default_value_t = 30)]
+    /// Seconds running requests and jobs get to finish after SIGTERM or Ctrl-C
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub grace_period: u64,
     /// `max_tokens` of requests that give none (capped by the context left)
     #[arg(long, default_value_t = 1024)]
@@ -64,6 +66,18 @@ pub struct ServeArgs {
     /// Serve the OpenAI-compatible API only, without pipeline jobs
     #[arg(long)]
     pub no_jobs: bool,
+    /// Connections served at once; further clients wait until one closes
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub max_connections: u64,
+    /// Seconds a client gets to send a request's headers (also how long an idle keep-alive connection stays open)
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub header_timeout: u64,
+    /// Seconds the server waits on a client that stopped sending its body (408) or reading its answer (closed)
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout: u64,
+    /// Origin (scheme://host[:port], or *) whose web pages may call the API (repeatable); other origins get 403
+    #[arg(long = "allowed-origin")]
+    pub allowed_origins: Vec<String>,
 }
 
 pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
@@ -88,6 +102,9 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         ));
     }
 
+    let allowed_origins = AllowedOrigins::parse(&a.allowed_origins)
+        .map_err(|e| crate::usage(format!("--allowed-origin: {e}")))?;
+
     let mut pipeline_config = PipelineArgs {
         model: None,
         config: a.config.clone(),
@@ -110,6 +127,10 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         body_limit: a.body_limit,
         grace_period: Duration::from_secs(a.grace_period),
         default_max_tokens: a.default_max_tokens,
+        header_timeout: Duration::from_secs(a.header_timeout),
+        idle_timeout: Duration::from_secs(a.idle_timeout),
+        max_connections: usize::try_from(a.max_connections).unwrap_or(usize::MAX),
+        allowed_origins,
     };
     let jobs = JobLimits {
         max_running: a.max_jobs.max(1),
@@ -149,8 +170,20 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
                 "forgeline serve: WARNING: no authentication, and {host} is reachable from other hosts"
             ),
         }
-        server.run(listener, shutdown).await?;
-        eprintln!("forgeline serve: stopped");
+        let stopped = server.run(listener, shutdown).await?;
+        let mut cut = Vec::new();
+        if stopped.jobs_cancelled > 0 {
+            cut.push(format!("{} jobs cancelled", stopped.jobs_cancelled));
+        }
+        if stopped.connections_cancelled > 0 {
+            cut.push(format!("{} requests cancelled", stopped.connections_cancelled));
+        }
+        eprintln!(
+            "forgeline serve: stopped ({} running jobs finished in the grace period{}{})",
+            stopped.jobs_finished,
+            if cut.is_empty() { "" } else { "; " },
+            cut.join(", ")
+        );
         Ok(ExitCode::SUCCESS)
     })
 }

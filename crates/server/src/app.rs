@@ -1,11 +1,11 @@
 //! The state every handler shares and the routes: which path goes where, behind which layers.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, Method, StatusCode, Uri};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use forgeline_engine::scheduler::LlmClient;
@@ -15,6 +15,7 @@ use crate::auth::require_key;
 use crate::error::ApiError;
 use crate::jobs::{self, Jobs};
 use crate::metrics::{track, Metrics};
+use crate::origin::check_origin;
 use crate::shutdown::CancelSignal;
 use crate::{completions, openai, ModelCard, ServerConfig};
 
@@ -28,6 +29,8 @@ pub struct AppState {
     /// Pipeline jobs, when the server runs them.
     pub jobs: Option<Arc<Jobs>>,
     serial: Arc<AtomicU64>,
+    /// Set on the shutdown signal: no new work is taken from then on.
+    draining: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -46,7 +49,17 @@ impl AppState {
             cancel,
             jobs: None,
             serial: Arc::default(),
+            draining: Arc::default(),
         }
+    }
+
+    /// The shutdown signal came: refuse new work, let running work finish.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst) || self.cancel.is_cancelled()
     }
 
     /// A number unique to this server's life, for response ids.
@@ -70,6 +83,11 @@ pub fn router(app: AppState) -> Router {
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(app.config.body_limit))
+        // Outermost: a refused origin reaches nothing, and a preflight needs no key.
+        .layer(middleware::from_fn_with_state(
+            Arc::new(app.config.allowed_origins.clone()),
+            check_origin,
+        ))
         .with_state(app)
 }
 
@@ -83,15 +101,25 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
     e
 }
 
-/// Liveness: the process answers and its engine thread takes requests.
-async fn health(State(app): State<AppState>) -> impl IntoResponse {
+/// Liveness: the process answers and its engine thread takes requests (503 when it has
+/// stopped: nothing can be generated until the server is restarted).
+async fn health(State(app): State<AppState>) -> Response {
+    if !app.client.is_alive() {
+        let mut body = ApiError::unavailable(
+            "the engine thread has stopped: no request can run; restart the server",
+        )
+        .body();
+        body["status"] = json!("engine_stopped");
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     let stats = app.client.stats();
     Json(json!({
-        "status": if app.cancel.is_cancelled() { "shutting_down" } else { "ok" },
+        "status": if app.is_draining() { "shutting_down" } else { "ok" },
         "models": app.models.iter().map(|m| &m.name).collect::<Vec<_>>(),
         "waiting": stats.waiting,
         "running": stats.running,
     }))
+    .into_response()
 }
 
 async fn models(State(app): State<AppState>) -> impl IntoResponse {

@@ -5,10 +5,9 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use std::time::Duration;
+
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,41 +15,33 @@ use forgeline_engine::scheduler::{Event, ResponseStream};
 use futures_util::Stream;
 
 use crate::app::AppState;
+use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
 use crate::openai::AnswerMeta;
 use crate::request::{parse_chat, parse_completion, ApiRequest, Endpoint};
 use crate::shutdown::CancelSignal;
 
-pub async fn chat(State(app): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn chat(State(app): State<AppState>, body: JsonBody) -> Response {
     handle(app, body, Endpoint::Chat)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-pub async fn completion(
-    State(app): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn completion(State(app): State<AppState>, body: JsonBody) -> Response {
     handle(app, body, Endpoint::Completion)
         .await
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-/// A body that could not be read: too large (413), or cut off.
-pub fn body_error(r: BytesRejection, limit: usize) -> ApiError {
-    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::too_large(limit)
-    } else {
-        ApiError::invalid(format!("cannot read the request body: {}", r.body_text()))
-    }
-}
+/// Longest deadline a request gets: far beyond any real one, and small enough that adding
+/// it to the clock cannot overflow.
+const MAX_DEADLINE: Duration = Duration::from_secs(366 * 24 * 3600);
 
 async fn handle(
     app: AppState,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(body): JsonBody,
     endpoint: Endpoint,
 ) -> ApiResult<Response> {
-    let body = body.map_err(|r| body_error(r, app.config.body_limit))?;
     let req = match endpoint {
         Endpoint::Chat => parse_chat(&body, &app.models)?,
         Endpoint::Completion => parse_completion(&body, &app.models)?,
@@ -80,8 +71,13 @@ fn shutting_down() -> ApiError {
 /// queue is full), nothing in between. Tokenizing a long prompt and compiling a schema take
 /// time, so they run off the async workers.
 async fn submit(app: &AppState, req: ApiRequest) -> ApiResult<ResponseStream> {
-    if app.cancel.is_cancelled() {
+    if app.is_draining() {
         return Err(shutting_down());
+    }
+    if !app.client.is_alive() {
+        return Err(ApiError::unavailable(
+            "the engine thread has stopped: no request can run; restart the server",
+        ));
     }
     let client = app.client.clone();
     let context = app
@@ -91,7 +87,7 @@ async fn submit(app: &AppState, req: ApiRequest) -> ApiResult<ResponseStream> {
         .map(|m| m.context_length)
         .unwrap_or(0);
     let default_max = app.config.default_max_tokens;
-    let deadline = app.config.request_timeout;
+    let deadline = app.config.request_timeout.map(|d| d.min(MAX_DEADLINE));
     let prompt_param = req.endpoint.prompt_param();
     tokio::task::spawn_blocking(move || {
         let mut g = req.generate;

@@ -88,10 +88,17 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A number that fits an f32 (1e39 would silently become infinity).
     pub fn f32(&self, name: &str) -> ApiResult<Option<f32>> {
         match self.get(name) {
             None => Ok(None),
-            Some(Value::Number(n)) => Ok(n.as_f64().map(|x| x as f32)),
+            Some(Value::Number(n)) => {
+                let x = n.as_f64().map(|x| x as f32).filter(|x| x.is_finite());
+                x.map(Some).ok_or_else(|| {
+                    let p = self.param(name);
+                    ApiError::field(&p, format!("`{p}` must be a finite number, not {n}"))
+                })
+            }
             Some(v) => Err(self.wrong(name, "a number", v)),
         }
     }

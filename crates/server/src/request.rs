@@ -48,7 +48,10 @@ pub struct ApiRequest {
 }
 
 /// Stop strings per request, as in OpenAI's API (which allows 4).
-const MAX_STOP: usize = 16;
+pub const MAX_STOP: usize = 16;
+/// Bytes in one stop string, and in all of them: the engine matches them after every token.
+pub const MAX_STOP_BYTES: usize = 1024;
+pub const MAX_STOP_TOTAL_BYTES: usize = 4096;
 
 /// Parses a `/v1/chat/completions` body.
 pub fn parse_chat(body: &[u8], models: &[ModelCard]) -> ApiResult<ApiRequest> {
@@ -199,20 +202,16 @@ fn common(
     models: &[ModelCard],
 ) -> ApiResult<ApiRequest> {
     refuse_unsupported(f, endpoint)?;
-    let model = match f.str("model")? {
+    let card = match f.str("model")? {
         None => models
             .first()
-            .map(|m| m.name.clone())
             .ok_or_else(|| ApiError::internal("no model is loaded"))?,
-        Some(name) => models
-            .iter()
-            .find(|m| m.name == name)
-            .map(|m| m.name.clone())
-            .ok_or_else(|| {
-                let loaded: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
-                ApiError::unknown_model(name, &loaded)
-            })?,
+        Some(name) => models.iter().find(|m| m.name == name).ok_or_else(|| {
+            let loaded: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
+            ApiError::unknown_model(name, &loaded)
+        })?,
     };
+    let model = card.name.clone();
     let max_tokens = match f.u64("max_completion_tokens")? {
         Some(n) => Some(("max_completion_tokens", n)),
         None => f.u64("max_tokens")?.map(|n| ("max_tokens", n)),
@@ -224,7 +223,21 @@ fn common(
                 format!("`{name}` must be at least 1"),
             ))
         }
-        Some((_, n)) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        // More than the whole context can never run; refusing it here also keeps the
+        // engine's `prompt + max_tokens` far from overflowing.
+        Some((name, n)) => match usize::try_from(n) {
+            Ok(n) if n <= card.context_length => Some(n),
+            _ => {
+                return Err(ApiError::field(
+                    name,
+                    format!(
+                    "`{name}` must be at most the context of model `{model}`, {} tokens, not {n}",
+                    card.context_length
+                ),
+                )
+                .with_code("context_length_exceeded"))
+            }
+        },
         None => None,
     };
     let sampling = sampling(f)?;
@@ -260,6 +273,7 @@ fn common(
             ))
         }
     };
+    check_stop_lengths(&stop)?;
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.object("stream_options")? {
         Some(o) => o.bool("include_usage")?.unwrap_or(false),
@@ -279,6 +293,27 @@ fn common(
         stream,
         include_usage,
     })
+}
+
+/// Each stop string, and all of them together, within their byte caps.
+fn check_stop_lengths(stop: &[String]) -> ApiResult<()> {
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::field(
+            "stop",
+            format!(
+                "each `stop` string must be at most {MAX_STOP_BYTES} bytes, not {}",
+                long.len()
+            ),
+        ));
+    }
+    let total: usize = stop.iter().map(String::len).sum();
+    if total > MAX_STOP_TOTAL_BYTES {
+        return Err(ApiError::field(
+            "stop",
+            format!("the `stop` strings must be at most {MAX_STOP_TOTAL_BYTES} bytes together, not {total}"),
+        ));
+    }
+    Ok(())
 }
 
 fn sampling(f: &Fields) -> ApiResult<SamplingParams> {

@@ -228,3 +228,162 @@ fn malformed_json_is_refused_before_anything_else() {
     assert_eq!(e.status, StatusCode::BAD_REQUEST);
     assert!(e.message.contains("not valid JSON"), "{}", e.message);
 }
+
+#[test]
+fn huge_numbers_are_refused_by_name_not_wrapped() {
+    let msgs = json!([{"role": "user", "content": "x"}]);
+    let with = |k: &str, v: Value| {
+        let mut b = json!({"messages": msgs});
+        b[k] = v;
+        chat(b)
+    };
+    // 2^64-1 would wrap the engine's `prompt + max_tokens` check in a release build.
+    for k in ["max_tokens", "max_completion_tokens"] {
+        let e = with(k, json!(u64::MAX)).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(k));
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        assert!(
+            e.message.contains("18446744073709551615") && e.message.contains("64"),
+            "{}",
+            e.message
+        );
+        assert!(with(k, json!(65)).is_err());
+        assert_eq!(with(k, json!(64)).unwrap().max_tokens, Some(64));
+    }
+    // The context checked is the named model's.
+    let r = chat(json!({"model": "big", "messages": msgs, "max_tokens": 128})).unwrap();
+    assert_eq!(r.max_tokens, Some(128));
+    // Floats past f32 would become infinity; integers past the type are refused.
+    for (k, v) in [
+        ("temperature", json!(1e39)),
+        ("top_p", json!(-1e300)),
+        ("min_p", json!(1e300)),
+        ("repetition_penalty", json!(1e39)),
+        ("dry_multiplier", json!(3.5e38)),
+        ("dry_base", json!(1e300)),
+        ("presence_penalty", json!(1e40)),
+    ] {
+        let e = with(k, v.clone()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(k), "{k}={v}: {e:?}");
+    }
+    for (k, v) in [
+        ("seed", json!(-1)),
+        ("top_k", json!(1.5)),
+        ("n", json!(u64::MAX)),
+        ("dry_penalty_last_n", json!(i64::MIN)),
+        ("dry_penalty_last_n", json!(u64::MAX)),
+        ("dry_allowed_length", json!(0)),
+    ] {
+        let e = with(k, v.clone()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some(k), "{k}={v}: {e:?}");
+    }
+    // Huge but meaningful values pass and saturate.
+    let r = with("top_k", json!(u64::MAX)).unwrap();
+    assert_eq!(r.generate.sampling.top_k, usize::MAX);
+    let r = with("seed", json!(u64::MAX)).unwrap();
+    assert_eq!(r.generate.sampling.seed, u64::MAX);
+}
+
+#[test]
+fn stop_strings_are_capped_in_length_not_only_number() {
+    let msgs = json!([{"role": "user", "content": "x"}]);
+    let stop = |v: Value| chat(json!({"messages": msgs, "stop": v}));
+    let long = "x".repeat(MAX_STOP_BYTES + 1);
+    let (p, m) = refused(stop(json!(long)));
+    assert_eq!(p.as_deref(), Some("stop"));
+    assert!(m.contains("1024 bytes") && m.contains("1025"), "{m}");
+    let (p, _) = refused(stop(json!(["a", long])));
+    assert_eq!(p.as_deref(), Some("stop"));
+    // Five at the per-string cap pass the per-string check but not the total.
+    let five = vec!["y".repeat(MAX_STOP_BYTES); 5];
+    let (p, m) = refused(stop(json!(five)));
+    assert_eq!(p.as_deref(), Some("stop"));
+    assert!(m.contains("4096 bytes together"), "{m}");
+    let four = vec!["y".repeat(MAX_STOP_BYTES); 4];
+    assert_eq!(stop(json!(four)).unwrap().generate.stop_strings.len(), 4);
+    // Multi-byte characters count in bytes.
+    let (p, _) = refused(stop(json!("é".repeat(513))));
+    assert_eq!(p.as_deref(), Some("stop"));
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any number: integers of every size and sign, and floats of every magnitude.
+    fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("JSON has no NaN or infinity", |x| x.is_finite())
+                .prop_map(Value::from),
+            (0u32..40).prop_map(|e| Value::from(2f64.powi(e as i32 * 8))),
+        ]
+    }
+
+    const FIELDS: [&str; 16] = [
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "dry_multiplier",
+        "dry_base",
+        "dry_allowed_length",
+        "dry_penalty_last_n",
+        "seed",
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+        "logprobs",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// Any numbers in any fields: an error names a field that was given, or the request
+        /// is valid, within the context, with finite sampling parameters.
+        #[test]
+        fn prop_client_numbers_are_checked_never_wrapped(
+            given in proptest::collection::vec((0..FIELDS.len(), number()), 1..5),
+            completion_endpoint in any::<bool>(),
+        ) {
+            let mut body = json!({"messages": [{"role": "user", "content": "x"}], "prompt": "x"});
+            for (i, v) in &given {
+                body[FIELDS[*i]] = v.clone();
+            }
+            let r = if completion_endpoint {
+                body.as_object_mut().unwrap().remove("messages");
+                completion(body)
+            } else {
+                body.as_object_mut().unwrap().remove("prompt");
+                chat(body)
+            };
+            match r {
+                Ok(r) => {
+                    prop_assert!(r.max_tokens.is_none_or(|n| (1..=64).contains(&n)));
+                    let s = &r.generate.sampling;
+                    prop_assert!(s.validate().is_ok());
+                    for x in [s.temperature, s.top_p, s.min_p, s.repetition_penalty, s.dry_multiplier, s.dry_base] {
+                        prop_assert!(x.is_finite());
+                    }
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                    let p = e.param.clone().unwrap_or_default();
+                    prop_assert!(given.iter().any(|(i, _)| FIELDS[*i] == p), "{:?} names no given field", e);
+                }
+            }
+        }
+    }
+}

@@ -379,6 +379,21 @@ impl LlmClient {
             .map(|s| s.clone())
             .unwrap_or_default()
     }
+
+    /// Whether the engine thread is running and takes requests (false once it has ended,
+    /// by a panic or after `shut_down`).
+    pub fn is_alive(&self) -> bool {
+        let open = self.shared.tx.lock().is_ok_and(|t| t.is_some());
+        let running =
+            (self.shared.thread.lock()).is_ok_and(|t| t.as_ref().is_some_and(|h| !h.is_finished()));
+        open && running
+    }
+
+    /// Stops taking requests: the engine thread finishes those it has and ends. Later
+    /// requests fail; `is_alive` is false from now on.
+    pub fn shut_down(&self) {
+        self.shared.tx.lock().map(|mut t| t.take()).ok();
+    }
 }
 
 fn engine_loop(

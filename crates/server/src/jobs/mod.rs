@@ -2,6 +2,10 @@
 //! its stage events kept for readers that come late and signalled to those who follow.
 //! Cancelling a job aborts its task, which drops its LLM calls (freeing their KV) and its
 //! queued validations.
+//!
+//! A job never dies silently: its run is a task of its own, watched by a second one that
+//! ends the job as failed, with the panic's message as its error, if the run panics (which
+//! frees its slot); only cancelling ends a job without a result or an error of its own.
 
 mod routes;
 
@@ -10,11 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use forgeline_pipeline::llm::BoxFuture;
 use forgeline_pipeline::{EventStatus, Format, JobEvent, JobOutcome, Pipeline, TaskRequest};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
@@ -154,13 +159,38 @@ impl Job {
     }
 }
 
+/// What runs a job's stages: the pipeline; tests put a stand-in behind it.
+pub trait JobRunner: Send + Sync + 'static {
+    /// The job's run, sending its stage events to `events`. Dropping it cancels the job.
+    fn run(
+        &self,
+        task: TaskRequest,
+        format: Format,
+        events: mpsc::UnboundedSender<JobEvent>,
+    ) -> BoxFuture<'static, forgeline_pipeline::Result<JobOutcome>>;
+}
+
+impl JobRunner for Pipeline {
+    fn run(
+        &self,
+        task: TaskRequest,
+        format: Format,
+        events: mpsc::UnboundedSender<JobEvent>,
+    ) -> BoxFuture<'static, forgeline_pipeline::Result<JobOutcome>> {
+        let pipeline = self.clone();
+        Box::pin(async move { pipeline.run(task, format, Some(events)).await })
+    }
+}
+
 /// The job table. Shared by `Arc`.
 pub struct Jobs {
-    pipeline: Pipeline,
+    runner: Arc<dyn JobRunner>,
     metrics: Arc<Metrics>,
     limits: JobLimits,
     table: Mutex<Table>,
     serial: AtomicU64,
+    /// Bumped whenever a job ends, for `wait_idle`.
+    ended: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -172,17 +202,47 @@ struct Table {
 
 impl Jobs {
     pub fn new(pipeline: Pipeline, metrics: Arc<Metrics>, limits: JobLimits) -> Self {
+        Self::with_runner(Arc::new(pipeline), metrics, limits)
+    }
+
+    /// Jobs run by `runner` (the pipeline, in `new`).
+    pub fn with_runner(
+        runner: Arc<dyn JobRunner>,
+        metrics: Arc<Metrics>,
+        limits: JobLimits,
+    ) -> Self {
         let limits = JobLimits {
             max_running: limits.max_running.max(1),
             max_kept: limits.max_kept.max(limits.max_running.max(1)),
         };
         Self {
-            pipeline,
+            runner,
             metrics,
             limits,
             table: Mutex::default(),
             serial: AtomicU64::new(0),
+            ended: watch::channel(0).0,
         }
+    }
+
+    /// Resolves once no job is running.
+    pub async fn wait_idle(&self) {
+        let mut ended = self.ended.subscribe();
+        while self.running() > 0 {
+            if ended.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Ends a running job, counting it; false if it had ended already (cancelled meanwhile).
+    fn finish(&self, job: &Job, state: JobState, f: impl FnOnce(&mut JobInner)) -> bool {
+        let ended = job.end(state, f);
+        if ended {
+            self.metrics.record_job(state.name());
+            self.ended.send_modify(|n| *n += 1);
+        }
+        ended
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -195,6 +255,15 @@ impl Jobs {
             .values()
             .filter(|j| j.state() == JobState::Running)
             .count()
+    }
+
+    /// Jobs in the table, running and finished.
+    pub fn len(&self) -> usize {
+        self.table().jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
@@ -251,16 +320,12 @@ impl Jobs {
             table.jobs.insert(job.id.clone(), job.clone());
             job
         };
-        let handle = tokio::spawn(run_job(
-            self.clone(),
-            job.clone(),
-            self.pipeline.clone(),
-            task,
-            format,
-        ));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let run = tokio::spawn(self.runner.run(task, format, tx));
         if let Ok(mut a) = job.abort.lock() {
-            *a = Some(handle.abort_handle());
+            *a = Some(run.abort_handle());
         }
+        tokio::spawn(watch_job(self.clone(), job.clone(), run, rx));
         Ok(job)
     }
 
@@ -276,36 +341,37 @@ impl Jobs {
     }
 
     fn cancel(&self, job: &Job) -> bool {
-        let cancelled = job.end(JobState::Cancelled, |inner| {
-            inner.error = Some(json!({"message": "the job was cancelled"}));
+        self.cancel_with(job, "the job was cancelled")
+    }
+
+    fn cancel_with(&self, job: &Job, why: &str) -> bool {
+        let cancelled = self.finish(job, JobState::Cancelled, |inner| {
+            inner.error = Some(json!({"message": why}));
         });
         if cancelled {
             if let Some(a) = job.abort.lock().ok().and_then(|mut a| a.take()) {
                 a.abort();
             }
-            self.metrics.record_job("cancelled");
         }
         cancelled
     }
 
-    /// Cancels every running job (the end of a shutdown's grace period).
-    pub fn cancel_all(&self) {
+    /// Cancels every running job (the end of a shutdown's grace period); how many it did.
+    pub fn cancel_all(&self) -> usize {
         let jobs: Vec<Arc<Job>> = self.table().jobs.values().cloned().collect();
-        for j in jobs {
-            self.cancel(&j);
-        }
+        let why = "the server shut down and the job did not finish within the grace period";
+        jobs.iter().filter(|j| self.cancel_with(j, why)).count()
     }
 }
 
-async fn run_job(
+/// Records the run's events as they come and ends the job with its outcome: its result, its
+/// error, or the panic that ended its task.
+async fn watch_job(
     jobs: Arc<Jobs>,
     job: Arc<Job>,
-    pipeline: Pipeline,
-    task: TaskRequest,
-    format: Format,
+    run: JoinHandle<forgeline_pipeline::Result<JobOutcome>>,
+    mut rx: mpsc::UnboundedReceiver<JobEvent>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let run = pipeline.run(task, format, Some(tx));
     let mut run = std::pin::pin!(run);
     let outcome = loop {
         tokio::select! {
@@ -318,34 +384,53 @@ async fn run_job(
         record(&jobs.metrics, &job, ev);
     }
     let metrics = &jobs.metrics;
+    let failed = |message: String, kind: &str| {
+        let error = json!({"message": message, "type": kind});
+        jobs.finish(&job, JobState::Failed, |inner| inner.error = Some(error));
+    };
     match outcome {
-        Ok(JobOutcome {
+        Ok(Ok(JobOutcome {
             result,
             rendered,
             trace,
-        }) => {
+        })) => {
             for s in &trace.stages {
                 metrics.record_stage_latency(s.stage.name(), Duration::from_millis(s.duration_ms));
             }
             let value = serde_json::to_value(&result).unwrap_or(Value::Null);
-            if job.end(JobState::Succeeded, |inner| {
+            jobs.finish(&job, JobState::Succeeded, |inner| {
                 inner.result = Some(value);
                 inner.output = Some(rendered);
-            }) {
-                metrics.record_job(JobState::Succeeded.name());
-            }
+            });
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             let kind = match e {
                 forgeline_pipeline::Error::InvalidTask(_) => "invalid_request_error",
                 _ => "server_error",
             };
-            let error = json!({"message": e.to_string(), "type": kind});
-            if job.end(JobState::Failed, |inner| inner.error = Some(error)) {
-                metrics.record_job(JobState::Failed.name());
-            }
+            failed(e.to_string(), kind);
+        }
+        Err(e) if e.is_panic() => {
+            let why = panic_message(e.into_panic());
+            tracing::error!(job = %job.id, "the job's run panicked: {why}");
+            failed(
+                format!("internal error: the job's run panicked: {why}"),
+                "server_error",
+            );
+        }
+        // Aborted: only `cancel` does that, and it has ended the job already.
+        Err(_) => {
+            failed("the job's run was stopped".into(), "server_error");
         }
     }
+}
+
+/// The text a panic was raised with.
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic without a message)".into())
 }
 
 /// Keeps an event and counts stage verdicts.
@@ -357,3 +442,6 @@ fn record(metrics: &Metrics, job: &Job, ev: JobEvent) {
     }
     job.push_event(ev);
 }
+
+#[cfg(test)]
+mod tests;

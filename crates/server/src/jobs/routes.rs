@@ -5,8 +5,6 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -20,7 +18,7 @@ use tokio::sync::watch;
 
 use super::{Job, Jobs};
 use crate::app::AppState;
-use crate::completions::body_error;
+use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
 use crate::fields::{kind, parse_object, Fields};
 
@@ -43,11 +41,10 @@ fn job(app: &AppState, id: &str) -> ApiResult<Arc<Job>> {
         .ok_or_else(|| ApiError::not_found(format!("no job `{id}`")).with_param("id"))
 }
 
-async fn create(State(app): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn create(State(app): State<AppState>, JsonBody(body): JsonBody) -> Response {
     let run = || {
-        let body = body.map_err(|r| body_error(r, app.config.body_limit))?;
         let (task, format) = parse_job(&body)?;
-        if app.cancel.is_cancelled() {
+        if app.is_draining() {
             return Err(ApiError::unavailable("the server is shutting down"));
         }
         let job = jobs(&app)?.submit(task, format)?;
@@ -128,7 +125,9 @@ fn event_stream(job: Arc<Job>) -> impl Stream<Item = Result<SseEvent, Infallible
                 continue;
             }
             if state.is_done() {
-                let end = json!({"object": "job.end", "id": st.job.id, "state": state});
+                let error = st.job.lock().error.clone();
+                let end =
+                    json!({"object": "job.end", "id": st.job.id, "state": state, "error": error});
                 st.pending
                     .push_back(SseEvent::default().data(end.to_string()));
                 st.pending.push_back(SseEvent::default().data("[DONE]"));
