@@ -190,3 +190,13 @@ fn a_timeout_is_reported() {
     );
     assert!(Path::new(env!("CARGO_BIN_EXE_forgeline")).exists());
 }
+
+/// A timeout no `Duration` can hold (or none at all) is a usage error, not a panic.
+#[test]
+fn an_impossible_timeout_exits_2_naming_the_flag() {
+    for t in ["1e20", "NaN", "inf", "0"] {
+        let run = check(&[("ok.py", "x = 1\n")], &["ok.py", "--timeout", t]);
+        assert_eq!(run.code(), 2, "{t}: {}", run.explain());
+        assert!(run.stderr().contains("--timeout"), "{t}: {}", run.explain());
+    }
+}

@@ -180,3 +180,77 @@ fn eval_scores_tasks_with_their_hidden_tests() {
     assert!(r["completion_tokens"].as_u64().unwrap() > 0);
     assert_eq!(per_task[0]["task_id"], "forgeline/0");
 }
+
+/// HumanEval's non-ASCII docstrings (`≤`, `➞`, `café`) once panicked every job at its
+/// first stage; now every task is scored.
+#[test]
+fn eval_completes_on_tasks_with_non_ascii_text() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("quick.toml"), QUICK).unwrap();
+    let tasks = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/non_ascii_tasks.jsonl");
+    let args = [
+        "eval",
+        tasks,
+        "--concurrency",
+        "3",
+        "--config",
+        "quick.toml",
+        "--json",
+    ];
+    let out = forgeline(&args, dir.path());
+    let why = show(&args, &out, dir.path());
+    assert_eq!(out.status.code(), Some(0), "{why}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&why);
+    assert_eq!(r["mode"], "pipeline", "{why}");
+    let per_task = r["per_task"].as_array().unwrap();
+    assert_eq!(per_task.len(), 3, "{why}");
+    for t in per_task {
+        assert!(t["error"].is_null(), "a task ended in an error: {t}\n{why}");
+        assert_ne!(t["outcome"], "error", "{t}\n{why}");
+    }
+}
+
+/// `--out` never replaces files it did not write, and a refused run changes nothing: not
+/// the files, not the trace, and no work starts.
+#[test]
+fn generate_refuses_to_overwrite_files_and_keeps_the_old_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    std::fs::write(dir.path().join("out/README.md"), "the project's own").unwrap();
+    std::fs::write(dir.path().join("trace.json"), "old trace").unwrap();
+    let args = [
+        "generate",
+        "Write a function f() that returns 1.",
+        "--out",
+        "out",
+        "--trace",
+        "trace.json",
+        "--model",
+        "no-such-model",
+    ];
+    let out = forgeline(&args, dir.path());
+    let why = show(&args, &out, dir.path());
+    assert_eq!(out.status.code(), Some(2), "{why}");
+    let err = text(&out.stderr);
+    assert!(err.contains("README.md") && err.contains("--force"), "{why}");
+    // Refused before the model was even looked up.
+    assert!(!err.contains("no-such-model"), "{why}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out/README.md")).unwrap(),
+        "the project's own"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("trace.json")).unwrap(),
+        "old trace"
+    );
+    // --force needs --out; a trace path that is a directory is refused up front.
+    for (args, message) in [
+        (vec!["generate", "x", "--force"], "--out"),
+        (vec!["generate", "x", "--trace", "out"], "directory"),
+    ] {
+        let out = forgeline(&args, dir.path());
+        let why = show(&args, &out, dir.path());
+        assert_eq!(out.status.code(), Some(2), "{why}");
+        assert!(text(&out.stderr).contains(message), "{why}");
+    }
+}
