@@ -119,3 +119,21 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    /// The router reads every task: rules, entry point, signature, examples and libraries
+    /// from any text, stub-shaped or not.
+    #[test]
+    fn prop_router_rules_read_any_task(
+        head in prop::sample::select(vec!["", "def f(x):\n    \"\"\"", "Fix this: ", "plot ", ">>> "]),
+        body in "\\PC{0,200}",
+        tail in prop::sample::select(vec!["", "\"\"\"\n", "\n>>> f(1)\n1\n", "`g(x)`"]),
+    ) {
+        let route = route_by_rules(&TaskRequest::new(format!("{head}{body}{tail}")));
+        if let Some(e) = &route.entry_point {
+            prop_assert!(!e.is_empty());
+        }
+    }
+}
