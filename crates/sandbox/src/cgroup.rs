@@ -1,4 +1,5 @@
-//! A pids cgroup per run, to cap the number of processes when running as root.
+//! A cgroup per run when running as root: pids, to cap the number of processes, and memory
+//! (where the controller is available), to cap the memory of the whole run.
 //!
 //! `RLIMIT_NPROC` is not enforced for root, and the sandbox keeps the caller's user ID (a user
 //! namespace takes its capabilities away): without a cgroup a fork bomb run by root would only
@@ -14,10 +15,18 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The directory under which each run gets its own pids cgroup.
+/// The directory under which each run gets its own pids cgroup, and the one for its memory
+/// cgroup (the same one in cgroup v2, another hierarchy in v1).
 #[derive(Debug)]
 pub(crate) struct CgroupPool {
     base: PathBuf,
+    memory: Option<MemoryBase>,
+}
+
+#[derive(Debug, Clone)]
+struct MemoryBase {
+    base: PathBuf,
+    v2: bool,
 }
 
 /// The number of the next run cgroup this process creates.
@@ -27,6 +36,8 @@ static NEXT_RUN: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug)]
 pub(crate) struct RunCgroup {
     dir: PathBuf,
+    /// The run's memory cgroup: `dir` itself in v2, its twin in the memory hierarchy in v1.
+    memory: Option<(PathBuf, bool)>,
 }
 
 impl CgroupPool {
@@ -35,7 +46,9 @@ impl CgroupPool {
     pub(crate) fn detect() -> Option<CgroupPool> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
         let own = fs::read_to_string("/proc/self/cgroup").ok()?;
-        let base = v1_base(&mountinfo, &own).or_else(|| v2_base(&mountinfo))?;
+        let v1 = v1_base(&mountinfo, &own, "pids");
+        let v2 = v1.is_none();
+        let base = v1.or_else(|| v2_base(&mountinfo, "pids"))?;
         if fs::create_dir_all(&base).is_err() {
             return None;
         }
@@ -44,24 +57,38 @@ impl CgroupPool {
         if subtree.exists() && fs::write(&subtree, "+pids").is_err() {
             return None;
         }
-        // Runs of a process that died leave empty cgroups behind. Only those are removed: a
-        // live process's fresh cgroup is empty too until its child writes itself in.
-        if let Ok(entries) = fs::read_dir(&base) {
-            for entry in entries.flatten() {
-                let owner_alive = owner_pid(&entry.file_name().to_string_lossy())
-                    .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-                if entry.path().is_dir() && !owner_alive {
-                    let _ = fs::remove_dir(entry.path());
-                }
-            }
+        let memory = if v2 {
+            let enabled =
+                v2_base(&mountinfo, "memory").is_some() && fs::write(&subtree, "+memory").is_ok();
+            enabled.then(|| MemoryBase {
+                base: base.clone(),
+                v2: true,
+            })
+        } else {
+            v1_base(&mountinfo, &own, "memory")
+                .filter(|base| fs::create_dir_all(base).is_ok())
+                .map(|base| MemoryBase { base, v2: false })
+        };
+        sweep(&base);
+        if let Some(memory) = memory.as_ref().filter(|m| !m.v2) {
+            sweep(&memory.base);
         }
-        let pool = CgroupPool { base };
-        drop(pool.create(1).ok()?);
+        let mut pool = CgroupPool { base, memory };
+        if pool.create(1, Some(64 << 20)).is_err() {
+            pool.memory = None;
+            drop(pool.create(1, None).ok()?);
+        }
         Some(pool)
     }
 
-    /// A fresh cgroup allowing `max_pids` processes.
-    pub(crate) fn create(&self, max_pids: u32) -> io::Result<RunCgroup> {
+    /// Whether runs get a memory cgroup too.
+    pub(crate) fn has_memory(&self) -> bool {
+        self.memory.is_some()
+    }
+
+    /// A fresh cgroup allowing `max_pids` processes and, where there is a memory cgroup,
+    /// `memory_bytes` of memory (no swap) for all of them together.
+    pub(crate) fn create(&self, max_pids: u32, memory_bytes: Option<u64>) -> io::Result<RunCgroup> {
         // Numbered across the process (several sandboxes in one process share the base);
         // a name still taken (a run's cgroup that could not be removed in time) is skipped.
         let dir = loop {
@@ -73,8 +100,25 @@ impl CgroupPool {
                 Err(e) => return Err(e),
             }
         };
-        let cgroup = RunCgroup { dir };
+        let mut cgroup = RunCgroup { dir, memory: None };
         fs::write(cgroup.dir.join("pids.max"), max_pids.to_string())?;
+        if let (Some(memory), Some(bytes)) = (&self.memory, memory_bytes) {
+            let bytes = bytes.to_string();
+            if memory.v2 {
+                cgroup.memory = Some((cgroup.dir.clone(), true));
+                fs::write(cgroup.dir.join("memory.max"), &bytes)?;
+                // Without swap accounting there is no such file, and nothing to limit.
+                let _ = fs::write(cgroup.dir.join("memory.swap.max"), "0");
+            } else {
+                let twin = memory
+                    .base
+                    .join(cgroup.dir.file_name().expect("a named cgroup"));
+                fs::create_dir(&twin)?;
+                cgroup.memory = Some((twin.clone(), false));
+                fs::write(twin.join("memory.limit_in_bytes"), &bytes)?;
+                let _ = fs::write(twin.join("memory.memsw.limit_in_bytes"), &bytes);
+            }
+        }
         Ok(cgroup)
     }
 }
@@ -85,9 +129,34 @@ fn owner_pid(name: &str) -> Option<u32> {
 }
 
 impl RunCgroup {
-    /// The file the child writes itself into.
-    pub(crate) fn procs_path(&self) -> PathBuf {
-        self.dir.join("cgroup.procs")
+    /// The files the child writes itself into (one per hierarchy).
+    pub(crate) fn procs_paths(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.dir.join("cgroup.procs")];
+        if let Some((dir, false)) = &self.memory {
+            paths.push(dir.join("cgroup.procs"));
+        }
+        paths
+    }
+
+    /// How many processes the memory cgroup's OOM killer killed.
+    pub(crate) fn oom_kills(&self) -> u64 {
+        let Some((dir, v2)) = &self.memory else {
+            return 0;
+        };
+        let file = if *v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|text| {
+                text.lines().find_map(|line| {
+                    line.strip_prefix("oom_kill ")
+                        .and_then(|n| n.trim().parse().ok())
+                })
+            })
+            .unwrap_or(0)
     }
 
     /// SIGKILLs every process in the cgroup until it is empty (or a short deadline passes).
@@ -114,28 +183,52 @@ impl RunCgroup {
 impl Drop for RunCgroup {
     fn drop(&mut self) {
         self.kill_all();
-        // Killed processes leave the cgroup a moment after they are reaped.
-        for _ in 0..100 {
-            match fs::remove_dir(&self.dir) {
-                Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
-                    std::thread::sleep(Duration::from_millis(2))
-                }
-                _ => return,
-            }
+        let twin = match &self.memory {
+            Some((dir, false)) => Some(dir.clone()),
+            _ => None,
+        };
+        for dir in std::iter::once(self.dir.clone()).chain(twin) {
+            remove_cgroup(&dir);
         }
-        tracing::warn!(dir = %self.dir.display(), "could not remove a sandbox cgroup");
     }
 }
 
-/// cgroup v1: the mount of the `pids` hierarchy, plus our own path in it.
-fn v1_base(mountinfo: &str, own: &str) -> Option<PathBuf> {
+/// Removes an emptied cgroup: killed processes leave it a moment after they are reaped.
+fn remove_cgroup(dir: &std::path::Path) {
+    for _ in 0..100 {
+        match fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            _ => return,
+        }
+    }
+    tracing::warn!(dir = %dir.display(), "could not remove a sandbox cgroup");
+}
+
+/// Runs of a process that died leave empty cgroups behind. Only those are removed: a live
+/// process's fresh cgroup is empty too until its child writes itself in.
+fn sweep(base: &std::path::Path) {
+    if let Ok(entries) = fs::read_dir(base) {
+        for entry in entries.flatten() {
+            let owner_alive = owner_pid(&entry.file_name().to_string_lossy())
+                .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if entry.path().is_dir() && !owner_alive {
+                let _ = fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
+/// cgroup v1: the mount of the `controller` hierarchy, plus our own path in it.
+fn v1_base(mountinfo: &str, own: &str, controller: &str) -> Option<PathBuf> {
     let mount = mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let mut fields = right.split_whitespace();
         let fstype = fields.next()?;
         let _source = fields.next()?;
         let options = fields.next()?;
-        (fstype == "cgroup" && options.split(',').any(|o| o == "pids"))
+        (fstype == "cgroup" && options.split(',').any(|o| o == controller))
             .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
     })?;
     let path = own.lines().find_map(|line| {
@@ -143,7 +236,10 @@ fn v1_base(mountinfo: &str, own: &str) -> Option<PathBuf> {
         let _id = parts.next()?;
         let controllers = parts.next()?;
         let path = parts.next()?;
-        controllers.split(',').any(|c| c == "pids").then_some(path)
+        controllers
+            .split(',')
+            .any(|c| c == controller)
+            .then_some(path)
     })?;
     Some(
         mount
@@ -152,10 +248,10 @@ fn v1_base(mountinfo: &str, own: &str) -> Option<PathBuf> {
     )
 }
 
-/// cgroup v2: `forgeline-sandbox` at the root, when the root delegates `pids`. Processes
-/// cannot stay in a v2 cgroup whose controllers are enabled for children, so our own cgroup
-/// is no place for it.
-fn v2_base(mountinfo: &str) -> Option<PathBuf> {
+/// cgroup v2: `forgeline-sandbox` at the root, when the root delegates `controller`.
+/// Processes cannot stay in a v2 cgroup whose controllers are enabled for children, so our
+/// own cgroup is no place for it.
+fn v2_base(mountinfo: &str, controller: &str) -> Option<PathBuf> {
     let mount = mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         (right.split_whitespace().next()? == "cgroup2")
@@ -164,7 +260,7 @@ fn v2_base(mountinfo: &str) -> Option<PathBuf> {
     let enabled = fs::read_to_string(mount.join("cgroup.subtree_control")).ok()?;
     enabled
         .split_whitespace()
-        .any(|c| c == "pids")
+        .any(|c| c == controller)
         .then(|| mount.join("forgeline-sandbox"))
 }
 
@@ -183,7 +279,7 @@ mod tests {
     #[test]
     fn finds_the_v1_pids_hierarchy_and_our_place_in_it() {
         let own = "8:pids:/jobs/forty-two\n4:memory:/x\n0::/\n";
-        let base = v1_base(MOUNTINFO, own).unwrap();
+        let base = v1_base(MOUNTINFO, own, "pids").unwrap();
         assert_eq!(
             base,
             Path::new("/sys/fs/cgroup/pids/jobs/forty-two/forgeline-sandbox")
@@ -193,7 +289,7 @@ mod tests {
     #[test]
     fn no_v1_base_without_a_pids_hierarchy() {
         let mountinfo = "37 29 0:34 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
-        assert_eq!(v1_base(mountinfo, "4:memory:/\n"), None);
+        assert_eq!(v1_base(mountinfo, "4:memory:/\n", "pids"), None);
     }
 
     #[test]
@@ -208,7 +304,7 @@ mod tests {
             eprintln!("no writable pids cgroup here (not root?): nothing to exercise");
             return;
         };
-        let mine = pool.create(4).unwrap();
+        let mine = pool.create(4, None).unwrap();
         // Another forgeline starting now sweeps leftover cgroups; ours is empty but alive.
         let _other = CgroupPool::detect().unwrap();
         assert!(
@@ -225,10 +321,30 @@ mod tests {
         };
         let b = CgroupPool::detect().unwrap();
         let runs: Vec<RunCgroup> = (0..4)
-            .flat_map(|_| [a.create(4).unwrap(), b.create(4).unwrap()])
+            .flat_map(|_| [a.create(4, None).unwrap(), b.create(4, None).unwrap()])
             .collect();
         let dirs: std::collections::HashSet<_> = runs.iter().map(|r| &r.dir).collect();
         assert_eq!(dirs.len(), runs.len());
+    }
+
+    #[test]
+    fn a_run_cgroup_caps_memory_and_counts_oom_kills() {
+        let Some(pool) = CgroupPool::detect().filter(CgroupPool::has_memory) else {
+            eprintln!("no writable memory cgroup here (not root?): nothing to exercise");
+            return;
+        };
+        let cgroup = pool.create(4, Some(64 << 20)).unwrap();
+        let procs = cgroup.procs_paths();
+        let held = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import os\nfor p in {:?}:\n    open(p, 'w').write(str(os.getpid()))\nx = bytearray(300 << 20)\n",
+                procs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()
+            ))
+            .status()
+            .unwrap();
+        assert!(!held.success());
+        assert!(cgroup.oom_kills() >= 1);
     }
 
     #[test]
@@ -237,7 +353,7 @@ mod tests {
             eprintln!("no writable pids cgroup here (not root?): nothing to exercise");
             return;
         };
-        let cgroup = pool.create(7).unwrap();
+        let cgroup = pool.create(7, None).unwrap();
         let dir = cgroup.dir.clone();
         assert_eq!(
             fs::read_to_string(dir.join("pids.max")).unwrap().trim(),

@@ -74,8 +74,9 @@ impl Rlimit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct SetupSpec {
     pub rlimits: Vec<(Rlimit, u64)>,
-    /// `cgroup.procs` of the run's cgroup.
-    pub cgroup_procs: Option<PathBuf>,
+    /// `cgroup.procs` of the run's cgroups (one per hierarchy).
+    #[serde(default)]
+    pub cgroup_procs: Vec<PathBuf>,
     /// `CloneFlags` bits of the namespaces to enter.
     pub namespaces: i32,
     pub run_as: Option<u32>,
@@ -104,13 +105,14 @@ impl SetupSpec {
             ),
             None => None,
         };
-        let cgroup_procs = match &self.cgroup_procs {
-            Some(path) => Some(
+        let cgroup_procs = self
+            .cgroup_procs
+            .iter()
+            .map(|path| {
                 CString::new(path.as_os_str().as_bytes())
-                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-            ),
-            None => None,
-        };
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         let unveil = self.unveil.as_ref().map(UnveilSpec::prepare).transpose()?;
         let mut namespaces = CloneFlags::from_bits_truncate(self.namespaces);
         if unveil.is_some() {
@@ -135,8 +137,8 @@ impl SetupSpec {
 /// Everything the child applies to itself, prepared by the parent.
 pub(crate) struct ChildSetup {
     pub rlimits: Vec<(Resource, u64)>,
-    /// `cgroup.procs` of the run's cgroup, to move the process tree into.
-    pub cgroup_procs: Option<CString>,
+    /// `cgroup.procs` of the run's cgroups, to move the process tree into.
+    pub cgroup_procs: Vec<CString>,
     pub namespaces: CloneFlags,
     /// The unprivileged user (and group) ID to switch to; only when running as root.
     pub run_as: Option<u32>,
@@ -159,7 +161,7 @@ impl ChildSetup {
         }
         // A new session and process group: the timeout kills the group.
         setsid()?;
-        if let Some(procs) = &self.cgroup_procs {
+        for procs in &self.cgroup_procs {
             join_cgroup(procs)?;
         }
         if !self.namespaces.is_empty() {

@@ -170,7 +170,7 @@ mod tests {
         std::fs::create_dir_all(&deep).unwrap();
         std::fs::set_permissions(
             handed.join("d"),
-            std::os::unix::fs::PermissionsExt::from_mode(0),
+            std::os::unix::fs::PermissionsExt::from_mode(0o000),
         )
         .unwrap();
         // A link named like a dead run's directory, pointing out of the work root.

@@ -53,6 +53,27 @@ pub enum ProcessLimit {
     None,
 }
 
+/// What caps the memory of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryLimit {
+    /// A memory cgroup per run (when running as root): all processes and the files they
+    /// write together, no swap ([`Limits::run_memory_bytes`](crate::Limits)).
+    Cgroup,
+    /// Only `RLIMIT_AS` for each process: many processes together can use more.
+    PerProcess,
+}
+
+/// What caps the disk use of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskLimit {
+    /// The run directory is a tmpfs of limited size and inodes (when running as root).
+    Tmpfs,
+    /// Only `RLIMIT_FSIZE` for each file: many files together can use more.
+    PerFile,
+}
+
 /// The isolation in force, reported with every run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IsolationReport {
@@ -68,8 +89,20 @@ pub struct IsolationReport {
     pub landlock: LandlockState,
     pub seccomp: bool,
     pub process_limit: ProcessLimit,
+    #[serde(default = "per_process")]
+    pub memory_limit: MemoryLimit,
+    #[serde(default = "per_file")]
+    pub disk_limit: DiskLimit,
     /// What full isolation would add, in words; empty when the level is full.
     pub missing: Vec<String>,
+}
+
+fn per_process() -> MemoryLimit {
+    MemoryLimit::PerProcess
+}
+
+fn per_file() -> DiskLimit {
+    DiskLimit::PerFile
 }
 
 /// What each run applies; decided once, when the sandbox is set up.
@@ -85,6 +118,8 @@ pub(crate) struct IsolationPlan {
     pub cgroups: Option<Arc<CgroupPool>>,
     /// Whether `RLIMIT_NPROC` counts only the run's processes (own user namespace, not root).
     pub nproc_rlimit: bool,
+    /// Whether run directories are tmpfs mounts of limited size (needs root).
+    pub disk_quota: bool,
 }
 
 impl IsolationPlan {
@@ -97,6 +132,7 @@ impl IsolationPlan {
             seccomp: None,
             cgroups: None,
             nproc_rlimit: false,
+            disk_quota: false,
         }
     }
 }
@@ -375,6 +411,16 @@ impl IsolationReport {
             landlock,
             seccomp: plan.seccomp.is_some(),
             process_limit,
+            memory_limit: if plan.cgroups.as_ref().is_some_and(|c| c.has_memory()) {
+                MemoryLimit::Cgroup
+            } else {
+                MemoryLimit::PerProcess
+            },
+            disk_limit: if plan.disk_quota {
+                DiskLimit::Tmpfs
+            } else {
+                DiskLimit::PerFile
+            },
             missing: Vec::new(),
         };
         let missing = &mut report.missing;
@@ -402,6 +448,20 @@ impl IsolationReport {
         if process_limit == ProcessLimit::None {
             missing.push(
                 "process limit (needs a pids cgroup as root, a user namespace otherwise)".into(),
+            );
+        }
+        if report.memory_limit == MemoryLimit::PerProcess {
+            missing.push(
+                "memory limit for the whole run (needs a memory cgroup as root; each process \
+                 is limited, not their sum)"
+                    .into(),
+            );
+        }
+        if report.disk_limit == DiskLimit::PerFile {
+            missing.push(
+                "disk quota for the run directory (needs root to mount a tmpfs; each file is \
+                 limited, not their sum or count)"
+                    .into(),
             );
         }
         let confined = report.network_namespace || landlock != LandlockState::Unavailable;
@@ -434,7 +494,7 @@ mod tests {
         assert_eq!(none.level, IsolationLevel::None);
         assert_eq!(none.landlock, LandlockState::Unavailable);
         let root = nix::unistd::geteuid().is_root();
-        assert_eq!(none.missing.len(), if root { 6 } else { 5 });
+        assert_eq!(none.missing.len(), if root { 8 } else { 7 });
 
         let net_only = IsolationPlan {
             namespaces: CloneFlags::CLONE_NEWNET,
@@ -455,9 +515,14 @@ mod tests {
             seccomp: Some(Arc::new(seccomp_programs().unwrap())),
             cgroups: None,
             nproc_rlimit: true,
+            disk_quota: true,
         };
+        // Without a memory cgroup, only the memory limit is missing.
         let report = IsolationReport::of(&full, LandlockState::Full);
-        assert_eq!(report.level, IsolationLevel::Full, "{:?}", report.missing);
+        assert_eq!(report.level, IsolationLevel::Partial);
+        assert_eq!(report.missing.len(), 1, "{:?}", report.missing);
+        assert!(report.missing[0].contains("memory"), "{:?}", report.missing);
+        assert_eq!(report.disk_limit, DiskLimit::Tmpfs);
         let partial = IsolationReport::of(&full, LandlockState::Partial);
         assert_eq!(partial.level, IsolationLevel::Partial);
     }

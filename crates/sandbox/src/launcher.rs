@@ -120,7 +120,7 @@ mod tests {
     fn a_setup_crosses_exec_unchanged() {
         let spec = SetupSpec {
             rlimits: vec![(Rlimit::Cpu, 11), (Rlimit::Processes, 66)],
-            cgroup_procs: Some("/sys/fs/cgroup/forgeline-sandbox/run-1-2/cgroup.procs".into()),
+            cgroup_procs: vec!["/sys/fs/cgroup/forgeline-sandbox/run-1-2/cgroup.procs".into()],
             namespaces: libc_flags(),
             run_as: Some(65534),
             unveil: Some(crate::unveil::UnveilSpec {

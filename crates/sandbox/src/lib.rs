@@ -26,10 +26,14 @@
 //! in the [`launcher`] the caller's `main` registered), and [`IsolationReport`] (in every report)
 //! says which were in force:
 //!
-//! - **An unprivileged user**: run by root, the program switches to `nobody` (65534), keeping
-//!   only `CAP_DAC_READ_SEARCH` so it can read a Python installed under `/root`; it owns
-//!   nothing outside its run directory. Run by anyone else, it stays that user inside a user
-//!   namespace, without capabilities over the host.
+//! - **An unprivileged user with no capabilities**: run by root, the program switches to
+//!   `nobody` (65534) with every capability set emptied (bounding, ambient, inheritable,
+//!   permitted, effective), so file permissions apply to it as to any user: root-only files
+//!   (`/etc/ssl/private`) stay unreadable even where Landlock allows the directory. A Python
+//!   `nobody` cannot reach (pyenv under `/root`) is bound into a private mount namespace
+//!   under a read-only tmpfs covering the blocking directory, which hides the rest of it. It
+//!   owns nothing outside its run directory. Run by anyone else, it stays that user inside a
+//!   user namespace, and drops the capabilities that namespace gave it.
 //! - **Namespaces**: a network namespace with only a downed loopback (every connect fails,
 //!   the host's 127.0.0.1 included), a PID namespace whose init takes every process of the
 //!   run down with it, and an IPC namespace.
@@ -38,10 +42,21 @@
 //!   `/tmp`, no `/proc`. TCP bind and connect are denied too, and (Landlock ABI 6) signals and
 //!   abstract sockets cannot leave the sandbox.
 //! - **seccomp**: a deny list of system calls no checked program needs (mount, namespaces,
-//!   ptrace, BPF, kernel modules, io_uring, keyrings...).
+//!   ptrace, BPF, kernel modules, io_uring, keyrings...), and `socket(AF_UNIX, ...)`: Unix
+//!   sockets by path would reach host services past Landlock (`socketpair` stays).
 //! - **Process limit**: a pids cgroup per run when running as root (`RLIMIT_NPROC` does not
 //!   apply to root), `RLIMIT_NPROC` in the run's own user namespace otherwise.
-//! - Always: rlimits (CPU, address space, file size, open files, no core dumps), a new
+//! - **Memory limit for the whole run** ([`MemoryLimit::Cgroup`]): a memory cgroup per run when
+//!   running as root (cgroup v2 `memory.max` with no swap, or v1 `memory.limit_in_bytes`),
+//!   of [`Limits::run_memory_bytes`] (2 GiB by default) for all processes and the files they
+//!   write together; a run the cgroup's OOM killer hit reports [`Outcome::MemoryLimit`].
+//! - **Disk quota** ([`DiskLimit::Tmpfs`]): when running as root, the run directory is a
+//!   tmpfs of [`Limits::disk_bytes`] (64 MiB) and [`Limits::disk_inodes`] (4096 files and
+//!   directories); writing past it fails with `ENOSPC`. The harness reserves room for its
+//!   record (a `.forgeline-result.json.tmp` in the run directory) before the checked code
+//!   runs.
+//! - Always: rlimits (CPU, address space per process, file size, open files, no core
+//!   dumps), a new
 //!   session killed as a group at the wall-clock timeout, an emptied environment, a fresh
 //!   directory (also `HOME` and `TMPDIR`), Python in isolated mode (`-I -S -B`; the harness
 //!   puts site-packages on `sys.path` itself, so installed packages import as usual while
@@ -52,9 +67,15 @@
 //! lists what is `missing`); [`IsolationLevel::None`] only the "always" row.
 //! [`SandboxConfig::require_full_isolation`] refuses to run anything with less than full.
 //!
-//! Not isolated: disk usage across many files (each file is capped, the directory is not);
-//! when not run by root, the mode and timestamps of the caller's own files that the program
-//! may read (a Python installed in the caller's home); and the outcome itself against
+//! After the run, its directory is read back as hostile: the record and kept files are opened
+//! without following links or blocking, only if regular, up to a size cap (a FIFO or a link
+//! to `/dev/zero` is no record), and the directory is removed without recursion (any depth,
+//! locked modes, files handed to the sandbox user), after unmounting its tmpfs.
+//!
+//! Not isolated: when not run by root, memory summed over processes and disk usage summed
+//! over files (only each process and each file is capped; the report lists both as
+//! missing), and the mode and timestamps of the caller's own files that the program may
+//! read (a Python installed in the caller's home); and the outcome itself against
 //! deliberately forged results (the harness runs in the same interpreter as the code it
 //! checks).
 //!
@@ -68,7 +89,9 @@
 //! - `isolation`: [`IsolationReport`], the Landlock rules and the seccomp filter.
 //! - `child`: what the run's process does to itself before exec (async-signal-safe).
 //! - `launcher`: starting runs from a fresh process rather than a fork of the caller.
-//! - `cgroup`: a pids cgroup per run.
+//! - `cgroup`: a pids and memory cgroup per run.
+//! - `rundir`: run directories: the tmpfs quota, capped reads, removal without recursion.
+//! - `unveil`: the mount namespace that shows `nobody` a Python it could not reach.
 //! - `runner`: spawning, output capture, timeout, killing the process tree.
 //! - `python`: finding the interpreter and checking its version.
 //! - `harness`: installs `harness/*.py`, the Python side that runs the checks and writes
@@ -93,7 +116,9 @@ mod unveil;
 
 pub use checks::{Check, Job, Module, TestKind, TestSuite};
 pub use error::{Error, Result};
-pub use isolation::{IsolationLevel, IsolationReport, LandlockState, ProcessLimit};
+pub use isolation::{
+    DiskLimit, IsolationLevel, IsolationReport, LandlockState, MemoryLimit, ProcessLimit,
+};
 pub use limits::Limits;
 pub use outcome::{
     AssertionFailure, Clock, Comparison, DoctestFailure, Frame, KeptFile, Outcome, RaisedException,

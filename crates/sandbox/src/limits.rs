@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// The longest wall-clock limit a run may have.
+const MAX_WALL_TIME: Duration = Duration::from_secs(24 * 3600);
+
 /// What one run may use. Every limit applies to the program and all its children.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
@@ -25,6 +28,30 @@ pub struct Limits {
     pub max_open_files: u32,
     /// Bytes of stdout, and separately of stderr, kept; the rest is counted and dropped.
     pub output_bytes: usize,
+    /// Memory of the whole run, all its processes and the files it writes together (a memory
+    /// cgroup, where the sandbox runs as root; otherwise only `memory_bytes` per process).
+    #[serde(default = "defaults::run_memory_bytes")]
+    pub run_memory_bytes: u64,
+    /// Bytes the run directory may hold, all files together (a tmpfs of this size, where the
+    /// sandbox runs as root; otherwise only `file_size_bytes` per file).
+    #[serde(default = "defaults::disk_bytes")]
+    pub disk_bytes: u64,
+    /// Files and directories the run directory may hold (the tmpfs's inode limit).
+    #[serde(default = "defaults::disk_inodes")]
+    pub disk_inodes: u64,
+}
+
+/// Defaults of the limits added later, also for limits serialized without them.
+mod defaults {
+    pub fn run_memory_bytes() -> u64 {
+        2 << 30
+    }
+    pub fn disk_bytes() -> u64 {
+        64 << 20
+    }
+    pub fn disk_inodes() -> u64 {
+        4096
+    }
 }
 
 impl Default for Limits {
@@ -37,6 +64,9 @@ impl Default for Limits {
             max_processes: 32,
             max_open_files: 256,
             output_bytes: 64 << 10,
+            run_memory_bytes: defaults::run_memory_bytes(),
+            disk_bytes: defaults::disk_bytes(),
+            disk_inodes: defaults::disk_inodes(),
         }
     }
 }
@@ -52,13 +82,32 @@ impl Limits {
         self
     }
 
+    /// A wall-clock timeout from seconds as a user gives them (a flag, a config file): an
+    /// error naming the problem, instead of `Duration::from_secs_f64`'s panic, for a number
+    /// that is not finite, not positive, or more than 24 hours.
+    pub fn timeout_from_secs(secs: f64) -> Result<Duration> {
+        if !secs.is_finite() || secs <= 0.0 {
+            return Err(Error::InvalidLimits(format!(
+                "the timeout must be a positive number of seconds, not {secs}"
+            )));
+        }
+        if secs > MAX_WALL_TIME.as_secs_f64() {
+            return Err(Error::InvalidLimits(format!(
+                "the timeout must be at most 24 hours ({} s), not {secs}",
+                MAX_WALL_TIME.as_secs()
+            )));
+        }
+        Duration::try_from_secs_f64(secs)
+            .map_err(|e| Error::InvalidLimits(format!("timeout {secs}: {e}")))
+    }
+
     /// Checks that each limit leaves Python room to start.
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: &str| Err(Error::InvalidLimits(msg.to_string()));
         if self.wall_time.is_zero() {
             return fail("wall_time must be more than 0");
         }
-        if self.wall_time > Duration::from_secs(24 * 3600) {
+        if self.wall_time > MAX_WALL_TIME {
             return fail("wall_time must be at most 24 hours");
         }
         if self.cpu_time.is_zero() {
@@ -79,7 +128,24 @@ impl Limits {
         if self.output_bytes == 0 {
             return fail("output_bytes must be more than 0");
         }
+        if self.run_memory_bytes < 64 << 20 {
+            return fail("run_memory_bytes must be at least 64 MiB for Python to start");
+        }
+        if self.disk_bytes < 1 << 20 {
+            return fail("disk_bytes must be at least 1 MiB");
+        }
+        if self.disk_inodes < 64 {
+            return fail("disk_inodes must be at least 64");
+        }
         Ok(())
+    }
+
+    /// The run directory's tmpfs size and inodes.
+    pub(crate) fn disk_quota(&self) -> crate::rundir::DiskQuota {
+        crate::rundir::DiskQuota {
+            bytes: self.disk_bytes,
+            inodes: self.disk_inodes,
+        }
     }
 
     /// CPU seconds for `RLIMIT_CPU`: whole seconds, rounded up.
@@ -131,6 +197,28 @@ mod tests {
             ..Limits::default()
         };
         assert!(no_time.validate().is_err());
+    }
+
+    #[test]
+    fn timeouts_from_any_number_are_checked_not_panicking() {
+        assert_eq!(
+            Limits::timeout_from_secs(2.5).unwrap(),
+            Duration::from_millis(2500)
+        );
+        for bad in [1e20, f64::NAN, f64::INFINITY, -1.0, 0.0, 86_401.0] {
+            let err = Limits::timeout_from_secs(bad).unwrap_err().to_string();
+            assert!(err.contains("timeout"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn limits_without_the_newer_fields_get_their_defaults() {
+        let mut json = serde_json::to_value(Limits::default()).unwrap();
+        for field in ["run_memory_bytes", "disk_bytes", "disk_inodes"] {
+            json.as_object_mut().unwrap().remove(field);
+        }
+        let back: Limits = serde_json::from_value(json).unwrap();
+        assert_eq!(back, Limits::default());
     }
 
     #[test]

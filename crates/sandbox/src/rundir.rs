@@ -322,7 +322,8 @@ mod tests {
         std::os::unix::fs::symlink(&outside, top.join("a/link")).unwrap();
         std::os::unix::fs::symlink(&outside, top.join("a/locked/link")).unwrap();
         for dir in ["a/locked/inner", "a/locked", "a"] {
-            std::fs::set_permissions(top.join(dir), std::fs::Permissions::from_mode(0)).unwrap();
+            std::fs::set_permissions(top.join(dir), std::fs::Permissions::from_mode(0o000))
+                .unwrap();
         }
         remove_tree(&top).unwrap();
         assert!(!top.exists());

@@ -46,6 +46,8 @@ pub(crate) struct Finished {
     pub stdout: String,
     pub stderr: String,
     pub duration: Duration,
+    /// Whether the run's memory cgroup killed one of its processes.
+    pub oom_killed: bool,
 }
 
 /// The process tree of a run. Killing it is always safe while the waiter is not reaped: its
@@ -111,7 +113,7 @@ fn setup_spec(launch: &Launch, cgroup: Option<&RunCgroup>) -> SetupSpec {
     }
     SetupSpec {
         rlimits,
-        cgroup_procs: cgroup.map(RunCgroup::procs_path),
+        cgroup_procs: cgroup.map(RunCgroup::procs_paths).unwrap_or_default(),
         namespaces: plan.namespaces.bits(),
         run_as: plan.run_as,
         unveil: plan.unveil.clone().filter(|_| plan.run_as.is_some()),
@@ -134,8 +136,11 @@ fn hand_over(workdir: &Path, id: u32) -> std::io::Result<()> {
 fn spawn(launch: &Launch) -> Result<(tokio::process::Child, ProcessTree)> {
     let cgroup = match &launch.plan.cgroups {
         Some(pool) => Some(
-            pool.create(launch.limits.max_processes + SUPERVISORS)
-                .map_err(|e| Error::io("create the run's pids cgroup", e))?,
+            pool.create(
+                launch.limits.max_processes + SUPERVISORS,
+                Some(launch.limits.run_memory_bytes),
+            )
+            .map_err(|e| Error::io("create the run's cgroup", e))?,
         ),
         None => None,
     };
@@ -229,9 +234,11 @@ pub(crate) async fn execute(launch: Launch) -> Result<Finished> {
         }
     };
     let duration = started.elapsed();
-    tokio::task::spawn_blocking(move || {
+    let oom_killed = tokio::task::spawn_blocking(move || {
         tree.reaped();
+        let oom_kills = tree.cgroup.as_ref().map_or(0, RunCgroup::oom_kills);
         drop(tree);
+        oom_kills > 0
     })
     .await
     .map_err(|e| Error::io("clean up the process tree", std::io::Error::other(e)))?;
@@ -264,6 +271,7 @@ pub(crate) async fn execute(launch: Launch) -> Result<Finished> {
         stdout,
         stderr,
         duration,
+        oom_killed,
     })
 }
 
@@ -330,7 +338,8 @@ pub(crate) async fn trial(
     work_root: &Path,
     launcher: Option<&Path>,
 ) -> std::result::Result<(), String> {
-    let dir = crate::rundir::RunDir::create(work_root, None)
+    let quota = plan.disk_quota.then(|| Limits::default().disk_quota());
+    let dir = crate::rundir::RunDir::create(work_root, quota)
         .map_err(|e| format!("create a run directory: {e}"))?;
     std::fs::create_dir(dir.path().join("tmp"))
         .map_err(|e| format!("create a run directory: {e}"))?;

@@ -17,7 +17,7 @@ use crate::isolation::{
     IsolationReport, LandlockState,
 };
 use crate::limits::Limits;
-use crate::outcome::RunReport;
+use crate::outcome::{Outcome, RunReport};
 use crate::python::{self, PythonInfo};
 use crate::record::{self, RecordFile};
 use crate::rundir::{self, RunDir};
@@ -171,7 +171,8 @@ impl Sandbox {
         let inner = &self.inner;
         let work_root = inner.work_root.clone();
         let prepared = job.clone();
-        let workdir = tokio::task::spawn_blocking(move || prepare(&work_root, &prepared))
+        let quota = inner.plan.disk_quota.then(|| limits.disk_quota());
+        let workdir = tokio::task::spawn_blocking(move || prepare(&work_root, &prepared, quota))
             .await
             .map_err(|e| Error::io("prepare the run directory", std::io::Error::other(e)))??;
         let launch = Launch {
@@ -207,13 +208,20 @@ impl Sandbox {
             None => (None, None),
         };
         let program = matches!(job.check, Check::Run);
-        let outcome = record::decide(
+        let mut outcome = record::decide(
             finished.termination,
             record,
             program,
             &limits,
             &finished.stderr,
         )?;
+        // The memory cgroup killed a process: whatever followed (a SIGKILL, a broken pipe in
+        // the parent) comes from the limit.
+        if finished.oom_killed && outcome != Outcome::Passed {
+            outcome = Outcome::MemoryLimit {
+                limit_bytes: limits.run_memory_bytes,
+            };
+        }
         Ok(RunReport {
             outcome,
             tests,
@@ -261,8 +269,8 @@ fn check_required(isolation: &IsolationReport, required: bool) -> Result<()> {
 }
 
 /// A fresh run directory with the module, the tests, and `tmp/` (the run's TMPDIR).
-fn prepare(work_root: &Path, job: &Job) -> Result<RunDir> {
-    let dir = RunDir::create(work_root, None).map_err(|e| {
+fn prepare(work_root: &Path, job: &Job, quota: Option<rundir::DiskQuota>) -> Result<RunDir> {
+    let dir = RunDir::create(work_root, quota).map_err(|e| {
         Error::io(
             format!("create a run directory in {}", work_root.display()),
             e,
@@ -365,6 +373,16 @@ async fn probe_isolation(
     }
 
     if root {
+        let root_dir = work_root.to_path_buf();
+        if tokio::task::spawn_blocking(move || rundir::quota_works(&root_dir))
+            .await
+            .unwrap_or(false)
+        {
+            plan.disk_quota = true;
+            if !works(&plan).await {
+                plan.disk_quota = false;
+            }
+        }
         if let Ok(Some(pool)) = tokio::task::spawn_blocking(CgroupPool::detect).await {
             plan.cgroups = Some(Arc::new(pool));
             if !works(&plan).await {

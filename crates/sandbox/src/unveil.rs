@@ -55,7 +55,7 @@ impl UnveilSpec {
             ancestors.reverse();
             let blocked = ancestors
                 .into_iter()
-                .find(|dir| std::fs::metadata(dir).map_or(false, |meta| !allows(&meta, id, 1)));
+                .find(|dir| std::fs::metadata(dir).is_ok_and(|meta| !allows(&meta, id, 1)));
             if let Some(blocked) = blocked {
                 if blocked != Path::new("/") {
                     pairs.push((blocked.to_path_buf(), path.clone()));
@@ -208,18 +208,6 @@ impl Unveil {
     }
 }
 
-/// Whether `path` and what leads to it can be read by user `id` as it is.
-pub(crate) fn readable_by(path: &Path, id: u32) -> bool {
-    let Ok(path) = std::fs::canonicalize(path) else {
-        return false;
-    };
-    let dirs_ok = path
-        .ancestors()
-        .skip(1)
-        .all(|dir| std::fs::metadata(dir).is_ok_and(|m| allows(&m, id, 1)));
-    dirs_ok && std::fs::metadata(&path).is_ok_and(|m| allows(&m, id, 4))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,8 +240,6 @@ mod tests {
                 python.clone()
             ]
         );
-        assert!(!readable_by(&python, id));
-        assert!(readable_by(&root.path().join("open"), id));
         assert_eq!(UnveilSpec::needed(&[root.path().join("open")], id), None);
     }
 }

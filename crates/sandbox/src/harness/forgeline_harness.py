@@ -31,6 +31,7 @@ def main():
     sys.path.insert(0, workdir)
     sys.path.extend(d for d in SITE_DIRS if d not in sys.path)
     ctx = report.Context(workdir, module_name, tests_file)
+    report.reserve(ctx)
     sys.argv = [ctx.module_path]
     for stream in (sys.stdout, sys.stderr):
         try:

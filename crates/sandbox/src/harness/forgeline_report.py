@@ -14,6 +14,8 @@ RESULT_NAME = ".forgeline-result.json"
 
 # Bound before the code under test runs, which may replace them.
 _open, _write, _close, _replace = os.open, os.write, os.close, os.replace
+_fallocate = getattr(os, "posix_fallocate", lambda fd, offset, size: None)
+_ftruncate = os.ftruncate
 _HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -246,14 +248,32 @@ def nul_byte_error(ctx, path, source):
     }
 
 
+# Room claimed for the record before the checked code runs, so that a program filling the
+# run directory's quota (bytes or inodes) cannot keep the record from being written.
+RESERVE = 256 << 10
+
+
+def reserve(ctx):
+    try:
+        fd = _open(ctx.result_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _fallocate(fd, 0, RESERVE)
+        finally:
+            _close(fd)
+    except OSError:
+        pass
+
+
 def write(ctx, record):
     data = encode(record).encode("utf-8")
     tmp = ctx.result_path + ".tmp"
-    fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Into the reserved file, then cut to size: no new blocks or inode needed.
+    fd = _open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[_write(fd, view) :]
+        _ftruncate(fd, len(data))
     finally:
         _close(fd)
     _replace(tmp, ctx.result_path)

@@ -634,3 +634,112 @@ async fn no_capability_is_left_to_read_root_only_files() {
     drop(secret);
     assert_host_unharmed("caps-have-no-marker").await;
 }
+
+/// Runs `code` with more time, and `limits` changed by `change`.
+async fn run_with(code: &str, change: impl FnOnce(&mut forgeline_sandbox::Limits)) -> RunReport {
+    let mut limits = forgeline_sandbox::Limits {
+        wall_time: Duration::from_secs(30),
+        cpu_time: Duration::from_secs(30),
+        ..test_limits()
+    };
+    change(&mut limits);
+    let job = forgeline_sandbox::Job::new(module(code), forgeline_sandbox::Check::Run)
+        .with_limits(limits);
+    sandbox().await.run(job).await.unwrap()
+}
+
+#[tokio::test]
+async fn memory_is_limited_for_the_whole_run_not_only_each_process() {
+    let sandbox = sandbox().await;
+    if sandbox.isolation().memory_limit != forgeline_sandbox::MemoryLimit::Cgroup {
+        eprintln!("no memory cgroup here: {:?}", sandbox.isolation().missing);
+        return;
+    }
+    // Six children each touch 600 MiB and hold it a moment: 3.6 GB, above the run's 2 GiB,
+    // while each child stays under its own 1 GiB.
+    let code = "import os, time\n\
+                pids = []\n\
+                for i in range(6):\n\
+                \x20   pid = os.fork()\n\
+                \x20   if pid == 0:\n\
+                \x20       try:\n\
+                \x20           b = bytearray(600 << 20)\n\
+                \x20           b[::4096] = b'\\x01' * (len(b) // 4096)\n\
+                \x20           time.sleep(2)\n\
+                \x20       except MemoryError:\n\
+                \x20           os._exit(3)\n\
+                \x20       os._exit(0)\n\
+                \x20   pids.append(pid)\n\
+                ok = 0\n\
+                for pid in pids:\n\
+                \x20   _, status = os.waitpid(pid, 0)\n\
+                \x20   ok += os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0\n\
+                print('succeeded', ok)\n";
+    let report = run_with(code, |l| {
+        l.memory_bytes = 1 << 30;
+        l.run_memory_bytes = 2 << 30;
+    })
+    .await;
+    assert_eq!(report.outcome, Outcome::Passed, "{}", show(&report));
+    let ok: u32 = report.stdout.trim().trim_start_matches("succeeded ").parse().unwrap();
+    assert!(ok < 6, "all six children got their 600 MiB: {}", report.stdout);
+
+    // The program itself over the run's limit: killed by the cgroup, reported as the limit.
+    let alone = "b = bytearray(600 << 20)\nb[::4096] = b'\\x01' * (len(b) // 4096)\nprint('kept it')\n";
+    let report = run_with(alone, |l| {
+        l.memory_bytes = 1 << 30;
+        l.run_memory_bytes = 256 << 20;
+    })
+    .await;
+    assert!(
+        matches!(report.outcome, Outcome::MemoryLimit { limit_bytes } if limit_bytes == 256 << 20),
+        "{}",
+        show(&report)
+    );
+    assert_host_unharmed("memory-sum-has-no-marker").await;
+}
+
+#[tokio::test]
+async fn the_run_directory_has_a_disk_and_inode_quota() {
+    let sandbox = sandbox().await;
+    if sandbox.isolation().disk_limit != forgeline_sandbox::DiskLimit::Tmpfs {
+        eprintln!("no disk quota here: {:?}", sandbox.isolation().missing);
+        return;
+    }
+    let bytes = "import os\n\
+                 n = 0\n\
+                 try:\n\
+                 \x20   for i in range(16):\n\
+                 \x20       with open('f%d' % i, 'wb') as f:\n\
+                 \x20           f.write(b'x' * ((16 << 20) - 4096))\n\
+                 \x20       n += 1\n\
+                 except OSError as e:\n\
+                 \x20   print('stopped', e.errno)\n\
+                 print('files', n)\n";
+    let started = Instant::now();
+    let report = run_with(bytes, |_| {}).await;
+    assert_eq!(report.outcome, Outcome::Passed, "{}", show(&report));
+    assert!(report.stdout.contains("stopped 28"), "{}", report.stdout);
+    assert!(!report.stdout.contains("files 16"), "{}", report.stdout);
+    let inodes = "n = 0\n\
+                  try:\n\
+                  \x20   for i in range(18500):\n\
+                  \x20       open('n%d' % i, 'w').close()\n\
+                  \x20       n += 1\n\
+                  except OSError as e:\n\
+                  \x20   print('stopped', e.errno)\n\
+                  print('files', n)\n";
+    let report = run_with(inodes, |_| {}).await;
+    assert_eq!(report.outcome, Outcome::Passed, "{}", show(&report));
+    assert!(report.stdout.contains("stopped 28"), "{}", report.stdout);
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    // A full directory still gets its record: a test run reports its failure.
+    let full = "for i in range(18500):\n    try:\n        open('n%d' % i, 'w').close()\n    except OSError:\n        break\n";
+    let report = test(full, "import solution\nassert 1 == 2\n").await;
+    assert!(
+        matches!(report.outcome, Outcome::AssertionFailed(_)),
+        "{}",
+        show(&report)
+    );
+    assert_host_unharmed("disk-has-no-marker").await;
+}
