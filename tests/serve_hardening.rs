@@ -58,7 +58,7 @@ async fn slow_headers_idle_connections_and_stalled_bodies_are_cut() {
 
     // Half a request head, then nothing: closed after the header timeout.
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-    tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-")
+    tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-")
         .await
         .unwrap();
     let (_, took) = until_closed(&mut tcp, Duration::from_secs(10)).await;
@@ -70,7 +70,7 @@ async fn slow_headers_idle_connections_and_stalled_bodies_are_cut() {
 
     // A keep-alive connection left idle after its answer.
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     let (got, _) = until_closed(&mut tcp, Duration::from_secs(10)).await;
@@ -79,7 +79,7 @@ async fn slow_headers_idle_connections_and_stalled_bodies_are_cut() {
     // A body that stops halfway: 408, then closed.
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
     tcp.write_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
           Content-Length: 100\r\n\r\n{\"messages\": ",
     )
     .await
@@ -268,7 +268,7 @@ async fn cross_site_posts_are_refused_and_start_nothing() {
     // An allowed origin: its preflight is answered, its requests carry CORS headers.
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
     tcp.write_all(
-        b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+        b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
           Origin: http://localhost:3000\r\nAccess-Control-Request-Method: POST\r\n\
           Access-Control-Request-Headers: content-type\r\n\r\n",
     )
@@ -556,4 +556,60 @@ async fn a_job_that_outlives_the_grace_period_is_cancelled_at_its_end() {
             .contains("grace period"),
         "{v}"
     );
+}
+
+/// A GET with this `Host`; the status and the response text.
+async fn get_with_host(server: &TestServer, path: &str, host: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let (got, _) = until_closed(&mut tcp, Duration::from_secs(60)).await;
+    let status = got
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, got)
+}
+
+/// DNS rebinding: a page on evil.example rebinds its name to 127.0.0.1; its same-origin
+/// GETs carry no `Origin`, only `Host: evil.example`. A keyless server refuses them; the
+/// loopback names and addresses still work, and a server with a key needs no such check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_server_refuses_foreign_host_names() {
+    let (client, card) = shared_client();
+    let server = TestServer::start(client.clone(), card.clone(), ServerConfig::default()).await;
+    for path in ["/v1/models", "/metrics", "/health", "/v1/jobs/1"] {
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.1.evil.example",
+        ] {
+            let (status, got) = get_with_host(&server, path, host).await;
+            assert_eq!(status, 403, "{path} {host}: {got}");
+            assert!(
+                got.contains(host) && got.contains("--api-key-file"),
+                "{got}"
+            );
+        }
+    }
+    let port = server.addr.port();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "[::1]".to_string(),
+    ] {
+        let (status, got) = get_with_host(&server, "/v1/models", &host).await;
+        assert_eq!(status, 200, "{host}: {got}");
+    }
+    server.stop().await;
+
+    let keyed = ServerConfig {
+        api_key: Some(forgeline_server::auth::ApiKey::new("k3y").unwrap()),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(client, card, keyed).await;
+    let (status, got) = get_with_host(&server, "/health", "evil.example").await;
+    assert_eq!(status, 200, "{got}");
+    server.stop().await;
 }

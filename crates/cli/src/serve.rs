@@ -131,6 +131,9 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         idle_timeout: Duration::from_secs(a.idle_timeout),
         max_connections: usize::try_from(a.max_connections).unwrap_or(usize::MAX),
         allowed_origins,
+        // Against DNS rebinding; a keyless server on another address was opened on purpose
+        // (--insecure-no-auth), and its clients may well use its name.
+        check_host: host.is_loopback(),
     };
     let jobs = JobLimits {
         max_running: a.max_jobs.max(1),

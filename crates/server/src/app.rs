@@ -15,7 +15,7 @@ use crate::auth::require_key;
 use crate::error::ApiError;
 use crate::jobs::{self, Jobs};
 use crate::metrics::{track, Metrics};
-use crate::origin::check_origin;
+use crate::origin::{check_host, check_origin};
 use crate::shutdown::CancelSignal;
 use crate::{completions, openai, ModelCard, ServerConfig};
 
@@ -78,8 +78,14 @@ pub fn router(app: AppState) -> Router {
     if let Some(key) = app.config.api_key.clone() {
         api = api.route_layer(middleware::from_fn_with_state(key, require_key));
     }
-    api.route("/health", get(health))
-        .route_layer(middleware::from_fn_with_state(app.metrics.clone(), track))
+    let mut api = api.route("/health", get(health));
+    if app.config.check_host && app.config.api_key.is_none() {
+        api = api.layer(middleware::from_fn_with_state(
+            Arc::new(app.config.allowed_origins.clone()),
+            check_host,
+        ));
+    }
+    api.route_layer(middleware::from_fn_with_state(app.metrics.clone(), track))
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(app.config.body_limit))

@@ -102,6 +102,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Origins whose web pages may call the API; a request from any other origin gets 403.
     pub allowed_origins: AllowedOrigins,
+    /// Refuse (403) requests whose `Host` is a name other than `localhost` (or an allowed
+    /// origin's host): a web page that rebinds its own domain to 127.0.0.1 (DNS rebinding)
+    /// sends its domain as `Host`, and its same-origin GETs carry no `Origin`. On for a
+    /// keyless server; a server with a key needs no such check.
+    pub check_host: bool,
 }
 
 impl Default for ServerConfig {
@@ -116,6 +121,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 512,
             allowed_origins: AllowedOrigins::default(),
+            check_host: true,
         }
     }
 }

@@ -57,6 +57,62 @@ impl AllowedOrigins {
     pub fn is_empty(&self) -> bool {
         !self.any && self.list.is_empty()
     }
+
+    /// Whether a request for `host` (a `Host` header: name or address, maybe a port) may
+    /// be served by a keyless server: an IP address, `localhost` and its subdomains, or
+    /// the host of an allowed origin. A rebinding attacker can only send a domain name.
+    pub fn allows_host(&self, host: &str) -> bool {
+        let name = match host.strip_prefix('[') {
+            // [IPv6]:port
+            Some(rest) => {
+                return rest.split_once(']').is_some_and(|(addr, port)| {
+                    addr.parse::<std::net::Ipv6Addr>().is_ok()
+                        && (port.is_empty()
+                            || port
+                                .strip_prefix(':')
+                                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())))
+                })
+            }
+            None => host.rsplit_once(':').map_or(host, |(n, port)| {
+                if port.bytes().all(|b| b.is_ascii_digit()) {
+                    n
+                } else {
+                    host
+                }
+            }),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        name.parse::<std::net::Ipv4Addr>().is_ok()
+            || name == "localhost"
+            || name.ends_with(".localhost")
+            || self.any
+            || self.list.iter().any(|o| {
+                let o = o.split_once("://").map_or(o.as_str(), |(_, h)| h);
+                let o = o.rsplit_once(':').map_or(o, |(n, _)| n);
+                o == name
+            })
+    }
+}
+
+/// Middleware for keyless servers: 403 for a `Host` that is a foreign domain name (DNS
+/// rebinding). Requests without `Host` (HTTP/1.0 tools) pass: browsers always send one.
+pub async fn check_host(
+    State(allowed): State<Arc<AllowedOrigins>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(host) = req.headers().get(header::HOST) {
+        if !host.to_str().is_ok_and(|h| allowed.allows_host(h)) {
+            let shown = String::from_utf8_lossy(host.as_bytes()).into_owned();
+            return ApiError::forbidden(format!(
+                "requests for host `{shown}` are refused: a server without an API key answers \
+                 only requests for localhost or an IP address (a foreign name is how a web page \
+                 reaches it by DNS rebinding); give --api-key-file, or connect by address"
+            ))
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Middleware: 403 for a disallowed `Origin`; CORS headers and preflights for allowed ones.
@@ -124,6 +180,30 @@ mod tests {
         assert!(AllowedOrigins::default().is_empty());
         assert!(!AllowedOrigins::default().allows("http://localhost"));
         assert!(AllowedOrigins::parse(&["*"]).unwrap().allows("https://x.y"));
+        for host in [
+            "127.0.0.1:8080",
+            "localhost",
+            "LOCALHOST:1",
+            "a.localhost",
+            "[::1]:80",
+            "10.0.0.7",
+            "127.0.0.1",
+        ] {
+            assert!(AllowedOrigins::default().allows_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.1.evil.example",
+            "[::1",
+            "[::1]x",
+            "localhost.evil",
+            "",
+            "x:y",
+        ] {
+            assert!(!AllowedOrigins::default().allows_host(host), "{host}");
+        }
+        assert!(o.allows_host("app.example:443"));
         for bad in [
             "localhost:3000",
             "http://a/",
