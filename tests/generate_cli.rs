@@ -187,7 +187,10 @@ fn eval_scores_tasks_with_their_hidden_tests() {
 fn eval_completes_on_tasks_with_non_ascii_text() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("quick.toml"), QUICK).unwrap();
-    let tasks = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/non_ascii_tasks.jsonl");
+    let tasks = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/non_ascii_tasks.jsonl"
+    );
     let args = [
         "eval",
         tasks,
@@ -232,7 +235,10 @@ fn generate_refuses_to_overwrite_files_and_keeps_the_old_trace() {
     let why = show(&args, &out, dir.path());
     assert_eq!(out.status.code(), Some(2), "{why}");
     let err = text(&out.stderr);
-    assert!(err.contains("README.md") && err.contains("--force"), "{why}");
+    assert!(
+        err.contains("README.md") && err.contains("--force"),
+        "{why}"
+    );
     // Refused before the model was even looked up.
     assert!(!err.contains("no-such-model"), "{why}");
     assert_eq!(

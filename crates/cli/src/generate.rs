@@ -50,7 +50,10 @@ pub struct GenerateArgs {
 fn check_writable(path: &Path) -> std::io::Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => Err(std::io::Error::other("it is a directory")),
-        Ok(_) => std::fs::OpenOptions::new().append(true).open(path).map(drop),
+        Ok(_) => std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop),
         Err(_) => {
             std::fs::OpenOptions::new()
                 .write(true)
@@ -123,7 +126,10 @@ pub async fn run(a: GenerateArgs, env: &Env) -> anyhow::Result<ExitCode> {
                     "stages": failure.trace.stages,
                     "llm_calls": failure.trace.llm_calls,
                 });
-                match formatter::write_atomically(t, (serde_json::to_string_pretty(&json)? + "\n").as_bytes()) {
+                match formatter::write_atomically(
+                    t,
+                    (serde_json::to_string_pretty(&json)? + "\n").as_bytes(),
+                ) {
                     Ok(()) => eprintln!("wrote the trace of the failed job to {}", t.display()),
                     Err(e) => eprintln!("cannot write the trace to {}: {e}", t.display()),
                 }

@@ -313,8 +313,8 @@ mod tests {
         let e = PipelineConfig::parse("[stages.code]\nmax_tokens = \"x\"\n").unwrap_err();
         assert!(e.contains("max_tokens"), "{e}");
         for t in ["1e20", "nan", "inf", "-1.0", "0.0"] {
-            let e = PipelineConfig::parse(&format!("[limits]\nsandbox_timeout_s = {t}\n"))
-                .unwrap_err();
+            let e =
+                PipelineConfig::parse(&format!("[limits]\nsandbox_timeout_s = {t}\n")).unwrap_err();
             assert!(e.contains("limits.sandbox_timeout_s"), "{t}: {e}");
         }
     }

@@ -257,10 +257,7 @@ pub async fn run_eval(
                         task_id,
                         passed: false,
                         outcome: "error".into(),
-                        error: Some(format!(
-                            "internal error: {}",
-                            crate::join_error_message(e)
-                        )),
+                        error: Some(format!("internal error: {}", crate::join_error_message(e))),
                         completion_tokens: 0,
                         wall_s: 0.0,
                     },

@@ -218,10 +218,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 fn stage(path: &Path, i: usize, bytes: &[u8]) -> std::io::Result<PathBuf> {
     use std::io::Write;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(
-        ".{name}.forgeline-{}-{i}.tmp",
-        std::process::id()
-    ));
+    let tmp = path.with_file_name(format!(".{name}.forgeline-{}-{i}.tmp", std::process::id()));
     // create_new: never through a link or over a file someone else made.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -282,7 +279,10 @@ mod tests {
         std::fs::write(dir.path().join("README.md"), "the project's own").unwrap();
         let r = result(&[("solution.py", "x = 1\n"), ("README.md", "generated")]);
         let e = write_files(&r, dir.path(), false).unwrap_err();
-        assert!(matches!(&e, Error::WouldOverwrite(p) if p.len() == 1), "{e}");
+        assert!(
+            matches!(&e, Error::WouldOverwrite(p) if p.len() == 1),
+            "{e}"
+        );
         assert!(e.to_string().contains("README.md") && e.to_string().contains("--force"));
         assert_eq!(names(dir.path()), ["README.md"]);
         assert_eq!(
@@ -326,12 +326,20 @@ mod tests {
     fn names_outside_the_directory_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         for bad in ["../x.py", "/etc/x", "", "a/../../b"] {
-            assert!(write_files(&result(&[(bad, "1")]), dir.path(), true).is_err(), "{bad}");
+            assert!(
+                write_files(&result(&[(bad, "1")]), dir.path(), true).is_err(),
+                "{bad}"
+            );
         }
         assert!(names(dir.path()).is_empty());
         assert_eq!(
             output_names("solution"),
-            ["solution.py", "test_solution.py", "README.md", "analysis.py"]
+            [
+                "solution.py",
+                "test_solution.py",
+                "README.md",
+                "analysis.py"
+            ]
         );
     }
 }

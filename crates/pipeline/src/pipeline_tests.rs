@@ -216,7 +216,11 @@ async fn a_panicking_stage_fails_its_job_and_the_next_job_runs() {
         failure.error
     );
     assert_eq!(failure.stage, Some(Stage::Orchestrator));
-    assert!(failure.trace.stages.iter().any(|s| s.stage == Stage::Router));
+    assert!(failure
+        .trace
+        .stages
+        .iter()
+        .any(|s| s.stage == Stage::Router));
     let mut last = None;
     while let Ok(ev) = rx.try_recv() {
         last = Some(ev);

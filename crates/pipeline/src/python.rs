@@ -542,10 +542,32 @@ mod tests {
         /// and arbitrary Unicode (multi-byte characters next to quotes and backslashes).
         fn pythonish() -> impl Strategy<Value = String> {
             let fixed = [
-                "\"\"\"", "'''", "\"", "'", "\\", "#", "\n", "\r\n", "    ", "\t", "(", ")", "[",
-                "}", "def f(a, b=(1, 2)) -> int:", "def ≤(", "class A:", "import os",
-                "from x import (y,", "@dec", "if __name__ == '__main__':", ">>> f(1)", "... 2",
-                "```python\n", "```", "≤➞é😀",
+                "\"\"\"",
+                "'''",
+                "\"",
+                "'",
+                "\\",
+                "#",
+                "\n",
+                "\r\n",
+                "    ",
+                "\t",
+                "(",
+                ")",
+                "[",
+                "}",
+                "def f(a, b=(1, 2)) -> int:",
+                "def ≤(",
+                "class A:",
+                "import os",
+                "from x import (y,",
+                "@dec",
+                "if __name__ == '__main__':",
+                ">>> f(1)",
+                "... 2",
+                "```python\n",
+                "```",
+                "≤➞é😀",
             ];
             let piece = prop_oneof![
                 prop::sample::select(fixed.to_vec()).prop_map(String::from),
@@ -556,9 +578,7 @@ mod tests {
         }
 
         fn no_space(s: &str) -> String {
-            s.chars()
-                .filter(|c| !c.is_whitespace())
-                .collect()
+            s.chars().filter(|c| !c.is_whitespace()).collect()
         }
 
         fn all_reads(src: &str) {

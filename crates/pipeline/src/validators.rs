@@ -178,14 +178,11 @@ fn sandbox_failure(name: &str, e: forgeline_sandbox::Error) -> CheckResult {
 
 impl JobContext {
     async fn sandboxed(&self, job: Job) -> forgeline_sandbox::Result<RunReport> {
-        let limits = self
-            .sandbox
-            .limits()
-            .clone()
-            .with_timeout(
-                Duration::try_from_secs_f64(self.config.limits.sandbox_timeout_s)
-                    .unwrap_or(Duration::from_secs(crate::config::MAX_SANDBOX_TIMEOUT_S as u64)),
-            );
+        let limits = self.sandbox.limits().clone().with_timeout(
+            Duration::try_from_secs_f64(self.config.limits.sandbox_timeout_s).unwrap_or(
+                Duration::from_secs(crate::config::MAX_SANDBOX_TIMEOUT_S as u64),
+            ),
+        );
         self.sandbox.run(job.with_limits(limits)).await
     }
 
