@@ -132,14 +132,23 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
 
 fn engine_exit_code(e: &forgeline_engine::Error) -> u8 {
     use forgeline_engine::Error as E;
+    // No wildcard: a new variant must be placed on one side or the other.
     match e {
-        E::InvalidRequest(_)
+        // What the user gave: a request, a model and its files, a setting such as the device.
+        E::Validation(_)
+        | E::Config(_)
         | E::ModelNotFound { .. }
         | E::BadModel { .. }
         | E::Io { .. }
         | E::Tokenizer(_)
         | E::Template(_) => 2,
-        _ => 3,
+        // Load, time, and our own failures.
+        E::Overloaded { .. }
+        | E::OutOfMemory(_)
+        | E::Cancelled
+        | E::DeadlineExceeded { .. }
+        | E::Internal(_)
+        | E::Candle(_) => 3,
     }
 }
 

@@ -39,6 +39,7 @@ use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::stop::StopReason;
 use crate::tokenizer::Tokenizer;
+use crate::error::{ConfigError, Internal, Validation};
 use crate::{Error, Result};
 use candle_core::DType;
 use sequence::Seq;
@@ -153,9 +154,7 @@ impl ResponseStream {
                 return Ok(c);
             }
         }
-        Err(Error::InvalidRequest(
-            "the engine stopped before the request finished".into(),
-        ))
+        Err(Internal::StreamEnded.into())
     }
 }
 
@@ -201,9 +200,7 @@ impl LlmClient {
     /// Starts the engine thread with these models; the first is the default.
     pub fn start(models: Vec<LoadedModel>, cfg: SchedulerConfig) -> Result<Self> {
         if models.is_empty() {
-            return Err(Error::InvalidRequest(
-                "the scheduler needs at least one model".into(),
-            ));
+            return Err(ConfigError::NoModels.into());
         }
         let n = models.len();
         let mut slots = Vec::with_capacity(n);
@@ -213,10 +210,7 @@ impl LlmClient {
                 .iter()
                 .any(|h: &ModelHandle| h.limits.name == m.info.name)
             {
-                return Err(Error::InvalidRequest(format!(
-                    "model `{}` is loaded twice",
-                    m.info.name
-                )));
+                return Err(ConfigError::DuplicateModel(m.info.name.clone()).into());
             }
             let budget = cfg
                 .kv_budget_bytes
@@ -252,9 +246,7 @@ impl LlmClient {
             std::thread::Builder::new()
                 .name("forgeline-engine".into())
                 .spawn(move || engine_loop(slots, rx, &received, &waiting, &stats))
-                .map_err(|e| {
-                    Error::InvalidRequest(format!("cannot start the engine thread: {e}"))
-                })?
+                .map_err(Internal::ThreadSpawn)?
         };
         Ok(Self {
             shared: Arc::new(Shared {
@@ -289,10 +281,11 @@ impl LlmClient {
                 .enumerate()
                 .find(|(_, m)| m.limits.name == n)
                 .ok_or_else(|| {
-                    Error::InvalidRequest(format!(
-                        "unknown model `{n}` (loaded: {})",
-                        self.model_names().join(", ")
-                    ))
+                    Validation::UnknownModel {
+                        name: n.to_string(),
+                        loaded: self.model_names(),
+                    }
+                    .into()
                 }),
         }
     }
@@ -338,22 +331,22 @@ impl LlmClient {
         let queued = s.sent.load(Ordering::SeqCst) - s.received.load(Ordering::SeqCst)
             + s.waiting.load(Ordering::SeqCst);
         if queued >= s.max_waiting {
-            return Err(Error::Overloaded(format!(
-                "{queued} requests are waiting (limit {})",
-                s.max_waiting
-            )));
+            return Err(Error::Overloaded {
+                waiting: queued,
+                limit: s.max_waiting,
+            });
         }
         let (etx, erx) = unbounded_channel();
         let seq = Seq::new(s.next_id.fetch_add(1, Ordering::Relaxed), valid, etx)?;
         let tx =
             s.tx.lock()
-                .map_err(|_| Error::InvalidRequest("engine lock poisoned".into()))?;
+                .map_err(|_| Internal::LockPoisoned)?;
         let tx = tx
             .as_ref()
-            .ok_or_else(|| Error::InvalidRequest("the engine has stopped".into()))?;
+            .ok_or(Internal::EngineStopped)?;
         s.sent.fetch_add(1, Ordering::SeqCst);
         tx.send(Command::Submit(seq))
-            .map_err(|_| Error::InvalidRequest("the engine thread has stopped".into()))?;
+            .map_err(|_| Internal::EngineThreadStopped)?;
         Ok(ResponseStream { rx: erx })
     }
 
