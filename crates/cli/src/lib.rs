@@ -111,13 +111,18 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
             use forgeline_pipeline::Error as P;
             return match f {
                 P::InvalidTask(_)
+                | P::TaskLine { .. }
                 | P::Config(_)
-                | P::Prompt(_)
-                | P::Io(_)
+                | P::Template { .. }
+                | P::UnknownTemplate { .. }
+                | P::EmptyPrompt { .. }
+                | P::Io { .. }
+                | P::PartlyWritten { .. }
+                | P::OutsideOutput { .. }
                 | P::WouldOverwrite(_) => 2,
                 P::Engine(e) => engine_exit_code(e),
                 P::Sandbox(e) => sandbox_exit_code(e),
-                P::Internal(_) => 3,
+                P::Json(_) | P::Internal(_) => 3,
             };
         }
         // Reading the user's files, or a problem with what they asked for.

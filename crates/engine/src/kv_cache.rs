@@ -5,7 +5,6 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::ConfigError;
 use crate::memory::ForkExcluded;
 use crate::model::ModelConfig;
 use crate::{Error, Result};
@@ -125,10 +124,14 @@ impl KvCache {
         device: &Device,
     ) -> Result<Self> {
         if block_size == 0 || num_blocks == 0 {
-            return Err(ConfigError::EmptyKvCache.into());
+            return Err(Error::InvalidRequest(
+                "KV cache needs a positive block size and block count".into(),
+            ));
         }
         if !matches!(dtype, DType::F16 | DType::F32) {
-            return Err(ConfigError::KvCacheType(dtype).into());
+            return Err(Error::InvalidRequest(format!(
+                "KV cache type {dtype:?} is not supported (f16 or f32)"
+            )));
         }
         let slots = block_size * num_blocks;
         let layers = (0..cfg.num_layers)

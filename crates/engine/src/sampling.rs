@@ -6,7 +6,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Validation;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,30 +59,30 @@ impl SamplingParams {
 
     /// Checks every value, with a message naming the field.
     pub fn validate(&self) -> Result<()> {
-        let bad = |v: Validation| Err(Error::Validation(v));
+        let bad = |m: &str| Err(Error::InvalidRequest(m.to_string()));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(Validation::Temperature(self.temperature));
+            return bad("`temperature` must be a finite number >= 0");
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(Validation::TopP(self.top_p));
+            return bad("`top_p` must be in (0, 1]");
         }
         if !(0.0..1.0).contains(&self.min_p) {
-            return bad(Validation::MinP(self.min_p));
+            return bad("`min_p` must be in [0, 1)");
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad(Validation::RepetitionPenalty(self.repetition_penalty));
+            return bad("`repetition_penalty` must be a finite number > 0");
         }
         if !self.dry_multiplier.is_finite() || self.dry_multiplier < 0.0 {
-            return bad(Validation::DryMultiplier(self.dry_multiplier));
+            return bad("`dry_multiplier` must be a finite number >= 0");
         }
         if !self.dry_base.is_finite() || self.dry_base < 1.0 {
-            return bad(Validation::DryBase(self.dry_base));
+            return bad("`dry_base` must be a finite number >= 1");
         }
         if self.dry_allowed_length == 0 {
-            return bad(Validation::DryAllowedLength(self.dry_allowed_length));
+            return bad("`dry_allowed_length` must be at least 1");
         }
         if self.dry_penalty_last_n < -1 {
-            return bad(Validation::DryPenaltyLastN(self.dry_penalty_last_n));
+            return bad("`dry_penalty_last_n` must be -1 (all), 0 (off) or a count of tokens");
         }
         Ok(())
     }

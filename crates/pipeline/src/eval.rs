@@ -70,15 +70,17 @@ pub struct EvalReport {
 
 /// Reads a JSONL task file; errors name the line and the field.
 pub fn read_tasks(path: &Path) -> Result<Vec<EvalTask>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut tasks = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let t: EvalTask = serde_json::from_str(line)
-            .map_err(|e| Error::InvalidTask(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        let t: EvalTask = serde_json::from_str(line).map_err(|source| Error::TaskLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            source,
+        })?;
         for (field, v) in [
             ("task_id", &t.task_id),
             ("prompt", &t.prompt),

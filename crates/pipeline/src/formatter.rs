@@ -47,9 +47,7 @@ pub fn render(ctx: &JobContext, result: &JobResult, format: Format) -> Result<St
             Some(f) => f.content.clone(),
             None => format!("{}\n", result.answer.trim_end()),
         },
-        Format::Json => {
-            serde_json::to_string_pretty(result).map_err(|e| Error::Prompt(e.to_string()))? + "\n"
-        }
+        Format::Json => serde_json::to_string_pretty(result).map_err(Error::Json)? + "\n",
     };
     ctx.rec.stage(
         Stage::Formatter,
@@ -101,8 +99,7 @@ pub fn existing(dir: &Path, names: &[String]) -> Vec<PathBuf> {
 /// only with `force` (the caller did not write it in this run), and then the link itself
 /// is replaced, never followed; no path is written through a link.
 pub fn write_files(result: &JobResult, dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
-    let io = |p: &Path, e: std::io::Error| Error::Io(format!("{}: {e}", p.display()));
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut targets = Vec::new();
     for f in &result.files {
         // Names come from the pipeline, but a figure's name comes from generated code.
@@ -113,19 +110,18 @@ pub fn write_files(result: &JobResult, dir: &Path, force: bool) -> Result<Vec<Pa
                 .components()
                 .any(|c| !matches!(c, std::path::Component::Normal(_)))
         {
-            return Err(Error::Io(format!(
-                "refusing to write `{}` outside {}",
-                f.path,
-                dir.display()
-            )));
+            return Err(Error::OutsideOutput {
+                name: f.path.clone(),
+                dir: dir.to_path_buf(),
+            });
         }
         let path = dir.join(rel);
         if let Ok(m) = path.symlink_metadata() {
             if m.is_dir() {
-                return Err(Error::Io(format!(
-                    "cannot write {}: a directory is in the way",
-                    path.display()
-                )));
+                return Err(Error::io(
+                    path,
+                    std::io::Error::other("a directory is in the way"),
+                ));
             }
         }
         let bytes = if f.bytes.is_empty() {
@@ -157,27 +153,19 @@ pub fn write_files(result: &JobResult, dir: &Path, force: bool) -> Result<Vec<Pa
             Ok(tmp) => staged.push((tmp, path.clone())),
             Err(e) => {
                 remove_staged(&staged);
-                return Err(io(path, e));
+                return Err(Error::io(path, e));
             }
         }
     }
     let mut written = Vec::new();
     for (k, (tmp, path)) in staged.iter().enumerate() {
-        if let Err(e) = std::fs::rename(tmp, path) {
+        if let Err(source) = std::fs::rename(tmp, path) {
             remove_staged(&staged[k..]);
-            let done: Vec<String> = written
-                .iter()
-                .map(|p: &PathBuf| p.display().to_string())
-                .collect();
-            return Err(Error::Io(format!(
-                "{}: {e} (already written: {})",
-                path.display(),
-                if done.is_empty() {
-                    "none".into()
-                } else {
-                    done.join(", ")
-                }
-            )));
+            return Err(Error::PartlyWritten {
+                path: path.clone(),
+                source,
+                written,
+            });
         }
         written.push(path.clone());
     }

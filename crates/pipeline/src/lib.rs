@@ -66,27 +66,87 @@ pub use prompts::Prompts;
 pub use task::{ContextFile, TaskRequest};
 pub use trace::{EventStatus, JobEvent, Stage};
 
+use std::path::PathBuf;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The task or its files are not usable (user input).
     #[error("invalid task: {0}")]
     InvalidTask(String),
+    /// A line of an evaluation task file that is not a task.
+    #[error("invalid task: {}:{line}: {source}", .path.display())]
+    TaskLine {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("config: {0}")]
     Config(String),
-    #[error("prompt: {0}")]
-    Prompt(String),
-    #[error("{0}")]
-    Io(String),
+    /// A prompt template that does not compile or render.
+    #[error("prompt: template `{name}`: {source:#}")]
+    Template {
+        name: String,
+        #[source]
+        source: minijinja::Error,
+    },
+    /// A file in a prompts directory that names no template.
+    #[error("prompt: {}: no stage is called `{name}` (templates: {})", .path.display(), prompts::template_names().join(", "))]
+    UnknownTemplate { path: PathBuf, name: String },
+    /// A stage template whose `user` block is missing or empty.
+    #[error("prompt: template `{name}` has no (or an empty) `user` block")]
+    EmptyPrompt { name: String },
+    /// Reading or writing a file.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the result's files stopped after some were in place.
+    #[error("{}: {source} (already written: {})", .path.display(), list_paths(.written, "none"))]
+    PartlyWritten {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+        written: Vec<PathBuf>,
+    },
+    /// A file of the result whose name leads outside the output directory.
+    #[error("refusing to write `{name}` outside {}", .dir.display())]
+    OutsideOutput { name: String, dir: PathBuf },
+    /// The result did not serialize as JSON.
+    #[error("the result as JSON: {0}")]
+    Json(#[source] serde_json::Error),
     #[error(transparent)]
     Engine(#[from] forgeline_engine::Error),
     #[error(transparent)]
     Sandbox(#[from] forgeline_sandbox::Error),
     /// Files in the output directory that this run did not write.
-    #[error("refusing to overwrite {}: not written by this run (pass --force to replace them)", .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
-    WouldOverwrite(Vec<std::path::PathBuf>),
+    #[error("refusing to overwrite {}: not written by this run (pass --force to replace them)", list_paths(.0, ""))]
+    WouldOverwrite(Vec<PathBuf>),
     /// A bug in forgeline stopped the job (a stage panicked); the job fails, nothing else.
     #[error("internal error (a bug in forgeline; the job was stopped): {0}")]
     Internal(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+fn list_paths(paths: &[PathBuf], none: &str) -> String {
+    if paths.is_empty() {
+        return none.to_string();
+    }
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

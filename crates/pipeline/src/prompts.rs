@@ -77,19 +77,15 @@ impl Prompts {
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         for (name, src) in BUILT_IN {
             env.add_template_owned(name.to_string(), src.to_string())
-                .map_err(|e| Error::Prompt(format!("built-in template `{name}`: {e}")))?;
+                .map_err(|source| Error::Template {
+                    name: name.to_string(),
+                    source,
+                })?;
         }
         if let Some(dir) = dir {
-            let entries = std::fs::read_dir(dir).map_err(|e| {
-                Error::Prompt(format!(
-                    "cannot read prompts directory {}: {e}",
-                    dir.display()
-                ))
-            })?;
+            let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
             for entry in entries {
-                let path = entry
-                    .map_err(|e| Error::Prompt(format!("{}: {e}", dir.display())))?
-                    .path();
+                let path = entry.map_err(|e| Error::io(dir, e))?.path();
                 let Some(stem) = path
                     .file_name()
                     .and_then(|n| n.to_str())
@@ -98,20 +94,17 @@ impl Prompts {
                     continue;
                 };
                 if !BUILT_IN.iter().any(|(n, _)| *n == stem) {
-                    return Err(Error::Prompt(format!(
-                        "{}: no stage is called `{stem}` (templates: {})",
-                        path.display(),
-                        BUILT_IN
-                            .iter()
-                            .map(|(n, _)| *n)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
+                    return Err(Error::UnknownTemplate {
+                        name: stem.to_string(),
+                        path,
+                    });
                 }
-                let src = std::fs::read_to_string(&path)
-                    .map_err(|e| Error::Prompt(format!("cannot read {}: {e}", path.display())))?;
+                let src = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
                 env.add_template_owned(stem.to_string(), src)
-                    .map_err(|e| Error::Prompt(format!("{}: {e}", path.display())))?;
+                    .map_err(|source| Error::Template {
+                        name: path.display().to_string(),
+                        source,
+                    })?;
             }
         }
         Ok(Self { env })
@@ -119,7 +112,10 @@ impl Prompts {
 
     /// Renders a stage's blocks with `ctx`.
     pub fn render<S: Serialize>(&self, stage: &str, ctx: S) -> Result<RenderedPrompt> {
-        let err = |e: minijinja::Error| Error::Prompt(format!("template `{stage}`: {e:#}"));
+        let err = |source| Error::Template {
+            name: stage.to_string(),
+            source,
+        };
         let tmpl = self.env.get_template(stage).map_err(err)?;
         let mut captured = tmpl.render_captured(ctx).map_err(err)?;
         let mut block = |name: &str| -> Result<String> {
@@ -134,22 +130,30 @@ impl Prompts {
             assistant: block("assistant")?,
         };
         if rendered.user.trim().is_empty() {
-            return Err(Error::Prompt(format!(
-                "template `{stage}` has no (or an empty) `user` block"
-            )));
+            return Err(Error::EmptyPrompt {
+                name: stage.to_string(),
+            });
         }
         Ok(rendered)
     }
 
     /// Renders a whole template (the report formats).
     pub fn render_text<S: Serialize>(&self, name: &str, ctx: S) -> Result<String> {
-        let err = |e: minijinja::Error| Error::Prompt(format!("template `{name}`: {e:#}"));
+        let err = |source| Error::Template {
+            name: name.to_string(),
+            source,
+        };
         self.env
             .get_template(name)
             .map_err(err)?
             .render(ctx)
             .map_err(err)
     }
+}
+
+/// The templates' names (files `<name>.j2`).
+pub fn template_names() -> Vec<&'static str> {
+    BUILT_IN.iter().map(|(n, _)| *n).collect()
 }
 
 #[cfg(test)]

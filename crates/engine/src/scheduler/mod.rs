@@ -39,7 +39,6 @@ use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::stop::StopReason;
 use crate::tokenizer::Tokenizer;
-use crate::error::{ConfigError, Internal, Validation};
 use crate::{Error, Result};
 use candle_core::DType;
 use sequence::Seq;
@@ -154,7 +153,9 @@ impl ResponseStream {
                 return Ok(c);
             }
         }
-        Err(Internal::StreamEnded.into())
+        Err(Error::InvalidRequest(
+            "the engine stopped before the request finished".into(),
+        ))
     }
 }
 
@@ -200,7 +201,9 @@ impl LlmClient {
     /// Starts the engine thread with these models; the first is the default.
     pub fn start(models: Vec<LoadedModel>, cfg: SchedulerConfig) -> Result<Self> {
         if models.is_empty() {
-            return Err(ConfigError::NoModels.into());
+            return Err(Error::InvalidRequest(
+                "the scheduler needs at least one model".into(),
+            ));
         }
         let n = models.len();
         let mut slots = Vec::with_capacity(n);
@@ -210,7 +213,10 @@ impl LlmClient {
                 .iter()
                 .any(|h: &ModelHandle| h.limits.name == m.info.name)
             {
-                return Err(ConfigError::DuplicateModel(m.info.name.clone()).into());
+                return Err(Error::InvalidRequest(format!(
+                    "model `{}` is loaded twice",
+                    m.info.name
+                )));
             }
             let budget = cfg
                 .kv_budget_bytes
@@ -246,7 +252,9 @@ impl LlmClient {
             std::thread::Builder::new()
                 .name("forgeline-engine".into())
                 .spawn(move || engine_loop(slots, rx, &received, &waiting, &stats))
-                .map_err(Internal::ThreadSpawn)?
+                .map_err(|e| {
+                    Error::InvalidRequest(format!("cannot start the engine thread: {e}"))
+                })?
         };
         Ok(Self {
             shared: Arc::new(Shared {
@@ -281,11 +289,10 @@ impl LlmClient {
                 .enumerate()
                 .find(|(_, m)| m.limits.name == n)
                 .ok_or_else(|| {
-                    Validation::UnknownModel {
-                        name: n.to_string(),
-                        loaded: self.model_names(),
-                    }
-                    .into()
+                    Error::InvalidRequest(format!(
+                        "unknown model `{n}` (loaded: {})",
+                        self.model_names().join(", ")
+                    ))
                 }),
         }
     }
@@ -331,22 +338,22 @@ impl LlmClient {
         let queued = s.sent.load(Ordering::SeqCst) - s.received.load(Ordering::SeqCst)
             + s.waiting.load(Ordering::SeqCst);
         if queued >= s.max_waiting {
-            return Err(Error::Overloaded {
-                waiting: queued,
-                limit: s.max_waiting,
-            });
+            return Err(Error::Overloaded(format!(
+                "{queued} requests are waiting (limit {})",
+                s.max_waiting
+            )));
         }
         let (etx, erx) = unbounded_channel();
         let seq = Seq::new(s.next_id.fetch_add(1, Ordering::Relaxed), valid, etx)?;
         let tx =
             s.tx.lock()
-                .map_err(|_| Internal::LockPoisoned)?;
+                .map_err(|_| Error::InvalidRequest("engine lock poisoned".into()))?;
         let tx = tx
             .as_ref()
-            .ok_or(Internal::EngineStopped)?;
+            .ok_or_else(|| Error::InvalidRequest("the engine has stopped".into()))?;
         s.sent.fetch_add(1, Ordering::SeqCst);
         tx.send(Command::Submit(seq))
-            .map_err(|_| Internal::EngineThreadStopped)?;
+            .map_err(|_| Error::InvalidRequest("the engine thread has stopped".into()))?;
         Ok(ResponseStream { rx: erx })
     }
 

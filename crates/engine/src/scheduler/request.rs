@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;
 use crate::constraint::{Constraint, ConstraintState};
-use crate::error::Validation;
 use crate::sampling::SamplingParams;
 use crate::{Error, Result};
 
@@ -125,37 +124,37 @@ impl ValidRequest {
         limits: &ModelLimits,
         prompt: Vec<u32>,
     ) -> Result<Self> {
-        let bad = |v: Validation| Err(Error::Validation(v));
+        let bad = |m: String| Err(Error::InvalidRequest(m));
         req.sampling.validate()?;
         if prompt.is_empty() {
-            return bad(Validation::EmptyPrompt);
+            return bad("the prompt is empty".into());
         }
         let ctx = limits.context_length;
         if prompt.len() >= ctx {
-            return bad(Validation::PromptTooLong {
-                tokens: prompt.len(),
-                context: ctx,
-                model: limits.name.clone(),
-            });
+            return bad(format!(
+                "the prompt has {} tokens; model `{}` holds {ctx} in its context, including the answer",
+                prompt.len(),
+                limits.name
+            ));
         }
         if let Some(&t) = prompt.iter().find(|&&t| t as usize >= limits.vocab_size) {
-            return bad(Validation::PromptToken {
-                token: t,
-                vocab: limits.vocab_size,
-            });
+            return bad(format!(
+                "prompt token id {t} is outside the vocabulary ({} tokens)",
+                limits.vocab_size
+            ));
         }
         if req.max_tokens == 0 {
-            return bad(Validation::MaxTokensZero);
+            return bad("`max_tokens` must be at least 1".into());
         }
         if prompt.len() + req.max_tokens > ctx {
-            return bad(Validation::MaxTokens {
-                requested: req.max_tokens,
-                prompt: prompt.len(),
-                context: ctx,
-            });
+            return bad(format!(
+                "`max_tokens` {} plus the prompt's {} tokens exceeds the context of {ctx}",
+                req.max_tokens,
+                prompt.len()
+            ));
         }
         if req.deadline == Some(Duration::ZERO) {
-            return bad(Validation::Deadline);
+            return bad("`deadline` must be positive".into());
         }
         let submitted = Instant::now();
         Ok(Self {
