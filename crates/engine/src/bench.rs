@@ -7,6 +7,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+use crate::error::{ConfigError, Internal};
 use crate::kv_cache::{BlockTable, KvCache, KvCacheType};
 use crate::loader::LoadedModel;
 use crate::model::{Arch, SeqInput};
@@ -169,11 +170,11 @@ pub fn run_engine_bench(
     let short = cfg.depth.max(1);
     let need = (cfg.prompt_tokens + 16).max(max_batch * (short + cfg.decode_tokens + 16));
     if cfg.prompt_tokens + 1 > mc.context_length || short + cfg.decode_tokens > mc.context_length {
-        return Err(Error::InvalidRequest(format!(
-            "the benchmark needs {} positions, the model's context holds {}",
-            (cfg.prompt_tokens + 1).max(short + cfg.decode_tokens),
-            mc.context_length
-        )));
+        return Err(ConfigError::BenchContext {
+            needed: (cfg.prompt_tokens + 1).max(short + cfg.decode_tokens),
+            context: mc.context_length,
+        }
+        .into());
     }
     let mut kv = KvCache::new(
         mc,
@@ -371,9 +372,7 @@ pub async fn run_scheduler_bench(
         .collect();
     let (mut ttft, mut latency) = (Vec::new(), Vec::new());
     for w in waits {
-        let (out, took) = w
-            .await
-            .map_err(|e| Error::InvalidRequest(format!("bench task failed: {e}")))?;
+        let (out, took) = w.await.map_err(Internal::BenchTask)?;
         ttft.push(out?.usage.time_to_first_token.as_secs_f64() * 1e3);
         latency.push(took.as_secs_f64() * 1e3);
     }

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use toktrie_hf_tokenizers::ByteTokenizer;
 
+use crate::error::Validation;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -65,9 +66,11 @@ impl Constraint {
                 }
                 Value::Bool(_) => {}
                 other => {
-                    return Err(Error::InvalidRequest(format!(
-                        "JSON schema: a schema is an object or a boolean, not `{other}`"
-                    )))
+                    return Err(Validation::Constraint {
+                        kind: "JSON schema",
+                        reason: format!("a schema is an object or a boolean, not `{other}`"),
+                    }
+                    .into())
                 }
             }
             Ok(TopLevelGrammar::from_json_schema(s))
@@ -129,7 +132,13 @@ impl ConstraintFactory {
 
     /// Compiles `c` into a fresh per-request state; an error names what is wrong with it.
     pub fn compile(&self, c: &Constraint) -> Result<ConstraintState> {
-        let bad = |e: String| Error::InvalidRequest(format!("{}: {e}", c.kind()));
+        let bad = |reason: String| -> Error {
+            Validation::Constraint {
+                kind: c.kind(),
+                reason,
+            }
+            .into()
+        };
         let parser = self
             .factory
             .create_parser(c.grammar()?)
@@ -265,7 +274,7 @@ impl ConstraintState {
     }
 
     fn err(e: impl std::fmt::Display) -> Error {
-        Error::InvalidRequest(format!("constrained decoding: {e}"))
+        Validation::ConstrainedDecoding(e.to_string()).into()
     }
 }
 

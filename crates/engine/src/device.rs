@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use candle_core::Device;
 
+use crate::error::ConfigError;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -22,8 +23,9 @@ impl FromStr for DeviceChoice {
         let (kind, ord) = match s.split_once(':') {
             Some((k, o)) => (
                 k,
-                o.parse::<usize>().map_err(|_| {
-                    Error::InvalidRequest(format!("device `{s}`: `{o}` is not a device index"))
+                o.parse::<usize>().map_err(|_| ConfigError::DeviceIndex {
+                    device: s.to_string(),
+                    index: o.to_string(),
                 })?,
             ),
             None => (s, 0),
@@ -32,9 +34,7 @@ impl FromStr for DeviceChoice {
             "cpu" => Ok(DeviceChoice::Cpu),
             "cuda" => Ok(DeviceChoice::Cuda(ord)),
             "metal" => Ok(DeviceChoice::Metal(ord)),
-            _ => Err(Error::InvalidRequest(format!(
-                "unknown device `{s}` (expected cpu, cuda[:N] or metal[:N])"
-            ))),
+            _ => Err(ConfigError::UnknownDevice(s.to_string()).into()),
         }
     }
 }
@@ -47,18 +47,14 @@ impl DeviceChoice {
                 if cfg!(feature = "cuda") {
                     Ok(Device::new_cuda(i)?)
                 } else {
-                    Err(Error::InvalidRequest(
-                        "this forgeline was built without the `cuda` feature".into(),
-                    ))
+                    Err(ConfigError::NotBuiltWith("cuda").into())
                 }
             }
             DeviceChoice::Metal(i) => {
                 if cfg!(feature = "metal") {
                     Ok(Device::new_metal(i)?)
                 } else {
-                    Err(Error::InvalidRequest(
-                        "this forgeline was built without the `metal` feature".into(),
-                    ))
+                    Err(ConfigError::NotBuiltWith("metal").into())
                 }
             }
         }

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::error::ConfigError;
 use crate::memory::ForkExcluded;
 use crate::model::ModelConfig;
 use crate::{Error, Result};
@@ -124,14 +125,10 @@ impl KvCache {
         device: &Device,
     ) -> Result<Self> {
         if block_size == 0 || num_blocks == 0 {
-            return Err(Error::InvalidRequest(
-                "KV cache needs a positive block size and block count".into(),
-            ));
+            return Err(ConfigError::EmptyKvCache.into());
         }
         if !matches!(dtype, DType::F16 | DType::F32) {
-            return Err(Error::InvalidRequest(format!(
-                "KV cache type {dtype:?} is not supported (f16 or f32)"
-            )));
+            return Err(ConfigError::KvCacheType(dtype).into());
         }
         let slots = block_size * num_blocks;
         let layers = (0..cfg.num_layers)

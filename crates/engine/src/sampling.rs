@@ -6,6 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::error::Validation;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,30 +60,30 @@ impl SamplingParams {
 
     /// Checks every value, with a message naming the field.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::InvalidRequest(m.to_string()));
+        let bad = |v: Validation| Err(Error::Validation(v));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad("`temperature` must be a finite number >= 0");
+            return bad(Validation::Temperature(self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("`top_p` must be in (0, 1]");
+            return bad(Validation::TopP(self.top_p));
         }
         if !(0.0..1.0).contains(&self.min_p) {
-            return bad("`min_p` must be in [0, 1)");
+            return bad(Validation::MinP(self.min_p));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad("`repetition_penalty` must be a finite number > 0");
+            return bad(Validation::RepetitionPenalty(self.repetition_penalty));
         }
         if !self.dry_multiplier.is_finite() || self.dry_multiplier < 0.0 {
-            return bad("`dry_multiplier` must be a finite number >= 0");
+            return bad(Validation::DryMultiplier(self.dry_multiplier));
         }
         if !self.dry_base.is_finite() || self.dry_base < 1.0 {
-            return bad("`dry_base` must be a finite number >= 1");
+            return bad(Validation::DryBase(self.dry_base));
         }
         if self.dry_allowed_length == 0 {
-            return bad("`dry_allowed_length` must be at least 1");
+            return bad(Validation::DryAllowedLength(self.dry_allowed_length));
         }
         if self.dry_penalty_last_n < -1 {
-            return bad("`dry_penalty_last_n` must be -1 (all), 0 (off) or a count of tokens");
+            return bad(Validation::DryPenaltyLastN(self.dry_penalty_last_n));
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use forgeline_engine::chat::ChatMessage;
 use forgeline_engine::constraint::Constraint;
+use forgeline_engine::error::Validation;
 use forgeline_engine::sampling::SamplingParams;
 use forgeline_engine::scheduler::{Completion, GenerateRequest, LlmClient, SchedulerConfig};
 use forgeline_engine::stop::StopReason;
@@ -198,11 +199,11 @@ async fn grammars_that_do_not_compile_are_errors_naming_the_problem() {
         let mut r = GenerateRequest::chat(vec![ChatMessage::user("hi")], 8);
         r.constraint = Some(k);
         match c.generate(r) {
-            Err(e @ Error::InvalidRequest(_)) => {
+            Err(e @ Error::Validation(Validation::Constraint { .. })) => {
                 eprintln!("{e}");
                 e.to_string()
             }
-            Err(e) => panic!("not InvalidRequest: {e}"),
+            Err(e) => panic!("not a constraint error: {e:?}"),
             Ok(_) => panic!("accepted"),
         }
     };

@@ -235,7 +235,7 @@ async fn a_full_queue_fails_at_once_with_overloaded() {
         }
     }
     match overloaded {
-        Some(Error::Overloaded(m)) => assert!(m.contains("limit 2"), "{m}"),
+        Some(Error::Overloaded { limit, .. }) => assert_eq!(limit, 2),
         other => panic!("expected Overloaded, got {other:?}"),
     }
 }

@@ -4,6 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use forgeline_engine::error::Validation;
 use forgeline_engine::Error as EngineError;
 use serde_json::{json, Value};
 
@@ -128,29 +129,61 @@ impl ApiError {
         self
     }
 
-    /// Maps an engine error. `prompt_param` names the field the prompt came from (`messages`
-    /// or `prompt`), for errors about the prompt.
+    /// 499 (nginx's "client closed request"): the client went away, so nobody reads it;
+    /// it exists so a cancelled request is logged as what it was.
+    pub fn cancelled() -> Self {
+        Self::new(
+            StatusCode::from_u16(499).expect("499 is a valid status"),
+            "invalid_request_error",
+            "the request was cancelled before it finished",
+        )
+    }
+
+    /// Maps an engine error by its variant. `prompt_param` names the field the prompt came
+    /// from (`messages` or `prompt`), for errors about the prompt.
     pub fn from_engine(e: &EngineError, prompt_param: &str) -> Self {
         match e {
-            EngineError::InvalidRequest(m) => {
-                let mut err = Self::invalid(m.clone());
-                err.param = param_of(m, prompt_param);
-                if err.param.as_deref() == Some(prompt_param) && m.contains("tokens") {
-                    err.code = Some("context_length_exceeded");
+            EngineError::Validation(Validation::UnknownModel { name, loaded }) => {
+                Self::unknown_model(name, loaded)
+            }
+            EngineError::Validation(v) => {
+                let param = match v.field() {
+                    "prompt" => prompt_param,
+                    field => field,
+                };
+                let err = Self::field(param, v.to_string());
+                match v {
+                    Validation::PromptTooLong { .. } => err.with_code("context_length_exceeded"),
+                    _ => err,
                 }
-                err
             }
             EngineError::Template(m) => {
                 Self::invalid(format!("chat template: {m}")).with_param(prompt_param)
             }
             EngineError::Tokenizer(m) => Self::invalid(format!("tokenizer: {m}")),
-            EngineError::Overloaded(m) => {
-                Self::overloaded(format!("the server is overloaded ({m}); retry later"))
-            }
+            EngineError::Overloaded { waiting, limit } => Self::overloaded(format!(
+                "the server is overloaded ({waiting} requests are waiting, limit {limit}); retry later"
+            )),
             EngineError::OutOfMemory(m) => {
                 Self::unavailable(format!("out of KV cache memory: {m}"))
             }
-            other => Self::internal(other.to_string()),
+            EngineError::Cancelled => Self::cancelled(),
+            EngineError::DeadlineExceeded { after } => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                format!(
+                    "the server's request timeout ({}s) passed before the answer was complete",
+                    after.as_secs_f64()
+                ),
+            )
+            .with_code("timeout"),
+            EngineError::Internal(i) if i.engine_stopped() => Self::unavailable(format!(
+                "{i}: no request can run; restart the server"
+            )),
+            // Ours, not the client's: loading, configuration, a failed forward pass.
+            other => Self::internal(format!(
+                "internal server error (not a problem with the request): {other}"
+            )),
         }
     }
 
@@ -163,36 +196,6 @@ impl ApiError {
             "code": self.code,
         }})
     }
-}
-
-/// The request field an engine message is about: the first backticked request parameter it
-/// names, the prompt when it talks about the prompt, `response_format` for constraint errors.
-fn param_of(message: &str, prompt_param: &str) -> Option<String> {
-    const PARAMS: [&str; 5] = ["max_tokens", "temperature", "top_p", "seed", "stop"];
-    let named = message
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .find(|w| PARAMS.contains(w));
-    if let Some(p) = named {
-        return Some(p.to_string());
-    }
-    if [
-        "JSON schema",
-        "JSON:",
-        "regex",
-        "Lark",
-        "constrained decoding",
-    ]
-    .iter()
-    .any(|k| message.starts_with(k))
-    {
-        return Some("response_format".into());
-    }
-    if message.contains("prompt") {
-        return Some(prompt_param.to_string());
-    }
-    None
 }
 
 impl std::fmt::Display for ApiError {
@@ -219,37 +222,138 @@ impl IntoResponse for ApiError {
 mod tests {
     use super::*;
 
+    use forgeline_engine::error::{ConfigError, Internal};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn map(e: impl Into<EngineError>) -> ApiError {
+        ApiError::from_engine(&e.into(), "messages")
+    }
+
     #[test]
-    fn engine_errors_map_to_status_and_field() {
-        let too_long = EngineError::InvalidRequest(
-            "the prompt has 9000 tokens; model `m` holds 8192 in its context, including the answer"
-                .into(),
-        );
-        let e = ApiError::from_engine(&too_long, "messages");
+    fn a_too_long_prompt_is_400_on_the_prompt_field_with_openai_code() {
+        let e = map(Validation::PromptTooLong {
+            tokens: 9000,
+            context: 8192,
+            model: "m".into(),
+        });
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.kind, "invalid_request_error");
         assert_eq!(e.param.as_deref(), Some("messages"));
         assert_eq!(e.code, Some("context_length_exceeded"));
+        assert!(e.message.contains("9000 tokens"), "{}", e.message);
+    }
 
-        let e = ApiError::from_engine(
-            &EngineError::InvalidRequest(
-                "`max_tokens` 9000 plus the prompt's 12 tokens exceeds the context of 8192".into(),
+    #[test]
+    fn every_validation_error_is_400_naming_its_field() {
+        let cases: [(Validation, &str); 13] = [
+            (Validation::EmptyPrompt, "messages"),
+            (Validation::PromptToken { token: 7, vocab: 5 }, "messages"),
+            (Validation::MaxTokensZero, "max_tokens"),
+            (
+                Validation::MaxTokens {
+                    requested: 9000,
+                    prompt: 12,
+                    context: 8192,
+                },
+                "max_tokens",
             ),
-            "prompt",
-        );
-        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+            (Validation::Temperature(-1.0), "temperature"),
+            (Validation::TopP(2.0), "top_p"),
+            (Validation::MinP(1.0), "min_p"),
+            (Validation::RepetitionPenalty(0.0), "repetition_penalty"),
+            (Validation::DryBase(0.5), "dry_base"),
+            (Validation::DryPenaltyLastN(-3), "dry_penalty_last_n"),
+            (Validation::Deadline, "deadline"),
+            (
+                Validation::Constraint {
+                    kind: "JSON schema",
+                    reason: "unknown keyword".into(),
+                },
+                "response_format",
+            ),
+            (
+                Validation::ConstrainedDecoding("no token allowed".into()),
+                "response_format",
+            ),
+        ];
+        for (v, param) in cases {
+            let e = map(v.clone());
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{v:?}");
+            assert_eq!(e.param.as_deref(), Some(param), "{v:?}");
+            assert_eq!(e.message, v.to_string());
+            // Only a prompt longer than the context is `context_length_exceeded`.
+            assert_eq!(e.code, None, "{v:?}");
+        }
+    }
 
-        let e = ApiError::from_engine(
-            &EngineError::InvalidRequest("JSON schema: unknown keyword".into()),
-            "messages",
-        );
-        assert_eq!(e.param.as_deref(), Some("response_format"));
+    #[test]
+    fn an_unknown_model_is_404_model_not_found() {
+        let e = map(Validation::UnknownModel {
+            name: "gpt-9".into(),
+            loaded: vec!["a".into(), "b".into()],
+        });
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert_eq!(e.param.as_deref(), Some("model"));
+        assert_eq!(e.code, Some("model_not_found"));
+        assert!(e.message.contains("gpt-9") && e.message.contains("a, b"));
+    }
 
-        let e = ApiError::from_engine(&EngineError::Overloaded("9 waiting".into()), "prompt");
+    #[test]
+    fn load_maps_to_429_with_retry_after_and_503() {
+        let e = map(EngineError::Overloaded {
+            waiting: 9,
+            limit: 8,
+        });
         assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(e.kind, "rate_limit_error");
+        assert!(e.message.contains("limit 8"), "{}", e.message);
+        let r = e.into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
 
-        let e = ApiError::from_engine(&EngineError::OutOfMemory("x".into()), "prompt");
+        let e = map(EngineError::OutOfMemory("x".into()));
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        for stopped in [
+            Internal::EngineStopped,
+            Internal::EngineThreadStopped,
+            Internal::StreamEnded,
+        ] {
+            let e = map(stopped);
+            assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+            assert_eq!(e.kind, "server_error");
+        }
+    }
+
+    #[test]
+    fn deadlines_are_504_and_cancellation_499() {
+        let e = map(EngineError::DeadlineExceeded {
+            after: Duration::from_secs(30),
+        });
+        assert_eq!(e.status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(e.message.contains("30s"), "{}", e.message);
+        assert_eq!(map(EngineError::Cancelled).status.as_u16(), 499);
+    }
+
+    #[test]
+    fn our_failures_are_500_and_say_so() {
+        let forward = Internal::ForwardPass(Arc::new(EngineError::io(
+            "/m.gguf",
+            std::io::Error::other("short read"),
+        )));
+        for e in [
+            EngineError::from(forward),
+            Internal::LockPoisoned.into(),
+            ConfigError::NoModels.into(),
+            EngineError::bad_model("/m.gguf", "truncated"),
+        ] {
+            let text = e.to_string();
+            let e = map(e);
+            assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR, "{text}");
+            assert_eq!(e.kind, "server_error");
+            assert_eq!(e.param, None);
+            assert!(e.message.contains("not a problem with the request"));
+            assert!(e.message.ends_with(&text), "{}", e.message);
+        }
     }
 
     #[test]

@@ -364,14 +364,9 @@ fn sampling(f: &Fields) -> ApiResult<SamplingParams> {
     if let Some(seed) = f.u64("seed")? {
         s.seed = seed;
     }
-    s.validate().map_err(|e| match e {
-        // The engine's message names the field in backticks.
-        forgeline_engine::Error::InvalidRequest(m) => {
-            let param = m.split('`').nth(1).unwrap_or_default().to_string();
-            ApiError::field(&param, m)
-        }
-        other => ApiError::from_engine(&other, "prompt"),
-    })?;
+    // A validation error names its field (`temperature`, ...), which becomes `param`.
+    s.validate()
+        .map_err(|e| ApiError::from_engine(&e, "prompt"))?;
     Ok(s)
 }
 

@@ -18,9 +18,12 @@ pub mod qmatmul;
 mod swiglu;
 pub mod weights;
 
+use std::path::Path;
+
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::error::{BatchError, ConfigError};
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::memory::ForkExcluded;
 use crate::{Error, Result};
@@ -46,7 +49,8 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(w: RawLinear, bias: Option<Tensor>, device: &Device) -> Result<Self> {
+    /// `path` names the weights file, for a weight whose size does not match its shape.
+    fn new(w: RawLinear, bias: Option<Tensor>, path: &Path, device: &Device) -> Result<Self> {
         let w = match w {
             RawLinear::Quantized {
                 dtype: dtype @ (GgmlDType::Q4_1 | GgmlDType::Q8_0),
@@ -56,9 +60,10 @@ impl Linear {
             } if device.is_cpu() => match qmatmul::QuantWeights::new(dtype, data, rows, cols) {
                 Some(w) => LinearWeight::Quant(w),
                 None => {
-                    return Err(Error::InvalidRequest(format!(
-                        "{dtype:?} weight of {rows}x{cols} has a malformed size"
-                    )))
+                    return Err(Error::bad_model(
+                        path,
+                        format!("{dtype:?} weight of {rows}x{cols} has a malformed size"),
+                    ))
                 }
             },
             w => LinearWeight::Candle(w.into_qmatmul(device)?),
@@ -161,6 +166,8 @@ impl Model {
         };
         // Every shape first: a wrong one is named before gigabytes of weights are read.
         check_shapes(&cfg, src)?;
+        let path = src.path().to_path_buf();
+        let path = path.as_path();
         let linear = |src: &mut dyn WeightSource, w: Weight, rows, cols| src.linear(w, rows, cols);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
@@ -185,20 +192,29 @@ impl Model {
                     biases = Some((p(qb, nh)?, p(kb, nkv)?, vb));
                 }
             }
-            let qkv = stack(vec![q, k, v], biases.map(|(a, b, c)| vec![a, b, c]), device)?;
+            let qkv = stack(
+                vec![q, k, v],
+                biases.map(|(a, b, c)| vec![a, b, c]),
+                path,
+                device,
+            )?;
             let gate = linear(src, Weight::Gate(l), i, h)?;
             let up = linear(src, Weight::Up(l), i, h)?;
             layers.push(Layer {
                 attn_norm: src.dense(Weight::AttnNorm(l), &[h], device)?,
                 qkv,
-                o: plain(linear(src, Weight::O(l), h, nh * d)?, device)?,
+                o: plain(linear(src, Weight::O(l), h, nh * d)?, path, device)?,
                 ffn_norm: src.dense(Weight::FfnNorm(l), &[h], device)?,
-                gate_up: stack(vec![gate, up], None, device)?,
-                down: plain(linear(src, Weight::Down(l), h, i)?, device)?,
+                gate_up: stack(vec![gate, up], None, path, device)?,
+                down: plain(linear(src, Weight::Down(l), h, i)?, path, device)?,
             });
         }
         let embed = src.dense(Weight::Embed, &[cfg.vocab_size, h], device)?;
-        let lm_head = plain(linear(src, Weight::LmHead, cfg.vocab_size, h)?, device)?;
+        let lm_head = plain(
+            linear(src, Weight::LmHead, cfg.vocab_size, h)?,
+            path,
+            device,
+        )?;
         let norm = src.dense(Weight::Norm, &[h], device)?;
         let attention = if device.is_cpu() {
             AttentionImpl::FusedCpu
@@ -229,9 +245,7 @@ impl Model {
     /// Chooses the attention implementation (tests compare them; CPU defaults to fused).
     pub fn set_attention(&mut self, a: AttentionImpl) -> Result<()> {
         if a == AttentionImpl::FusedCpu && !self.device.is_cpu() {
-            return Err(Error::InvalidRequest(
-                "the fused attention kernels run on CPU only".into(),
-            ));
+            return Err(ConfigError::FusedAttentionNeedsCpu.into());
         }
         self.attention = a;
         Ok(())
@@ -257,29 +271,34 @@ impl Model {
         for (s, seq) in seqs.iter().enumerate() {
             let end = seq.start_pos + seq.tokens.len();
             if seq.tokens.is_empty() {
-                return Err(Error::InvalidRequest(format!("sequence {s} has no tokens")));
+                return Err(BatchError::EmptySequence { seq: s }.into());
             }
             if end > self.cfg.context_length {
-                return Err(Error::InvalidRequest(format!(
-                    "sequence {s} reaches position {end}, beyond the context length {}",
-                    self.cfg.context_length
-                )));
+                return Err(BatchError::BeyondContext {
+                    seq: s,
+                    end,
+                    context: self.cfg.context_length,
+                }
+                .into());
             }
             if seq.table.blocks().len() * block_size < end {
-                return Err(Error::InvalidRequest(format!(
-                    "sequence {s}: its block table covers {} positions, {end} are needed",
-                    seq.table.blocks().len() * block_size
-                )));
+                return Err(BatchError::BlockTable {
+                    seq: s,
+                    covered: seq.table.blocks().len() * block_size,
+                    needed: end,
+                }
+                .into());
             }
             if let Some(&bad) = seq
                 .tokens
                 .iter()
                 .find(|&&t| t as usize >= self.cfg.vocab_size)
             {
-                return Err(Error::InvalidRequest(format!(
-                    "token id {bad} is outside the vocabulary ({} tokens)",
-                    self.cfg.vocab_size
-                )));
+                return Err(BatchError::Token {
+                    token: bad,
+                    vocab: self.cfg.vocab_size,
+                }
+                .into());
             }
             let first = b.positions.len();
             b.positions.extend(seq.start_pos as u32..end as u32);
@@ -398,15 +417,21 @@ fn check_shapes(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> {
     src.check_shape(Weight::Norm, &[h])
 }
 
-fn plain(w: RawLinear, device: &Device) -> Result<Linear> {
-    Linear::new(w, None, device)
+fn plain(w: RawLinear, path: &Path, device: &Device) -> Result<Linear> {
+    Linear::new(w, None, path, device)
 }
 
-fn stack(parts: Vec<RawLinear>, biases: Option<Vec<Tensor>>, device: &Device) -> Result<Stacked> {
+fn stack(
+    parts: Vec<RawLinear>,
+    biases: Option<Vec<Tensor>>,
+    path: &Path,
+    device: &Device,
+) -> Result<Stacked> {
     Ok(match RawLinear::concat_rows(parts)? {
         Ok(w) => Stacked::Fused(Linear::new(
             w,
             biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+            path,
             device,
         )?),
         Err(parts) => {
@@ -414,7 +439,7 @@ fn stack(parts: Vec<RawLinear>, biases: Option<Vec<Tensor>>, device: &Device) ->
             Stacked::Split(
                 parts
                     .into_iter()
-                    .map(|p| Linear::new(p, biases.as_mut().and_then(|b| b.next()), device))
+                    .map(|p| Linear::new(p, biases.as_mut().and_then(|b| b.next()), path, device))
                     .collect::<Result<_>>()?,
             )
         }

@@ -10,15 +10,15 @@
 //! # Layout
 //! - `request`: `GenerateRequest`, `Prompt`, `Priority`, and validation into `ValidRequest`.
 //! - `sequence`: one request in flight: tokens, blocks, sampler, detokenizer, events.
-//! - `slot`: one model and its requests: admission, step planning, preemption, forward.
+//! - `model_scheduler`: one model and its requests: admission, step planning, preemption, forward.
 //! - `prefix_cache`: the radix tree of cached KV blocks.
 //! - `stats`: the `stats()` snapshot.
 //! - this file: the engine thread and `LlmClient`.
 
+mod model_scheduler;
 mod prefix_cache;
 mod request;
 mod sequence;
-mod slot;
 mod stats;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,22 +27,23 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+pub use model_scheduler::{SlotConfig, AGEING};
 pub use prefix_cache::PrefixCache;
 pub use request::{GenerateRequest, ModelLimits, Priority, Prompt, ValidRequest};
 pub use sequence::{Event, Usage};
-pub use slot::{SlotConfig, AGEING};
 pub use stats::{SlotStats, Stats, BATCH_BUCKETS};
 
 use crate::chat::ChatTemplate;
 use crate::constraint::{Constraint, ConstraintState, Constraints};
+use crate::error::{ConfigError, Internal, Validation};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::stop::StopReason;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::DType;
+use model_scheduler::Slot;
 use sequence::Seq;
-use slot::Slot;
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -153,9 +154,7 @@ impl ResponseStream {
                 return Ok(c);
             }
         }
-        Err(Error::InvalidRequest(
-            "the engine stopped before the request finished".into(),
-        ))
+        Err(Internal::StreamEnded.into())
     }
 }
 
@@ -201,9 +200,7 @@ impl LlmClient {
     /// Starts the engine thread with these models; the first is the default.
     pub fn start(models: Vec<LoadedModel>, cfg: SchedulerConfig) -> Result<Self> {
         if models.is_empty() {
-            return Err(Error::InvalidRequest(
-                "the scheduler needs at least one model".into(),
-            ));
+            return Err(ConfigError::NoModels.into());
         }
         let n = models.len();
         let mut slots = Vec::with_capacity(n);
@@ -213,10 +210,7 @@ impl LlmClient {
                 .iter()
                 .any(|h: &ModelHandle| h.limits.name == m.info.name)
             {
-                return Err(Error::InvalidRequest(format!(
-                    "model `{}` is loaded twice",
-                    m.info.name
-                )));
+                return Err(ConfigError::DuplicateModel(m.info.name.clone()).into());
             }
             let budget = cfg
                 .kv_budget_bytes
@@ -252,9 +246,7 @@ impl LlmClient {
             std::thread::Builder::new()
                 .name("forgeline-engine".into())
                 .spawn(move || engine_loop(slots, rx, &received, &waiting, &stats))
-                .map_err(|e| {
-                    Error::InvalidRequest(format!("cannot start the engine thread: {e}"))
-                })?
+                .map_err(Internal::ThreadSpawn)?
         };
         Ok(Self {
             shared: Arc::new(Shared {
@@ -289,10 +281,11 @@ impl LlmClient {
                 .enumerate()
                 .find(|(_, m)| m.limits.name == n)
                 .ok_or_else(|| {
-                    Error::InvalidRequest(format!(
-                        "unknown model `{n}` (loaded: {})",
-                        self.model_names().join(", ")
-                    ))
+                    Validation::UnknownModel {
+                        name: n.to_string(),
+                        loaded: self.model_names(),
+                    }
+                    .into()
                 }),
         }
     }
@@ -338,22 +331,18 @@ impl LlmClient {
         let queued = s.sent.load(Ordering::SeqCst) - s.received.load(Ordering::SeqCst)
             + s.waiting.load(Ordering::SeqCst);
         if queued >= s.max_waiting {
-            return Err(Error::Overloaded(format!(
-                "{queued} requests are waiting (limit {})",
-                s.max_waiting
-            )));
+            return Err(Error::Overloaded {
+                waiting: queued,
+                limit: s.max_waiting,
+            });
         }
         let (etx, erx) = unbounded_channel();
         let seq = Seq::new(s.next_id.fetch_add(1, Ordering::Relaxed), valid, etx)?;
-        let tx =
-            s.tx.lock()
-                .map_err(|_| Error::InvalidRequest("engine lock poisoned".into()))?;
-        let tx = tx
-            .as_ref()
-            .ok_or_else(|| Error::InvalidRequest("the engine has stopped".into()))?;
+        let tx = s.tx.lock().map_err(|_| Internal::LockPoisoned)?;
+        let tx = tx.as_ref().ok_or(Internal::EngineStopped)?;
         s.sent.fetch_add(1, Ordering::SeqCst);
         tx.send(Command::Submit(seq))
-            .map_err(|_| Error::InvalidRequest("the engine thread has stopped".into()))?;
+            .map_err(|_| Internal::EngineThreadStopped)?;
         Ok(ResponseStream { rx: erx })
     }
 

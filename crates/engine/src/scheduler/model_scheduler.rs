@@ -274,10 +274,11 @@ impl Slot {
             Ok(rows) => rows,
             Err(e) => {
                 // A failed step fails the requests in it, not the engine.
+                let e = std::sync::Arc::new(e);
                 for (id, _) in &plan {
                     if let Some(p) = self.running.iter().position(|s| s.id == *id) {
                         let mut s = self.running.swap_remove(p);
-                        s.fail(Error::InvalidRequest(format!("forward pass failed: {e}")));
+                        s.fail(crate::error::Internal::ForwardPass(e.clone()).into());
                         self.kv.release(&mut s.table);
                     }
                 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;
 use crate::constraint::{Constraint, ConstraintState};
+use crate::error::Validation;
 use crate::sampling::SamplingParams;
 use crate::{Error, Result};
 
@@ -124,37 +125,37 @@ impl ValidRequest {
         limits: &ModelLimits,
         prompt: Vec<u32>,
     ) -> Result<Self> {
-        let bad = |m: String| Err(Error::InvalidRequest(m));
+        let bad = |v: Validation| Err(Error::Validation(v));
         req.sampling.validate()?;
         if prompt.is_empty() {
-            return bad("the prompt is empty".into());
+            return bad(Validation::EmptyPrompt);
         }
         let ctx = limits.context_length;
         if prompt.len() >= ctx {
-            return bad(format!(
-                "the prompt has {} tokens; model `{}` holds {ctx} in its context, including the answer",
-                prompt.len(),
-                limits.name
-            ));
+            return bad(Validation::PromptTooLong {
+                tokens: prompt.len(),
+                context: ctx,
+                model: limits.name.clone(),
+            });
         }
         if let Some(&t) = prompt.iter().find(|&&t| t as usize >= limits.vocab_size) {
-            return bad(format!(
-                "prompt token id {t} is outside the vocabulary ({} tokens)",
-                limits.vocab_size
-            ));
+            return bad(Validation::PromptToken {
+                token: t,
+                vocab: limits.vocab_size,
+            });
         }
         if req.max_tokens == 0 {
-            return bad("`max_tokens` must be at least 1".into());
+            return bad(Validation::MaxTokensZero);
         }
         if prompt.len() + req.max_tokens > ctx {
-            return bad(format!(
-                "`max_tokens` {} plus the prompt's {} tokens exceeds the context of {ctx}",
-                req.max_tokens,
-                prompt.len()
-            ));
+            return bad(Validation::MaxTokens {
+                requested: req.max_tokens,
+                prompt: prompt.len(),
+                context: ctx,
+            });
         }
         if req.deadline == Some(Duration::ZERO) {
-            return bad("`deadline` must be positive".into());
+            return bad(Validation::Deadline);
         }
         let submitted = Instant::now();
         Ok(Self {
