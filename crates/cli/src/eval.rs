@@ -39,7 +39,9 @@ pub struct EvalArgs {
 /// Max tokens of the single-call baseline: the code stage's own limit, so both modes may
 /// write answers of the same length.
 pub fn single_call_tokens(args: &PipelineArgs) -> anyhow::Result<usize> {
-    Ok(args.config()?.stage("code").max_tokens)
+    use forgeline_pipeline::{workers::WorkerKind, LlmStage};
+    let code = LlmStage::Worker(WorkerKind::Code);
+    Ok(args.config()?.stage(code).max_tokens)
 }
 
 pub async fn run(a: EvalArgs, env: &Env) -> anyhow::Result<ExitCode> {

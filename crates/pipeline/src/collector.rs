@@ -8,7 +8,8 @@ use serde_json::json;
 use crate::job::JobContext;
 use crate::planning::Dag;
 use crate::retry::SubtaskResult;
-use crate::trace::{EventStatus, Stage};
+use crate::stage::Stage;
+use crate::trace::EventStatus;
 use crate::workers::{Artifact, WorkerKind};
 
 #[derive(Clone, Debug, Serialize)]

@@ -9,6 +9,8 @@ use forgeline_engine::sampling::SamplingParams;
 use forgeline_engine::scheduler::Priority;
 use serde::{Deserialize, Serialize};
 
+use crate::stage::LlmStage;
+use crate::workers::WorkerKind;
 use crate::{Error, Result};
 
 /// Settings of one LLM stage or worker kind.
@@ -141,34 +143,21 @@ impl Default for Limits {
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
     pub limits: Limits,
-    /// Settings by stage: `router`, `orchestrator`, `validator`, `synthesizer`,
-    /// `final_validator`, and the worker kinds `code`, `tests`, `reasoning`, `research`,
-    /// `docs`, `data_analysis`. Missing stages get their defaults.
-    pub stages: BTreeMap<String, StageSettings>,
+    /// Settings by stage (`LlmStage`): `router`, `orchestrator`, `validator`,
+    /// `synthesizer`, `final_validator`, and the worker kinds `code`, `tests`, `reasoning`,
+    /// `research`, `docs`, `data_analysis`. Missing stages get their defaults; an unknown
+    /// name is an error that names it.
+    pub stages: BTreeMap<LlmStage, StageSettings>,
 }
-
-/// Stage names the config knows.
-pub const STAGES: &[&str] = &[
-    "router",
-    "orchestrator",
-    "code",
-    "tests",
-    "reasoning",
-    "research",
-    "docs",
-    "data_analysis",
-    "validator",
-    "synthesizer",
-    "final_validator",
-];
 
 impl Default for PipelineConfig {
     fn default() -> Self {
         use Priority::*;
+        use WorkerKind::*;
         let stages = [
-            ("router", StageSettings::with(48, High)),
+            (LlmStage::Router, StageSettings::with(48, High)),
             (
-                "orchestrator",
+                LlmStage::Orchestrator,
                 // A small model's plan can loop inside a string until its budget runs out:
                 // DRY makes continuing a repeat cost more than closing the string.
                 StageSettings {
@@ -176,22 +165,25 @@ impl Default for PipelineConfig {
                     ..StageSettings::with(192, High)
                 },
             ),
-            ("code", StageSettings::with(384, Normal)),
-            ("tests", StageSettings::with(320, Normal)),
-            ("reasoning", StageSettings::with(200, Normal)),
-            ("research", StageSettings::with(200, Low)),
-            ("docs", StageSettings::with(256, Low)),
-            ("data_analysis", StageSettings::with(384, Normal)),
-            ("validator", StageSettings::with(120, High)),
-            ("synthesizer", StageSettings::with(384, Critical)),
-            ("final_validator", StageSettings::with(120, Critical)),
+            (LlmStage::Worker(Code), StageSettings::with(384, Normal)),
+            (LlmStage::Worker(Tests), StageSettings::with(320, Normal)),
+            (
+                LlmStage::Worker(Reasoning),
+                StageSettings::with(200, Normal),
+            ),
+            (LlmStage::Worker(Research), StageSettings::with(200, Low)),
+            (LlmStage::Worker(Docs), StageSettings::with(256, Low)),
+            (
+                LlmStage::Worker(DataAnalysis),
+                StageSettings::with(384, Normal),
+            ),
+            (LlmStage::Validator, StageSettings::with(120, High)),
+            (LlmStage::Synthesizer, StageSettings::with(384, Critical)),
+            (LlmStage::FinalValidator, StageSettings::with(120, Critical)),
         ];
         Self {
             limits: Limits::default(),
-            stages: stages
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            stages: stages.into_iter().collect(),
         }
     }
 }
@@ -218,12 +210,13 @@ impl PipelineConfig {
             cfg.limits = l;
         }
         for (name, value) in file.stages {
-            let Some(base) = cfg.stages.get(&name).cloned() else {
+            let Some(stage) = LlmStage::from_name(&name) else {
                 return Err(format!(
                     "unknown stage `{name}` (stages: {})",
-                    STAGES.join(", ")
+                    LlmStage::names()
                 ));
             };
+            let base = cfg.stage(stage);
             // Fields the file gives override the stage's own defaults.
             let mut merged = toml::Value::try_from(&base).map_err(|e| e.to_string())?;
             if let (Some(m), toml::Value::Table(t)) = (merged.as_table_mut(), value) {
@@ -232,7 +225,7 @@ impl PipelineConfig {
             let s: StageSettings = merged
                 .try_into()
                 .map_err(|e| format!("stages.{name}: {e}"))?;
-            cfg.stages.insert(name, s);
+            cfg.stages.insert(stage, s);
         }
         cfg.validate()?;
         Ok(cfg)
@@ -268,8 +261,8 @@ impl PipelineConfig {
         Ok(())
     }
 
-    pub fn stage(&self, name: &str) -> StageSettings {
-        self.stages.get(name).cloned().unwrap_or_default()
+    pub fn stage(&self, stage: LlmStage) -> StageSettings {
+        self.stages.get(&stage).cloned().unwrap_or_default()
     }
 
     /// Every stage on `model` (the `--model` flag).
@@ -293,7 +286,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.limits.candidates, 3);
         assert_eq!(cfg.limits.max_retries, Limits::default().max_retries);
-        let code = cfg.stage("code");
+        let code = cfg.stage(LlmStage::Worker(WorkerKind::Code));
         assert_eq!(code.temperature, 0.5);
         assert_eq!(code.models, vec!["a", "b"]);
         assert_eq!(code.max_tokens, 384, "the stage's own default is kept");

@@ -13,7 +13,8 @@ use crate::job::JobContext;
 use crate::planning::{Dag, TaskSpec};
 use crate::retry::{self, SubtaskResult};
 use crate::router::Route;
-use crate::trace::{EventStatus, Stage};
+use crate::stage::Stage;
+use crate::trace::EventStatus;
 use crate::validators::Evidence;
 use crate::workers::{WorkerKind, WorkerManager};
 

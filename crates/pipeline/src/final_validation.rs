@@ -9,8 +9,9 @@ use crate::job::JobContext;
 use crate::orchestrator::main_kind;
 use crate::planning::TaskSpec;
 use crate::router::Route;
+use crate::stage::{LlmStage, Stage};
 use crate::synthesizer::{self, Synthesis};
-use crate::trace::{EventStatus, Stage};
+use crate::trace::EventStatus;
 use crate::validators::{self, Evidence, Verdict};
 use crate::workers::{Artifact, WorkerKind};
 use crate::Result;
@@ -42,7 +43,8 @@ async fn check(ctx: &JobContext, route: &Route, s: &mut Synthesis, evidence: &Ev
     };
     let mut ev = evidence.clone();
     ev.generated = s.tests.iter().cloned().collect();
-    let v = validators::validate_with(ctx, route, &spec, &artifact, &ev, "final_validator").await;
+    let v = validators::validate_with(ctx, route, &spec, &artifact, &ev, LlmStage::FinalValidator)
+        .await;
     // Generated tests that fail code which passes the task's own checks are suspect: they
     // are not shipped.
     let generated_failed = v

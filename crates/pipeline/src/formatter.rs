@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::job::{JobContext, JobResult};
-use crate::trace::{EventStatus, Stage};
+use crate::stage::Stage;
+use crate::trace::EventStatus;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -38,7 +39,7 @@ pub fn render(ctx: &JobContext, result: &JobResult, format: Format) -> Result<St
     let out = match format {
         Format::Md => ctx
             .prompts
-            .render_text("report", json!({"result": result, "task": ctx.task.task}))?,
+            .render_report(json!({"result": result, "task": ctx.task.task}))?,
         Format::Code => match result
             .files
             .iter()

@@ -27,9 +27,10 @@ use crate::prompts::{Prompts, RenderedPrompt};
 use crate::python;
 use crate::retry::SubtaskResult;
 use crate::router::{self, Route, RouteKind};
+use crate::stage::{LlmStage, Stage};
 use crate::synthesizer::{OutputFile, Synthesis};
 use crate::task::TaskRequest;
-use crate::trace::{EventStatus, JobEvent, LlmCallRecord, Recorder, Stage, TraceData};
+use crate::trace::{EventStatus, JobEvent, LlmCallRecord, Recorder, TraceData};
 use crate::validation::{QueueStats, ValidationQueue};
 use crate::validators::{Evidence, Verdict};
 use crate::workers::{KindStats, WorkerManager};
@@ -84,8 +85,8 @@ pub struct Pipeline {
 
 /// One LLM call a stage makes.
 pub struct LlmCall {
-    /// The config stage whose settings apply (`code`, `validator`...).
-    pub stage: String,
+    /// The stage whose settings apply.
+    pub stage: LlmStage,
     pub prompt: RenderedPrompt,
     schema: Option<Value>,
     subtask: Option<String>,
@@ -97,9 +98,9 @@ pub struct LlmCall {
 }
 
 impl LlmCall {
-    pub fn new(stage: &str, prompt: RenderedPrompt) -> Self {
+    pub fn new(stage: LlmStage, prompt: RenderedPrompt) -> Self {
         Self {
-            stage: stage.to_string(),
+            stage,
             prompt,
             schema: None,
             subtask: None,
@@ -196,7 +197,7 @@ impl JobContext {
     /// Runs an LLM call with its stage's settings on the least busy model of the stage,
     /// and records it in the trace.
     pub async fn llm(&self, call: LlmCall) -> Result<Completion> {
-        let settings = self.config.stage(&call.stage);
+        let settings = self.config.stage(call.stage);
         let llm = &self.shared.llm;
         let model = self.shared.load.pick(&settings.models);
         let _release = ReleaseOnDrop(&self.shared.load, model.clone());

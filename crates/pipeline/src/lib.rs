@@ -26,6 +26,8 @@
 //! - `synthesizer`: stages 11 and 13, integration into files; re-synthesis.
 //! - `final_validation`: stages 12 and 13, the whole result checked; bounded retry.
 //! - `formatter`: stage 14, markdown, code or JSON; files written out.
+//! - `stage`: the stages' names: `Stage` (trace, events, metrics) and `LlmStage` (the
+//!   stages that call a model: config keys and template names).
 //! - `trace`: live `JobEvent`s and the recorded trace.
 //! - `python`: light structural reads of Python source (blocks, signatures, examples).
 //! - `eval`: HumanEval-format evaluation, pipeline or single-call baseline.
@@ -44,6 +46,7 @@ pub mod prompts;
 pub mod python;
 pub mod retry;
 pub mod router;
+pub mod stage;
 pub mod synthesizer;
 pub mod task;
 pub mod trace;
@@ -63,8 +66,9 @@ pub use formatter::Format;
 pub use job::{trace_json, JobFailure, JobOutcome, JobResult, JobTrace, Pipeline};
 pub use llm::LanguageModel;
 pub use prompts::Prompts;
+pub use stage::{LlmStage, Stage};
 pub use task::{ContextFile, TaskRequest};
-pub use trace::{EventStatus, JobEvent, Stage};
+pub use trace::{EventStatus, JobEvent};
 
 use std::path::PathBuf;
 

@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 
 use crate::job::{JobContext, LlmCall};
 use crate::router::{Route, RouteKind};
+use crate::stage::{LlmStage, Stage};
 use crate::task::TaskRequest;
-use crate::trace::{EventStatus, Stage};
+use crate::trace::EventStatus;
 use crate::workers::WorkerKind;
 use crate::Result;
 
@@ -157,12 +158,12 @@ pub async fn plan(ctx: &JobContext, task: &TaskRequest, route: &Route) -> Result
     let max = ctx.config.limits.max_subtasks;
     let kinds: Vec<&str> = WorkerKind::ALL.iter().map(|k| k.name()).collect();
     let prompt = ctx.prompts.render(
-        "orchestrator",
+        LlmStage::Orchestrator,
         json!({"task": task.task, "route": route, "kinds": kinds, "max_subtasks": max,
                "files": task.file_names(), "tests_supplied": task.tests.is_some()}),
     )?;
     let out = ctx
-        .llm(LlmCall::new("orchestrator", prompt).schema(plan_schema(max)))
+        .llm(LlmCall::new(LlmStage::Orchestrator, prompt).schema(plan_schema(max)))
         .await?;
     let plan = match serde_json::from_str::<Plan>(&out.text) {
         Ok(p) if !p.subtasks.is_empty() => p,
@@ -271,7 +272,11 @@ mod tests {
     async fn a_plan_cut_by_the_budget_keeps_its_finished_subtasks() {
         let mut config = crate::config::PipelineConfig::default();
         let budget = LOOPING.split_whitespace().count() - 5;
-        config.stages.get_mut("orchestrator").unwrap().max_tokens = budget;
+        config
+            .stages
+            .get_mut(&LlmStage::Orchestrator)
+            .unwrap()
+            .max_tokens = budget;
         let bed =
             TestBed::with_config(ScriptedModel::new().on("orchestrator", LOOPING), config).await;
         let task = TaskRequest::new("Write a function add(a, b) that returns a + b.");

@@ -10,7 +10,8 @@ use serde_json::json;
 use crate::job::JobContext;
 use crate::orchestrator::{main_kind, Plan};
 use crate::router::{Route, RouteKind};
-use crate::trace::{EventStatus, Stage};
+use crate::stage::Stage;
+use crate::trace::EventStatus;
 use crate::workers::WorkerKind;
 
 /// One runnable subtask.

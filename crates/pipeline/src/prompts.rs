@@ -9,35 +9,39 @@ use forgeline_engine::chat::ChatMessage;
 use minijinja::Environment;
 use serde::Serialize;
 
+use crate::stage::LlmStage;
+use crate::workers::WorkerKind;
 use crate::{Error, Result};
 
-/// The built-in templates, by name (file `prompts/<name>.j2`).
-const BUILT_IN: &[(&str, &str)] = &[
-    ("router", include_str!("../../../prompts/router.j2")),
-    (
-        "orchestrator",
-        include_str!("../../../prompts/orchestrator.j2"),
-    ),
-    ("code", include_str!("../../../prompts/code.j2")),
-    ("tests", include_str!("../../../prompts/tests.j2")),
-    ("reasoning", include_str!("../../../prompts/reasoning.j2")),
-    ("research", include_str!("../../../prompts/research.j2")),
-    ("docs", include_str!("../../../prompts/docs.j2")),
-    (
-        "data_analysis",
-        include_str!("../../../prompts/data_analysis.j2"),
-    ),
-    ("validator", include_str!("../../../prompts/validator.j2")),
-    (
-        "synthesizer",
-        include_str!("../../../prompts/synthesizer.j2"),
-    ),
-    (
-        "final_validator",
-        include_str!("../../../prompts/final_validator.j2"),
-    ),
-    ("report", include_str!("../../../prompts/report.j2")),
-];
+/// The report's template (`prompts/report.j2`), the one template that is not a stage's.
+pub const REPORT: &str = "report";
+
+/// A stage's built-in template.
+fn built_in(stage: LlmStage) -> &'static str {
+    match stage {
+        LlmStage::Router => include_str!("../../../prompts/router.j2"),
+        LlmStage::Orchestrator => include_str!("../../../prompts/orchestrator.j2"),
+        LlmStage::Worker(WorkerKind::Code) => include_str!("../../../prompts/code.j2"),
+        LlmStage::Worker(WorkerKind::Tests) => include_str!("../../../prompts/tests.j2"),
+        LlmStage::Worker(WorkerKind::Reasoning) => include_str!("../../../prompts/reasoning.j2"),
+        LlmStage::Worker(WorkerKind::Research) => include_str!("../../../prompts/research.j2"),
+        LlmStage::Worker(WorkerKind::Docs) => include_str!("../../../prompts/docs.j2"),
+        LlmStage::Worker(WorkerKind::DataAnalysis) => {
+            include_str!("../../../prompts/data_analysis.j2")
+        }
+        LlmStage::Validator => include_str!("../../../prompts/validator.j2"),
+        LlmStage::Synthesizer => include_str!("../../../prompts/synthesizer.j2"),
+        LlmStage::FinalValidator => include_str!("../../../prompts/final_validator.j2"),
+    }
+}
+
+/// Every built-in template, by name (file `prompts/<name>.j2`).
+fn built_ins() -> impl Iterator<Item = (&'static str, &'static str)> {
+    LlmStage::ALL
+        .into_iter()
+        .map(|s| (s.name(), built_in(s)))
+        .chain([(REPORT, include_str!("../../../prompts/report.j2"))])
+}
 
 /// A rendered stage prompt.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -75,7 +79,7 @@ impl Prompts {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        for (name, src) in BUILT_IN {
+        for (name, src) in built_ins() {
             env.add_template_owned(name.to_string(), src.to_string())
                 .map_err(|source| Error::Template {
                     name: name.to_string(),
@@ -93,7 +97,7 @@ impl Prompts {
                 else {
                     continue;
                 };
-                if !BUILT_IN.iter().any(|(n, _)| *n == stem) {
+                if !built_ins().any(|(n, _)| n == stem) {
                     return Err(Error::UnknownTemplate {
                         name: stem.to_string(),
                         path,
@@ -111,12 +115,12 @@ impl Prompts {
     }
 
     /// Renders a stage's blocks with `ctx`.
-    pub fn render<S: Serialize>(&self, stage: &str, ctx: S) -> Result<RenderedPrompt> {
+    pub fn render<S: Serialize>(&self, stage: LlmStage, ctx: S) -> Result<RenderedPrompt> {
         let err = |source| Error::Template {
-            name: stage.to_string(),
+            name: stage.name().to_string(),
             source,
         };
-        let tmpl = self.env.get_template(stage).map_err(err)?;
+        let tmpl = self.env.get_template(stage.name()).map_err(err)?;
         let mut captured = tmpl.render_captured(ctx).map_err(err)?;
         let mut block = |name: &str| -> Result<String> {
             captured.with_state_mut(|state| match state.render_block(name) {
@@ -131,20 +135,20 @@ impl Prompts {
         };
         if rendered.user.trim().is_empty() {
             return Err(Error::EmptyPrompt {
-                name: stage.to_string(),
+                name: stage.name().to_string(),
             });
         }
         Ok(rendered)
     }
 
-    /// Renders a whole template (the report formats).
-    pub fn render_text<S: Serialize>(&self, name: &str, ctx: S) -> Result<String> {
+    /// Renders the markdown report.
+    pub fn render_report<S: Serialize>(&self, ctx: S) -> Result<String> {
         let err = |source| Error::Template {
-            name: name.to_string(),
+            name: REPORT.to_string(),
             source,
         };
         self.env
-            .get_template(name)
+            .get_template(REPORT)
             .map_err(err)?
             .render(ctx)
             .map_err(err)
@@ -153,7 +157,7 @@ impl Prompts {
 
 /// The templates' names (files `<name>.j2`).
 pub fn template_names() -> Vec<&'static str> {
-    BUILT_IN.iter().map(|(n, _)| *n).collect()
+    built_ins().map(|(n, _)| n).collect()
 }
 
 #[cfg(test)]
@@ -166,7 +170,7 @@ mod tests {
         let p = Prompts::built_in();
         let r = p
             .render(
-                "code",
+                LlmStage::Worker(WorkerKind::Code),
                 json!({"task": "Write add(a, b).", "subtask": {"description": "add", "acceptance": [], "primary": true},
                        "route": {"kind": "new_function", "entry_point": "add"}, "context": [],
                        "feedback": null, "stub": null, "files": []}),
@@ -188,14 +192,18 @@ mod tests {
                    "subtask": {"description": "double", "acceptance": [], "primary": true},
                    "route": {"kind": "new_function"}, "context": [], "feedback": null, "files": []})
         };
-        let spec = p.render("code", ctx("spec")).unwrap();
+        let spec = p
+            .render(LlmStage::Worker(WorkerKind::Code), ctx("spec"))
+            .unwrap();
         assert!(
             spec.user.starts_with("Write a Python function `double(x: int) -> int`.\n\nReturn x twice.\n\nExamples:\ndouble(2) == 4\n"),
             "{}",
             spec.user
         );
         assert!(!spec.user.contains(">>>"), "{}", spec.user);
-        let completion = p.render("code", ctx("stub")).unwrap();
+        let completion = p
+            .render(LlmStage::Worker(WorkerKind::Code), ctx("stub"))
+            .unwrap();
         assert!(
             completion
                 .user
@@ -215,7 +223,7 @@ mod tests {
         )
         .unwrap();
         let p = Prompts::load(Some(dir.path())).unwrap();
-        let r = p.render("router", json!({"task": "x"})).unwrap();
+        let r = p.render(LlmStage::Router, json!({"task": "x"})).unwrap();
         assert_eq!(r.user, "Route: x");
         assert_eq!(r.system, "");
 
@@ -237,7 +245,10 @@ mod tests {
         )
         .unwrap();
         let p = Prompts::load(Some(dir.path())).unwrap();
-        let e = p.render("docs", json!({})).unwrap_err().to_string();
+        let e = p
+            .render(LlmStage::Worker(WorkerKind::Docs), json!({}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("template `docs`"), "{e}");
     }
 }

@@ -7,8 +7,9 @@ use serde_json::json;
 
 use crate::job::{JobContext, LlmCall};
 use crate::python::{self, Example, Signature};
+use crate::stage::{LlmStage, Stage};
 use crate::task::TaskRequest;
-use crate::trace::{EventStatus, Stage};
+use crate::trace::EventStatus;
 use crate::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -305,11 +306,11 @@ pub async fn route(ctx: &JobContext, task: &TaskRequest) -> Result<Route> {
             "additionalProperties": false
         });
         let prompt = ctx.prompts.render(
-            "router",
+            LlmStage::Router,
             json!({"task": task.task, "routes": names, "files": task.file_names()}),
         )?;
         let out = ctx
-            .llm(LlmCall::new("router", prompt).schema(schema))
+            .llm(LlmCall::new(LlmStage::Router, prompt).schema(schema))
             .await?;
         match serde_json::from_str::<LlmRoute>(&out.text)
             .ok()

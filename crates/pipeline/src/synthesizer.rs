@@ -13,7 +13,8 @@ use crate::collector::{target_of, Collected};
 use crate::job::{JobContext, LlmCall};
 use crate::python::{self, StatementKind};
 use crate::router::{Route, RouteKind};
-use crate::trace::{EventStatus, Stage};
+use crate::stage::{LlmStage, Stage};
+use crate::trace::EventStatus;
 use crate::workers::{GeneratedFile, WorkerKind};
 use crate::Result;
 
@@ -237,14 +238,18 @@ pub async fn synthesize(
         "summary"
     };
     let prompt = ctx.prompts.render(
-        "synthesizer",
+        LlmStage::Synthesizer,
         json!({"mode": mode, "task": ctx.task.task, "route": route, "module": s.module,
                "analysis": s.analysis, "notes": notes, "feedback": null}),
     )?;
     // The prose is short; the token budget of the stage is for repairs.
     let out = ctx
         .llm(
-            LlmCall::new("synthesizer", prompt).max_tokens(if mode == "answer" { 320 } else { 96 }),
+            LlmCall::new(LlmStage::Synthesizer, prompt).max_tokens(if mode == "answer" {
+                320
+            } else {
+                96
+            }),
         )
         .await?;
     s.answer = out.text.trim().to_string();
@@ -293,12 +298,12 @@ pub async fn repair(
         return Ok(None);
     };
     let prompt = ctx.prompts.render(
-        "synthesizer",
+        LlmStage::Synthesizer,
         json!({"mode": "repair", "task": ctx.task.task, "route": route, "module": module,
                "analysis": s.analysis, "notes": [], "feedback": feedback}),
     )?;
     let prefix = prompt.assistant.clone();
-    let call = LlmCall::new("synthesizer", prompt)
+    let call = LlmCall::new(LlmStage::Synthesizer, prompt)
         .stop("```")
         .seed(s.revision as u64 + 1)
         .temperature(0.2);

@@ -10,30 +10,31 @@ use forgeline_engine::scheduler::{Completion, GenerateRequest, Prompt};
 use forgeline_engine::stop::StopReason;
 use forgeline_sandbox::{Sandbox, SandboxConfig};
 
-use crate::config::{PipelineConfig, STAGES};
+use crate::config::PipelineConfig;
 use crate::job::{JobContext, Pipeline};
 use crate::llm::{BoxFuture, LanguageModel};
 use crate::prompts::Prompts;
+use crate::stage::LlmStage;
 use crate::task::TaskRequest;
+use crate::workers::WorkerKind;
 
 /// An answer that makes the call panic instead.
 pub const PANIC: &str = "<panic>";
 
 /// Each stage's template opens its system block with this.
-pub fn marker(stage: &str) -> &'static str {
+pub fn marker(stage: LlmStage) -> &'static str {
     match stage {
-        "router" => "You sort programming tasks",
-        "orchestrator" => "You plan the work",
-        "code" => "You write Python code",
-        "tests" => "You write tests",
-        "reasoning" => "You think through",
-        "research" => "You research",
-        "docs" => "You write documentation",
-        "data_analysis" => "You write data analysis scripts",
-        "validator" => "You review one step",
-        "synthesizer" => "You present the result",
-        "final_validator" => "You check the finished result",
-        other => panic!("no stage {other}"),
+        LlmStage::Router => "You sort programming tasks",
+        LlmStage::Orchestrator => "You plan the work",
+        LlmStage::Worker(WorkerKind::Code) => "You write Python code",
+        LlmStage::Worker(WorkerKind::Tests) => "You write tests",
+        LlmStage::Worker(WorkerKind::Reasoning) => "You think through",
+        LlmStage::Worker(WorkerKind::Research) => "You research",
+        LlmStage::Worker(WorkerKind::Docs) => "You write documentation",
+        LlmStage::Worker(WorkerKind::DataAnalysis) => "You write data analysis scripts",
+        LlmStage::Validator => "You review one step",
+        LlmStage::Synthesizer => "You present the result",
+        LlmStage::FinalValidator => "You check the finished result",
     }
 }
 
@@ -59,8 +60,9 @@ impl ScriptedModel {
         Self::default()
     }
 
-    /// Adds an answer for a stage.
+    /// Adds an answer for a stage (by its config name: `code`, `validator`...).
     pub fn on(self, stage: &str, answer: &str) -> Self {
+        assert!(LlmStage::from_name(stage).is_some(), "no stage {stage}");
         self.script
             .lock()
             .unwrap()
@@ -128,11 +130,11 @@ impl LanguageModel for ScriptedModel {
         req: GenerateRequest,
     ) -> BoxFuture<'_, forgeline_engine::Result<Completion>> {
         let text = Self::text_of(&req);
-        let stage = STAGES
-            .iter()
-            .find(|s| text.contains(marker(s)))
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "unknown".into());
+        let stage = LlmStage::ALL
+            .into_iter()
+            .find(|s| text.contains(marker(*s)))
+            .map_or("unknown", LlmStage::name)
+            .to_string();
         let mut script = self.script.lock().unwrap();
         script.calls.push((stage.clone(), text));
         let answer = match script.answers.get_mut(&stage) {

@@ -10,58 +10,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::prompts::RenderedPrompt;
-
-/// The stages of the design, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Stage {
-    Router,
-    Orchestrator,
-    Planning,
-    Dispatcher,
-    Worker,
-    Validation,
-    Retry,
-    Collector,
-    Synthesizer,
-    FinalValidator,
-    SynthesizerRetry,
-    Formatter,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 12] = [
-        Stage::Router,
-        Stage::Orchestrator,
-        Stage::Planning,
-        Stage::Dispatcher,
-        Stage::Worker,
-        Stage::Validation,
-        Stage::Retry,
-        Stage::Collector,
-        Stage::Synthesizer,
-        Stage::FinalValidator,
-        Stage::SynthesizerRetry,
-        Stage::Formatter,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Router => "router",
-            Stage::Orchestrator => "orchestrator",
-            Stage::Planning => "planning",
-            Stage::Dispatcher => "dispatcher",
-            Stage::Worker => "worker",
-            Stage::Validation => "validation",
-            Stage::Retry => "retry",
-            Stage::Collector => "collector",
-            Stage::Synthesizer => "synthesizer",
-            Stage::FinalValidator => "final_validator",
-            Stage::SynthesizerRetry => "synthesizer_retry",
-            Stage::Formatter => "formatter",
-        }
-    }
-}
+pub use crate::stage::{LlmStage, Stage};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -116,7 +65,7 @@ pub struct StageRecord {
 /// One LLM call.
 #[derive(Clone, Debug, Serialize)]
 pub struct LlmCallRecord {
-    pub stage: String,
+    pub stage: LlmStage,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subtask: Option<String>,
     pub model: String,

@@ -15,6 +15,7 @@ use crate::job::{JobContext, LlmCall};
 use crate::planning::TaskSpec;
 use crate::python;
 use crate::router::Route;
+use crate::stage::LlmStage;
 use crate::task::ContextFile;
 use crate::workers::{Artifact, GeneratedFile, WorkerKind};
 
@@ -207,7 +208,7 @@ pub async fn validate(
     artifact: &Artifact,
     evidence: &Evidence,
 ) -> Verdict {
-    validate_with(ctx, route, spec, artifact, evidence, "validator").await
+    validate_with(ctx, route, spec, artifact, evidence, LlmStage::Validator).await
 }
 
 /// As `validate`, with the LLM verdict asked of `judge_stage`'s prompt.
@@ -217,7 +218,7 @@ pub async fn validate_with(
     spec: &TaskSpec,
     artifact: &Artifact,
     evidence: &Evidence,
-    judge_stage: &str,
+    judge_stage: LlmStage,
 ) -> Verdict {
     let mut v = Verdict::default();
     match artifact.kind {
@@ -478,7 +479,7 @@ async fn tests_checks(
 /// (it must not fail work that the checks passed).
 async fn judge(
     ctx: &JobContext,
-    stage: &str,
+    stage: LlmStage,
     spec: &TaskSpec,
     artifact: &Artifact,
     v: &Verdict,

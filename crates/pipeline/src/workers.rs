@@ -21,6 +21,7 @@ use crate::planning::TaskSpec;
 use crate::python;
 use crate::retry::{Feedback, SubtaskResult};
 use crate::router::Route;
+use crate::stage::LlmStage;
 use crate::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -117,7 +118,7 @@ pub struct Assignment<'a> {
 #[derive(Clone, Debug, Serialize)]
 pub struct WorkerProfile {
     pub kind: WorkerKind,
-    pub template: &'static str,
+    pub stage: LlmStage,
     pub settings: StageSettings,
 }
 
@@ -148,8 +149,8 @@ impl WorkerManager {
                     k,
                     WorkerProfile {
                         kind: k,
-                        template: k.name(),
-                        settings: ctx.config.stage(k.name()),
+                        stage: LlmStage::Worker(k),
+                        settings: ctx.config.stage(LlmStage::Worker(k)),
                     },
                 )
             })
@@ -357,7 +358,7 @@ impl WorkerInput<'_> {
                 }
                 self.ctx
                     .prompts
-                    .render(self.profile.template, self.context(extra))
+                    .render(self.profile.stage, self.context(extra))
             })
             .collect::<Result<Vec<_>>>()?;
         let seen = Mutex::new(HashSet::new());
@@ -367,7 +368,7 @@ impl WorkerInput<'_> {
             let prompt = prompts[i % prompts.len()].clone();
             // The first candidate of each framing is greedy, the others sampled.
             let greedy = self.attempt == 0 && i < prompts.len();
-            let mut call = LlmCall::new(self.profile.template, prompt)
+            let mut call = LlmCall::new(self.profile.stage, prompt)
                 .subtask(&self.spec.id)
                 .seed((self.attempt * 1000 + i) as u64)
                 .stop("```");
@@ -420,9 +421,9 @@ impl WorkerInput<'_> {
         let prompt = self
             .ctx
             .prompts
-            .render(self.profile.template, self.context(json!({})))?;
+            .render(self.profile.stage, self.context(json!({})))?;
         let prefix = prompt.assistant.clone();
-        let call = LlmCall::new(self.profile.template, prompt)
+        let call = LlmCall::new(self.profile.stage, prompt)
             .subtask(&self.spec.id)
             .stop("```");
         let c = self.ctx.llm(call).await?;
@@ -435,8 +436,8 @@ impl WorkerInput<'_> {
         let prompt = self
             .ctx
             .prompts
-            .render(self.profile.template, self.context(json!({"pydoc": docs})))?;
-        let call = LlmCall::new(self.profile.template, prompt)
+            .render(self.profile.stage, self.context(json!({"pydoc": docs})))?;
+        let call = LlmCall::new(self.profile.stage, prompt)
             .subtask(&self.spec.id)
             .seed(self.attempt as u64);
         let c = self.ctx.llm(call).await?;
