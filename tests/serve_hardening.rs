@@ -127,18 +127,30 @@ async fn past_the_connection_cap_clients_wait_for_a_free_slot() {
     server.stop().await;
 }
 
-/// A raw request with these headers and body; the status and the response text.
+/// A raw POST with these headers and body; the status and the response text.
 async fn raw(
     server: &TestServer,
     path: &str,
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        server.addr,
-        body.len()
-    );
+    let host = server.addr.to_string();
+    let length = body.len().to_string();
+    let mut all = vec![("Content-Length", length.as_str())];
+    all.extend_from_slice(headers);
+    exchange(server, "POST", path, &host, &all, body).await
+}
+
+/// One request on its own connection, sent as written; the status and the response text.
+async fn exchange(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -560,16 +572,7 @@ async fn a_job_that_outlives_the_grace_period_is_cancelled_at_its_end() {
 
 /// A GET with this `Host`; the status and the response text.
 async fn get_with_host(server: &TestServer, path: &str, host: &str) -> (u16, String) {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-    tcp.write_all(req.as_bytes()).await.unwrap();
-    let (got, _) = until_closed(&mut tcp, Duration::from_secs(60)).await;
-    let status = got
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, got)
+    exchange(server, "GET", path, host, &[], "").await
 }
 
 /// DNS rebinding: a page on evil.example rebinds its name to 127.0.0.1; its same-origin
