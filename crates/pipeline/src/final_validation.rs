@@ -12,7 +12,7 @@ use crate::router::Route;
 use crate::stage::{LlmStage, Stage};
 use crate::synthesizer::{self, Synthesis};
 use crate::trace::EventStatus;
-use crate::validators::{self, Evidence, Verdict};
+use crate::validators::{self, CheckName, Evidence, Verdict};
 use crate::workers::{Artifact, WorkerKind};
 use crate::Result;
 
@@ -50,7 +50,7 @@ async fn check(ctx: &JobContext, route: &Route, s: &mut Synthesis, evidence: &Ev
     let generated_failed = v
         .checks
         .iter()
-        .any(|c| c.name == "generated_tests" && !c.passed);
+        .any(|c| c.name == CheckName::GeneratedTests && !c.passed);
     if v.passed && generated_failed && s.tests.take().is_some() {
         s.notes.push(
             "generated tests dropped: they fail code that passes the task's own checks".into(),

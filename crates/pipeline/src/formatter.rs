@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::job::{JobContext, JobResult};
 use crate::stage::Stage;
+use crate::synthesizer::FileRole;
 use crate::trace::EventStatus;
 use crate::{Error, Result};
 
@@ -43,7 +44,7 @@ pub fn render(ctx: &JobContext, result: &JobResult, format: Format) -> Result<St
         Format::Code => match result
             .files
             .iter()
-            .find(|f| f.role == "module" || f.role == "analysis")
+            .find(|f| matches!(f.role, FileRole::Module | FileRole::Analysis))
         {
             Some(f) => f.content.clone(),
             None => format!("{}\n", result.answer.trim_end()),
@@ -232,7 +233,7 @@ mod tests {
                 .iter()
                 .map(|(p, c)| OutputFile {
                     path: p.to_string(),
-                    role: "module".into(),
+                    role: FileRole::Module,
                     content: c.to_string(),
                     bytes: Vec::new(),
                 })

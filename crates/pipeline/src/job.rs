@@ -28,7 +28,7 @@ use crate::python;
 use crate::retry::SubtaskResult;
 use crate::router::{self, Route, RouteKind};
 use crate::stage::{LlmStage, Stage};
-use crate::synthesizer::{OutputFile, Synthesis};
+use crate::synthesizer::{FileRole, OutputFile, Synthesis};
 use crate::task::TaskRequest;
 use crate::trace::{EventStatus, JobEvent, LlmCallRecord, Recorder, TraceData};
 use crate::validation::{QueueStats, ValidationQueue};
@@ -256,7 +256,7 @@ impl JobContext {
             completion_tokens: out.usage.completion_tokens,
             started_ms: started,
             duration_ms: self.rec.elapsed_ms().saturating_sub(started),
-            stop_reason: format!("{:?}", out.stop_reason),
+            stop_reason: out.stop_reason,
         });
         Ok(out)
     }
@@ -307,7 +307,7 @@ impl JobResult {
     pub fn module(&self) -> Option<&str> {
         self.files
             .iter()
-            .find(|f| f.role == "module")
+            .find(|f| f.role == FileRole::Module)
             .map(|f| f.content.as_str())
     }
 }

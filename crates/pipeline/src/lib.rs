@@ -58,6 +58,15 @@ pub mod workers;
 mod pipeline_tests;
 #[cfg(test)]
 mod proptests;
+
+/// Cases per property: `PROPTEST_CASES` (scripts/fuzz sets a million), else a few thousand.
+#[cfg(test)]
+pub(crate) fn proptest_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
 #[cfg(test)]
 mod testing;
 

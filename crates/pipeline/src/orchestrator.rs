@@ -17,10 +17,47 @@ use crate::trace::EventStatus;
 use crate::workers::WorkerKind;
 use crate::Result;
 
+/// A subtask's kind as the plan gave it: a worker kind (aliases such as `creative` read as
+/// theirs), or text that names none, which planning repairs and records. Written as the
+/// kind's name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum PlannedKind {
+    Known(WorkerKind),
+    Unknown(String),
+}
+
+impl From<String> for PlannedKind {
+    fn from(s: String) -> Self {
+        WorkerKind::from_name(&s).map_or(PlannedKind::Unknown(s), PlannedKind::Known)
+    }
+}
+
+impl From<&str> for PlannedKind {
+    fn from(s: &str) -> Self {
+        s.to_string().into()
+    }
+}
+
+impl From<PlannedKind> for String {
+    fn from(k: PlannedKind) -> String {
+        k.to_string()
+    }
+}
+
+impl std::fmt::Display for PlannedKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlannedKind::Known(k) => f.write_str(k.name()),
+            PlannedKind::Unknown(s) => f.write_str(s),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlannedSubtask {
     pub id: String,
-    pub kind: String,
+    pub kind: PlannedKind,
     pub description: String,
     #[serde(default)]
     pub depends_on: Vec<String>,
@@ -82,7 +119,7 @@ pub fn single_subtask_plan(task: &TaskRequest, route: &Route, reason: String) ->
     Plan {
         subtasks: vec![PlannedSubtask {
             id: kind.name().to_string(),
-            kind: kind.name().to_string(),
+            kind: PlannedKind::Known(kind),
             description: first_line(&task.task),
             depends_on: Vec::new(),
             acceptance: Vec::new(),
@@ -241,7 +278,7 @@ mod tests {
             "{p:?}"
         );
         assert_eq!(p.subtasks.len(), 1);
-        assert_eq!(p.subtasks[0].kind, "code");
+        assert_eq!(p.subtasks[0].kind, PlannedKind::Known(WorkerKind::Code));
 
         let p = plan_with("").await;
         assert!(p.fallback.is_some());

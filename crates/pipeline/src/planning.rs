@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::job::JobContext;
-use crate::orchestrator::{main_kind, Plan};
+use crate::orchestrator::{main_kind, Plan, PlannedKind};
 use crate::router::{Route, RouteKind};
 use crate::stage::Stage;
 use crate::trace::EventStatus;
@@ -70,13 +70,16 @@ pub fn build_dag(plan: &Plan, route: &Route, max_subtasks: usize) -> Dag {
             ));
             break;
         }
-        let kind = WorkerKind::from_name(&s.kind).unwrap_or_else(|| {
-            repairs.push(format!(
-                "subtask `{}`: unknown kind `{}`, run as reasoning",
-                s.id, s.kind
-            ));
-            WorkerKind::Reasoning
-        });
+        let kind = match &s.kind {
+            PlannedKind::Known(k) => *k,
+            PlannedKind::Unknown(text) => {
+                repairs.push(format!(
+                    "subtask `{}`: unknown kind `{text}`, run as reasoning",
+                    s.id
+                ));
+                WorkerKind::Reasoning
+            }
+        };
         let mut id = if valid_id(&s.id) {
             s.id.clone()
         } else {

@@ -14,13 +14,6 @@ use crate::task::TaskRequest;
 use crate::validators::{cut_judgement, Judgement};
 use crate::workers::WorkerKind;
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000)
-}
-
 /// JSON-shaped text: the plan's and the review's keys and delimiters, cut anywhere, with
 /// arbitrary Unicode between.
 fn jsonish() -> impl Strategy<Value = String> {
@@ -88,7 +81,7 @@ fn subtask() -> impl Strategy<Value = PlannedSubtask> {
         .prop_map(
             |(id, kind, description, depends_on, acceptance)| PlannedSubtask {
                 id,
-                kind,
+                kind: kind.into(),
                 description,
                 depends_on,
                 acceptance,
@@ -97,7 +90,7 @@ fn subtask() -> impl Strategy<Value = PlannedSubtask> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases()))]
 
     /// Any answer, whole or cut: parsing gives a plan or nothing, and a cut plan holds only
     /// subtasks that were finished.
@@ -148,7 +141,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases()))]
 
     /// The router reads every task: rules, entry point, signature, examples and libraries
     /// from any text, stub-shaped or not.

@@ -531,12 +531,6 @@ mod tests {
         use super::super::*;
         use proptest::prelude::*;
 
-        fn cases() -> u32 {
-            std::env::var("PROPTEST_CASES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2000)
-        }
 
         /// Python-shaped text: the delimiters the scanner tracks, keywords it classifies,
         /// and arbitrary Unicode (multi-byte characters next to quotes and backslashes).
@@ -598,7 +592,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(cases()))]
+            #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases()))]
 
             /// Splitting never panics and loses nothing but blank space.
             #[test]

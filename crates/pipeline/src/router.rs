@@ -46,12 +46,31 @@ impl RouteKind {
     }
 }
 
+/// What decided a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecidedBy {
+    Rules,
+    Llm,
+    /// The LLM was asked but its answer was unusable: the rules' best guess stands.
+    RulesFallback,
+}
+
+impl DecidedBy {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecidedBy::Rules => "rules",
+            DecidedBy::Llm => "llm",
+            DecidedBy::RulesFallback => "rules_fallback",
+        }
+    }
+}
+
 /// The router's answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Route {
     pub kind: RouteKind,
-    /// `rules`, `llm`, or `rules_fallback` (the LLM's answer was unusable).
-    pub decided_by: String,
+    pub decided_by: DecidedBy,
     /// The function the result must define, when known.
     pub entry_point: Option<String>,
     pub signature: Option<Signature>,
@@ -235,7 +254,7 @@ pub fn route_by_rules(task: &TaskRequest) -> Route {
     }
     Route {
         kind: ranked[0].0,
-        decided_by: "rules".into(),
+        decided_by: DecidedBy::Rules,
         entry_point,
         signature,
         examples: python::examples(text),
@@ -318,9 +337,9 @@ pub async fn route(ctx: &JobContext, task: &TaskRequest) -> Result<Route> {
         {
             Some(k) => {
                 route.kind = k;
-                route.decided_by = "llm".into();
+                route.decided_by = DecidedBy::Llm;
             }
-            None => route.decided_by = "rules_fallback".into(),
+            None => route.decided_by = DecidedBy::RulesFallback,
         }
         llm_answer = Some(out.text);
     }
@@ -339,7 +358,7 @@ pub async fn route(ctx: &JobContext, task: &TaskRequest) -> Result<Route> {
         format!(
             "{} (by {}){}",
             route.kind.name(),
-            route.decided_by,
+            route.decided_by.name(),
             route
                 .entry_point
                 .as_ref()

@@ -36,12 +36,22 @@ pub struct Synthesis {
     pub revision: usize,
 }
 
+/// What a file of the result is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileRole {
+    Module,
+    Tests,
+    Readme,
+    Analysis,
+    Figure,
+}
+
 /// A file of the result.
 #[derive(Clone, Debug, Serialize)]
 pub struct OutputFile {
     pub path: String,
-    /// `module`, `tests`, `readme`, `analysis` or `figure`.
-    pub role: String,
+    pub role: FileRole,
     /// Text content (empty for figures, which have `bytes`).
     pub content: String,
     #[serde(skip)]
@@ -51,28 +61,40 @@ pub struct OutputFile {
 impl Synthesis {
     pub fn files(&self, module: &str) -> Vec<OutputFile> {
         let mut out = Vec::new();
-        let mut text = |path: String, role: &str, content: &Option<String>| {
+        let mut text = |path: String, role: FileRole, content: &Option<String>| {
             if let Some(c) = content {
                 out.push(OutputFile {
                     path,
-                    role: role.into(),
+                    role,
                     content: c.clone(),
                     bytes: Vec::new(),
                 });
             }
         };
-        text(target_of(WorkerKind::Code, module), "module", &self.module);
-        text(target_of(WorkerKind::Tests, module), "tests", &self.tests);
-        text("README.md".into(), "readme", &self.readme);
+        text(
+            target_of(WorkerKind::Code, module),
+            FileRole::Module,
+            &self.module,
+        );
+        text(
+            target_of(WorkerKind::Tests, module),
+            FileRole::Tests,
+            &self.tests,
+        );
+        text(
+            target_of(WorkerKind::Docs, module),
+            FileRole::Readme,
+            &self.readme,
+        );
         text(
             target_of(WorkerKind::DataAnalysis, module),
-            "analysis",
+            FileRole::Analysis,
             &self.analysis,
         );
         for f in &self.figures {
             out.push(OutputFile {
                 path: f.name.clone(),
-                role: "figure".into(),
+                role: FileRole::Figure,
                 content: String::new(),
                 bytes: f.bytes.clone(),
             });

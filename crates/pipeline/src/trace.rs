@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use forgeline_engine::stop::StopReason;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
@@ -77,7 +78,13 @@ pub struct LlmCallRecord {
     pub completion_tokens: usize,
     pub started_ms: u64,
     pub duration_ms: u64,
-    pub stop_reason: String,
+    /// Written by its Rust name (`MaxTokens`), as traces always have.
+    #[serde(serialize_with = "stop_reason_name")]
+    pub stop_reason: StopReason,
+}
+
+fn stop_reason_name<S: serde::Serializer>(r: &StopReason, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{r:?}"))
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -32,10 +32,65 @@ pub struct Evidence {
     pub generated: Vec<String>,
 }
 
+/// What a check checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckName {
+    /// The answer holds code at all.
+    Code,
+    Syntax,
+    EntryPoint,
+    /// A data-analysis script ran.
+    Run,
+    TaskExamples,
+    SuppliedTests,
+    GeneratedTests,
+    Import,
+    DocstringExamples,
+    /// A tests worker's answer holds test code at all.
+    Tests,
+    TestFunctions,
+    UsesTheCode,
+    /// A prose answer is long enough.
+    Answer,
+    /// The LLM validator.
+    Reviewer,
+    /// forgeline failed, not the output.
+    Internal,
+}
+
+impl CheckName {
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckName::Code => "code",
+            CheckName::Syntax => "syntax",
+            CheckName::EntryPoint => "entry_point",
+            CheckName::Run => "run",
+            CheckName::TaskExamples => "task_examples",
+            CheckName::SuppliedTests => "supplied_tests",
+            CheckName::GeneratedTests => "generated_tests",
+            CheckName::Import => "import",
+            CheckName::DocstringExamples => "docstring_examples",
+            CheckName::Tests => "tests",
+            CheckName::TestFunctions => "test_functions",
+            CheckName::UsesTheCode => "uses_the_code",
+            CheckName::Answer => "answer",
+            CheckName::Reviewer => "reviewer",
+            CheckName::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for CheckName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One check's result.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CheckResult {
-    pub name: String,
+    pub name: CheckName,
     pub passed: bool,
     /// A failing hard check fails the output; a soft one only ranks it lower.
     pub hard: bool,
@@ -82,7 +137,7 @@ impl Verdict {
             passed: false,
             score: 0.0,
             checks: vec![CheckResult {
-                name: "internal".into(),
+                name: CheckName::Internal,
                 passed: false,
                 hard: true,
                 detail: detail.clone(),
@@ -139,10 +194,10 @@ impl Verdict {
     }
 }
 
-fn outcome_check(name: &str, hard: bool, r: &RunReport) -> CheckResult {
+fn outcome_check(name: CheckName, hard: bool, r: &RunReport) -> CheckResult {
     let tests = r.tests.as_ref().map(|t| (t.passed, t.total));
     CheckResult {
-        name: name.into(),
+        name,
         passed: r.passed(),
         hard,
         detail: if r.passed() {
@@ -167,9 +222,9 @@ fn clip(s: &str, n: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-fn sandbox_failure(name: &str, e: forgeline_sandbox::Error) -> CheckResult {
+fn sandbox_failure(name: CheckName, e: forgeline_sandbox::Error) -> CheckResult {
     CheckResult {
-        name: name.into(),
+        name,
         passed: false,
         hard: true,
         detail: format!("the sandbox could not run it: {e}"),
@@ -229,7 +284,7 @@ pub async fn validate_with(
         WorkerKind::Reasoning | WorkerKind::Research | WorkerKind::Docs => {
             let long_enough = artifact.text.trim().chars().count() >= 20;
             v.add(CheckResult {
-                name: "answer".into(),
+                name: CheckName::Answer,
                 passed: long_enough,
                 hard: true,
                 detail: if long_enough {
@@ -248,7 +303,7 @@ pub async fn validate_with(
         let judgement = judge(ctx, judge_stage, spec, artifact, &v).await;
         // Where something ran and passed, the reviewer can only rank; where nothing ran, it decides.
         v.add(CheckResult {
-            name: "reviewer".into(),
+            name: CheckName::Reviewer,
             passed: judgement.pass,
             hard: !v.executed,
             detail: if judgement.pass {
@@ -273,7 +328,7 @@ async fn code_checks(
 ) {
     let Some(code) = artifact.code.as_deref().filter(|c| !c.trim().is_empty()) else {
         v.add(CheckResult {
-            name: "code".into(),
+            name: CheckName::Code,
             passed: false,
             hard: true,
             detail: "the answer contains no Python code".into(),
@@ -283,18 +338,18 @@ async fn code_checks(
     };
     let module = match Module::new(&evidence.module, code.as_bytes().to_vec()) {
         Ok(m) => m,
-        Err(e) => return v.add(sandbox_failure("syntax", e)),
+        Err(e) => return v.add(sandbox_failure(CheckName::Syntax, e)),
     };
     match ctx.sandboxed(Job::new(module.clone(), Check::Syntax)).await {
         Ok(r) => {
-            let c = outcome_check("syntax", true, &r);
+            let c = outcome_check(CheckName::Syntax, true, &r);
             let ok = c.passed;
             v.add(c);
             if !ok {
                 return;
             }
         }
-        Err(e) => return v.add(sandbox_failure("syntax", e)),
+        Err(e) => return v.add(sandbox_failure(CheckName::Syntax, e)),
     }
     if spec.primary && artifact.kind == WorkerKind::Code {
         if let Some(entry) = &route.entry_point {
@@ -318,7 +373,7 @@ async fn code_checks(
                 (Some(_), _) => (true, format!("`{entry}` defined with the task's signature")),
             };
             v.add(CheckResult {
-                name: "entry_point".into(),
+                name: CheckName::EntryPoint,
                 passed,
                 hard: true,
                 detail,
@@ -343,7 +398,7 @@ async fn code_checks(
                         bytes: f.bytes.clone(),
                     })
                     .collect();
-                let mut c = outcome_check("run", true, &r);
+                let mut c = outcome_check(CheckName::Run, true, &r);
                 if c.passed && !v.files.is_empty() {
                     c.detail = format!(
                         "ran; wrote {}",
@@ -356,7 +411,7 @@ async fn code_checks(
                 }
                 v.add(c);
             }
-            Err(e) => v.add(sandbox_failure("run", e)),
+            Err(e) => v.add(sandbox_failure(CheckName::Run, e)),
         }
         return;
     }
@@ -370,9 +425,9 @@ async fn code_checks(
             {
                 Ok(r) => {
                     ran_tests = true;
-                    v.add(outcome_check("task_examples", true, &r));
+                    v.add(outcome_check(CheckName::TaskExamples, true, &r));
                 }
-                Err(e) => v.add(sandbox_failure("task_examples", e)),
+                Err(e) => v.add(sandbox_failure(CheckName::TaskExamples, e)),
             }
         }
         if let Some(t) = &evidence.supplied {
@@ -382,9 +437,9 @@ async fn code_checks(
             {
                 Ok(r) => {
                     ran_tests = true;
-                    v.add(outcome_check("supplied_tests", true, &r));
+                    v.add(outcome_check(CheckName::SuppliedTests, true, &r));
                 }
-                Err(e) => v.add(sandbox_failure("supplied_tests", e)),
+                Err(e) => v.add(sandbox_failure(CheckName::SuppliedTests, e)),
             }
         }
         for (i, g) in evidence.generated.iter().enumerate() {
@@ -398,23 +453,23 @@ async fn code_checks(
                 .await
             {
                 ran_tests = true;
-                v.add(outcome_check("generated_tests", false, &r));
+                v.add(outcome_check(CheckName::GeneratedTests, false, &r));
             }
         }
     }
     if !ran_tests {
         // Nothing to test against: at least it must import cleanly.
         match ctx.sandboxed(Job::new(module.clone(), Check::Import)).await {
-            Ok(r) => v.add(outcome_check("import", true, &r)),
-            Err(e) => v.add(sandbox_failure("import", e)),
+            Ok(r) => v.add(outcome_check(CheckName::Import, true, &r)),
+            Err(e) => v.add(sandbox_failure(CheckName::Import, e)),
         }
         if code.contains(">>>") {
             match ctx.sandboxed(Job::new(module, Check::Doctest)).await {
                 Ok(r) => {
                     ran_tests = r.tests.as_ref().is_some_and(|t| t.total > 0);
-                    v.add(outcome_check("docstring_examples", true, &r));
+                    v.add(outcome_check(CheckName::DocstringExamples, true, &r));
                 }
-                Err(e) => v.add(sandbox_failure("docstring_examples", e)),
+                Err(e) => v.add(sandbox_failure(CheckName::DocstringExamples, e)),
             }
         }
     }
@@ -431,7 +486,7 @@ async fn tests_checks(
     let code = artifact.code.as_deref().unwrap_or("");
     let Ok(module) = Module::new("test_generated", code.as_bytes().to_vec()) else {
         return v.add(CheckResult {
-            name: "tests".into(),
+            name: CheckName::Tests,
             passed: false,
             hard: true,
             detail: "no test code".into(),
@@ -439,15 +494,15 @@ async fn tests_checks(
         });
     };
     match ctx.sandboxed(Job::new(module, Check::Syntax)).await {
-        Ok(r) => v.add(outcome_check("syntax", true, &r)),
-        Err(e) => return v.add(sandbox_failure("syntax", e)),
+        Ok(r) => v.add(outcome_check(CheckName::Syntax, true, &r)),
+        Err(e) => return v.add(sandbox_failure(CheckName::Syntax, e)),
     }
     let n = python::statements(code)
         .iter()
         .filter(|s| matches!(&s.kind, python::StatementKind::Def(n) if n.starts_with("test")))
         .count();
     v.add(CheckResult {
-        name: "test_functions".into(),
+        name: CheckName::TestFunctions,
         passed: n > 0,
         hard: true,
         detail: format!("{n} test functions"),
@@ -460,7 +515,7 @@ async fn tests_checks(
         .as_ref()
         .is_none_or(|e| code.contains(e.as_str()));
     v.add(CheckResult {
-        name: "uses_the_code".into(),
+        name: CheckName::UsesTheCode,
         passed: imports_module && uses_entry,
         hard: true,
         detail: if imports_module && uses_entry {
@@ -622,9 +677,9 @@ mod tests {
         assert!(judge.feedback.contains("cut off"), "{}", judge.feedback);
     }
 
-    fn check(name: &str, passed: bool, hard: bool, tests: Option<(u32, u32)>) -> CheckResult {
+    fn check(name: CheckName, passed: bool, hard: bool, tests: Option<(u32, u32)>) -> CheckResult {
         CheckResult {
-            name: name.into(),
+            name,
             passed,
             hard,
             detail: format!("{name} detail"),
@@ -635,9 +690,9 @@ mod tests {
     #[test]
     fn hard_failures_fail_and_lead_the_feedback() {
         let mut v = Verdict::default();
-        v.add(check("syntax", true, true, None));
-        v.add(check("task_examples", false, true, Some((1, 3))));
-        v.add(check("generated_tests", false, false, Some((0, 2))));
+        v.add(check(CheckName::Syntax, true, true, None));
+        v.add(check(CheckName::TaskExamples, false, true, Some((1, 3))));
+        v.add(check(CheckName::GeneratedTests, false, false, Some((0, 2))));
         v.judge = Some(Judgement {
             pass: true,
             problems: vec![],
@@ -656,10 +711,22 @@ mod tests {
     }
 
     #[test]
+    fn check_names_are_written_as_before() {
+        for (c, n) in [
+            (CheckName::TaskExamples, "task_examples"),
+            (CheckName::UsesTheCode, "uses_the_code"),
+            (CheckName::DocstringExamples, "docstring_examples"),
+        ] {
+            assert_eq!(serde_json::to_value(c).unwrap(), n);
+            assert_eq!(c.name(), n);
+        }
+    }
+
+    #[test]
     fn more_passing_tests_score_higher() {
         let score = |p| {
             let mut v = Verdict::default();
-            v.add(check("task_examples", p == 3, true, Some((p, 3))));
+            v.add(check(CheckName::TaskExamples, p == 3, true, Some((p, 3))));
             v.finish().score
         };
         assert!(score(3) > score(2) && score(2) > score(0));
