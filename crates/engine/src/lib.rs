@@ -13,7 +13,9 @@
 //! - `memory`: large buffers (weights, KV cache) kept out of forked children.
 //! - `registry`: where models come from (path, models/ manifests, Hugging Face cache).
 //! - `sampling`: logits to tokens (greedy, temperature, top-k/p, min-p, repetition penalty).
-//! - `scheduler`: continuous batching of all requests over shared models (`LlmClient`).
+//! - `scheduler`: continuous batching of all requests over shared models (`LlmClient`); per
+//!   model a `ModelScheduler` whose policy is a pure `schedule(&state) -> StepPlan`, apart
+//!   from the forward pass (`ModelRunner`).
 //! - `stop`: stop reasons and stop strings.
 
 pub mod bench;

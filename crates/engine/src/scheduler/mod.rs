@@ -10,14 +10,21 @@
 //! # Layout
 //! - `request`: `GenerateRequest`, `Prompt`, `Priority`, and validation into `ValidRequest`.
 //! - `sequence`: one request in flight: tokens, blocks, sampler, detokenizer, events.
-//! - `model_scheduler`: one model and its requests: admission, step planning, preemption, forward.
+//! - `model_scheduler`: one model's scheduler: a step snapshots its requests and KV cache,
+//!   asks `policy` for a plan, enacts it, runs the forward pass, and applies the outputs.
+//! - `policy`: the pure scheduling policy, `schedule(&SchedState) -> StepPlan`: admission
+//!   (priorities with ageing, prefix reuse, waiting for an in-flight prefix), chunked
+//!   prefill under the token budget, preemption under the KV budget.
+//! - `runner`: `ModelRunner`, the forward pass the scheduler calls.
 //! - `prefix_cache`: the radix tree of cached KV blocks.
 //! - `stats`: the `stats()` snapshot.
 //! - this file: the engine thread and `LlmClient`.
 
 mod model_scheduler;
+mod policy;
 mod prefix_cache;
 mod request;
+mod runner;
 mod sequence;
 mod stats;
 
@@ -27,7 +34,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-pub use model_scheduler::{SlotConfig, AGEING};
+pub use policy::{SlotConfig, AGEING};
 pub use prefix_cache::PrefixCache;
 pub use request::{GenerateRequest, ModelLimits, Priority, Prompt, ValidRequest};
 pub use sequence::{Event, Usage};
@@ -42,7 +49,7 @@ use crate::stop::StopReason;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::DType;
-use model_scheduler::Slot;
+use model_scheduler::ModelScheduler;
 use sequence::Seq;
 
 #[derive(Clone, Debug)]
@@ -235,7 +242,7 @@ impl LlmClient {
                     m.model.config().vocab_size,
                 )),
             });
-            slots.push(Slot::new(m, kv, cfg.slot.clone()));
+            slots.push(ModelScheduler::new(m, kv, cfg.slot.clone()));
         }
         let (tx, rx) = mpsc::channel();
         let received = Arc::new(AtomicUsize::new(0));
@@ -386,7 +393,7 @@ impl LlmClient {
 }
 
 fn engine_loop(
-    mut slots: Vec<Slot>,
+    mut slots: Vec<ModelScheduler>,
     rx: mpsc::Receiver<Command>,
     received: &AtomicUsize,
     waiting: &AtomicUsize,
@@ -430,10 +437,8 @@ fn engine_loop(
             }
         }
         for slot in &mut slots {
-            let _span = tracing::trace_span!("step", model = %slot.model.info.name).entered();
-            if let Err(e) = slot.step() {
-                tracing::error!(error = %e, "scheduler step failed");
-            }
+            let _span = tracing::trace_span!("step", model = %slot.name()).entered();
+            slot.step();
         }
         let never_admitted: usize = slots
             .iter()

@@ -1,46 +1,32 @@
-//! One loaded model and the requests running on it: admission (priority classes with
-//! ageing, prefix reuse, KV budget), step planning (decodes first, prompt chunks fill the
-//! token budget), preemption by recomputation, and the forward pass. Driven by the engine
-//! thread, or synchronously by `generate`.
+//! One model's scheduler: its requests, its KV cache and prefix cache, and its runner. A step
+//! snapshots the state, asks the policy for a `StepPlan` (`policy::schedule`), enacts it
+//! (reap, admit, preempt, evict, reserve blocks), runs the forward pass (`ModelRunner`), then
+//! applies the outputs: KV positions computed, prefixes cached, tokens sampled, events sent,
+//! finished requests retired. Driven by the engine thread.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::policy::{self, Gone, KvState, NoRoom, RunningSeq, SchedState, Scheduled};
+use super::policy::{SlotConfig, StepPlan, WaitingSeq};
 use super::prefix_cache::PrefixCache;
+use super::runner::ModelRunner;
 use super::sequence::Seq;
 use super::stats::SlotStats;
+use crate::error::Internal;
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::model::SeqInput;
 use crate::stop::StopReason;
+use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
-#[derive(Clone, Debug)]
-pub struct SlotConfig {
-    /// Tokens in one forward pass (decode tokens plus prompt chunks).
-    pub step_tokens: usize,
-    /// Sequences running at once.
-    pub max_running: usize,
-    /// Reuse cached KV of shared prompt prefixes.
-    pub prefix_cache: bool,
-}
-
-impl Default for SlotConfig {
-    fn default() -> Self {
-        Self {
-            step_tokens: 512,
-            max_running: 32,
-            prefix_cache: true,
-        }
-    }
-}
-
-/// A waiting request gains one priority class per this much waiting.
-pub const AGEING: Duration = Duration::from_secs(2);
-
-pub(crate) struct Slot {
-    pub model: LoadedModel,
-    pub kv: KvCache,
+pub(crate) struct ModelScheduler {
+    name: String,
+    runner: Box<dyn ModelRunner>,
+    tokenizer: Tokenizer,
+    context_length: usize,
+    kv: KvCache,
     cache: PrefixCache,
     cfg: SlotConfig,
     pub waiting: Vec<Seq>,
@@ -48,18 +34,43 @@ pub(crate) struct Slot {
     pub stats: SlotStats,
 }
 
-impl Slot {
+impl ModelScheduler {
     pub fn new(model: LoadedModel, kv: KvCache, cfg: SlotConfig) -> Self {
-        let cache = PrefixCache::new(kv.block_size());
-        Self {
-            stats: SlotStats::new(&model.info.name, kv.capacity_bytes()),
-            model,
+        let context_length = model.model.config().context_length;
+        Self::with_runner(
+            model.info.name,
+            Box::new(model.model),
+            model.tokenizer,
+            context_length,
             kv,
-            cache,
+            cfg,
+        )
+    }
+
+    pub fn with_runner(
+        name: String,
+        runner: Box<dyn ModelRunner>,
+        tokenizer: Tokenizer,
+        context_length: usize,
+        kv: KvCache,
+        cfg: SlotConfig,
+    ) -> Self {
+        Self {
+            stats: SlotStats::new(&name, kv.capacity_bytes()),
+            cache: PrefixCache::new(kv.block_size()),
+            name,
+            runner,
+            tokenizer,
+            context_length,
+            kv,
             cfg,
             waiting: Vec::new(),
             running: Vec::new(),
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn is_idle(&self) -> bool {
@@ -70,55 +81,171 @@ impl Slot {
         self.waiting.push(seq);
     }
 
-    /// Lower is more urgent: the class rank, less one per `AGEING` waited.
-    fn urgency(seq: &Seq, now: Instant) -> (i64, Instant) {
-        let aged = now.duration_since(seq.req.submitted).as_secs_f64() / AGEING.as_secs_f64();
-        (
-            seq.req.priority.rank() as i64 - aged as i64,
-            seq.req.submitted,
-        )
+    /// One scheduling step: at most one forward pass. Returns false when there was nothing
+    /// to run.
+    pub fn step(&mut self) -> bool {
+        let plan = policy::schedule(&self.state(Instant::now()), &self.cfg);
+        let batch = self.enact(&plan);
+        if self.running.is_empty() {
+            // Reaping may have freed the last running sequence's blocks.
+            self.record_kv();
+            return false;
+        }
+        if batch.is_empty() {
+            return true;
+        }
+        let started = Instant::now();
+        match self.forward(&batch) {
+            Ok(rows) => self.apply(&batch, rows, started.elapsed()),
+            Err(e) => self.fail_batch(&batch, e),
+        }
+        self.record_kv();
+        true
     }
 
-    /// Ends abandoned and overdue requests, freeing their blocks.
-    fn reap(&mut self, now: Instant) {
-        for list in [&mut self.waiting, &mut self.running] {
-            let mut i = 0;
-            while i < list.len() {
-                let s = &mut list[i];
-                if s.is_abandoned() {
-                    self.stats.cancelled += 1;
-                } else if s.past_deadline(now) {
-                    let _ = s.finish(StopReason::Deadline, &self.model.tokenizer);
-                    s.flush_events();
-                } else {
-                    i += 1;
-                    continue;
-                }
-                let mut s = list.swap_remove(i);
-                self.kv.release(&mut s.table);
+    /// The policy's view of this model now. Prefix-cache lookups and the evictable count
+    /// are computed only when the policy can use them: they cost a walk of the cache.
+    fn state(&self, now: Instant) -> SchedState<'_> {
+        let kv = &self.kv;
+        let bs = kv.block_size();
+        let gone = |s: &Seq| {
+            if s.is_abandoned() {
+                Some(Gone::Abandoned)
+            } else if s.past_deadline(now) {
+                Some(Gone::Deadline)
+            } else {
+                None
             }
+        };
+        let running: Vec<RunningSeq> = self
+            .running
+            .iter()
+            .map(|s| {
+                let rc = |want: u32| {
+                    s.table
+                        .blocks()
+                        .iter()
+                        .filter(|&&b| kv.refcount(b) == want)
+                        .count()
+                };
+                RunningSeq {
+                    id: s.id,
+                    priority: s.req.priority,
+                    submitted: s.req.submitted,
+                    tokens: &s.tokens,
+                    computed: s.computed,
+                    blocks: s.table.blocks().len(),
+                    exclusive_blocks: rc(1),
+                    // Only the prefix cache shares a block with one sequence.
+                    cache_shared_blocks: if self.cfg.prefix_cache { rc(2) } else { 0 },
+                    gone: gone(s),
+                }
+            })
+            .collect();
+        let staying = running.iter().filter(|r| r.gone.is_none()).count();
+        let admitting = !self.waiting.is_empty() && staying < self.cfg.max_running;
+        let lookups = admitting && self.cfg.prefix_cache;
+        let waiting = self
+            .waiting
+            .iter()
+            .map(|s| {
+                let cached = if lookups {
+                    self.cache.peek(&s.tokens, (s.tokens.len() - 1) / bs)
+                } else {
+                    Vec::new()
+                };
+                let cached_evictable = cached
+                    .iter()
+                    .copied()
+                    .filter(|&b| kv.refcount(b) == 1)
+                    .collect();
+                WaitingSeq {
+                    id: s.id,
+                    priority: s.req.priority,
+                    submitted: s.req.submitted,
+                    tokens: &s.tokens,
+                    cached,
+                    cached_evictable,
+                    gone: gone(s),
+                }
+            })
+            .collect();
+        // Running sequences grow by at most their remaining prompt: when that fits in the
+        // free blocks and nothing is admitted, the cache is never asked to evict.
+        let growth: usize = running
+            .iter()
+            .map(|r| kv.blocks_for(r.tokens.len()).saturating_sub(r.blocks))
+            .sum();
+        let evictable = if self.cfg.prefix_cache && (admitting || growth > kv.free_blocks()) {
+            self.cache.evictable_blocks(kv)
+        } else {
+            0
+        };
+        SchedState {
+            now,
+            waiting,
+            running,
+            kv: KvState {
+                block_size: bs,
+                num_blocks: kv.num_blocks(),
+                free: kv.free_blocks(),
+                evictable,
+            },
         }
     }
 
-    /// Frees at least `blocks` blocks: first from the prefix cache, then by preempting the
-    /// least urgent running sequence other than `keep`. False when nothing more can go.
-    fn make_room(&mut self, blocks: usize, keep: u64) -> bool {
-        while self.kv.free_blocks() < blocks {
-            if self.cache.evict(&mut self.kv, blocks) > 0 {
-                continue;
+    /// Carries out the plan up to the forward pass; returns the batch to run (the plan's,
+    /// less any sequence whose blocks could not be reserved: it runs at a later step).
+    fn enact(&mut self, plan: &StepPlan) -> Vec<Scheduled> {
+        for &(id, gone) in &plan.reap {
+            let Some(mut s) = self.take(id) else { continue };
+            match gone {
+                Gone::Abandoned => self.stats.cancelled += 1,
+                Gone::Deadline => {
+                    let _ = s.finish(StopReason::Deadline, &self.tokenizer);
+                    s.flush_events();
+                }
             }
-            let now = Instant::now();
-            let victim = self
-                .running
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.id != keep)
-                .max_by_key(|(_, s)| Self::urgency(s, now))
-                .map(|(i, _)| i);
-            let Some(i) = victim else {
-                return false;
+            self.kv.release(&mut s.table);
+        }
+        for &(id, why) in &plan.fail {
+            let Some(mut s) = self.take(id) else { continue };
+            s.fail(Error::OutOfMemory(match why {
+                NoRoom::Prompt { blocks } => format!(
+                    "the prompt needs {blocks} KV blocks; the cache has {} in all",
+                    self.kv.num_blocks()
+                ),
+                NoRoom::Sequence { tokens } => format!(
+                    "a sequence of {tokens} tokens does not fit in the KV cache ({} blocks of {})",
+                    self.kv.num_blocks(),
+                    self.kv.block_size()
+                ),
+            }));
+            self.kv.release(&mut s.table);
+        }
+        let bs = self.kv.block_size();
+        for a in &plan.admit {
+            let Some(p) = self.waiting.iter().position(|s| s.id == a.id) else {
+                continue;
             };
-            let mut s = self.running.swap_remove(i);
+            let mut s = self.waiting.remove(p);
+            if !a.cached.is_empty() {
+                // Marks the prefix used (LRU); nothing was evicted since the plan looked.
+                let touched = self.cache.lookup(&s.tokens, a.cached.len());
+                debug_assert_eq!(touched, a.cached);
+            }
+            s.table = self.kv.adopt(&a.cached);
+            s.computed = a.cached.len() * bs;
+            self.stats.prompt_tokens += s.tokens.len() as u64;
+            self.stats.cached_prompt_tokens += s.computed as u64;
+            s.mark_admitted(s.computed);
+            self.running.push(s);
+        }
+        for &id in &plan.preempt {
+            let Some(p) = self.running.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            let mut s = self.running.swap_remove(p);
             // Recomputed from scratch when readmitted (its prefix may still be cached).
             self.kv.release(&mut s.table);
             s.computed = 0;
@@ -126,176 +253,102 @@ impl Slot {
             self.stats.preemptions += 1;
             self.waiting.push(s);
         }
-        true
-    }
-
-    /// Moves waiting requests into the running set while there is room.
-    fn admit(&mut self) {
-        let bs = self.kv.block_size();
-        let now = Instant::now();
-        self.waiting.sort_by_key(|s| Self::urgency(s, now));
-        let mut i = 0;
-        while i < self.waiting.len() && self.running.len() < self.cfg.max_running {
-            let tokens = &self.waiting[i].tokens;
-            let len = tokens.len();
-            // Leave at least one token to compute: its logits start the answer.
-            let max_blocks = (len - 1) / bs;
-            let cached = if self.cfg.prefix_cache {
-                self.cache.lookup(tokens, max_blocks)
-            } else {
-                Vec::new()
+        if plan.evict > 0 {
+            let target = self.kv.free_blocks() + plan.evict;
+            self.cache.evict(&mut self.kv, target);
+        }
+        let mut batch = Vec::with_capacity(plan.run.len());
+        for r in &plan.run {
+            let Some(s) = self.running.iter_mut().find(|s| s.id == r.id) else {
+                continue;
             };
-            // A running prompt that shares more than the cache holds will soon be cached:
-            // wait for it rather than compute the same prefix twice.
-            let shared_inflight = self
-                .running
-                .iter()
-                .filter(|r| r.computed < r.tokens.len())
-                .map(|r| common_prefix(&r.tokens, tokens) / bs)
-                .max()
-                .unwrap_or(0)
-                .min(max_blocks);
-            if self.cfg.prefix_cache && shared_inflight > cached.len() {
-                i += 1;
+            if let Err(e) = self.kv.reserve(&mut s.table, s.computed + r.tokens) {
+                // The plan counts blocks, not which ones: a rare overcount waits a step.
+                tracing::debug!(id = r.id, error = %e, "planned sequence deferred");
                 continue;
             }
-            let total = self.kv.blocks_for(len + 1);
-            let need = total - cached.len();
-            if self.kv.free_blocks() < need {
-                self.cache.evict(&mut self.kv, need);
-            }
-            if self.kv.free_blocks() < need {
-                if self.running.is_empty() && self.kv.num_blocks() < total {
-                    let s = self.waiting.remove(i);
-                    s.fail(Error::OutOfMemory(format!(
-                        "the prompt needs {total} KV blocks; the cache has {} in all",
-                        self.kv.num_blocks()
-                    )));
-                    continue;
-                }
-                break;
-            }
-            let mut s = self.waiting.remove(i);
-            s.table = self.kv.adopt(&cached);
-            s.computed = cached.len() * bs;
-            self.stats.prompt_tokens += s.tokens.len() as u64;
-            self.stats.cached_prompt_tokens += s.computed as u64;
-            s.mark_admitted(s.computed);
-            self.running.push(s);
+            batch.push(*r);
         }
+        batch
     }
 
-    /// One scheduling step: at most one forward pass. Returns false when there was nothing
-    /// to run.
-    pub fn step(&mut self) -> Result<bool> {
-        let now = Instant::now();
-        self.reap(now);
-        self.admit();
-        if self.running.is_empty() {
-            // Reaping may have freed the last running sequence's blocks.
-            self.record_kv();
-            return Ok(false);
+    /// Removes a sequence, waiting or running.
+    fn take(&mut self, id: u64) -> Option<Seq> {
+        for list in [&mut self.waiting, &mut self.running] {
+            if let Some(p) = list.iter().position(|s| s.id == id) {
+                return Some(list.swap_remove(p));
+            }
         }
-        // Decodes first (most urgent first), then prompt chunks in the remaining budget.
+        None
+    }
+
+    fn position(&self, id: u64) -> usize {
         self.running
-            .sort_by_key(|s| (s.computed < s.tokens.len() - 1, Self::urgency(s, now)));
-        let mut plan: Vec<(u64, usize)> = Vec::new();
-        let mut budget = self.cfg.step_tokens.max(1);
-        let ids: Vec<(u64, usize, usize)> = self
-            .running
             .iter()
-            .map(|s| (s.id, s.computed, s.tokens.len()))
-            .collect();
-        for (id, computed, len) in ids {
-            if budget == 0 {
-                break;
-            }
-            let n = (len - computed).min(budget);
-            let Some(pos) = self.running.iter().position(|s| s.id == id) else {
-                continue; // preempted while making room for an earlier one
-            };
-            let need = self
-                .kv
-                .blocks_for(computed + n)
-                .saturating_sub(self.running[pos].table.blocks().len());
-            if need > 0 && !self.make_room(need, id) {
-                let s = self.running.remove(pos);
-                s.fail(Error::OutOfMemory(format!(
-                    "a sequence of {} tokens does not fit in the KV cache ({} blocks of {})",
-                    computed + n,
-                    self.kv.num_blocks(),
-                    self.kv.block_size()
-                )));
-                continue;
-            }
-            let Some(pos) = self.running.iter().position(|s| s.id == id) else {
-                continue;
-            };
-            let s = &mut self.running[pos];
-            self.kv.reserve(&mut s.table, computed + n)?;
-            plan.push((id, n));
-            budget -= n;
-        }
-        // Preemption may have removed planned sequences after they were planned.
-        plan.retain(|(id, _)| self.running.iter().any(|s| s.id == *id));
-        if plan.is_empty() {
-            return Ok(true);
-        }
-        let positions: Vec<usize> = plan
+            .position(|s| s.id == id)
+            .expect("a batched sequence is running")
+    }
+
+    /// The forward pass over `batch`: one logits row per sequence whose prompt it completes,
+    /// checked before anything is updated.
+    fn forward(&mut self, batch: &[Scheduled]) -> Result<Vec<Vec<f32>>> {
+        let running = &self.running;
+        let inputs: Vec<SeqInput> = batch
             .iter()
-            .map(|(id, _)| {
-                self.running
+            .map(|r| {
+                let s = running
                     .iter()
-                    .position(|s| s.id == *id)
-                    .expect("retained")
-            })
-            .collect();
-        let inputs: Vec<SeqInput> = plan
-            .iter()
-            .zip(&positions)
-            .map(|(&(_, n), &p)| {
-                let s = &self.running[p];
+                    .find(|s| s.id == r.id)
+                    .expect("a batched sequence is running");
                 SeqInput {
-                    tokens: &s.tokens[s.computed..s.computed + n],
+                    tokens: &s.tokens[s.computed..s.computed + r.tokens],
                     start_pos: s.computed,
                     table: &s.table,
-                    logits: s.computed + n == s.tokens.len(),
+                    logits: s.computed + r.tokens == s.tokens.len(),
                 }
             })
             .collect();
-        let started = Instant::now();
-        let result = self
-            .model
-            .model
-            .forward(&inputs, &self.kv)
-            .and_then(|l| Ok(l.to_vec2::<f32>()?));
-        drop(inputs);
-        let rows = match result {
-            Ok(rows) => rows,
-            Err(e) => {
-                // A failed step fails the requests in it, not the engine.
-                let e = std::sync::Arc::new(e);
-                for (id, _) in &plan {
-                    if let Some(p) = self.running.iter().position(|s| s.id == *id) {
-                        let mut s = self.running.swap_remove(p);
-                        s.fail(crate::error::Internal::ForwardPass(e.clone()).into());
-                        self.kv.release(&mut s.table);
-                    }
-                }
-                return Ok(true);
+        let wanted = inputs.iter().filter(|i| i.logits).count();
+        let rows = self.runner.forward(&inputs, &self.kv)?;
+        if rows.len() != wanted {
+            return Err(candle_core::Error::Msg(format!(
+                "the model returned {} logits rows for {wanted} sequences",
+                rows.len()
+            ))
+            .into());
+        }
+        Ok(rows)
+    }
+
+    /// A failed forward pass fails the requests in it, not the engine: each gets the error
+    /// and gives back its blocks; nothing of the step was applied to them.
+    fn fail_batch(&mut self, batch: &[Scheduled], e: Error) {
+        let e = Arc::new(e);
+        for r in batch {
+            if let Some(p) = self.running.iter().position(|s| s.id == r.id) {
+                let mut s = self.running.swap_remove(p);
+                s.fail(Internal::ForwardPass(e.clone()).into());
+                self.kv.release(&mut s.table);
             }
-        };
-        let step_tokens: usize = plan.iter().map(|(_, n)| n).sum();
-        self.stats
-            .record_step(plan.len(), step_tokens, started.elapsed());
-        let mut rows = rows.into_iter();
-        let ctx = self.model.model.config().context_length;
+        }
+    }
+
+    /// Applies a step's outputs: positions computed, whole blocks cached, one token sampled
+    /// per completed prompt or decode, events sent, finished requests retired. A request
+    /// whose sampling fails ends with that error; the others go on.
+    fn apply(&mut self, batch: &[Scheduled], rows: Vec<Vec<f32>>, took: Duration) {
+        let step_tokens: usize = batch.iter().map(|r| r.tokens).sum();
+        self.stats.record_step(batch.len(), step_tokens, took);
         let bs = self.kv.block_size();
+        let mut rows = rows.into_iter();
         let mut logits: Vec<Option<Vec<f32>>> = vec![None; self.running.len()];
-        for (&(_, n), &p) in plan.iter().zip(&positions) {
+        let mut positions = Vec::with_capacity(batch.len());
+        for r in batch {
+            let p = self.position(r.id);
+            positions.push(p);
             let s = &mut self.running[p];
             let before = s.computed / bs;
-            s.computed += n;
+            s.computed += r.tokens;
             let full = s.computed / bs;
             if self.cfg.prefix_cache && full > before {
                 self.cache.insert(
@@ -305,12 +358,12 @@ impl Slot {
                 );
             }
             if s.computed == s.tokens.len() {
-                logits[p] = Some(rows.next().expect("a logits row per completed chunk"));
+                logits[p] = rows.next();
             }
         }
         // Grammar masks, sampling, detokenization and stop strings, one sequence per work
         // item on the thread pool: over a large batch they were a serial tail of every step.
-        let tok = &self.model.tokenizer;
+        let (tok, ctx) = (&self.tokenizer, self.context_length);
         let work: Vec<Mutex<Accept>> = self
             .running
             .iter_mut()
@@ -332,12 +385,25 @@ impl Slot {
                 a.added = a.seq.accept(&mut a.row, tok, ctx);
             }
         });
+        let mut failed = Vec::new();
         for a in work {
             let a = a.into_inner().unwrap_or_else(|e| e.into_inner());
-            self.stats.completion_tokens += a.added? as u64;
+            match a.added {
+                Ok(n) => self.stats.completion_tokens += n as u64,
+                Err(e) => failed.push((a.seq.id, e)),
+            }
         }
         for &p in &positions {
-            self.running[p].flush_events();
+            let s = &mut self.running[p];
+            if !failed.iter().any(|(id, _)| *id == s.id) {
+                s.flush_events();
+            }
+        }
+        for (id, e) in failed {
+            let p = self.position(id);
+            let mut s = self.running.swap_remove(p);
+            s.fail(e);
+            self.kv.release(&mut s.table);
         }
         let mut i = 0;
         while i < self.running.len() {
@@ -349,8 +415,6 @@ impl Slot {
                 i += 1;
             }
         }
-        self.record_kv();
-        Ok(true)
     }
 
     fn record_kv(&mut self) {
@@ -367,6 +431,6 @@ struct Accept<'a> {
     added: Result<usize>,
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
+#[cfg(test)]
+#[path = "model_scheduler_tests.rs"]
+mod tests;

@@ -88,6 +88,21 @@ impl PrefixCache {
         blocks
     }
 
+    /// What `lookup` would return, without touching anything: for planning a step before
+    /// deciding who adopts what.
+    pub fn peek(&self, tokens: &[u32], max_blocks: usize) -> Vec<u32> {
+        let mut node = ROOT;
+        let mut blocks = Vec::new();
+        for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
+            let Some(&child) = self.nodes[node].children.get(chunk) else {
+                break;
+            };
+            blocks.push(self.nodes[child].block);
+            node = child;
+        }
+        blocks
+    }
+
     /// Records that `blocks[i]` holds the KV of `tokens[i*bs..(i+1)*bs]` (only whole blocks:
     /// `blocks.len() <= tokens.len() / bs`; extra blocks are ignored). Each block newly added
     /// to the tree gets a reference (`kv.retain_block`). Where the tree already has a node for
@@ -284,6 +299,8 @@ mod tests {
         assert_eq!(pc.lookup(&tokens, usize::MAX), table.blocks()[..2]);
         assert_eq!(pc.lookup(&seq(0, 7), usize::MAX), table.blocks()[..1]);
         assert_eq!(pc.lookup(&tokens, 1), table.blocks()[..1]);
+        assert_eq!(pc.peek(&tokens, usize::MAX), table.blocks()[..2]);
+        assert_eq!(pc.peek(&seq(0, 7), 1), table.blocks()[..1]);
         assert!(pc.lookup(&seq(1, 10), usize::MAX).is_empty());
         let diverging = [seq(0, 5), vec![99, 6, 7]].concat();
         assert_eq!(pc.lookup(&diverging, usize::MAX), table.blocks()[..1]);
