@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::job::JobContext;
-use crate::planning::Dag;
+use crate::planning::{Dag, TaskSpec};
 use crate::retry::SubtaskResult;
 use crate::stage::Stage;
 use crate::trace::EventStatus;
@@ -20,7 +20,7 @@ pub struct CollectedOutput {
     pub depends_on: Vec<String>,
     /// Where it goes: a file of the result, or `report` for prose that only the report shows.
     pub target: String,
-    /// Subtasks whose tests cover this output.
+    /// Tests subtasks whose tests were run against this output (`covering_tests`).
     pub covered_by: Vec<String>,
     pub passed: bool,
     pub artifact: Artifact,
@@ -49,14 +49,27 @@ pub fn target_of(kind: WorkerKind, module: &str) -> String {
     }
 }
 
+/// Of a subtask's finished dependencies, the tests subtasks whose tests its validation runs:
+/// those that passed, when it is the primary code (generated tests run against it alone).
+/// The dispatcher hands these to the validators, and the collector reports them as
+/// `covered_by`, so the two cannot disagree.
+pub fn covering_tests<'a>(
+    spec: &TaskSpec,
+    deps: impl IntoIterator<Item = &'a SubtaskResult>,
+) -> Vec<&'a SubtaskResult> {
+    if !(spec.primary && spec.kind == WorkerKind::Code) {
+        return Vec::new();
+    }
+    deps.into_iter()
+        .filter(|d| spec.depends_on.contains(&d.spec.id))
+        .filter(|d| d.spec.kind == WorkerKind::Tests && d.passed)
+        .filter(|d| d.artifact.as_ref().is_some_and(|a| a.code.is_some()))
+        .collect()
+}
+
 pub fn collect(ctx: &JobContext, dag: &Dag, results: &[SubtaskResult]) -> Collected {
     let started = ctx.rec.elapsed_ms();
     let module = ctx.module_name();
-    let tests: Vec<String> = results
-        .iter()
-        .filter(|r| r.spec.kind == WorkerKind::Tests && r.artifact.is_some())
-        .map(|r| r.spec.id.clone())
-        .collect();
     let mut c = Collected::default();
     for r in results {
         let Some(a) = &r.artifact else {
@@ -70,11 +83,10 @@ pub fn collect(ctx: &JobContext, dag: &Dag, results: &[SubtaskResult]) -> Collec
             primary: spec.primary,
             depends_on: spec.depends_on.clone(),
             target: target_of(spec.kind, &module),
-            covered_by: if spec.kind == WorkerKind::Code {
-                tests.clone()
-            } else {
-                Vec::new()
-            },
+            covered_by: covering_tests(spec, results)
+                .into_iter()
+                .map(|t| t.spec.id.clone())
+                .collect(),
             passed: r.passed,
             artifact: a.clone(),
         });
@@ -103,4 +115,58 @@ pub fn collect(ctx: &JobContext, dag: &Dag, results: &[SubtaskResult]) -> Collec
         ),
     );
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(id: &str, kind: WorkerKind, deps: &[&str], passed: bool) -> SubtaskResult {
+        SubtaskResult {
+            spec: TaskSpec {
+                id: id.into(),
+                kind,
+                description: String::new(),
+                depends_on: deps.iter().map(|d| d.to_string()).collect(),
+                acceptance: vec![],
+                primary: false,
+                critical: false,
+            },
+            artifact: Some(Artifact {
+                subtask: id.into(),
+                kind,
+                attempt: 0,
+                candidate: 0,
+                text: String::new(),
+                code: Some("x = 1\n".into()),
+                files: vec![],
+            }),
+            verdict: None,
+            attempts: vec![],
+            passed,
+            stopped: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_output_is_covered_only_by_the_tests_run_against_it() {
+        let results = vec![
+            result("t_used", WorkerKind::Tests, &[], true),
+            result("t_other", WorkerKind::Tests, &[], true),
+            result("t_failed", WorkerKind::Tests, &[], false),
+            result(
+                "main",
+                WorkerKind::Code,
+                &["t_used", "t_failed", "helper"],
+                true,
+            ),
+            result("helper", WorkerKind::Code, &["t_other"], true),
+        ];
+        let mut main = results[3].spec.clone();
+        main.primary = true;
+        let ids = |v: Vec<&SubtaskResult>| v.iter().map(|r| r.spec.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(covering_tests(&main, &results)), ["t_used"]);
+        // Generated tests run against the primary code only.
+        assert!(covering_tests(&results[4].spec, &results).is_empty());
+    }
 }

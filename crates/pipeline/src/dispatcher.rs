@@ -3,12 +3,13 @@
 //! Each subtask gets its dependencies' outputs as context; models are balanced per call
 //! (see `JobContext::llm`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde_json::json;
 use tokio::task::JoinSet;
 
+use crate::collector::covering_tests;
 use crate::job::JobContext;
 use crate::planning::{Dag, TaskSpec};
 use crate::retry::{self, SubtaskResult};
@@ -16,16 +17,24 @@ use crate::router::Route;
 use crate::stage::Stage;
 use crate::trace::EventStatus;
 use crate::validators::Evidence;
-use crate::workers::{WorkerKind, WorkerManager};
+use crate::workers::{KindStats, WorkerStats};
 
-/// Runs every subtask of the DAG; returns their results in DAG order.
+/// What the dispatcher hands on.
+pub struct Dispatched {
+    /// Every subtask's result, in DAG order.
+    pub results: Vec<SubtaskResult>,
+    /// The workers' figures by kind name.
+    pub workers: BTreeMap<String, KindStats>,
+}
+
+/// Runs every subtask of the DAG.
 pub async fn dispatch(
     ctx: &JobContext,
-    manager: Arc<WorkerManager>,
     route: &Route,
     dag: &Dag,
     evidence: &Evidence,
-) -> Vec<SubtaskResult> {
+) -> Dispatched {
+    let workers = Arc::new(WorkerStats::default());
     let started = ctx.rec.elapsed_ms();
     let limit = ctx.config.limits.max_concurrent_workers;
     let mut pending: Vec<TaskSpec> = dag.specs.clone();
@@ -49,9 +58,8 @@ pub async fn dispatch(
                 .filter_map(|d| done.get(d).cloned())
                 .collect();
             let mut ev = evidence.clone();
-            ev.generated = deps
-                .iter()
-                .filter(|d| d.spec.kind == WorkerKind::Tests && d.passed)
+            ev.generated = covering_tests(&spec, &deps)
+                .into_iter()
                 .filter_map(|d| d.artifact.as_ref()?.code.clone())
                 .collect();
             ctx.rec.event(
@@ -67,7 +75,7 @@ pub async fn dispatch(
                 ),
             );
             order.push(spec.id.clone());
-            let (ctx2, m2, r2, s2) = (ctx.clone(), manager.clone(), route.clone(), spec.clone());
+            let (ctx2, m2, r2, s2) = (ctx.clone(), workers.clone(), route.clone(), spec.clone());
             let handle = running.spawn(async move {
                 retry::run_subtask(&ctx2, &m2, &r2, &s2, &deps, Arc::new(ev)).await
             });
@@ -99,10 +107,14 @@ pub async fn dispatch(
         started,
         json!({"tasks": dag.specs.iter().map(|s| &s.id).collect::<Vec<_>>(), "max_concurrent": limit}),
         json!({"dispatch_order": order, "max_running": max_running,
-               "workers": manager.snapshot()}),
+               "workers": workers.snapshot()}),
     );
-    dag.specs
-        .iter()
-        .filter_map(|s| done.remove(&s.id))
-        .collect()
+    Dispatched {
+        results: dag
+            .specs
+            .iter()
+            .filter_map(|s| done.remove(&s.id))
+            .collect(),
+        workers: workers.snapshot(),
+    }
 }

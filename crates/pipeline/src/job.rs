@@ -33,7 +33,7 @@ use crate::task::TaskRequest;
 use crate::trace::{EventStatus, JobEvent, LlmCallRecord, Recorder, TraceData};
 use crate::validation::{QueueStats, ValidationQueue};
 use crate::validators::{Evidence, Verdict};
-use crate::workers::{KindStats, WorkerManager};
+use crate::workers::KindStats;
 use crate::{Error, Result};
 
 /// The name of the module a job writes (`solution.py`).
@@ -459,8 +459,8 @@ impl Pipeline {
             supplied: task.tests.clone(),
             generated: Vec::new(),
         };
-        let manager = Arc::new(WorkerManager::new(ctx));
-        let results = dispatcher::dispatch(ctx, manager.clone(), &route, &dag, &evidence).await;
+        let dispatcher::Dispatched { results, workers } =
+            dispatcher::dispatch(ctx, &route, &dag, &evidence).await;
         let collected = collector::collect(ctx, &dag, &results);
         let synthesis = crate::synthesizer::synthesize(ctx, &route, &collected).await?;
         let (synthesis, verdict) =
@@ -510,7 +510,7 @@ impl Pipeline {
             plan,
             dag,
             subtasks: results,
-            workers: manager.snapshot(),
+            workers,
             validation_queue: self.shared.queue.stats(),
             synthesis,
             final_verdict: verdict,

@@ -18,7 +18,8 @@
 //! - `orchestrator`: stage 2, the plan as schema-constrained JSON, with a fallback.
 //! - `planning`: stage 3, the plan as a repaired DAG of task specs.
 //! - `dispatcher`: stage 4, ready subtasks run concurrently.
-//! - `workers`: stages 5 and 6, the worker manager and the workers.
+//! - `workers`: stage 6, the workers; stage 5 (the worker manager) is only their per-kind
+//!   figures, kept by the dispatcher for the trace.
 //! - `validation`: stage 7, the priority queue of outputs to check.
 //! - `validators`: stage 8, sandboxed checks, then the LLM validator.
 //! - `retry`: stage 9, attempts with refined instructions; the best is kept.

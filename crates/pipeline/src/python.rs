@@ -531,7 +531,6 @@ mod tests {
         use super::super::*;
         use proptest::prelude::*;
 
-
         /// Python-shaped text: the delimiters the scanner tracks, keywords it classifies,
         /// and arbitrary Unicode (multi-byte characters next to quotes and backslashes).
         fn pythonish() -> impl Strategy<Value = String> {

@@ -17,7 +17,7 @@ use crate::stage::Stage;
 use crate::trace::EventStatus;
 use crate::validation::ValidationPriority;
 use crate::validators::{self, Evidence, Verdict};
-use crate::workers::{Artifact, Assignment, WorkerManager};
+use crate::workers::{self, Artifact, Assignment, WorkerStats};
 
 /// What a retry is told.
 #[derive(Clone, Debug, Serialize)]
@@ -86,7 +86,7 @@ impl RetryPolicy {
 /// Runs one subtask to its best output.
 pub async fn run_subtask(
     ctx: &JobContext,
-    manager: &WorkerManager,
+    stats: &WorkerStats,
     route: &Route,
     spec: &TaskSpec,
     deps: &[SubtaskResult],
@@ -121,7 +121,7 @@ pub async fn run_subtask(
             feedback: feedback.as_ref(),
             attempt,
         };
-        let produce = manager.produce(ctx, assignment, &cand_tx);
+        let produce = stats.attempt(spec.kind, workers::produce(ctx, assignment, &cand_tx));
         let mut produce = Box::pin(produce);
         let (vtx, mut vrx) = unbounded_channel();
         let priority = ValidationPriority {
@@ -269,7 +269,7 @@ pub async fn run_subtask(
         attempt += 1;
     }
     let passed = best.as_ref().is_some_and(|(_, v)| v.passed);
-    manager.finished(spec.kind, passed);
+    stats.finished(spec.kind, passed);
     ctx.rec.stage(
         Stage::Retry,
         id,

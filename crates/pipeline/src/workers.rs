@@ -1,12 +1,12 @@
-//! Stages 5 and 6: the worker manager (a registry of worker kinds with their model, prompt
-//! and sampling, and per-kind figures: in flight, successes, failures, latency) and the
-//! workers themselves: code, tests, reasoning, research (the task, the user's files and
+//! Stage 6, the workers: code, tests, reasoning, research (the task, the user's files and
 //! the installed Python's own documentation, read with pydoc in the sandbox), docs and
-//! data analysis.
+//! data analysis; and stage 5's per-kind figures (`WorkerStats`: in flight, successes,
+//! failures, latency), which the dispatcher keeps for the trace.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
+use std::future::Future;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Semaphore;
@@ -15,7 +15,6 @@ use forgeline_sandbox::{Check, Job, Module};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::config::StageSettings;
 use crate::job::{JobContext, LlmCall};
 use crate::planning::TaskSpec;
 use crate::python;
@@ -114,14 +113,6 @@ pub struct Assignment<'a> {
     pub attempt: usize,
 }
 
-/// A worker kind's entry in the registry.
-#[derive(Clone, Debug, Serialize)]
-pub struct WorkerProfile {
-    pub kind: WorkerKind,
-    pub stage: LlmStage,
-    pub settings: StageSettings,
-}
-
 /// Figures of one worker kind.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct KindStats {
@@ -134,80 +125,31 @@ pub struct KindStats {
     pub mean_ms: u64,
 }
 
-/// The registry of worker kinds and their figures for one job.
-pub struct WorkerManager {
-    profiles: BTreeMap<WorkerKind, WorkerProfile>,
-    stats: Mutex<BTreeMap<WorkerKind, KindStats>>,
-}
+/// Per-kind figures of one job's workers, for the dispatcher's trace (`workers` in the job
+/// trace). This is all that is left of the design's worker manager: a kind's model, prompt
+/// and sampling are its `LlmStage`'s, and calls are balanced over a stage's models per call
+/// by `JobContext::llm`, so a registry of them could not change a result.
+#[derive(Default)]
+pub struct WorkerStats(Mutex<BTreeMap<WorkerKind, KindStats>>);
 
-impl WorkerManager {
-    pub fn new(ctx: &JobContext) -> Self {
-        let profiles = WorkerKind::ALL
-            .into_iter()
-            .map(|k| {
-                (
-                    k,
-                    WorkerProfile {
-                        kind: k,
-                        stage: LlmStage::Worker(k),
-                        settings: ctx.config.stage(LlmStage::Worker(k)),
-                    },
-                )
-            })
-            .collect();
-        Self {
-            profiles,
-            stats: Mutex::default(),
-        }
-    }
-
-    pub fn profile(&self, kind: WorkerKind) -> &WorkerProfile {
-        &self.profiles[&kind]
-    }
-
-    /// Runs a worker for one attempt. Each candidate is sent to `out` as soon as it is
-    /// written, so that its validation starts while the others are still being written;
-    /// returns how many were sent. Dropping the future cancels the candidates not written.
-    pub async fn produce(
-        &self,
-        ctx: &JobContext,
-        a: Assignment<'_>,
-        out: &UnboundedSender<Artifact>,
-    ) -> Result<usize> {
-        let spec = a.spec;
-        self.update(spec.kind, |s| {
+impl WorkerStats {
+    /// Runs `produce` for one attempt of a `kind` worker, counting it.
+    pub async fn attempt<T>(&self, kind: WorkerKind, produce: impl Future<Output = T>) -> T {
+        self.update(kind, |s| {
             s.in_flight += 1;
             s.max_in_flight = s.max_in_flight.max(s.in_flight);
             s.calls += 1;
         });
         let started = Instant::now();
-        let input = WorkerInput {
-            ctx,
-            route: a.route,
-            spec,
-            deps: a.deps,
-            feedback: a.feedback,
-            attempt: a.attempt,
-            profile: self.profile(spec.kind),
-        };
-        let one = |r: Result<Artifact>| {
-            r.map(|a| {
-                let _ = out.send(a);
-                1
-            })
-        };
-        let out = match spec.kind {
-            WorkerKind::Code | WorkerKind::DataAnalysis => input.code(out).await,
-            WorkerKind::Tests => one(input.tests().await),
-            WorkerKind::Research => one(input.research().await),
-            WorkerKind::Reasoning | WorkerKind::Docs => one(input.prose(None).await),
-        };
-        let ms = started.elapsed().as_millis() as u64;
-        self.update(spec.kind, |s| {
-            s.in_flight -= 1;
-            s.total_ms += ms;
+        // Counted out also when the attempt is dropped (its job cancelled).
+        let _done = scopeguard(|| {
+            let ms = started.elapsed().as_millis() as u64;
+            self.update(kind, |s| {
+                s.in_flight -= 1;
+                s.total_ms += ms;
+            });
         });
-        out
+        produce.await
     }
 
     /// Counts a subtask's end.
@@ -222,14 +164,14 @@ impl WorkerManager {
     }
 
     fn update(&self, kind: WorkerKind, f: impl FnOnce(&mut KindStats)) {
-        if let Ok(mut m) = self.stats.lock() {
+        if let Ok(mut m) = self.0.lock() {
             f(m.entry(kind).or_default());
         }
     }
 
-    /// The figures by kind name, for the trace.
+    /// The figures by kind name.
     pub fn snapshot(&self) -> BTreeMap<String, KindStats> {
-        self.stats
+        self.0
             .lock()
             .map(|m| {
                 m.iter()
@@ -244,6 +186,51 @@ impl WorkerManager {
     }
 }
 
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f()
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// Runs a worker for one attempt. Each candidate is sent to `out` as soon as it is
+/// written, so that its validation starts while the others are still being written;
+/// returns how many were sent. Dropping the future cancels the candidates not written.
+pub async fn produce(
+    ctx: &JobContext,
+    a: Assignment<'_>,
+    out: &UnboundedSender<Artifact>,
+) -> Result<usize> {
+    let spec = a.spec;
+    let input = WorkerInput {
+        ctx,
+        route: a.route,
+        spec,
+        deps: a.deps,
+        feedback: a.feedback,
+        attempt: a.attempt,
+        stage: LlmStage::Worker(spec.kind),
+    };
+    let one = |r: Result<Artifact>| {
+        r.map(|a| {
+            let _ = out.send(a);
+            1
+        })
+    };
+    match spec.kind {
+        WorkerKind::Code | WorkerKind::DataAnalysis => input.code(out).await,
+        WorkerKind::Tests => one(input.tests().await),
+        WorkerKind::Research => one(input.research().await),
+        WorkerKind::Reasoning | WorkerKind::Docs => one(input.prose(None).await),
+    }
+}
+
 struct WorkerInput<'a> {
     ctx: &'a JobContext,
     route: &'a Route,
@@ -251,7 +238,8 @@ struct WorkerInput<'a> {
     deps: &'a [SubtaskResult],
     feedback: Option<&'a Feedback>,
     attempt: usize,
-    profile: &'a WorkerProfile,
+    /// Its model, prompt and sampling.
+    stage: LlmStage,
 }
 
 impl WorkerInput<'_> {
@@ -356,9 +344,7 @@ impl WorkerInput<'_> {
                 if self.attempt > 0 && framing == "spec" {
                     extra["feedback"] = serde_json::Value::Null;
                 }
-                self.ctx
-                    .prompts
-                    .render(self.profile.stage, self.context(extra))
+                self.ctx.prompts.render(self.stage, self.context(extra))
             })
             .collect::<Result<Vec<_>>>()?;
         let seen = Mutex::new(HashSet::new());
@@ -368,7 +354,7 @@ impl WorkerInput<'_> {
             let prompt = prompts[i % prompts.len()].clone();
             // The first candidate of each framing is greedy, the others sampled.
             let greedy = self.attempt == 0 && i < prompts.len();
-            let mut call = LlmCall::new(self.profile.stage, prompt)
+            let mut call = LlmCall::new(self.stage, prompt)
                 .subtask(&self.spec.id)
                 .seed((self.attempt * 1000 + i) as u64)
                 .stop("```");
@@ -421,9 +407,9 @@ impl WorkerInput<'_> {
         let prompt = self
             .ctx
             .prompts
-            .render(self.profile.stage, self.context(json!({})))?;
+            .render(self.stage, self.context(json!({})))?;
         let prefix = prompt.assistant.clone();
-        let call = LlmCall::new(self.profile.stage, prompt)
+        let call = LlmCall::new(self.stage, prompt)
             .subtask(&self.spec.id)
             .stop("```");
         let c = self.ctx.llm(call).await?;
@@ -436,8 +422,8 @@ impl WorkerInput<'_> {
         let prompt = self
             .ctx
             .prompts
-            .render(self.profile.stage, self.context(json!({"pydoc": docs})))?;
-        let call = LlmCall::new(self.profile.stage, prompt)
+            .render(self.stage, self.context(json!({"pydoc": docs})))?;
+        let call = LlmCall::new(self.stage, prompt)
             .subtask(&self.spec.id)
             .seed(self.attempt as u64);
         let c = self.ctx.llm(call).await?;
