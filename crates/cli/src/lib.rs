@@ -146,7 +146,8 @@ fn engine_exit_code(e: &forgeline_engine::Error) -> u8 {
         | E::BadModel { .. }
         | E::Io { .. }
         | E::Tokenizer(_)
-        | E::Template(_) => 2,
+        | E::Template(_)
+        | E::TemplateOverLimit { .. } => 2,
         // Load, time, and our own failures.
         E::Overloaded { .. }
         | E::OutOfMemory(_)
@@ -289,4 +290,76 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forgeline_engine::error::{ConfigError, Internal, Validation};
+    use forgeline_engine::Error as E;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn code(e: E) -> u8 {
+        exit_code_of(&anyhow::Error::new(e))
+    }
+
+    #[test]
+    fn the_users_mistakes_are_exit_2() {
+        let input: Vec<E> = vec![
+            Validation::MaxTokensZero.into(),
+            Validation::UnknownModel {
+                name: "x".into(),
+                loaded: vec![],
+            }
+            .into(),
+            ConfigError::UnknownDevice("tpu".into()).into(),
+            ConfigError::NotBuiltWith("cuda").into(),
+            E::ModelNotFound {
+                name: "x".into(),
+                searched: "models/".into(),
+            },
+            E::bad_model("/m.gguf", "truncated"),
+            E::io("/m.gguf", std::io::Error::other("denied")),
+            E::Tokenizer("encode".into()),
+            E::Template("syntax".into()),
+        ];
+        for e in input {
+            let text = e.to_string();
+            assert_eq!(code(e), 2, "{text}");
+        }
+    }
+
+    #[test]
+    fn load_time_and_our_failures_are_exit_3() {
+        let runtime: Vec<E> = vec![
+            E::Overloaded {
+                waiting: 3,
+                limit: 2,
+            },
+            E::OutOfMemory("blocks".into()),
+            E::Cancelled,
+            E::DeadlineExceeded {
+                after: Duration::from_secs(1),
+            },
+            // A forward pass that failed is ours even when its cause reads like bad input.
+            Internal::ForwardPass(Arc::new(E::bad_model("/m.gguf", "x"))).into(),
+            Internal::EngineThreadStopped.into(),
+            Internal::LockPoisoned.into(),
+        ];
+        for e in runtime {
+            let text = e.to_string();
+            assert_eq!(code(e), 3, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_code_is_found_through_context_and_the_pipeline() {
+        let e = anyhow::Error::new(E::from(Validation::TopP(2.0))).context("generating");
+        assert_eq!(exit_code_of(&e), 2);
+        let e = forgeline_pipeline::Error::Engine(Internal::StreamEnded.into());
+        assert_eq!(exit_code_of(&anyhow::Error::new(e)), 3);
+        let e = forgeline_pipeline::Error::Engine(Validation::EmptyPrompt.into());
+        assert_eq!(exit_code_of(&anyhow::Error::new(e)), 2);
+    }
 }

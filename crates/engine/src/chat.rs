@@ -17,7 +17,7 @@ use minijinja::value::{Kwargs, Rest, StringInput};
 use minijinja::{context, Environment, ErrorKind, State, Value};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TemplateLimit};
 use crate::model::files;
 use crate::tokenizer::Tokenizer;
 
@@ -139,6 +139,13 @@ impl ChatTemplate {
         Ok(t)
     }
 
+    fn over(&self, limit: TemplateLimit) -> Error {
+        Error::TemplateOverLimit {
+            origin: self.origin.clone(),
+            limit,
+        }
+    }
+
     fn err(&self, msg: String) -> Error {
         if self.origin.is_empty() {
             Error::Template(msg)
@@ -232,7 +239,7 @@ impl ChatTemplate {
     /// roles, say) are only logged: real requests may well satisfy the template.
     pub fn probe(&self) -> Result<()> {
         match self.render(&[ChatMessage::user("Hello")], true) {
-            Err(e) if e.to_string().contains(LIMIT_MARK) => Err(e),
+            Err(e @ Error::TemplateOverLimit { .. }) => Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, "the chat template fails on a one-message chat");
                 Ok(())
@@ -265,10 +272,9 @@ impl ChatTemplate {
         }
         match rx.recv_timeout(RENDER_DEADLINE) {
             Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => Err(self.err(format!(
-                "render: {LIMIT_MARK}: took longer than {} s and was abandoned",
-                RENDER_DEADLINE.as_secs()
-            ))),
+            Err(RecvTimeoutError::Timeout) => Err(self.over(TemplateLimit::Time {
+                secs: RENDER_DEADLINE.as_secs(),
+            })),
             Err(RecvTimeoutError::Disconnected) => {
                 Err(self.err("render: the template engine failed".into()))
             }
@@ -293,20 +299,17 @@ impl ChatTemplate {
         match res {
             Ok(Ok(())) => String::from_utf8(out.buf)
                 .map_err(|_| self.err("render: the output is not UTF-8".into())),
-            Ok(Err(_)) if out.overflow => Err(self.err(format!(
-                "render: {LIMIT_MARK}: the output exceeds {MAX_OUTPUT} bytes"
-            ))),
-            Ok(Err(e)) if e.kind() == ErrorKind::OutOfFuel => Err(self.err(format!(
-                "render: {LIMIT_MARK}: ran out of fuel after {FUEL} steps (a loop that does not end?)"
-            ))),
+            Ok(Err(_)) if out.overflow => {
+                Err(self.over(TemplateLimit::Output { bytes: MAX_OUTPUT }))
+            }
+            Ok(Err(e)) if e.kind() == ErrorKind::OutOfFuel => {
+                Err(self.over(TemplateLimit::Fuel { steps: FUEL }))
+            }
             Ok(Err(e)) => Err(self.err(format!("render: {e:#}"))),
             Err(_) => Err(self.err("render: the template engine panicked".into())),
         }
     }
 }
-
-/// Marks the errors of a template that exceeds a resource limit.
-const LIMIT_MARK: &str = "over its limits";
 
 /// Collects output up to `MAX_OUTPUT` bytes; a write past it fails the render.
 #[derive(Default)]
@@ -721,6 +724,27 @@ mod tests {
         assert!(err.contains("no bangs: user"), "{err}");
         let err = ChatTemplate::new("{% for %}".into(), None, None).unwrap_err();
         assert!(matches!(err, Error::Template(_)), "{err}");
+    }
+
+    #[test]
+    fn probe_fails_a_template_over_its_limits_and_lets_a_picky_one_load() {
+        let endless =
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(endless.into(), None, None).unwrap();
+        let err = t.probe().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::TemplateOverLimit {
+                    limit: TemplateLimit::Fuel { steps: FUEL },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("over its limits: ran out of fuel"));
+        let picky = ChatTemplate::new("{{ raise_exception('no') }}".into(), None, None).unwrap();
+        assert!(picky.probe().is_ok());
     }
 
     #[test]

@@ -30,6 +30,13 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    /// A chat template that ran past a resource limit while rendering: broken, not merely
+    /// unhappy with one conversation. `origin` names the template (may be empty).
+    #[error("chat template: {}render: over its limits: {limit}", prefix(origin))]
+    TemplateOverLimit {
+        origin: String,
+        limit: TemplateLimit,
+    },
     /// The caller's request cannot run as written.
     #[error(transparent)]
     Validation(#[from] Validation),
@@ -52,6 +59,25 @@ pub enum Error {
     Internal(#[from] Internal),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// The resource limit a chat template ran past.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateLimit {
+    #[error("took longer than {secs} s and was abandoned")]
+    Time { secs: u64 },
+    #[error("the output exceeds {bytes} bytes")]
+    Output { bytes: usize },
+    #[error("ran out of fuel after {steps} steps (a loop that does not end?)")]
+    Fuel { steps: u64 },
+}
+
+fn prefix(origin: &str) -> String {
+    if origin.is_empty() {
+        String::new()
+    } else {
+        format!("{origin}: ")
+    }
 }
 
 /// A request the engine refuses, one variant per field at fault. Messages name the field in

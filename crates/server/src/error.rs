@@ -157,8 +157,8 @@ impl ApiError {
                     _ => err,
                 }
             }
-            EngineError::Template(m) => {
-                Self::invalid(format!("chat template: {m}")).with_param(prompt_param)
+            EngineError::Template(_) | EngineError::TemplateOverLimit { .. } => {
+                Self::invalid(e.to_string()).with_param(prompt_param)
             }
             EngineError::Tokenizer(m) => Self::invalid(format!("tokenizer: {m}")),
             EngineError::Overloaded { waiting, limit } => Self::overloaded(format!(
