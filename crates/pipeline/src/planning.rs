@@ -57,9 +57,33 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
-/// Builds the DAG from a plan.
+/// Builds the DAG from a plan: each step repairs one kind of problem and records why.
 pub fn build_dag(plan: &Plan, route: &Route, max_subtasks: usize) -> Dag {
     let mut repairs = Vec::new();
+    let (mut specs, renamed) = specs_of(plan, max_subtasks, &mut repairs);
+    keep_known_dependencies(&mut specs, &renamed, &mut repairs);
+    let main = main_kind(route.kind);
+    // One function to write means one code subtask.
+    if matches!(
+        route.kind,
+        RouteKind::NewFunction | RouteKind::FixOrRefactor
+    ) {
+        fold_into_first(&mut specs, main, &mut repairs);
+    }
+    write_tests_from_the_task(&mut specs, &mut repairs);
+    ensure_main_subtask(&mut specs, main, max_subtasks, &mut repairs);
+    let mut specs = topological(specs, &mut repairs);
+    mark_primary_and_critical(&mut specs, main);
+    Dag { specs, repairs }
+}
+
+/// The plan's subtasks as specs, at most `max_subtasks`: known kinds, valid and unique ids.
+/// Returns the specs and the new id of each subtask whose id changed.
+fn specs_of(
+    plan: &Plan,
+    max_subtasks: usize,
+    repairs: &mut Vec<String>,
+) -> (Vec<TaskSpec>, HashMap<String, String>) {
     let mut specs: Vec<TaskSpec> = Vec::new();
     let mut renamed: HashMap<String, String> = HashMap::new();
     for (i, s) in plan.subtasks.iter().enumerate() {
@@ -116,7 +140,15 @@ pub fn build_dag(plan: &Plan, route: &Route, max_subtasks: usize) -> Dag {
         });
     }
 
-    // Dependencies must name another kept subtask.
+    (specs, renamed)
+}
+
+/// Dependencies must name another kept subtask.
+fn keep_known_dependencies(
+    specs: &mut [TaskSpec],
+    renamed: &HashMap<String, String>,
+    repairs: &mut Vec<String>,
+) {
     let ids: HashSet<String> = specs.iter().map(|s| s.id.clone()).collect();
     for s in specs.iter_mut() {
         let mut kept = Vec::new();
@@ -132,46 +164,43 @@ pub fn build_dag(plan: &Plan, route: &Route, max_subtasks: usize) -> Dag {
         }
         s.depends_on = kept;
     }
+}
 
-    // One function to write means one code subtask: fold the others into the first.
-    let single_result = matches!(
-        route.kind,
-        RouteKind::NewFunction | RouteKind::FixOrRefactor
-    );
-    let main = main_kind(route.kind);
-    if single_result {
-        let code: Vec<usize> = (0..specs.len())
-            .filter(|&i| specs[i].kind == main)
-            .collect();
-        if code.len() > 1 {
-            let first = specs[code[0]].id.clone();
-            let folded: Vec<TaskSpec> = code[1..].iter().map(|&i| specs[i].clone()).collect();
-            for f in &folded {
-                repairs.push(format!(
-                    "`{}` folded into `{first}`: the task asks for one result",
-                    f.id
-                ));
-                let extra = f.description.clone();
-                let s = &mut specs[code[0]];
-                s.description = format!("{} {}", s.description, extra);
-                s.acceptance.extend(f.acceptance.iter().cloned());
-            }
-            let gone: HashSet<String> = folded.iter().map(|f| f.id.clone()).collect();
-            specs.retain(|s| !gone.contains(&s.id));
-            for s in specs.iter_mut() {
-                for d in s.depends_on.iter_mut() {
-                    if gone.contains(d) {
-                        *d = first.clone();
-                    }
+/// Folds every `main` subtask after the first into the first.
+fn fold_into_first(specs: &mut Vec<TaskSpec>, main: WorkerKind, repairs: &mut Vec<String>) {
+    let code: Vec<usize> = (0..specs.len())
+        .filter(|&i| specs[i].kind == main)
+        .collect();
+    if code.len() > 1 {
+        let first = specs[code[0]].id.clone();
+        let folded: Vec<TaskSpec> = code[1..].iter().map(|&i| specs[i].clone()).collect();
+        for f in &folded {
+            repairs.push(format!(
+                "`{}` folded into `{first}`: the task asks for one result",
+                f.id
+            ));
+            let extra = f.description.clone();
+            let s = &mut specs[code[0]];
+            s.description = format!("{} {}", s.description, extra);
+            s.acceptance.extend(f.acceptance.iter().cloned());
+        }
+        let gone: HashSet<String> = folded.iter().map(|f| f.id.clone()).collect();
+        specs.retain(|s| !gone.contains(&s.id));
+        for s in specs.iter_mut() {
+            for d in s.depends_on.iter_mut() {
+                if gone.contains(d) {
+                    *d = first.clone();
                 }
-                let me = s.id.clone();
-                s.depends_on.retain(|d| d != &me);
-                s.depends_on.dedup();
             }
+            let me = s.id.clone();
+            s.depends_on.retain(|d| d != &me);
+            s.depends_on.dedup();
         }
     }
+}
 
-    // Tests are written from the task, not from the code, so they check it independently.
+/// Tests are written from the task, not from the code, so they check it independently.
+fn write_tests_from_the_task(specs: &mut [TaskSpec], repairs: &mut Vec<String>) {
     let code_ids: HashSet<String> = specs
         .iter()
         .filter(|s| s.kind == WorkerKind::Code)
@@ -187,8 +216,16 @@ pub fn build_dag(plan: &Plan, route: &Route, max_subtasks: usize) -> Dag {
             ));
         }
     }
+}
 
-    // The route's main kind must be there.
+/// The route's main kind must be there: added (in place of the last subtask if the plan is
+/// full) when it is not.
+fn ensure_main_subtask(
+    specs: &mut Vec<TaskSpec>,
+    main: WorkerKind,
+    max_subtasks: usize,
+    repairs: &mut Vec<String>,
+) {
     if !specs.iter().any(|s| s.kind == main) {
         let id = (1..)
             .map(|n| {
@@ -223,8 +260,11 @@ pub fn build_dag(plan: &Plan, route: &Route, max_subtasks: usize) -> Dag {
             critical: false,
         });
     }
+}
 
-    let mut specs = topological(specs, &mut repairs);
+/// The first `main` subtask is primary; it and everything it waits on are on the critical
+/// path.
+fn mark_primary_and_critical(specs: &mut [TaskSpec], main: WorkerKind) {
     let primary = specs.iter().position(|s| s.kind == main).unwrap_or(0);
     specs[primary].primary = true;
     // The primary subtask and everything it waits on are on the critical path.
@@ -240,7 +280,6 @@ pub fn build_dag(plan: &Plan, route: &Route, max_subtasks: usize) -> Dag {
     for s in specs.iter_mut() {
         s.critical = critical.contains(&s.id);
     }
-    Dag { specs, repairs }
 }
 
 /// Orders specs so that dependencies come first, dropping the edges that close cycles.

@@ -318,6 +318,9 @@ pub async fn validate_with(
     v.finish()
 }
 
+/// Checks code: it parses, defines the entry point with the task's signature, then runs
+/// (a data-analysis script) or passes the tests there are, or at least imports cleanly and
+/// passes its own docstring examples.
 async fn code_checks(
     ctx: &JobContext,
     route: &Route,
@@ -336,144 +339,177 @@ async fn code_checks(
         });
         return;
     };
-    let module = match Module::new(&evidence.module, code.as_bytes().to_vec()) {
-        Ok(m) => m,
-        Err(e) => return v.add(sandbox_failure(CheckName::Syntax, e)),
+    let Some(module) = syntax_check(ctx, &evidence.module, code, v).await else {
+        return;
     };
-    match ctx.sandboxed(Job::new(module.clone(), Check::Syntax)).await {
-        Ok(r) => {
-            let c = outcome_check(CheckName::Syntax, true, &r);
-            let ok = c.passed;
-            v.add(c);
-            if !ok {
-                return;
-            }
-        }
-        Err(e) => return v.add(sandbox_failure(CheckName::Syntax, e)),
-    }
     if spec.primary && artifact.kind == WorkerKind::Code {
         if let Some(entry) = &route.entry_point {
-            let found = python::signatures(code)
-                .into_iter()
-                .find(|s| &s.name == entry);
-            let (passed, detail) = match (&found, &route.signature) {
-                (None, _) if python::defines(code, entry) => (true, format!("`{entry}` defined")),
-                (None, _) => (
-                    false,
-                    format!("the code does not define `{entry}` at the top level"),
-                ),
-                (Some(f), Some(want)) if f.params.len() != want.params.len() => (
-                    false,
-                    format!(
-                        "`{entry}` takes ({}) but the task's signature is ({})",
-                        f.params.join(", "),
-                        want.params.join(", ")
-                    ),
-                ),
-                (Some(_), _) => (true, format!("`{entry}` defined with the task's signature")),
-            };
-            v.add(CheckResult {
-                name: CheckName::EntryPoint,
-                passed,
-                hard: true,
-                detail,
-                tests: None,
-            });
+            let c = entry_point_check(code, entry, route.signature.as_ref());
+            let passed = c.passed;
+            v.add(c);
             if !passed {
                 return;
             }
         }
     }
     if artifact.kind == WorkerKind::DataAnalysis {
-        let job = Job::new(module, Check::Run).keep_files(&["png", "svg", "jpg", "pdf", "csv"]);
-        match ctx.sandboxed(job).await {
-            Ok(r) => {
-                v.executed = true;
-                v.files = r
-                    .files
-                    .iter()
-                    .map(|f| GeneratedFile {
-                        name: f.name.clone(),
-                        size: f.size,
-                        bytes: f.bytes.clone(),
-                    })
-                    .collect();
-                let mut c = outcome_check(CheckName::Run, true, &r);
-                if c.passed && !v.files.is_empty() {
-                    c.detail = format!(
-                        "ran; wrote {}",
-                        v.files
-                            .iter()
-                            .map(|f| f.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
-                }
-                v.add(c);
-            }
-            Err(e) => v.add(sandbox_failure(CheckName::Run, e)),
-        }
-        return;
+        return run_script(ctx, module, v).await;
     }
-    let primary = spec.primary;
-    let mut ran_tests = false;
-    if primary {
-        if let Some(ex) = &evidence.examples {
-            match ctx
-                .run_suite(&module, "test_task_examples.py", ex, TestKind::Functions)
-                .await
-            {
-                Ok(r) => {
-                    ran_tests = true;
-                    v.add(outcome_check(CheckName::TaskExamples, true, &r));
-                }
-                Err(e) => v.add(sandbox_failure(CheckName::TaskExamples, e)),
-            }
-        }
-        if let Some(t) = &evidence.supplied {
-            match ctx
-                .run_suite(&module, &t.name, &t.content, TestKind::Auto)
-                .await
-            {
-                Ok(r) => {
-                    ran_tests = true;
-                    v.add(outcome_check(CheckName::SuppliedTests, true, &r));
-                }
-                Err(e) => v.add(sandbox_failure(CheckName::SuppliedTests, e)),
-            }
-        }
-        for (i, g) in evidence.generated.iter().enumerate() {
-            if let Ok(r) = ctx
-                .run_suite(
-                    &module,
-                    &format!("test_generated_{}.py", i + 1),
-                    g,
-                    TestKind::Functions,
-                )
-                .await
-            {
-                ran_tests = true;
-                v.add(outcome_check(CheckName::GeneratedTests, false, &r));
-            }
-        }
-    }
-    if !ran_tests {
+    let mut executed = spec.primary && run_tests(ctx, &module, evidence, v).await;
+    if !executed {
         // Nothing to test against: at least it must import cleanly.
-        match ctx.sandboxed(Job::new(module.clone(), Check::Import)).await {
-            Ok(r) => v.add(outcome_check(CheckName::Import, true, &r)),
-            Err(e) => v.add(sandbox_failure(CheckName::Import, e)),
+        executed = import_and_doctest(ctx, module, code, v).await;
+    }
+    v.executed = executed;
+}
+
+/// The module, if its code parses.
+async fn syntax_check(ctx: &JobContext, name: &str, code: &str, v: &mut Verdict) -> Option<Module> {
+    let module = match Module::new(name, code.as_bytes().to_vec()) {
+        Ok(m) => m,
+        Err(e) => {
+            v.add(sandbox_failure(CheckName::Syntax, e));
+            return None;
         }
-        if code.contains(">>>") {
-            match ctx.sandboxed(Job::new(module, Check::Doctest)).await {
-                Ok(r) => {
-                    ran_tests = r.tests.as_ref().is_some_and(|t| t.total > 0);
-                    v.add(outcome_check(CheckName::DocstringExamples, true, &r));
-                }
-                Err(e) => v.add(sandbox_failure(CheckName::DocstringExamples, e)),
-            }
+    };
+    match ctx.sandboxed(Job::new(module.clone(), Check::Syntax)).await {
+        Ok(r) => {
+            let c = outcome_check(CheckName::Syntax, true, &r);
+            let ok = c.passed;
+            v.add(c);
+            ok.then_some(module)
+        }
+        Err(e) => {
+            v.add(sandbox_failure(CheckName::Syntax, e));
+            None
         }
     }
-    v.executed = ran_tests;
+}
+
+/// The code defines `entry` at the top level, with the task's parameters when known.
+fn entry_point_check(code: &str, entry: &str, want: Option<&python::Signature>) -> CheckResult {
+    let found = python::signatures(code)
+        .into_iter()
+        .find(|s| s.name == entry);
+    let (passed, detail) = match (&found, want) {
+        (None, _) if python::defines(code, entry) => (true, format!("`{entry}` defined")),
+        (None, _) => (
+            false,
+            format!("the code does not define `{entry}` at the top level"),
+        ),
+        (Some(f), Some(want)) if f.params.len() != want.params.len() => (
+            false,
+            format!(
+                "`{entry}` takes ({}) but the task's signature is ({})",
+                f.params.join(", "),
+                want.params.join(", ")
+            ),
+        ),
+        (Some(_), _) => (true, format!("`{entry}` defined with the task's signature")),
+    };
+    CheckResult {
+        name: CheckName::EntryPoint,
+        passed,
+        hard: true,
+        detail,
+        tests: None,
+    }
+}
+
+/// Runs a data-analysis script, keeping the figures and data files it writes.
+async fn run_script(ctx: &JobContext, module: Module, v: &mut Verdict) {
+    let job = Job::new(module, Check::Run).keep_files(&["png", "svg", "jpg", "pdf", "csv"]);
+    match ctx.sandboxed(job).await {
+        Ok(r) => {
+            v.executed = true;
+            v.files = r
+                .files
+                .iter()
+                .map(|f| GeneratedFile {
+                    name: f.name.clone(),
+                    size: f.size,
+                    bytes: f.bytes.clone(),
+                })
+                .collect();
+            let mut c = outcome_check(CheckName::Run, true, &r);
+            if c.passed && !v.files.is_empty() {
+                c.detail = format!(
+                    "ran; wrote {}",
+                    v.files
+                        .iter()
+                        .map(|f| f.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            v.add(c);
+        }
+        Err(e) => v.add(sandbox_failure(CheckName::Run, e)),
+    }
+}
+
+/// Runs the task's examples, the supplied tests and the generated tests (these only rank);
+/// whether any ran.
+async fn run_tests(
+    ctx: &JobContext,
+    module: &Module,
+    evidence: &Evidence,
+    v: &mut Verdict,
+) -> bool {
+    let mut ran = false;
+    if let Some(ex) = &evidence.examples {
+        match ctx
+            .run_suite(module, "test_task_examples.py", ex, TestKind::Functions)
+            .await
+        {
+            Ok(r) => {
+                ran = true;
+                v.add(outcome_check(CheckName::TaskExamples, true, &r));
+            }
+            Err(e) => v.add(sandbox_failure(CheckName::TaskExamples, e)),
+        }
+    }
+    if let Some(t) = &evidence.supplied {
+        match ctx
+            .run_suite(module, &t.name, &t.content, TestKind::Auto)
+            .await
+        {
+            Ok(r) => {
+                ran = true;
+                v.add(outcome_check(CheckName::SuppliedTests, true, &r));
+            }
+            Err(e) => v.add(sandbox_failure(CheckName::SuppliedTests, e)),
+        }
+    }
+    for (i, g) in evidence.generated.iter().enumerate() {
+        let file = format!("test_generated_{}.py", i + 1);
+        if let Ok(r) = ctx.run_suite(module, &file, g, TestKind::Functions).await {
+            ran = true;
+            v.add(outcome_check(CheckName::GeneratedTests, false, &r));
+        }
+    }
+    ran
+}
+
+/// The module imports; its own docstring examples pass, if it has any. Whether examples ran.
+async fn import_and_doctest(ctx: &JobContext, module: Module, code: &str, v: &mut Verdict) -> bool {
+    match ctx.sandboxed(Job::new(module.clone(), Check::Import)).await {
+        Ok(r) => v.add(outcome_check(CheckName::Import, true, &r)),
+        Err(e) => v.add(sandbox_failure(CheckName::Import, e)),
+    }
+    if !code.contains(">>>") {
+        return false;
+    }
+    match ctx.sandboxed(Job::new(module, Check::Doctest)).await {
+        Ok(r) => {
+            v.add(outcome_check(CheckName::DocstringExamples, true, &r));
+            r.tests.as_ref().is_some_and(|t| t.total > 0)
+        }
+        Err(e) => {
+            v.add(sandbox_failure(CheckName::DocstringExamples, e));
+            false
+        }
+    }
 }
 
 async fn tests_checks(
