@@ -83,7 +83,28 @@ impl RetryPolicy {
     }
 }
 
-/// Runs one subtask to its best output.
+/// What one subtask's attempts share.
+struct Subtask<'a> {
+    ctx: &'a JobContext,
+    stats: &'a WorkerStats,
+    route: &'a Route,
+    spec: &'a TaskSpec,
+    deps: &'a [SubtaskResult],
+    evidence: Arc<Evidence>,
+}
+
+/// One attempt's candidates and the best of their verdicts.
+struct AttemptOutcome {
+    candidates: Vec<Artifact>,
+    /// Verdicts received (each as `{candidate, verdict}`, for the trace).
+    verdicts: Vec<serde_json::Value>,
+    /// The best candidate's index and verdict.
+    best: Option<(usize, Verdict)>,
+    worker_error: Option<String>,
+}
+
+/// Runs one subtask to its best output: attempts until one passes or the policy stops,
+/// each retry told what was wrong with the best attempt so far.
 pub async fn run_subtask(
     ctx: &JobContext,
     stats: &WorkerStats,
@@ -95,81 +116,143 @@ pub async fn run_subtask(
     let policy = RetryPolicy {
         max_retries: ctx.config.limits.max_retries,
     };
+    let sub = Subtask {
+        ctx,
+        stats,
+        route,
+        spec,
+        deps,
+        evidence,
+    };
     let mut best: Option<(Artifact, Verdict)> = None;
     let mut attempts = Vec::new();
     let mut feedback: Option<Feedback> = None;
     let mut previous: Option<f64> = None;
-    let id = Some(spec.id.as_str());
-    let stopped;
     let mut attempt = 0;
-    loop {
+    let stopped = loop {
+        let outcome = sub.attempt(attempt, feedback.as_ref()).await;
+        if let (Some(e), true) = (&outcome.worker_error, outcome.candidates.is_empty()) {
+            break format!("the worker failed: {e}");
+        }
+        let Some((i, v)) = outcome.best else {
+            break "no candidate could be validated".into();
+        };
+        let score = v.score;
+        attempts.push(AttemptRecord {
+            attempt: attempt + 1,
+            candidates: outcome.candidates.len(),
+            validated: outcome.verdicts.len(),
+            best_score: score,
+            passed: v.passed,
+            feedback: v.feedback.clone(),
+        });
+        let mut artifact = outcome.candidates[i].clone();
+        artifact.files = v.files.clone();
+        if best.as_ref().is_none_or(|(_, b)| better(&v, b)) {
+            best = Some((artifact, v));
+        }
+        let (best_artifact, best_verdict) = best.as_ref().expect("set above");
+        if best_verdict.passed {
+            break format!("passed on attempt {}", attempt + 1);
+        }
+        if let Err(why) = policy.should_retry(attempt, score, previous) {
+            sub.event(
+                Stage::Retry,
+                EventStatus::Finished,
+                attempt + 1,
+                format!("stopping: {why}; keeping the best attempt"),
+            );
+            break why;
+        }
+        previous = Some(score);
+        feedback = Some(sub.retry_feedback(attempt, best_artifact, best_verdict));
+        attempt += 1;
+    };
+    sub.finish(policy, best, attempts, stopped)
+}
+
+impl Subtask<'_> {
+    fn id(&self) -> Option<&str> {
+        Some(&self.spec.id)
+    }
+
+    fn event(&self, stage: Stage, status: EventStatus, attempt: usize, msg: String) {
+        self.ctx
+            .rec
+            .event(stage, status, self.id(), Some(attempt), msg);
+    }
+
+    /// One attempt: the worker writes candidates while the validation queue checks them as
+    /// they come; the first that passes wins, and the rest (written or not) are dropped.
+    async fn attempt(&self, attempt: usize, feedback: Option<&Feedback>) -> AttemptOutcome {
+        let (ctx, spec) = (self.ctx, self.spec);
         let started = ctx.rec.elapsed_ms();
-        ctx.rec.event(
+        self.event(
             Stage::Worker,
             EventStatus::Started,
-            id,
-            Some(attempt + 1),
+            attempt + 1,
             format!("{} worker", spec.kind.name()),
         );
-        // Candidates are validated as they are written: the first that passes wins, and the
-        // rest (written or not) are dropped.
         let (cand_tx, mut cand_rx) = unbounded_channel();
         let assignment = Assignment {
-            route,
+            route: self.route,
             spec,
-            deps,
-            feedback: feedback.as_ref(),
+            deps: self.deps,
+            feedback,
             attempt,
         };
-        let produce = stats.attempt(spec.kind, workers::produce(ctx, assignment, &cand_tx));
+        let produce = self
+            .stats
+            .attempt(spec.kind, workers::produce(ctx, assignment, &cand_tx));
         let mut produce = Box::pin(produce);
         let (vtx, mut vrx) = unbounded_channel();
         let priority = ValidationPriority {
             critical: spec.critical,
             attempt,
         };
-        let mut candidates: Vec<Artifact> = Vec::new();
-        let mut attempt_best: Option<(usize, Verdict)> = None;
-        let mut verdicts = Vec::new();
+        let mut out = AttemptOutcome {
+            candidates: Vec::new(),
+            verdicts: Vec::new(),
+            best: None,
+            worker_error: None,
+        };
         let mut produced = false;
-        let mut worker_error = None;
         let v_started = ctx.rec.elapsed_ms();
         loop {
-            if produced && verdicts.len() == candidates.len() && cand_rx.is_empty() {
+            if produced && out.verdicts.len() == out.candidates.len() && cand_rx.is_empty() {
                 break;
             }
             tokio::select! {
                 biased;
                 Some((i, v)) = vrx.recv() => {
                     let v: Verdict = v;
-                    ctx.rec.event(
+                    self.event(
                         Stage::Validation,
                         EventStatus::of(v.passed),
-                        id,
-                        Some(attempt + 1),
+                        attempt + 1,
                         format!("candidate {}: {}", i + 1, if v.passed { "passed".to_string() } else { first_line(&v.feedback) }),
                     );
-                    verdicts.push(json!({"candidate": i + 1, "verdict": v}));
+                    out.verdicts.push(json!({"candidate": i + 1, "verdict": v}));
                     let passed = v.passed;
-                    if attempt_best.as_ref().is_none_or(|(_, b)| better(&v, b)) {
-                        attempt_best = Some((i, v));
+                    if out.best.as_ref().is_none_or(|(_, b)| better(&v, b)) {
+                        out.best = Some((i, v));
                     }
                     if passed {
                         break;
                     }
                 }
                 Some(c) = cand_rx.recv() => {
-                    let i = candidates.len();
-                    let (ctx2, route2, spec2, c2, ev2) = (ctx.clone(), route.clone(), spec.clone(), c.clone(), evidence.clone());
+                    let i = out.candidates.len();
+                    let (ctx2, route2, spec2, c2, ev2) = (ctx.clone(), self.route.clone(), spec.clone(), c.clone(), self.evidence.clone());
                     ctx.queue.submit(priority, i, vtx.clone(), move || {
                         Box::pin(async move { validators::validate(&ctx2, &route2, &spec2, &c2, &ev2).await })
                     });
-                    candidates.push(c);
+                    out.candidates.push(c);
                 }
                 r = &mut produce, if !produced => {
                     produced = true;
                     if let Err(e) = r {
-                        worker_error = Some(e.to_string());
+                        out.worker_error = Some(e.to_string());
                     }
                 }
             }
@@ -177,126 +260,96 @@ pub async fn run_subtask(
         drop(vrx);
         // Candidates still being written are cancelled.
         drop(produce);
+        let id = self.id();
         ctx.rec.stage(
             Stage::Worker,
             id,
             started,
             json!({"spec": spec, "attempt": attempt + 1, "feedback": feedback}),
-            json!({"candidates": candidates, "error": worker_error}),
+            json!({"candidates": out.candidates, "error": out.worker_error}),
         );
-        ctx.rec.event(
+        self.event(
             Stage::Worker,
-            if worker_error.is_some() {
+            if out.worker_error.is_some() {
                 EventStatus::Failed
             } else {
                 EventStatus::Finished
             },
-            id,
-            Some(attempt + 1),
-            match &worker_error {
+            attempt + 1,
+            match &out.worker_error {
                 Some(e) => e.clone(),
-                None => format!("{} candidate(s) written", candidates.len()),
+                None => format!("{} candidate(s) written", out.candidates.len()),
             },
         );
         ctx.rec.stage(
             Stage::Validation,
             id,
             v_started,
-            json!({"attempt": attempt + 1, "candidates": candidates.len()}),
-            json!({"verdicts": verdicts}),
+            json!({"attempt": attempt + 1, "candidates": out.candidates.len()}),
+            json!({"verdicts": out.verdicts}),
         );
-        if let (Some(e), true) = (&worker_error, candidates.is_empty()) {
-            stopped = format!("the worker failed: {e}");
-            break;
-        }
+        out
+    }
 
-        let Some((i, v)) = attempt_best else {
-            stopped = "no candidate could be validated".into();
-            break;
-        };
-        let score = v.score;
-        attempts.push(AttemptRecord {
-            attempt: attempt + 1,
-            candidates: candidates.len(),
-            validated: verdicts.len(),
-            best_score: score,
-            passed: v.passed,
-            feedback: v.feedback.clone(),
-        });
-        let mut artifact = candidates[i].clone();
-        artifact.files = v.files.clone();
-        if best.as_ref().is_none_or(|(_, b)| better(&v, b)) {
-            best = Some((artifact, v));
-        }
-        let (best_artifact, best_verdict) = best.as_ref().expect("set above");
-        if best_verdict.passed {
-            stopped = format!("passed on attempt {}", attempt + 1);
-            break;
-        }
-        if let Err(why) = policy.should_retry(attempt, score, previous) {
-            ctx.rec.event(
-                Stage::Retry,
-                EventStatus::Finished,
-                id,
-                Some(attempt + 1),
-                format!("stopping: {why}; keeping the best attempt"),
-            );
-            stopped = why;
-            break;
-        }
-        previous = Some(score);
-        feedback = Some(Feedback {
-            previous: best_artifact
+    /// What the next attempt is told: the best output so far and what was wrong with it.
+    fn retry_feedback(&self, attempt: usize, artifact: &Artifact, verdict: &Verdict) -> Feedback {
+        let feedback = Feedback {
+            previous: artifact
                 .code
                 .clone()
-                .unwrap_or_else(|| best_artifact.text.clone()),
-            problems: best_verdict.feedback.clone(),
-        });
-        ctx.rec.stage(
+                .unwrap_or_else(|| artifact.text.clone()),
+            problems: verdict.feedback.clone(),
+        };
+        self.ctx.rec.stage(
             Stage::Retry,
-            id,
-            ctx.rec.elapsed_ms(),
-            json!({"attempt": attempt + 1, "verdict": best_verdict}),
+            self.id(),
+            self.ctx.rec.elapsed_ms(),
+            json!({"attempt": attempt + 1, "verdict": verdict}),
             json!({"feedback": feedback}),
         );
-        ctx.rec.event(
+        self.event(
             Stage::Retry,
             EventStatus::Progress,
-            id,
-            Some(attempt + 2),
-            format!("retrying: {}", first_line(&best_verdict.feedback)),
+            attempt + 2,
+            format!("retrying: {}", first_line(&verdict.feedback)),
         );
-        attempt += 1;
+        feedback
     }
-    let passed = best.as_ref().is_some_and(|(_, v)| v.passed);
-    stats.finished(spec.kind, passed);
-    ctx.rec.stage(
-        Stage::Retry,
-        id,
-        ctx.rec.elapsed_ms(),
-        json!({"max_retries": policy.max_retries}),
-        json!({"attempts": attempts, "stopped": stopped, "passed": passed}),
-    );
-    // Every subtask's retry decision is an event, so that a stream of a job shows the stage
-    // even when no retry was needed.
-    ctx.rec.event(
-        Stage::Retry,
-        EventStatus::of(passed),
-        id,
-        Some(attempts.len()),
-        stopped.clone(),
-    );
-    let (artifact, verdict) = match best {
-        Some((a, v)) => (Some(a), Some(v)),
-        None => (None, None),
-    };
-    SubtaskResult {
-        spec: spec.clone(),
-        artifact,
-        verdict,
-        attempts,
-        passed,
-        stopped,
+
+    /// The subtask's result, counted and recorded.
+    fn finish(
+        &self,
+        policy: RetryPolicy,
+        best: Option<(Artifact, Verdict)>,
+        attempts: Vec<AttemptRecord>,
+        stopped: String,
+    ) -> SubtaskResult {
+        let passed = best.as_ref().is_some_and(|(_, v)| v.passed);
+        self.stats.finished(self.spec.kind, passed);
+        self.ctx.rec.stage(
+            Stage::Retry,
+            self.id(),
+            self.ctx.rec.elapsed_ms(),
+            json!({"max_retries": policy.max_retries}),
+            json!({"attempts": attempts, "stopped": stopped, "passed": passed}),
+        );
+        // Every subtask's retry decision is an event, so that a stream of a job shows the
+        // stage even when no retry was needed.
+        self.event(
+            Stage::Retry,
+            EventStatus::of(passed),
+            attempts.len(),
+            stopped.clone(),
+        );
+        let (artifact, verdict) = best.unzip();
+        SubtaskResult {
+            spec: self.spec.clone(),
+            artifact,
+            verdict,
+            attempts,
+            passed,
+            stopped,
+        }
     }
 }
 
