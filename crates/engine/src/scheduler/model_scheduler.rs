@@ -121,13 +121,16 @@ impl ModelScheduler {
             .running
             .iter()
             .map(|s| {
-                let rc = |want: u32| {
-                    s.table
-                        .blocks()
-                        .iter()
-                        .filter(|&&b| kv.refcount(b) == want)
-                        .count()
-                };
+                // Blocks held alone, and (only the prefix cache shares a block with one
+                // sequence) blocks shared with the cache alone.
+                let (mut exclusive, mut cache_shared) = (0, 0);
+                for &b in s.table.blocks() {
+                    match kv.refcount(b) {
+                        1 => exclusive += 1,
+                        2 if self.cfg.prefix_cache => cache_shared += 1,
+                        _ => {}
+                    }
+                }
                 RunningSeq {
                     id: s.id,
                     priority: s.req.priority,
@@ -135,9 +138,8 @@ impl ModelScheduler {
                     tokens: &s.tokens,
                     computed: s.computed,
                     blocks: s.table.blocks().len(),
-                    exclusive_blocks: rc(1),
-                    // Only the prefix cache shares a block with one sequence.
-                    cache_shared_blocks: if self.cfg.prefix_cache { rc(2) } else { 0 },
+                    exclusive_blocks: exclusive,
+                    cache_shared_blocks: cache_shared,
                     gone: gone(s),
                 }
             })
