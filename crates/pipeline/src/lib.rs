@@ -22,6 +22,8 @@
 //!   figures, kept by the dispatcher for the trace.
 //! - `validation`: stage 7, the priority queue of outputs to check.
 //! - `validators`: stage 8, sandboxed checks, then the LLM validator.
+//! - `verdict`: a validation's checks and judgement, and the pass, score and feedback
+//!   they make.
 //! - `retry`: stage 9, attempts with refined instructions; the best is kept.
 //! - `collector`: stage 10, outputs with their relationships.
 //! - `synthesizer`: stages 11 and 13, integration into files; re-synthesis.
@@ -53,6 +55,7 @@ pub mod task;
 pub mod trace;
 pub mod validation;
 pub mod validators;
+pub mod verdict;
 pub mod workers;
 
 #[cfg(test)]
