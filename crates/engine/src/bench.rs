@@ -1,19 +1,20 @@
 //! The engine benchmark: prompt processing, single-stream decode, aggregate decode of several
 //! sequences together, and candle-transformers' reference model decoding the same prompt, all
-//! measured in one run so that the figures can be read as ratios.
+//! measured in one run so that the figures can be read as ratios. The reference needs the
+//! `reference-bench` feature (the CLI turns it on), so the library alone does not depend on
+//! candle-transformers.
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::error::{ConfigError, Internal};
 use crate::kv_cache::{BlockTable, KvCache, KvCacheType};
 use crate::loader::LoadedModel;
-use crate::model::{Arch, SeqInput};
+use crate::model::SeqInput;
 use crate::registry::Format;
 use crate::sampling::argmax;
-use crate::{Error, Result};
+use crate::Result;
 
 #[derive(Clone, Debug)]
 pub struct EngineBenchConfig {
@@ -226,10 +227,7 @@ pub fn run_engine_bench(
     }
 
     let reference_decode_tok_s = if cfg.reference && m.info.format == Format::Gguf {
-        progress("reference (candle-transformers) decode");
-        Some(best_of(cfg.repeats, || {
-            reference_decode(m, prompt, cfg.decode_tokens)
-        })?)
+        reference(m, cfg, prompt, &mut progress)?
     } else {
         None
     };
@@ -246,36 +244,73 @@ pub fn run_engine_bench(
     })
 }
 
-/// One forward of a reference model: (tokens [1, n], position) -> logits [1, vocab].
-type ReferenceForward = Box<dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>>;
+#[cfg(feature = "reference-bench")]
+fn reference(
+    m: &LoadedModel,
+    cfg: &EngineBenchConfig,
+    prompt: &[u32],
+    progress: &mut impl FnMut(&str),
+) -> Result<Option<f64>> {
+    progress("reference (candle-transformers) decode");
+    Ok(Some(best_of(cfg.repeats, || {
+        reference::decode(m, prompt, cfg.decode_tokens)
+    })?))
+}
 
-/// candle-transformers' own quantized model, single stream, same prompt, greedy.
-fn reference_decode(m: &LoadedModel, prompt: &[u32], steps: usize) -> Result<f64> {
-    use candle_transformers::models::{quantized_llama, quantized_qwen2};
-    let path = &m.info.path;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let ct = candle_core::quantized::gguf_file::Content::read(&mut f)?;
-    let dev = Device::Cpu;
-    let mut fwd: ReferenceForward = match m.model.config().arch {
-        Arch::Llama => {
-            let mut w = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev)?;
-            Box::new(move |x, p| w.forward(x, p))
+#[cfg(not(feature = "reference-bench"))]
+fn reference(
+    _: &LoadedModel,
+    _: &EngineBenchConfig,
+    _: &[u32],
+    progress: &mut impl FnMut(&str),
+) -> Result<Option<f64>> {
+    progress("reference skipped: built without the engine's `reference-bench` feature");
+    Ok(None)
+}
+
+/// candle-transformers' model, behind the `reference-bench` feature.
+#[cfg(feature = "reference-bench")]
+mod reference {
+    use std::time::Instant;
+
+    use candle_core::{Device, Tensor};
+
+    use crate::loader::LoadedModel;
+    use crate::model::Arch;
+    use crate::sampling::argmax;
+    use crate::{Error, Result};
+
+    /// One forward of a reference model: (tokens [1, n], position) -> logits [1, vocab].
+    type ReferenceForward = Box<dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>>;
+
+    /// candle-transformers' own quantized model, single stream, same prompt, greedy.
+    pub(super) fn decode(m: &LoadedModel, prompt: &[u32], steps: usize) -> Result<f64> {
+        use candle_transformers::models::{quantized_llama, quantized_qwen2};
+        let path = &m.info.path;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let ct = candle_core::quantized::gguf_file::Content::read(&mut f)?;
+        let dev = Device::Cpu;
+        let mut fwd: ReferenceForward = match m.model.config().arch {
+            Arch::Llama => {
+                let mut w = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev)?;
+                Box::new(move |x, p| w.forward(x, p))
+            }
+            Arch::Qwen2 => {
+                let mut w = quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev)?;
+                Box::new(move |x, p| w.forward(x, p))
+            }
+        };
+        let x = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
+        let logits = fwd(&x, 0)?.squeeze(0)?.to_vec1::<f32>()?;
+        let mut tok = argmax(&logits);
+        let started = Instant::now();
+        for step in 0..steps {
+            let x = Tensor::new(&[tok], &dev)?.unsqueeze(0)?;
+            let logits = fwd(&x, prompt.len() + step)?.squeeze(0)?.to_vec1::<f32>()?;
+            tok = argmax(&logits);
         }
-        Arch::Qwen2 => {
-            let mut w = quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev)?;
-            Box::new(move |x, p| w.forward(x, p))
-        }
-    };
-    let x = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
-    let logits = fwd(&x, 0)?.squeeze(0)?.to_vec1::<f32>()?;
-    let mut tok = argmax(&logits);
-    let started = Instant::now();
-    for step in 0..steps {
-        let x = Tensor::new(&[tok], &dev)?.unsqueeze(0)?;
-        let logits = fwd(&x, prompt.len() + step)?.squeeze(0)?.to_vec1::<f32>()?;
-        tok = argmax(&logits);
+        Ok(steps as f64 / started.elapsed().as_secs_f64())
     }
-    Ok(steps as f64 / started.elapsed().as_secs_f64())
 }
 
 #[derive(Clone, Debug, Serialize)]

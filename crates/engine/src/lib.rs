@@ -3,7 +3,8 @@
 //! # Layout
 //! - `error`: the crate's `Error` and `Result`.
 //! - `tokenizer`: tokenizer from tokenizer.json or GGUF metadata; incremental detokenization.
-//! - `bench`: the engine benchmark (prefill, decode, batched decode, candle reference).
+//! - `bench`: the engine benchmark (prefill, decode, batched decode; candle-transformers'
+//!   reference with the `reference-bench` feature).
 //! - `chat`: chat templates rendered with minijinja.
 //! - `constraint`: constrained decoding (JSON schema, regex, Lark) with llguidance.
 //! - `device`: CPU, or CUDA / Metal behind cargo features.
