@@ -63,9 +63,44 @@ async fn check(ctx: &JobContext, route: &Route, s: &mut Synthesis, evidence: &Ev
 pub async fn validate_and_retry(
     ctx: &JobContext,
     route: &Route,
-    mut s: Synthesis,
+    s: Synthesis,
     evidence: &Evidence,
 ) -> Result<(Synthesis, Verdict)> {
+    let mut best = first_check(ctx, route, s, evidence).await;
+    let retries = ctx.config.limits.max_synthesis_retries;
+    if let Some(why) = no_retry(&best, retries) {
+        ctx.rec.stage(
+            Stage::SynthesizerRetry,
+            None,
+            ctx.rec.elapsed_ms(),
+            json!({"max_retries": retries}),
+            json!({"skipped": why}),
+        );
+        ctx.rec.event(
+            Stage::SynthesizerRetry,
+            EventStatus::Skipped,
+            None,
+            None,
+            why,
+        );
+        return Ok(best);
+    }
+    for r in 0..retries {
+        retry(ctx, route, &mut best, evidence, r + 1).await?;
+        if best.1.passed {
+            break;
+        }
+    }
+    Ok(best)
+}
+
+/// The final validator on the first synthesis.
+async fn first_check(
+    ctx: &JobContext,
+    route: &Route,
+    mut s: Synthesis,
+    evidence: &Evidence,
+) -> (Synthesis, Verdict) {
     let started = ctx.rec.elapsed_ms();
     ctx.rec.event(
         Stage::FinalValidator,
@@ -93,82 +128,74 @@ pub async fn validate_and_retry(
             v.feedback.lines().next().unwrap_or("failed").to_string()
         },
     );
-    let mut best = (s, v);
-    let retries = ctx.config.limits.max_synthesis_retries;
-    if best.1.passed || retries == 0 || best.0.module.is_none() {
-        let why = if best.1.passed {
-            "not needed"
-        } else if retries == 0 {
-            "no retries allowed"
-        } else {
-            "nothing to re-synthesize"
-        };
-        ctx.rec.stage(
-            Stage::SynthesizerRetry,
-            None,
-            ctx.rec.elapsed_ms(),
-            json!({"max_retries": retries}),
-            json!({"skipped": why}),
-        );
-        ctx.rec.event(
-            Stage::SynthesizerRetry,
-            EventStatus::Skipped,
-            None,
-            None,
-            why,
-        );
-        return Ok(best);
+    (s, v)
+}
+
+/// Why no re-synthesis is tried, if none is.
+fn no_retry(first: &(Synthesis, Verdict), retries: usize) -> Option<&'static str> {
+    if first.1.passed {
+        Some("not needed")
+    } else if retries == 0 {
+        Some("no retries allowed")
+    } else if first.0.module.is_none() {
+        Some("nothing to re-synthesize")
+    } else {
+        None
     }
-    for r in 0..retries {
-        let started = ctx.rec.elapsed_ms();
+}
+
+/// Re-synthesis number `n` from the best revision's feedback; kept if it does better.
+async fn retry(
+    ctx: &JobContext,
+    route: &Route,
+    best: &mut (Synthesis, Verdict),
+    evidence: &Evidence,
+    n: usize,
+) -> Result<()> {
+    let started = ctx.rec.elapsed_ms();
+    ctx.rec.event(
+        Stage::SynthesizerRetry,
+        EventStatus::Started,
+        None,
+        Some(n),
+        "re-synthesizing with the final feedback",
+    );
+    let Some(mut next) = synthesizer::repair(ctx, route, &best.0, &best.1.feedback).await? else {
         ctx.rec.event(
             Stage::SynthesizerRetry,
-            EventStatus::Started,
+            EventStatus::Failed,
             None,
-            Some(r + 1),
-            "re-synthesizing with the final feedback",
+            Some(n),
+            "the model answered without code",
         );
-        let Some(mut next) = synthesizer::repair(ctx, route, &best.0, &best.1.feedback).await?
-        else {
-            ctx.rec.event(
-                Stage::SynthesizerRetry,
-                EventStatus::Failed,
-                None,
-                Some(r + 1),
-                "the model answered without code",
-            );
-            continue;
-        };
-        let v = check(ctx, route, &mut next, evidence).await;
-        let improved = (v.passed, v.score) > (best.1.passed, best.1.score);
-        ctx.rec.stage(
-            Stage::SynthesizerRetry,
-            None,
-            started,
-            json!({"feedback": best.1.feedback}),
-            json!({"synthesis": next, "verdict": v, "kept": improved}),
-        );
-        ctx.rec.event(
-            Stage::SynthesizerRetry,
-            EventStatus::of(v.passed),
-            None,
-            Some(r + 1),
-            format!(
-                "{}{}",
-                if v.passed { "passed" } else { "failed" },
-                if improved {
-                    "; kept"
-                } else {
-                    "; the previous revision stays"
-                }
-            ),
-        );
-        if improved {
-            best = (next, v);
-        }
-        if best.1.passed {
-            break;
-        }
+        return Ok(());
+    };
+    let v = check(ctx, route, &mut next, evidence).await;
+    let improved = (v.passed, v.score) > (best.1.passed, best.1.score);
+    ctx.rec.stage(
+        Stage::SynthesizerRetry,
+        None,
+        started,
+        json!({"feedback": best.1.feedback}),
+        json!({"synthesis": next, "verdict": v, "kept": improved}),
+    );
+    ctx.rec.event(
+        Stage::SynthesizerRetry,
+        EventStatus::of(v.passed),
+        None,
+        Some(n),
+        format!(
+            "{}{}",
+            if v.passed { "passed" } else { "failed" },
+            if improved {
+                "; kept"
+            } else {
+                "; the previous revision stays"
+            }
+        ),
+    );
+    if improved {
+        *best = (next, v);
     }
-    Ok(best)
+    Ok(())
 }

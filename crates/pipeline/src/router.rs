@@ -146,9 +146,33 @@ fn stub_of(task: &str) -> Option<String> {
 pub fn route_by_rules(task: &TaskRequest) -> Route {
     let text = &task.task;
     let w = words(text);
-    let has = |ws: &[&str]| ws.iter().filter(|x| w.iter().any(|y| y == *x)).count() as u32;
     let stub = stub_of(text);
-    let context_code = !task.files.is_empty();
+    let scores = rule_scores(&w, stub.is_some(), !task.files.is_empty());
+    let mut ranked = scores.clone();
+    ranked.sort_by_key(|r| std::cmp::Reverse(r.1));
+    let signature = stub.as_deref().and_then(python::signature_of);
+    let entry_point = task
+        .entry_point
+        .clone()
+        .or_else(|| signature.as_ref().map(|s| s.name.clone()))
+        .or_else(|| named_function(text));
+    Route {
+        kind: ranked[0].0,
+        decided_by: DecidedBy::Rules,
+        entry_point,
+        signature,
+        examples: python::examples(text),
+        stub,
+        tests_supplied: task.tests.is_some(),
+        libraries: libraries_of(task, &w),
+        scores,
+    }
+}
+
+/// Each route's score from the task's words, whether it holds a stub, and whether it came
+/// with code files.
+fn rule_scores(w: &[String], has_stub: bool, context_code: bool) -> Vec<(RouteKind, u32)> {
+    let has = |ws: &[&str]| ws.iter().filter(|x| w.iter().any(|y| y == *x)).count() as u32;
     let mut scores = vec![
         (RouteKind::NewFunction, 0u32),
         (RouteKind::ModuleOrScript, 0),
@@ -161,7 +185,7 @@ pub fn route_by_rules(task: &TaskRequest) -> Route {
             s.1 += n;
         }
     };
-    if stub.is_some() {
+    if has_stub {
         add(RouteKind::NewFunction, 3);
     }
     add(
@@ -224,21 +248,18 @@ pub fn route_by_rules(task: &TaskRequest) -> Route {
         },
     );
 
-    let mut ranked = scores.clone();
-    ranked.sort_by_key(|r| std::cmp::Reverse(r.1));
-    let signature = stub.as_deref().and_then(python::signature_of);
-    let entry_point = task
-        .entry_point
-        .clone()
-        .or_else(|| signature.as_ref().map(|s| s.name.clone()))
-        .or_else(|| named_function(text));
+    scores
+}
+
+/// Libraries the task names in prose, or imports in its text or files.
+fn libraries_of(task: &TaskRequest, w: &[String]) -> Vec<String> {
     let mut libraries: Vec<String> = KNOWN_LIBRARIES
         .iter()
         .filter(|l| w.iter().any(|x| x == *l))
         .map(|l| l.to_string())
         .collect();
     for source in
-        std::iter::once(text.as_str()).chain(task.files.iter().map(|f| f.content.as_str()))
+        std::iter::once(task.task.as_str()).chain(task.files.iter().map(|f| f.content.as_str()))
     {
         for imp in python::imports(source) {
             if let Some(name) = imp
@@ -252,17 +273,7 @@ pub fn route_by_rules(task: &TaskRequest) -> Route {
             }
         }
     }
-    Route {
-        kind: ranked[0].0,
-        decided_by: DecidedBy::Rules,
-        entry_point,
-        signature,
-        examples: python::examples(text),
-        stub,
-        tests_supplied: task.tests.is_some(),
-        libraries,
-        scores,
-    }
+    libraries
 }
 
 /// A function named in prose: "a function `name`", "called name", "def name(".
