@@ -403,13 +403,7 @@ async fn watch_job(
                 inner.output = Some(rendered);
             });
         }
-        Ok(Err(e)) => {
-            let kind = match e {
-                forgeline_pipeline::Error::InvalidTask(_) => "invalid_request_error",
-                _ => "server_error",
-            };
-            failed(e.to_string(), kind);
-        }
+        Ok(Err(e)) => failed(e.to_string(), error_kind(&e)),
         Err(e) if e.is_panic() => {
             let why = panic_message(e.into_panic());
             tracing::error!(job = %job.id, "the job's run panicked: {why}");
@@ -426,6 +420,17 @@ async fn watch_job(
 }
 
 /// The text a panic was raised with.
+/// OpenAI's error type for a failed job: the task's fault, the engine's answer for an engine
+/// error (a prompt too long for the model is the task's, overload is load), else ours.
+fn error_kind(e: &forgeline_pipeline::Error) -> &'static str {
+    use forgeline_pipeline::Error as P;
+    match e {
+        P::InvalidTask(_) => "invalid_request_error",
+        P::Engine(e) => ApiError::from_engine(e, "task").kind,
+        _ => "server_error",
+    }
+}
+
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -78,6 +78,29 @@ async fn a_run_that_fails_ends_its_job_with_the_error() {
     assert_eq!(job.to_json()["error"]["type"], "invalid_request_error");
 }
 
+#[test]
+fn a_failed_jobs_error_type_follows_the_engine_variant() {
+    use forgeline_engine::error::{Internal, Validation};
+    use forgeline_pipeline::Error as P;
+    let too_long = Validation::PromptTooLong {
+        tokens: 9000,
+        context: 8192,
+        model: "m".into(),
+    };
+    assert_eq!(
+        error_kind(&P::Engine(too_long.into())),
+        "invalid_request_error"
+    );
+    let busy = forgeline_engine::Error::Overloaded {
+        waiting: 9,
+        limit: 8,
+    };
+    assert_eq!(error_kind(&P::Engine(busy)), "rate_limit_error");
+    let ours = P::Engine(Internal::EngineThreadStopped.into());
+    assert_eq!(error_kind(&ours), "server_error");
+    assert_eq!(error_kind(&P::Internal("bug".into())), "server_error");
+}
+
 #[tokio::test]
 async fn shutdown_waits_for_running_jobs_and_cancel_all_counts_the_rest() {
     let jobs = jobs(|| {
