@@ -48,10 +48,13 @@ pub enum Error {
     Overloaded { waiting: usize, limit: usize },
     #[error("out of KV cache memory: {0}")]
     OutOfMemory(String),
-    /// The request was cancelled (its caller went away) before it finished.
+    /// The request was cancelled before it finished. The scheduler does not send it today (a
+    /// dropped stream has no one to tell); callers that cancel on a caller's behalf do.
     #[error("the request was cancelled")]
     Cancelled,
-    /// The request's deadline, `after` its submission, passed before it finished.
+    /// The request's deadline, `after` its submission, passed before it finished, for callers
+    /// that need the whole answer (the scheduler itself ends such a request with
+    /// `StopReason::Deadline` and what it produced so far).
     #[error("the request's deadline ({after:?} after it was submitted) passed")]
     DeadlineExceeded { after: Duration },
     /// Our failure, not the caller's.
