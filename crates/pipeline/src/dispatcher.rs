@@ -36,7 +36,7 @@ pub async fn dispatch(
 ) -> Dispatched {
     let workers = Arc::new(WorkerStats::default());
     let started = ctx.rec.elapsed_ms();
-    let limit = ctx.config.limits.max_concurrent_workers;
+    let limit = ctx.config().limits.max_concurrent_workers;
     let mut pending: Vec<TaskSpec> = dag.specs.clone();
     let mut done: HashMap<String, SubtaskResult> = HashMap::new();
     let mut running: JoinSet<SubtaskResult> = JoinSet::new();

@@ -67,7 +67,7 @@ pub async fn validate_and_retry(
     evidence: &Evidence,
 ) -> Result<(Synthesis, Verdict)> {
     let mut best = first_check(ctx, route, s, evidence).await;
-    let retries = ctx.config.limits.max_synthesis_retries;
+    let retries = ctx.config().limits.max_synthesis_retries;
     if let Some(why) = no_retry(&best, retries) {
         ctx.rec.stage(
             Stage::SynthesizerRetry,

@@ -39,7 +39,7 @@ pub fn render(ctx: &JobContext, result: &JobResult, format: Format) -> Result<St
     let started = ctx.rec.elapsed_ms();
     let out = match format {
         Format::Md => ctx
-            .prompts
+            .prompts()
             .render_report(json!({"result": result, "task": ctx.task.task}))?,
         Format::Code => match result
             .files

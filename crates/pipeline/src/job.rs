@@ -151,30 +151,32 @@ impl LlmCall {
     }
 }
 
-/// One job's view of the pipeline. Cheap to clone.
+/// One job's view of the pipeline: its task and recorder, and the pipeline's shared parts
+/// (read through `Shared`, the one copy). Cheap to clone.
 #[derive(Clone)]
 pub struct JobContext {
     shared: Arc<Shared>,
     pub rec: Recorder,
     pub task: Arc<TaskRequest>,
-    pub config: Arc<PipelineConfig>,
-    pub prompts: PromptsRef,
-    pub sandbox: Sandbox,
-    pub queue: ValidationQueue,
-}
-
-/// Access to the pipeline's prompts from a job.
-#[derive(Clone)]
-pub struct PromptsRef(Arc<Shared>);
-
-impl std::ops::Deref for PromptsRef {
-    type Target = Prompts;
-    fn deref(&self) -> &Prompts {
-        &self.0.prompts
-    }
 }
 
 impl JobContext {
+    pub fn config(&self) -> &PipelineConfig {
+        &self.shared.config
+    }
+
+    pub fn prompts(&self) -> &Prompts {
+        &self.shared.prompts
+    }
+
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.shared.sandbox
+    }
+
+    pub fn queue(&self) -> &ValidationQueue {
+        &self.shared.queue
+    }
+
     /// The module name the result is saved and imported as.
     pub fn module_name(&self) -> String {
         MODULE_NAME.into()
@@ -197,7 +199,7 @@ impl JobContext {
     /// Runs an LLM call with its stage's settings on the least busy model of the stage,
     /// and records it in the trace.
     pub async fn llm(&self, call: LlmCall) -> Result<Completion> {
-        let settings = self.config.stage(call.stage);
+        let settings = self.config().stage(call.stage);
         let llm = &self.shared.llm;
         let model = self.shared.load.pick(&settings.models);
         let _release = ReleaseOnDrop(&self.shared.load, model.clone());
@@ -389,10 +391,6 @@ impl Pipeline {
         JobContext {
             rec: Recorder::new(job, events),
             task: Arc::new(task),
-            config: Arc::new(self.shared.config.clone()),
-            prompts: PromptsRef(self.shared.clone()),
-            sandbox: self.shared.sandbox.clone(),
-            queue: self.shared.queue.clone(),
             shared: self.shared.clone(),
         }
     }
@@ -505,7 +503,7 @@ impl Pipeline {
         let trace = JobTrace {
             job: ctx.rec.job,
             task: (*task).clone(),
-            config: (*ctx.config).clone(),
+            config: ctx.config().clone(),
             route,
             plan,
             dag,

@@ -192,9 +192,9 @@ pub async fn plan(ctx: &JobContext, task: &TaskRequest, route: &Route) -> Result
         None,
         "planning subtasks",
     );
-    let max = ctx.config.limits.max_subtasks;
+    let max = ctx.config().limits.max_subtasks;
     let kinds: Vec<&str> = WorkerKind::ALL.iter().map(|k| k.name()).collect();
-    let prompt = ctx.prompts.render(
+    let prompt = ctx.prompts().render(
         LlmStage::Orchestrator,
         json!({"task": task.task, "route": route, "kinds": kinds, "max_subtasks": max,
                "files": task.file_names(), "tests_supplied": task.tests.is_some()}),

@@ -331,7 +331,7 @@ fn topological(mut specs: Vec<TaskSpec>, repairs: &mut Vec<String>) -> Vec<TaskS
 /// Runs the planning service on a plan, recording the DAG and its repairs.
 pub fn plan_dag(ctx: &JobContext, plan: &Plan, route: &Route) -> Dag {
     let started = ctx.rec.elapsed_ms();
-    let dag = build_dag(plan, route, ctx.config.limits.max_subtasks);
+    let dag = build_dag(plan, route, ctx.config().limits.max_subtasks);
     ctx.rec.stage(
         Stage::Planning,
         None,

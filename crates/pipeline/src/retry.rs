@@ -114,7 +114,7 @@ pub async fn run_subtask(
     evidence: Arc<Evidence>,
 ) -> SubtaskResult {
     let policy = RetryPolicy {
-        max_retries: ctx.config.limits.max_retries,
+        max_retries: ctx.config().limits.max_retries,
     };
     let sub = Subtask {
         ctx,
@@ -244,7 +244,7 @@ impl Subtask<'_> {
                 Some(c) = cand_rx.recv() => {
                     let i = out.candidates.len();
                     let (ctx2, route2, spec2, c2, ev2) = (ctx.clone(), self.route.clone(), spec.clone(), c.clone(), self.evidence.clone());
-                    ctx.queue.submit(priority, i, vtx.clone(), move || {
+                    ctx.queue().submit(priority, i, vtx.clone(), move || {
                         Box::pin(async move { validators::validate(&ctx2, &route2, &spec2, &c2, &ev2).await })
                     });
                     out.candidates.push(c);

@@ -335,7 +335,7 @@ pub async fn route(ctx: &JobContext, task: &TaskRequest) -> Result<Route> {
             "required": ["route"],
             "additionalProperties": false
         });
-        let prompt = ctx.prompts.render(
+        let prompt = ctx.prompts().render(
             LlmStage::Router,
             json!({"task": task.task, "routes": names, "files": task.file_names()}),
         )?;

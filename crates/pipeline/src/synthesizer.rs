@@ -259,7 +259,7 @@ pub async fn synthesize(
     } else {
         "summary"
     };
-    let prompt = ctx.prompts.render(
+    let prompt = ctx.prompts().render(
         LlmStage::Synthesizer,
         json!({"mode": mode, "task": ctx.task.task, "route": route, "module": s.module,
                "analysis": s.analysis, "notes": notes, "feedback": null}),
@@ -319,7 +319,7 @@ pub async fn repair(
     let Some(module) = &s.module else {
         return Ok(None);
     };
-    let prompt = ctx.prompts.render(
+    let prompt = ctx.prompts().render(
         LlmStage::Synthesizer,
         json!({"mode": "repair", "task": ctx.task.task, "route": route, "module": module,
                "analysis": s.analysis, "notes": [], "feedback": feedback}),

@@ -72,12 +72,12 @@ fn sandbox_failure(name: CheckName, e: forgeline_sandbox::Error) -> CheckResult 
 
 impl JobContext {
     async fn sandboxed(&self, job: Job) -> forgeline_sandbox::Result<RunReport> {
-        let limits = self.sandbox.limits().clone().with_timeout(
-            Duration::try_from_secs_f64(self.config.limits.sandbox_timeout_s).unwrap_or(
+        let limits = self.sandbox().limits().clone().with_timeout(
+            Duration::try_from_secs_f64(self.config().limits.sandbox_timeout_s).unwrap_or(
                 Duration::from_secs(crate::config::MAX_SANDBOX_TIMEOUT_S as u64),
             ),
         );
-        self.sandbox.run(job.with_limits(limits)).await
+        self.sandbox().run(job.with_limits(limits)).await
     }
 
     async fn run_suite(
@@ -134,7 +134,7 @@ pub async fn validate_with(
             });
         }
     }
-    if ctx.config.limits.llm_judge
+    if ctx.config().limits.llm_judge
         && v.hard_failure().is_none()
         && artifact.kind != WorkerKind::Tests
     {
@@ -424,7 +424,7 @@ async fn judge(
         "additionalProperties": false
     });
     let output = artifact.code.as_deref().unwrap_or(&artifact.text);
-    let prompt = match ctx.prompts.render(
+    let prompt = match ctx.prompts().render(
         stage,
         json!({"task": ctx.task.task, "subtask": spec, "kind": artifact.kind.name(),
                "output": clip(output, 6000), "checks": v.checks}),

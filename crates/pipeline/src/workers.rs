@@ -325,7 +325,7 @@ impl WorkerInput<'_> {
     /// started when one passes cost nothing. Each writes the whole function: the default
     /// model, given a stub to continue, mostly closed the code block at once.
     async fn code(&self, out: &UnboundedSender<Artifact>) -> Result<usize> {
-        let limits = &self.ctx.config.limits;
+        let limits = &self.ctx.config().limits;
         let n = if self.attempt == 0 {
             limits.candidates
         } else {
@@ -344,7 +344,7 @@ impl WorkerInput<'_> {
                 if self.attempt > 0 && framing == "spec" {
                     extra["feedback"] = serde_json::Value::Null;
                 }
-                self.ctx.prompts.render(self.stage, self.context(extra))
+                self.ctx.prompts().render(self.stage, self.context(extra))
             })
             .collect::<Result<Vec<_>>>()?;
         let seen = Mutex::new(HashSet::new());
@@ -406,7 +406,7 @@ impl WorkerInput<'_> {
     async fn tests(&self) -> Result<Artifact> {
         let prompt = self
             .ctx
-            .prompts
+            .prompts()
             .render(self.stage, self.context(json!({})))?;
         let prefix = prompt.assistant.clone();
         let call = LlmCall::new(self.stage, prompt)
@@ -421,7 +421,7 @@ impl WorkerInput<'_> {
     async fn prose(&self, docs: Option<String>) -> Result<Artifact> {
         let prompt = self
             .ctx
-            .prompts
+            .prompts()
             .render(self.stage, self.context(json!({"pydoc": docs})))?;
         let call = LlmCall::new(self.stage, prompt)
             .subtask(&self.spec.id)
@@ -441,7 +441,7 @@ impl WorkerInput<'_> {
             );
             let module = Module::new("research_docs", program.into_bytes())
                 .map_err(crate::Error::Sandbox)?;
-            match self.ctx.sandbox.run(Job::new(module, Check::Run)).await {
+            match self.ctx.sandbox().run(Job::new(module, Check::Run)).await {
                 Ok(r) if !r.stdout.trim().is_empty() => Some(r.stdout.chars().take(4000).collect()),
                 Ok(_) => None,
                 Err(e) => Some(format!("(pydoc could not run: {e})")),
