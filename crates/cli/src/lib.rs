@@ -111,6 +111,7 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
             use forgeline_pipeline::Error as P;
             return match f {
                 P::InvalidTask(_)
+                | P::Task(_)
                 | P::TaskLine { .. }
                 | P::Config(_)
                 | P::Template { .. }

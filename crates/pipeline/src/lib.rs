@@ -80,7 +80,7 @@ pub use job::{trace_json, JobFailure, JobOutcome, JobResult, JobTrace, Pipeline}
 pub use llm::LanguageModel;
 pub use prompts::Prompts;
 pub use stage::{LlmStage, Stage};
-pub use task::{ContextFile, TaskRequest};
+pub use task::{ContextFile, TaskProblem, TaskRequest};
 pub use trace::{EventStatus, JobEvent};
 
 use std::path::PathBuf;
@@ -90,6 +90,9 @@ pub enum Error {
     /// The task or its files are not usable (user input).
     #[error("invalid task: {0}")]
     InvalidTask(String),
+    /// A task request with a field at fault (`TaskRequest::validate`).
+    #[error("invalid task: {0}")]
+    Task(#[from] TaskProblem),
     /// A line of an evaluation task file that is not a task.
     #[error("invalid task: {}:{line}: {source}", .path.display())]
     TaskLine {

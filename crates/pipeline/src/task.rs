@@ -57,16 +57,20 @@ impl TaskRequest {
 
     /// Checks the request, naming the field at fault.
     pub fn validate(&self) -> Result<()> {
+        self.problem().map_err(Error::Task)
+    }
+
+    fn problem(&self) -> std::result::Result<(), TaskProblem> {
         if self.task.trim().is_empty() {
-            return Err(Error::InvalidTask("`task` is empty".into()));
+            return Err(TaskProblem::EmptyTask);
         }
-        if self.task.len() > 64 * 1024 {
-            return Err(Error::InvalidTask(format!(
-                "`task` is {} bytes; the limit is 64 KiB",
-                self.task.len()
-            )));
+        if self.task.len() > MAX_TASK_BYTES {
+            return Err(TaskProblem::TaskTooLong {
+                bytes: self.task.len(),
+            });
         }
-        for f in self.files.iter().chain(self.tests.iter()) {
+        let listed = self.files.iter().map(|f| ("files", f));
+        for (field, f) in listed.chain(self.tests.iter().map(|f| ("tests", f))) {
             let ok = !f.name.is_empty()
                 && f.name.len() <= 100
                 && f.name.ends_with(".py")
@@ -75,27 +79,61 @@ impl TaskRequest {
                     .all(|c| c.is_ascii_alphanumeric() || c == '_')
                 && !f.name.starts_with(|c: char| c.is_ascii_digit());
             if !ok {
-                return Err(Error::InvalidTask(format!(
-                    "file name `{}` is not a Python module name (letters, digits, `_`, ending in .py)",
-                    f.name
-                )));
+                return Err(TaskProblem::FileName {
+                    field,
+                    name: f.name.clone(),
+                });
             }
-            if f.content.len() > 256 * 1024 {
-                return Err(Error::InvalidTask(format!(
-                    "file `{}` is {} bytes; the limit is 256 KiB",
-                    f.name,
-                    f.content.len()
-                )));
+            if f.content.len() > MAX_FILE_BYTES {
+                return Err(TaskProblem::FileTooLarge {
+                    field,
+                    name: f.name.clone(),
+                    bytes: f.content.len(),
+                });
             }
         }
         if let Some(e) = &self.entry_point {
             if e.is_empty() || !e.chars().all(|c| c.is_alphanumeric() || c == '_') {
-                return Err(Error::InvalidTask(format!(
-                    "`entry_point` `{e}` is not a Python name"
-                )));
+                return Err(TaskProblem::EntryPoint(e.clone()));
             }
         }
         Ok(())
+    }
+}
+
+const MAX_TASK_BYTES: usize = 64 * 1024;
+const MAX_FILE_BYTES: usize = 256 * 1024;
+
+/// What is wrong with a task request, one variant per field at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TaskProblem {
+    #[error("`task` is empty")]
+    EmptyTask,
+    #[error("`task` is {bytes} bytes; the limit is 64 KiB")]
+    TaskTooLong { bytes: usize },
+    /// `field` is `files` or `tests`.
+    #[error(
+        "file name `{name}` is not a Python module name (letters, digits, `_`, ending in .py)"
+    )]
+    FileName { field: &'static str, name: String },
+    #[error("file `{name}` is {bytes} bytes; the limit is 256 KiB")]
+    FileTooLarge {
+        field: &'static str,
+        name: String,
+        bytes: usize,
+    },
+    #[error("`entry_point` `{0}` is not a Python name")]
+    EntryPoint(String),
+}
+
+impl TaskProblem {
+    /// The request field at fault, as the HTTP API names it.
+    pub fn field(&self) -> &'static str {
+        match self {
+            TaskProblem::EmptyTask | TaskProblem::TaskTooLong { .. } => "task",
+            TaskProblem::FileName { field, .. } | TaskProblem::FileTooLarge { field, .. } => field,
+            TaskProblem::EntryPoint(_) => "entry_point",
+        }
     }
 }
 
@@ -127,6 +165,11 @@ mod tests {
         let mut t = TaskRequest::new("x");
         t.tests = Some(ContextFile::new("test_x.py", "assert True"));
         t.validate().unwrap();
-        assert_eq!(t.tests.unwrap().module_name(), "test_x");
+        assert_eq!(t.tests.as_ref().unwrap().module_name(), "test_x");
+        t.tests = Some(ContextFile::new("test x.py", ""));
+        assert!(matches!(
+            t.validate(),
+            Err(Error::Task(ref p @ TaskProblem::FileName { .. })) if p.field() == "tests"
+        ));
     }
 }

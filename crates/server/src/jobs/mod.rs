@@ -425,7 +425,7 @@ async fn watch_job(
 fn error_kind(e: &forgeline_pipeline::Error) -> &'static str {
     use forgeline_pipeline::Error as P;
     match e {
-        P::InvalidTask(_) => "invalid_request_error",
+        P::InvalidTask(_) | P::Task(_) => "invalid_request_error",
         P::Engine(e) => ApiError::from_engine(e, "task").kind,
         _ => "server_error",
     }

@@ -177,16 +177,9 @@ pub fn parse_job(body: &[u8]) -> ApiResult<(TaskRequest, Format)> {
             .parse()
             .map_err(|e: String| ApiError::field("format", e))?,
     };
-    task.validate().map_err(|e| {
-        let msg = e.to_string();
-        let param = if msg.contains("`entry_point`") {
-            "entry_point"
-        } else if msg.contains("file") {
-            "files"
-        } else {
-            "task"
-        };
-        ApiError::field(param, msg)
+    task.validate().map_err(|e| match &e {
+        forgeline_pipeline::Error::Task(p) => ApiError::field(p.field(), e.to_string()),
+        _ => ApiError::invalid(e.to_string()),
     })?;
     Ok((task, format))
 }
@@ -259,6 +252,10 @@ mod tests {
             "files"
         );
         assert_eq!(param(json!({"task": "x", "tests": 5})), "tests");
+        assert_eq!(
+            param(json!({"task": "x", "tests": {"name": "a b.py", "content": ""}})),
+            "tests"
+        );
         assert_eq!(
             param(json!({"task": "x", "entry_point": "a b"})),
             "entry_point"
