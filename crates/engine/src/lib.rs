@@ -1,7 +1,8 @@
 //! forgeline's inference engine. candle lives here and only here.
 //!
 //! # Layout
-//! - `error`: the crate's `Error` and `Result`.
+//! - `error`: the crate's `Error` and `Result`, typed by whose fault: `Validation` (one variant
+//!   per request field), `ConfigError`, load and time, `Internal` (ours, with sources).
 //! - `tokenizer`: tokenizer from tokenizer.json or GGUF metadata; incremental detokenization.
 //! - `bench`: the engine benchmark (prefill, decode, batched decode; candle-transformers'
 //!   reference with the `reference-bench` feature).
