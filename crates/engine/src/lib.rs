@@ -18,6 +18,7 @@
 //! - `scheduler`: continuous batching of all requests over shared models (`LlmClient`); per
 //!   model a `ModelScheduler` whose policy is a pure `schedule(&state) -> StepPlan`, apart
 //!   from the forward pass (`ModelRunner`).
+//! - `simd`: vector helpers for the CPU kernels and the sampler (AVX2, else plain loops).
 //! - `stop`: stop reasons and stop strings.
 
 pub mod bench;
