@@ -284,32 +284,37 @@ impl ModelScheduler {
         None
     }
 
-    fn position(&self, id: u64) -> usize {
-        self.running
-            .iter()
-            .position(|s| s.id == id)
-            .expect("a batched sequence is running")
-    }
-
     /// The forward pass over `batch`: one logits row per sequence whose prompt it completes,
     /// checked before anything is updated.
     fn forward(&mut self, batch: &[Scheduled]) -> Result<Vec<Vec<f32>>> {
         let running = &self.running;
-        let inputs: Vec<SeqInput> = batch
+        // The plan comes from this state, so every id runs and every range fits; a plan
+        // that broke that would be our bug, failing the step instead of the engine thread.
+        let inputs = batch
             .iter()
             .map(|r| {
-                let s = running
-                    .iter()
-                    .find(|s| s.id == r.id)
-                    .expect("a batched sequence is running");
-                SeqInput {
-                    tokens: &s.tokens[s.computed..s.computed + r.tokens],
+                let s = running.iter().find(|s| s.id == r.id).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("planned request {} is not running", r.id))
+                })?;
+                let tokens = s
+                    .tokens
+                    .get(s.computed..s.computed + r.tokens)
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "planned {} tokens of request {} past its {}",
+                            r.tokens,
+                            r.id,
+                            s.tokens.len()
+                        ))
+                    })?;
+                Ok(SeqInput {
+                    tokens,
                     start_pos: s.computed,
                     table: &s.table,
                     logits: s.computed + r.tokens == s.tokens.len(),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<SeqInput>>>()?;
         let wanted = inputs.iter().filter(|i| i.logits).count();
         let rows = self.runner.forward(&inputs, &self.kv)?;
         if rows.len() != wanted {
@@ -346,7 +351,10 @@ impl ModelScheduler {
         let mut logits: Vec<Option<Vec<f32>>> = vec![None; self.running.len()];
         let mut positions = Vec::with_capacity(batch.len());
         for r in batch {
-            let p = self.position(r.id);
+            // forward() found every one running, and nothing ran in between.
+            let Some(p) = self.running.iter().position(|s| s.id == r.id) else {
+                continue;
+            };
             positions.push(p);
             let s = &mut self.running[p];
             let before = s.computed / bs;
@@ -402,7 +410,9 @@ impl ModelScheduler {
             }
         }
         for (id, e) in failed {
-            let p = self.position(id);
+            let Some(p) = self.running.iter().position(|s| s.id == id) else {
+                continue;
+            };
             let mut s = self.running.swap_remove(p);
             s.fail(e);
             self.kv.release(&mut s.table);

@@ -298,17 +298,21 @@ pub fn schedule(state: &SchedState, cfg: &SlotConfig) -> StepPlan {
         let n = (s.tokens.len() - s.computed).min(budget);
         let need = kv.blocks_for(s.computed + n).saturating_sub(s.blocks);
         if need > 0 && !make_room(&mut room, &mut running, &mut plan, need, id) {
-            let pos = running.iter().position(|s| s.id == id).expect("kept");
-            let s = running.remove(pos);
-            plan.fail.push((
-                id,
-                NoRoom::Sequence {
-                    tokens: s.computed + n,
-                },
-            ));
+            // make_room never takes `id` itself, so it is still at `pos` or before it.
+            if let Some(pos) = running.iter().position(|s| s.id == id) {
+                let s = running.remove(pos);
+                plan.fail.push((
+                    id,
+                    NoRoom::Sequence {
+                        tokens: s.computed + n,
+                    },
+                ));
+            }
             continue;
         }
-        let s = running.iter_mut().find(|s| s.id == id).expect("kept");
+        let Some(s) = running.iter_mut().find(|s| s.id == id) else {
+            continue;
+        };
         room.free -= need;
         s.blocks += need;
         s.exclusive += need;
