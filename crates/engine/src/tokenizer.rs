@@ -547,18 +547,11 @@ fn gguf_str<'a>(v: &'a Value, key: &str, path: &Path) -> Result<&'a str> {
         .map_err(|_| Error::bad_model(path, format!("{key} is not a string")))
 }
 
+/// An integer value; one past i64 reads as -1, which every caller's range check refuses.
 fn gguf_int(v: &Value, key: &str, path: &Path) -> Result<i64> {
-    Ok(match *v {
-        Value::U8(x) => x.into(),
-        Value::I8(x) => x.into(),
-        Value::U16(x) => x.into(),
-        Value::I16(x) => x.into(),
-        Value::U32(x) => x.into(),
-        Value::I32(x) => x.into(),
-        Value::U64(x) => i64::try_from(x).unwrap_or(-1),
-        Value::I64(x) => x,
-        _ => return Err(Error::bad_model(path, format!("{key} is not an integer"))),
-    })
+    let x = crate::model::gguf::int_value(v)
+        .ok_or_else(|| Error::bad_model(path, format!("{key} is not an integer")))?;
+    Ok(i64::try_from(x).unwrap_or(-1))
 }
 
 fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {

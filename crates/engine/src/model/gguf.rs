@@ -154,12 +154,9 @@ fn read<R: Read>(inner: R, len: u64) -> Res<Content> {
     })
 }
 
-/// `general.alignment`: any integer type candle accepts, a power of two up to `MAX_ALIGNMENT`.
-fn alignment(md: &HashMap<String, Value>) -> Res<u64> {
-    let Some(v) = md.get("general.alignment") else {
-        return Ok(DEFAULT_ALIGNMENT);
-    };
-    let a: i128 = match *v {
+/// A metadata value of any integer type, widened; `None` for other types.
+pub(crate) fn int_value(v: &Value) -> Option<i128> {
+    Some(match *v {
         Value::U8(x) => x.into(),
         Value::I8(x) => x.into(),
         Value::U16(x) => x.into(),
@@ -168,12 +165,20 @@ fn alignment(md: &HashMap<String, Value>) -> Res<u64> {
         Value::I32(x) => x.into(),
         Value::U64(x) => x.into(),
         Value::I64(x) => x.into(),
-        _ => {
-            return bad(format!(
-                "general.alignment is not an integer but {:?}",
-                v.value_type()
-            ))
-        }
+        _ => return None,
+    })
+}
+
+/// `general.alignment`: any integer type candle accepts, a power of two up to `MAX_ALIGNMENT`.
+fn alignment(md: &HashMap<String, Value>) -> Res<u64> {
+    let Some(v) = md.get("general.alignment") else {
+        return Ok(DEFAULT_ALIGNMENT);
+    };
+    let Some(a) = int_value(v) else {
+        return bad(format!(
+            "general.alignment is not an integer but {:?}",
+            v.value_type()
+        ));
     };
     match u64::try_from(a) {
         Ok(a) if a.is_power_of_two() && a <= MAX_ALIGNMENT => Ok(a),

@@ -372,13 +372,18 @@ impl SafetensorsSource {
         }
     }
 
-    fn load(&self, w: Weight, want: &[usize]) -> Result<Tensor> {
-        let name = Self::name(w);
+    /// The file holding tensor `name`, and its reader.
+    fn file_of(&self, name: &str) -> Result<&(PathBuf, MmapedSafetensors)> {
         let &i = self
             .names
-            .get(&name)
+            .get(name)
             .ok_or_else(|| Error::bad_model(&self.dir, format!("missing tensor `{name}`")))?;
-        let (file, st) = &self.files[i];
+        Ok(&self.files[i])
+    }
+
+    fn load(&self, w: Weight, want: &[usize]) -> Result<Tensor> {
+        let name = Self::name(w);
+        let (file, st) = self.file_of(&name)?;
         let t = st
             .load(&name, &Device::Cpu)
             .map_err(|e| Error::bad_model(file, format!("reading tensor `{name}`: {e}")))?;
@@ -421,11 +426,7 @@ impl WeightSource for SafetensorsSource {
             w
         };
         let name = Self::name(w);
-        let &i = self
-            .names
-            .get(&name)
-            .ok_or_else(|| Error::bad_model(&self.dir, format!("missing tensor `{name}`")))?;
-        let (file, st) = &self.files[i];
+        let (file, st) = self.file_of(&name)?;
         let view = st
             .get(&name)
             .map_err(|e| Error::bad_model(file, format!("reading tensor `{name}`: {e}")))?;
