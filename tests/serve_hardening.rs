@@ -167,32 +167,31 @@ async fn exchange(
     (status, got)
 }
 
-/// A model that must never be called: its calls are counted.
+/// A model that answers no call: each either waits forever (counted: a model that must never
+/// be called) or panics, as a bug deep in a stage would.
 #[derive(Default)]
-struct CountingModel(AtomicUsize);
+struct FaultyModel {
+    calls: AtomicUsize,
+    panics: bool,
+}
 
-impl LanguageModel for CountingModel {
-    fn complete(&self, _: GenerateRequest) -> BoxFuture<'_, forgeline_engine::Result<Completion>> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Box::pin(std::future::pending())
-    }
-    fn models(&self) -> Vec<String> {
-        vec!["m".into()]
-    }
-    fn context_length(&self, _: Option<&str>) -> forgeline_engine::Result<usize> {
-        Ok(2048)
-    }
-    fn prompt_tokens(&self, _: &GenerateRequest) -> forgeline_engine::Result<usize> {
-        Ok(16)
+impl FaultyModel {
+    fn panicking() -> Self {
+        Self {
+            panics: true,
+            ..Self::default()
+        }
     }
 }
 
-/// A model whose every call panics, as a bug deep in a stage would.
-struct PanickingModel;
-
-impl LanguageModel for PanickingModel {
+impl LanguageModel for FaultyModel {
     fn complete(&self, _: GenerateRequest) -> BoxFuture<'_, forgeline_engine::Result<Completion>> {
-        Box::pin(async { panic!("injected fault: the model exploded") })
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.panics {
+            Box::pin(async { panic!("injected fault: the model exploded") })
+        } else {
+            Box::pin(std::future::pending())
+        }
     }
     fn models(&self) -> Vec<String> {
         vec!["m".into()]
@@ -216,7 +215,7 @@ const JOB: &str =
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_site_posts_are_refused_and_start_nothing() {
     let (client, card): (_, ModelCard) = shared_client();
-    let model = Arc::new(CountingModel::default());
+    let model = Arc::new(FaultyModel::default());
     let config = ServerConfig {
         allowed_origins: forgeline_server::AllowedOrigins::parse(&["http://localhost:3000"])
             .unwrap(),
@@ -270,7 +269,7 @@ async fn cross_site_posts_are_refused_and_start_nothing() {
         assert_eq!(status, 415);
     }
     assert_eq!(jobs.len(), 0, "a refused request started a job");
-    assert_eq!(model.0.load(Ordering::SeqCst), 0);
+    assert_eq!(model.calls.load(Ordering::SeqCst), 0);
     assert_eq!(
         client.stats().models[0].prompt_tokens,
         before,
@@ -392,7 +391,7 @@ async fn submit(http: &HttpClient) -> String {
 async fn a_panicking_job_fails_with_the_panic_and_frees_its_slot() {
     let (client, card) = shared_client();
     let server = Server::new(client, vec![card], ServerConfig::default()).with_jobs(
-        pipeline_on(Arc::new(PanickingModel)).await,
+        pipeline_on(Arc::new(FaultyModel::panicking())).await,
         JobLimits {
             max_running: 1,
             max_kept: 8,
@@ -475,27 +474,6 @@ impl<M: LanguageModel> LanguageModel for SlowStart<M> {
     }
 }
 
-/// Short answers and no retries, as in serve_jobs.
-const FAST: &str = r#"
-[limits]
-max_subtasks = 1
-candidates = 1
-max_retries = 0
-max_synthesis_retries = 0
-llm_judge = false
-
-[stages.router]
-max_tokens = 32
-[stages.orchestrator]
-max_tokens = 96
-[stages.code]
-max_tokens = 96
-[stages.tests]
-max_tokens = 64
-[stages.synthesizer]
-max_tokens = 96
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_a_running_job_finish_though_nobody_watches_it() {
     let (client, card) = shared_client();
@@ -505,7 +483,7 @@ async fn shutdown_lets_a_running_job_finish_though_nobody_watches_it() {
         llm,
         sandbox,
         Prompts::built_in(),
-        PipelineConfig::parse(FAST).unwrap(),
+        PipelineConfig::parse(serve_support::FAST_JOB).unwrap(),
     );
     let config = ServerConfig {
         grace_period: Duration::from_secs(300),
@@ -531,7 +509,7 @@ async fn shutdown_lets_a_running_job_finish_though_nobody_watches_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_outlives_the_grace_period_is_cancelled_at_its_end() {
     let (client, card) = shared_client();
-    let model = Arc::new(CountingModel::default());
+    let model = Arc::new(FaultyModel::default());
     let config = ServerConfig {
         grace_period: Duration::from_millis(800),
         ..ServerConfig::default()
@@ -542,7 +520,7 @@ async fn a_job_that_outlives_the_grace_period_is_cancelled_at_its_end() {
     let server = TestServer::serve(server).await;
     let id = submit(&server.http()).await;
     for _ in 0..100 {
-        if model.0.load(Ordering::SeqCst) > 0 {
+        if model.calls.load(Ordering::SeqCst) > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

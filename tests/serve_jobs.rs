@@ -17,27 +17,6 @@ use serde_json::{json, Value};
 use serve_support::{metric, shared_client};
 use tokio::net::TcpListener;
 
-/// Short answers and no retries: the whole job in well under a minute on two cores.
-const FAST: &str = r#"
-[limits]
-max_subtasks = 1
-candidates = 1
-max_retries = 0
-max_synthesis_retries = 0
-llm_judge = false
-
-[stages.router]
-max_tokens = 32
-[stages.orchestrator]
-max_tokens = 96
-[stages.code]
-max_tokens = 96
-[stages.tests]
-max_tokens = 64
-[stages.synthesizer]
-max_tokens = 96
-"#;
-
 async fn events(http: &HttpClient, id: &str) -> Vec<Value> {
     let mut s = http
         .get_stream(&format!("/v1/jobs/{id}/events"))
@@ -58,7 +37,7 @@ async fn events(http: &HttpClient, id: &str) -> Vec<Value> {
 async fn a_job_runs_end_to_end_and_streams_its_stages() {
     let (client, card): (_, ModelCard) = shared_client();
     let sandbox = Sandbox::new(SandboxConfig::default()).await.unwrap();
-    let config = PipelineConfig::parse(FAST).unwrap();
+    let config = PipelineConfig::parse(serve_support::FAST_JOB).unwrap();
     let pipeline = Pipeline::new(
         Arc::new(client.clone()),
         sandbox,
