@@ -6,7 +6,8 @@
 //! - `tokenizer`: tokenizer from tokenizer.json or GGUF metadata; incremental detokenization.
 //! - `bench`: the engine benchmark (prefill, decode, batched decode; candle-transformers'
 //!   reference with the `reference-bench` feature).
-//! - `chat`: chat templates rendered with minijinja.
+//! - `chat`: chat templates rendered with minijinja, under fuel, recursion and time limits;
+//!   `chat::limits` caps the output and the size arguments of the built-in filters.
 //! - `constraint`: constrained decoding (JSON schema, regex, Lark) with llguidance.
 //! - `device`: CPU, or CUDA / Metal behind cargo features.
 //! - `loader`: a located model to a loaded one (weights, tokenizer, template) or its info.
