@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use forgeline_sandbox::{
@@ -62,13 +61,8 @@ pub struct CheckArgs {
 }
 
 pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let max = forgeline_pipeline::config::MAX_SANDBOX_TIMEOUT_S;
-    if !(args.timeout > 0.0 && args.timeout <= max) {
-        return Err(crate::usage(format!(
-            "--timeout must be a number of seconds in (0, {max}], not {}",
-            args.timeout
-        )));
-    }
+    let timeout = forgeline_sandbox::Limits::timeout_from_secs(args.timeout)
+        .map_err(|e| crate::usage(format!("--timeout: {e}")))?;
     let source = read(&args.file)?;
     let module_file = file_name(&args.file)?;
     let tests = match &args.tests {
@@ -110,10 +104,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         ..SandboxConfig::default()
     };
     let sandbox = Sandbox::new(config).await?;
-    let limits = sandbox
-        .limits()
-        .clone()
-        .with_timeout(Duration::from_secs_f64(args.timeout));
+    let limits = sandbox.limits().clone().with_timeout(timeout);
     if !args.json && sandbox.isolation().level != IsolationLevel::Full {
         eprintln!(
             "warning: partial isolation, missing: {}",

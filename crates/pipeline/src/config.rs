@@ -79,10 +79,6 @@ impl StageSettings {
     }
 }
 
-/// The longest `sandbox_timeout_s` accepted (a day): longer is a typo, and past about
-/// 1.8e19 s a `Duration` cannot hold it at all.
-pub const MAX_SANDBOX_TIMEOUT_S: f64 = 86_400.0;
-
 /// Limits of one job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -118,6 +114,16 @@ pub struct Limits {
     /// in milliseconds, and a looping candidate would otherwise hold a core away from the
     /// model for the whole limit.
     pub sandbox_timeout_s: f64,
+}
+
+impl Limits {
+    /// `sandbox_timeout_s` as a Duration (checked when the config was read; the default
+    /// for a value that was never checked).
+    pub fn sandbox_timeout(&self) -> std::time::Duration {
+        forgeline_sandbox::Limits::timeout_from_secs(self.sandbox_timeout_s).unwrap_or_else(|_| {
+            std::time::Duration::from_secs_f64(Limits::default().sandbox_timeout_s)
+        })
+    }
 }
 
 impl Default for Limits {
@@ -244,12 +250,9 @@ impl PipelineConfig {
                 return Err(format!("limits.{name} must be at least 1"));
             }
         }
-        if !(l.sandbox_timeout_s > 0.0 && l.sandbox_timeout_s <= MAX_SANDBOX_TIMEOUT_S) {
-            return Err(format!(
-                "limits.sandbox_timeout_s must be a number of seconds in (0, {MAX_SANDBOX_TIMEOUT_S}], not {}",
-                l.sandbox_timeout_s
-            ));
-        }
+        // The sandbox owns what a timeout may be (and a Duration cannot hold 1e20 s).
+        forgeline_sandbox::Limits::timeout_from_secs(l.sandbox_timeout_s)
+            .map_err(|e| format!("limits.sandbox_timeout_s: {e}"))?;
         for (name, s) in &self.stages {
             if s.max_tokens == 0 {
                 return Err(format!("stages.{name}.max_tokens must be at least 1"));

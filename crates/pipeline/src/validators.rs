@@ -4,8 +4,6 @@
 //! `{pass, problems, feedback}`. An LLM verdict never overrides failing execution: it only
 //! decides where nothing could be run.
 
-use std::time::Duration;
-
 use forgeline_engine::stop::StopReason;
 use forgeline_sandbox::{Check, Job, Module, RunReport, TestKind, TestSuite};
 use serde_json::json;
@@ -72,11 +70,11 @@ fn sandbox_failure(name: CheckName, e: forgeline_sandbox::Error) -> CheckResult 
 
 impl JobContext {
     async fn sandboxed(&self, job: Job) -> forgeline_sandbox::Result<RunReport> {
-        let limits = self.sandbox().limits().clone().with_timeout(
-            Duration::try_from_secs_f64(self.config().limits.sandbox_timeout_s).unwrap_or(
-                Duration::from_secs(crate::config::MAX_SANDBOX_TIMEOUT_S as u64),
-            ),
-        );
+        let limits = self
+            .sandbox()
+            .limits()
+            .clone()
+            .with_timeout(self.config().limits.sandbox_timeout());
         self.sandbox().run(job.with_limits(limits)).await
     }
 
