@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{Method, StatusCode};
-use forgeline_engine::scheduler::{SchedulerConfig, SlotConfig};
+use forgeline_engine::scheduler::{ModelSchedulerConfig, SchedulerConfig};
 use forgeline_server::client::{EventStream, HttpClient};
 use forgeline_server::{ApiKey, ServerConfig};
 use serde_json::{json, Value};
@@ -308,9 +308,9 @@ async fn past_the_queue_limit_requests_get_429_and_are_not_queued() {
     // One running sequence, one waiting: the third request has no room.
     let (client, card) = start_client(SchedulerConfig {
         max_waiting: 1,
-        slot: SlotConfig {
+        per_model: ModelSchedulerConfig {
             max_running: 1,
-            ..SlotConfig::default()
+            ..ModelSchedulerConfig::default()
         },
         ..SchedulerConfig::default()
     });

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use forgeline_engine::bench::{run_engine_bench, EngineBenchConfig};
-use forgeline_engine::scheduler::{SlotStats, Stats};
+use forgeline_engine::scheduler::{ModelSchedulerStats, Stats};
 use forgeline_pipeline::eval::{self, Runner};
 use serde_json::json;
 
@@ -274,7 +274,7 @@ fn engine_delta(a: &Stats, b: &Stats) -> serde_json::Value {
         return json!(null);
     };
     // Before the first request the engine has no figures yet: count from zero.
-    let zero = SlotStats::new(&b.model, b.kv_budget_bytes);
+    let zero = ModelSchedulerStats::new(&b.model, b.kv_budget_bytes);
     let a = a.models.first().unwrap_or(&zero);
     let prompt = b.prompt_tokens - a.prompt_tokens;
     let cached = b.cached_prompt_tokens - a.cached_prompt_tokens;

@@ -296,7 +296,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use forgeline_engine::error::{ConfigError, Internal, Validation};
+    use forgeline_engine::error::{ConfigError, Internal, KvShortage, Validation};
     use forgeline_engine::Error as E;
     use std::sync::Arc;
     use std::time::Duration;
@@ -338,7 +338,20 @@ mod tests {
                 waiting: 3,
                 limit: 2,
             },
-            E::OutOfMemory("blocks".into()),
+            KvShortage::Prompt {
+                tokens: 300,
+                needed_blocks: 19,
+                cache_blocks: 16,
+                block_size: 16,
+            }
+            .into(),
+            KvShortage::Sequence {
+                tokens: 300,
+                needed_blocks: 19,
+                cache_blocks: 16,
+                block_size: 16,
+            }
+            .into(),
             E::Cancelled,
             E::DeadlineExceeded {
                 after: Duration::from_secs(1),

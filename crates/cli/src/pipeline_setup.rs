@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use clap::Args;
 use forgeline_engine::loader::LoadedModel;
-use forgeline_engine::scheduler::{default_kv_budget, LlmClient, SchedulerConfig, SlotConfig};
+use forgeline_engine::scheduler::{
+    default_kv_budget, LlmClient, ModelSchedulerConfig, SchedulerConfig,
+};
 use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
 use forgeline_sandbox::{Sandbox, SandboxConfig};
 
@@ -101,9 +103,9 @@ impl PipelineArgs {
 /// cache before the candidates waiting on it are admitted.
 fn pipeline_scheduler(base: SchedulerConfig, kv_budgets: &[usize]) -> SchedulerConfig {
     SchedulerConfig {
-        slot: SlotConfig {
+        per_model: ModelSchedulerConfig {
             max_running: 64,
-            ..base.slot
+            ..base.per_model
         },
         kv_budget_bytes: kv_budgets.iter().min().map(|b| 2 * b),
         ..base

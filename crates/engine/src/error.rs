@@ -46,8 +46,9 @@ pub enum Error {
     /// The waiting queue is full: the request was refused before it was queued.
     #[error("overloaded: {waiting} requests are waiting (limit {limit})")]
     Overloaded { waiting: usize, limit: usize },
+    /// The KV cache cannot hold a sequence: which one, by how many blocks, and what to do.
     #[error("out of KV cache memory: {0}")]
-    OutOfMemory(String),
+    OutOfMemory(#[from] KvShortage),
     /// The request was cancelled before it finished. The scheduler does not send it today (a
     /// dropped stream has no one to tell); callers that cancel on a caller's behalf do.
     #[error("the request was cancelled")]
@@ -155,6 +156,55 @@ impl Validation {
             V::Constraint { .. } | V::ConstrainedDecoding(_) => "response_format",
         }
     }
+}
+
+/// Why the KV cache cannot hold a sequence, in the cache's own units: blocks of `block_size`
+/// token positions. The cache's size per model is `SchedulerConfig::kv_budget_bytes` (by
+/// default derived from available memory, and at least one full context).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KvShortage {
+    /// A waiting request's tokens (its prompt, and what it generated before a preemption)
+    /// need more blocks than the whole cache has, with the first token to generate: it can
+    /// never be admitted.
+    #[error(
+        "the prompt's {tokens} tokens need {needed_blocks} blocks of {block_size} tokens, and \
+         the whole cache has {cache_blocks} ({} tokens): use a shorter prompt, or a larger KV \
+         cache (`SchedulerConfig::kv_budget_bytes`)",
+        cache_blocks * block_size
+    )]
+    Prompt {
+        tokens: usize,
+        needed_blocks: usize,
+        cache_blocks: usize,
+        block_size: usize,
+    },
+    /// A running request grew to `tokens` and would need more blocks than the whole cache
+    /// has, with no other request left to preempt.
+    #[error(
+        "the sequence grew to {tokens} tokens, which need {needed_blocks} blocks of \
+         {block_size} tokens, and the whole cache has {cache_blocks} ({} tokens): use a \
+         smaller `max_tokens` or a shorter prompt, or a larger KV cache \
+         (`SchedulerConfig::kv_budget_bytes`)",
+        cache_blocks * block_size
+    )]
+    Sequence {
+        tokens: usize,
+        needed_blocks: usize,
+        cache_blocks: usize,
+        block_size: usize,
+    },
+    /// `KvCache::reserve`: holding `tokens` positions needs `needed_blocks` more blocks than
+    /// the table has, and fewer are free now (nothing was allocated).
+    #[error(
+        "{tokens} tokens need {needed_blocks} more blocks of {block_size} tokens, and \
+         {free_blocks} are free: release other sequences' blocks first, or use a larger cache"
+    )]
+    Reserve {
+        tokens: usize,
+        needed_blocks: usize,
+        free_blocks: usize,
+        block_size: usize,
+    },
 }
 
 /// Settings of the engine itself that cannot work: the operator's mistake, found at start.
@@ -309,6 +359,46 @@ mod tests {
         assert_eq!(model.field(), "model");
         assert_eq!(model.to_string(), "unknown model `x` (loaded: a, b)");
         assert_eq!(Error::Cancelled.field(), None);
+    }
+
+    #[test]
+    fn a_kv_shortage_states_its_figures_and_the_remedy() {
+        let prompt = Error::from(KvShortage::Prompt {
+            tokens: 300,
+            needed_blocks: 19,
+            cache_blocks: 16,
+            block_size: 16,
+        });
+        assert_eq!(
+            prompt.to_string(),
+            "out of KV cache memory: the prompt's 300 tokens need 19 blocks of 16 tokens, and \
+             the whole cache has 16 (256 tokens): use a shorter prompt, or a larger KV cache \
+             (`SchedulerConfig::kv_budget_bytes`)"
+        );
+        let grown = Error::from(KvShortage::Sequence {
+            tokens: 300,
+            needed_blocks: 19,
+            cache_blocks: 16,
+            block_size: 16,
+        });
+        assert_eq!(
+            grown.to_string(),
+            "out of KV cache memory: the sequence grew to 300 tokens, which need 19 blocks of \
+             16 tokens, and the whole cache has 16 (256 tokens): use a smaller `max_tokens` or \
+             a shorter prompt, or a larger KV cache (`SchedulerConfig::kv_budget_bytes`)"
+        );
+        let reserve = Error::from(KvShortage::Reserve {
+            tokens: 9,
+            needed_blocks: 3,
+            free_blocks: 2,
+            block_size: 4,
+        });
+        assert_eq!(
+            reserve.to_string(),
+            "out of KV cache memory: 9 tokens need 3 more blocks of 4 tokens, and 2 are free: \
+             release other sequences' blocks first, or use a larger cache"
+        );
+        assert_eq!(reserve.field(), None);
     }
 
     #[test]

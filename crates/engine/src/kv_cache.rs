@@ -5,10 +5,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::ConfigError;
+use crate::error::{ConfigError, KvShortage};
 use crate::memory::ForkExcluded;
 use crate::model::ModelConfig;
-use crate::{Error, Result};
+use crate::Result;
 
 /// The blocks of one sequence, in position order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -176,11 +176,13 @@ impl KvCache {
     pub fn reserve(&mut self, table: &mut BlockTable, tokens: usize) -> Result<()> {
         let need = self.blocks_for(tokens).saturating_sub(table.blocks.len());
         if need > self.free.len() {
-            return Err(Error::OutOfMemory(format!(
-                "{tokens} tokens need {need} more blocks of {} tokens, {} are free",
-                self.block_size,
-                self.free.len()
-            )));
+            return Err(KvShortage::Reserve {
+                tokens,
+                needed_blocks: need,
+                free_blocks: self.free.len(),
+                block_size: self.block_size,
+            }
+            .into());
         }
         for _ in 0..need {
             let b = self.free.pop().expect("checked above");
@@ -241,6 +243,7 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
 
     #[test]
     fn cache_types_parse_by_name() {
@@ -279,7 +282,18 @@ mod tests {
         assert_eq!(kv.free_blocks(), 0);
         let mut b = BlockTable::default();
         let err = kv.reserve(&mut b, 1).unwrap_err();
-        assert!(err.to_string().contains("0 are free"), "{err}");
+        let Error::OutOfMemory(short) = err else {
+            panic!("{err}")
+        };
+        assert_eq!(
+            short,
+            KvShortage::Reserve {
+                tokens: 1,
+                needed_blocks: 1,
+                free_blocks: 0,
+                block_size: 4
+            }
+        );
         assert!(b.is_empty());
         kv.release(&mut a);
         assert_eq!(kv.free_blocks(), 3);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use forgeline_engine::chat::ChatMessage;
 use forgeline_engine::sampling::SamplingParams;
 use forgeline_engine::scheduler::{
-    Event, GenerateRequest, LlmClient, Priority, Prompt, SchedulerConfig, SlotConfig,
+    Event, GenerateRequest, LlmClient, ModelSchedulerConfig, Priority, Prompt, SchedulerConfig,
 };
 use forgeline_engine::stop::StopReason;
 use forgeline_engine::Error;
@@ -71,7 +71,7 @@ const QUESTIONS: [&str; 16] = [
 async fn greedy_output_is_the_same_alone_and_batched_with_15_others() {
     let c = client(SchedulerConfig {
         // Small steps: prompts are prefilled in chunks while others decode.
-        slot: SlotConfig {
+        per_model: ModelSchedulerConfig {
             step_tokens: 48,
             ..Default::default()
         },
@@ -107,7 +107,7 @@ async fn shared_prefixes_are_served_from_cache_with_identical_output() {
         )
     };
     let cold = client(SchedulerConfig {
-        slot: SlotConfig {
+        per_model: ModelSchedulerConfig {
             prefix_cache: false,
             ..Default::default()
         },
@@ -157,7 +157,7 @@ async fn a_small_kv_budget_preempts_and_recomputes_without_losing_requests() {
     }
     // Room for about three of the six sequences at their full length.
     let tight = client(SchedulerConfig {
-        slot: SlotConfig {
+        per_model: ModelSchedulerConfig {
             prefix_cache: false,
             ..Default::default()
         },
@@ -179,7 +179,7 @@ async fn a_small_kv_budget_preempts_and_recomputes_without_losing_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_stream_cancels_and_frees_kv() {
     let c = client(SchedulerConfig {
-        slot: SlotConfig {
+        per_model: ModelSchedulerConfig {
             prefix_cache: false,
             ..Default::default()
         },
@@ -215,7 +215,7 @@ async fn dropping_the_stream_cancels_and_frees_kv() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_fails_at_once_with_overloaded() {
     let c = client(SchedulerConfig {
-        slot: SlotConfig {
+        per_model: ModelSchedulerConfig {
             max_running: 1,
             ..Default::default()
         },
@@ -243,7 +243,7 @@ async fn a_full_queue_fails_at_once_with_overloaded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critical_work_overtakes_a_queue_of_normal_work() {
     let c = client(SchedulerConfig {
-        slot: SlotConfig {
+        per_model: ModelSchedulerConfig {
             max_running: 2,
             ..Default::default()
         },

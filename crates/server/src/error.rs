@@ -4,7 +4,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use forgeline_engine::error::Validation;
+use forgeline_engine::error::{KvShortage, Validation};
 use forgeline_engine::Error as EngineError;
 use serde_json::{json, Value};
 
@@ -164,9 +164,7 @@ impl ApiError {
             EngineError::Overloaded { waiting, limit } => Self::overloaded(format!(
                 "the server is overloaded ({waiting} requests are waiting, limit {limit}); retry later"
             )),
-            EngineError::OutOfMemory(m) => {
-                Self::unavailable(format!("out of KV cache memory: {m}"))
-            }
+            EngineError::OutOfMemory(short) => Self::unavailable(kv_shortage_message(short)),
             EngineError::Cancelled => Self::cancelled(),
             EngineError::DeadlineExceeded { after } => Self::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -201,6 +199,45 @@ impl ApiError {
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.status.as_u16(), self.message)
+    }
+}
+
+/// The client's side of a KV cache shortage: what did not fit, by how much, and what the
+/// client can change (the server's cache size is the operator's).
+fn kv_shortage_message(short: &KvShortage) -> String {
+    match *short {
+        KvShortage::Prompt {
+            tokens,
+            needed_blocks,
+            cache_blocks,
+            block_size,
+        } => format!(
+            "out of KV cache memory: the prompt's {tokens} tokens need {needed_blocks} blocks \
+             of {block_size} tokens, and the server's whole KV cache for this model has \
+             {cache_blocks} ({} tokens); send a shorter prompt",
+            cache_blocks * block_size
+        ),
+        KvShortage::Sequence {
+            tokens,
+            needed_blocks,
+            cache_blocks,
+            block_size,
+        } => format!(
+            "out of KV cache memory: the sequence grew to {tokens} tokens, which need \
+             {needed_blocks} blocks of {block_size} tokens, and the server's whole KV cache for \
+             this model has {cache_blocks} ({} tokens); ask for a smaller `max_tokens` or send \
+             a shorter prompt",
+            cache_blocks * block_size
+        ),
+        KvShortage::Reserve {
+            tokens,
+            needed_blocks,
+            free_blocks,
+            block_size,
+        } => format!(
+            "out of KV cache memory: {tokens} tokens need {needed_blocks} more blocks of \
+             {block_size} tokens, and {free_blocks} are free; retry later"
+        ),
     }
 }
 
@@ -311,8 +348,44 @@ mod tests {
         let r = e.into_response();
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
 
-        let e = map(EngineError::OutOfMemory("x".into()));
+        let e = map(EngineError::OutOfMemory(KvShortage::Sequence {
+            tokens: 300,
+            needed_blocks: 19,
+            cache_blocks: 16,
+            block_size: 16,
+        }));
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.kind, "server_error");
+        assert_eq!(
+            e.message,
+            "out of KV cache memory: the sequence grew to 300 tokens, which need 19 blocks of \
+             16 tokens, and the server's whole KV cache for this model has 16 (256 tokens); ask \
+             for a smaller `max_tokens` or send a shorter prompt"
+        );
+        let e = map(EngineError::OutOfMemory(KvShortage::Prompt {
+            tokens: 300,
+            needed_blocks: 19,
+            cache_blocks: 16,
+            block_size: 16,
+        }));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            e.message,
+            "out of KV cache memory: the prompt's 300 tokens need 19 blocks of 16 tokens, and \
+             the server's whole KV cache for this model has 16 (256 tokens); send a shorter prompt"
+        );
+        let e = map(EngineError::OutOfMemory(KvShortage::Reserve {
+            tokens: 40,
+            needed_blocks: 2,
+            free_blocks: 1,
+            block_size: 16,
+        }));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            e.message,
+            "out of KV cache memory: 40 tokens need 2 more blocks of 16 tokens, and 1 are free; \
+             retry later"
+        );
         for stopped in [
             Internal::EngineStopped,
             Internal::EngineThreadStopped,

@@ -97,7 +97,7 @@ impl Metrics {
     }
 
     fn render_engine(&self, out: &mut Text, stats: &Stats) {
-        type Get = fn(&forgeline_engine::scheduler::SlotStats) -> f64;
+        type Get = fn(&forgeline_engine::scheduler::ModelSchedulerStats) -> f64;
         let per_model: [(&str, &str, &str, Get); 14] = [
             (
                 "forgeline_queue_depth",
@@ -305,7 +305,7 @@ pub async fn track(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use forgeline_engine::scheduler::SlotStats;
+    use forgeline_engine::scheduler::ModelSchedulerStats;
 
     #[test]
     fn renders_requests_engine_stats_and_stages() {
@@ -317,16 +317,16 @@ mod tests {
         m.record_stage("planner", Duration::from_millis(1500), Some(false));
         m.record_stage("collector", Duration::from_millis(5), None);
         m.record_job("succeeded");
-        let mut slot = SlotStats::new("tiny \"m\"", 4096);
-        slot.running = 3;
-        slot.kv_used_bytes = 1024;
-        slot.prompt_tokens = 10;
-        slot.cached_prompt_tokens = 5;
-        slot.record_step(3, 3, Duration::from_millis(1));
+        let mut model = ModelSchedulerStats::new("tiny \"m\"", 4096);
+        model.running = 3;
+        model.kv_used_bytes = 1024;
+        model.prompt_tokens = 10;
+        model.cached_prompt_tokens = 5;
+        model.record_step(3, 3, Duration::from_millis(1));
         let stats = Stats {
             waiting: 2,
             running: 3,
-            models: vec![slot],
+            models: vec![model],
         };
         let text = m.render(&stats, 1);
         for line in [

@@ -34,11 +34,11 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-pub use policy::{SlotConfig, AGEING};
+pub use policy::{ModelSchedulerConfig, AGEING};
 pub use prefix_cache::PrefixCache;
 pub use request::{GenerateRequest, ModelLimits, Priority, Prompt, ValidRequest};
 pub use sequence::{Event, Usage};
-pub use stats::{SlotStats, Stats, BATCH_BUCKETS};
+pub use stats::{ModelSchedulerStats, Stats, BATCH_BUCKETS};
 
 use crate::chat::ChatTemplate;
 use crate::constraint::{Constraint, ConstraintState, Constraints};
@@ -54,7 +54,8 @@ use sequence::Seq;
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
-    pub slot: SlotConfig,
+    /// The policy's knobs, the same for each model's scheduler.
+    pub per_model: ModelSchedulerConfig,
     /// Requests waiting for admission, beyond which `generate` fails with `Overloaded`.
     pub max_waiting: usize,
     /// KV cache bytes per model; None derives it from available memory and the model.
@@ -66,7 +67,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
-            slot: SlotConfig::default(),
+            per_model: ModelSchedulerConfig::default(),
             max_waiting: 256,
             kv_budget_bytes: None,
             kv_dtype: KvCache::DEFAULT_DTYPE,
@@ -210,7 +211,7 @@ impl LlmClient {
             return Err(ConfigError::NoModels.into());
         }
         let n = models.len();
-        let mut slots = Vec::with_capacity(n);
+        let mut schedulers = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
         for m in models {
             if handles
@@ -242,7 +243,7 @@ impl LlmClient {
                     m.model.config().vocab_size,
                 )),
             });
-            slots.push(ModelScheduler::new(m, kv, cfg.slot.clone()));
+            schedulers.push(ModelScheduler::new(m, kv, cfg.per_model.clone()));
         }
         let (tx, rx) = mpsc::channel();
         let received = Arc::new(AtomicUsize::new(0));
@@ -252,7 +253,7 @@ impl LlmClient {
             let (received, waiting, stats) = (received.clone(), waiting.clone(), stats.clone());
             std::thread::Builder::new()
                 .name("forgeline-engine".into())
-                .spawn(move || engine_loop(slots, rx, &received, &waiting, &stats))
+                .spawn(move || engine_loop(schedulers, rx, &received, &waiting, &stats))
                 .map_err(Internal::ThreadSpawn)?
         };
         Ok(Self {
@@ -393,7 +394,7 @@ impl LlmClient {
 }
 
 fn engine_loop(
-    mut slots: Vec<ModelScheduler>,
+    mut schedulers: Vec<ModelScheduler>,
     rx: mpsc::Receiver<Command>,
     received: &AtomicUsize,
     waiting: &AtomicUsize,
@@ -401,7 +402,7 @@ fn engine_loop(
 ) {
     let mut open = true;
     loop {
-        let idle = slots.iter().all(|s| s.is_idle());
+        let idle = schedulers.iter().all(|s| s.is_idle());
         if idle && !open {
             return;
         }
@@ -432,23 +433,23 @@ fn engine_loop(
             match cmd {
                 Command::Submit(seq) => {
                     let m = seq.req.model;
-                    slots[m].submit(seq);
+                    schedulers[m].submit(seq);
                 }
             }
         }
-        for slot in &mut slots {
-            let _span = tracing::trace_span!("step", model = %slot.name()).entered();
-            slot.step();
+        for sched in &mut schedulers {
+            let _span = tracing::trace_span!("step", model = %sched.name()).entered();
+            sched.step();
         }
-        let never_admitted: usize = slots
+        let never_admitted: usize = schedulers
             .iter()
             .map(|s| s.waiting.iter().filter(|q| !q.was_admitted()).count())
             .sum();
         waiting.store(never_admitted, Ordering::SeqCst);
         if let Ok(mut st) = stats.lock() {
-            st.waiting = slots.iter().map(|s| s.waiting.len()).sum();
-            st.running = slots.iter().map(|s| s.running.len()).sum();
-            st.models = slots
+            st.waiting = schedulers.iter().map(|s| s.waiting.len()).sum();
+            st.running = schedulers.iter().map(|s| s.running.len()).sum();
+            st.models = schedulers
                 .iter()
                 .map(|s| {
                     let mut m = s.stats.clone();

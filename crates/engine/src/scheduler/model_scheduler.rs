@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::policy::{self, Gone, KvState, NoRoom, RunningSeq, SchedState, Scheduled};
-use super::policy::{SlotConfig, StepPlan, WaitingSeq};
+use super::policy::{ModelSchedulerConfig, StepPlan, WaitingSeq};
 use super::prefix_cache::PrefixCache;
 use super::runner::ModelRunner;
 use super::sequence::Seq;
-use super::stats::SlotStats;
-use crate::error::Internal;
+use super::stats::ModelSchedulerStats;
+use crate::error::{Internal, KvShortage};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
 use crate::model::SeqInput;
@@ -28,14 +28,14 @@ pub(crate) struct ModelScheduler {
     context_length: usize,
     kv: KvCache,
     cache: PrefixCache,
-    cfg: SlotConfig,
+    cfg: ModelSchedulerConfig,
     pub waiting: Vec<Seq>,
     pub running: Vec<Seq>,
-    pub stats: SlotStats,
+    pub stats: ModelSchedulerStats,
 }
 
 impl ModelScheduler {
-    pub fn new(model: LoadedModel, kv: KvCache, cfg: SlotConfig) -> Self {
+    pub fn new(model: LoadedModel, kv: KvCache, cfg: ModelSchedulerConfig) -> Self {
         let context_length = model.model.config().context_length;
         Self::with_runner(
             model.info.name,
@@ -53,10 +53,10 @@ impl ModelScheduler {
         tokenizer: Tokenizer,
         context_length: usize,
         kv: KvCache,
-        cfg: SlotConfig,
+        cfg: ModelSchedulerConfig,
     ) -> Self {
         Self {
-            stats: SlotStats::new(&name, kv.capacity_bytes()),
+            stats: ModelSchedulerStats::new(&name, kv.capacity_bytes()),
             cache: PrefixCache::new(kv.block_size()),
             name,
             runner,
@@ -212,16 +212,20 @@ impl ModelScheduler {
         }
         for &(id, why) in &plan.fail {
             let Some(mut s) = self.take(id) else { continue };
+            let (cache_blocks, block_size) = (self.kv.num_blocks(), self.kv.block_size());
             s.fail(Error::OutOfMemory(match why {
-                NoRoom::Prompt { blocks } => format!(
-                    "the prompt needs {blocks} KV blocks; the cache has {} in all",
-                    self.kv.num_blocks()
-                ),
-                NoRoom::Sequence { tokens } => format!(
-                    "a sequence of {tokens} tokens does not fit in the KV cache ({} blocks of {})",
-                    self.kv.num_blocks(),
-                    self.kv.block_size()
-                ),
+                NoRoom::Prompt { blocks } => KvShortage::Prompt {
+                    tokens: s.tokens.len(),
+                    needed_blocks: blocks,
+                    cache_blocks,
+                    block_size,
+                },
+                NoRoom::Sequence { tokens } => KvShortage::Sequence {
+                    tokens,
+                    needed_blocks: self.kv.blocks_for(tokens),
+                    cache_blocks,
+                    block_size,
+                },
             }));
             self.kv.release(&mut s.table);
         }

@@ -86,7 +86,7 @@ fn harness() -> Harness {
         tokenizer(dir.path()),
         cfg.context_length,
         kv,
-        SlotConfig::default(),
+        ModelSchedulerConfig::default(),
     );
     Harness {
         sched,

@@ -17,9 +17,9 @@ use super::request::Priority;
 /// A waiting request gains one priority class per this much waiting.
 pub const AGEING: Duration = Duration::from_secs(2);
 
-/// The knobs of the policy.
+/// The knobs of the policy: one model's scheduler's settings (`SchedulerConfig::per_model`).
 #[derive(Clone, Debug)]
-pub struct SlotConfig {
+pub struct ModelSchedulerConfig {
     /// Tokens in one forward pass (decode tokens plus prompt chunks).
     pub step_tokens: usize,
     /// Sequences running at once.
@@ -28,7 +28,7 @@ pub struct SlotConfig {
     pub prefix_cache: bool,
 }
 
-impl Default for SlotConfig {
+impl Default for ModelSchedulerConfig {
     fn default() -> Self {
         Self {
             step_tokens: 512,
@@ -181,7 +181,7 @@ impl Room {
 }
 
 /// Decides one step. Pure: the same state gives the same plan.
-pub fn schedule(state: &SchedState, cfg: &SlotConfig) -> StepPlan {
+pub fn schedule(state: &SchedState, cfg: &ModelSchedulerConfig) -> StepPlan {
     let kv = &state.kv;
     let bs = kv.block_size;
     let mut plan = StepPlan::default();

@@ -16,8 +16,8 @@ fn at(secs: f64) -> Instant {
     base() + Duration::from_secs_f64(secs)
 }
 
-fn cfg(step_tokens: usize, max_running: usize) -> SlotConfig {
-    SlotConfig {
+fn cfg(step_tokens: usize, max_running: usize) -> ModelSchedulerConfig {
+    ModelSchedulerConfig {
         step_tokens,
         max_running,
         prefix_cache: true,
@@ -307,7 +307,7 @@ fn a_request_waits_for_a_prefix_another_is_computing() {
         vec![running(1, &r, 8, Priority::Normal)],
         room,
     );
-    let no_cache = SlotConfig {
+    let no_cache = ModelSchedulerConfig {
         prefix_cache: false,
         ..cfg(512, 8)
     };

@@ -8,8 +8,9 @@ use serde::Serialize;
 /// Batch sizes are counted in these buckets (upper bounds; the last is open).
 pub const BATCH_BUCKETS: [usize; 7] = [1, 2, 4, 8, 16, 32, usize::MAX];
 
+/// One model's scheduler: its queue, its steps, its tokens and its KV cache.
 #[derive(Clone, Debug, Serialize)]
-pub struct SlotStats {
+pub struct ModelSchedulerStats {
     pub model: String,
     pub waiting: usize,
     pub running: usize,
@@ -34,7 +35,7 @@ pub struct SlotStats {
     computed_tokens: u64,
 }
 
-impl SlotStats {
+impl ModelSchedulerStats {
     pub fn new(model: &str, kv_budget_bytes: usize) -> Self {
         Self {
             model: model.to_string(),
@@ -81,11 +82,12 @@ impl SlotStats {
     }
 }
 
+/// The whole engine: totals over its models, and each model's own.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Stats {
     pub waiting: usize,
     pub running: usize,
-    pub models: Vec<SlotStats>,
+    pub models: Vec<ModelSchedulerStats>,
 }
 
 impl Stats {
