@@ -3,12 +3,11 @@
 //! synthesis.
 
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::job::JobContext;
 use crate::planning::{Dag, TaskSpec};
 use crate::retry::SubtaskResult;
-use crate::stage::Stage;
+use crate::stage::StageOutput;
 use crate::trace::EventStatus;
 use crate::workers::{Artifact, WorkerKind};
 
@@ -67,9 +66,9 @@ pub fn covering_tests<'a>(
         .collect()
 }
 
-pub fn collect(ctx: &JobContext, dag: &Dag, results: &[SubtaskResult]) -> Collected {
-    let started = ctx.rec.elapsed_ms();
-    let module = ctx.module_name();
+/// The subtasks' outputs in DAG order, each with what it depended on, its target file and
+/// the tests that covered it; the subtasks that produced nothing, with why.
+pub fn collect(dag: &Dag, results: &[SubtaskResult], module: &str) -> Collected {
     let mut c = Collected::default();
     for r in results {
         let Some(a) = &r.artifact else {
@@ -82,7 +81,7 @@ pub fn collect(ctx: &JobContext, dag: &Dag, results: &[SubtaskResult]) -> Collec
             kind: spec.kind,
             primary: spec.primary,
             depends_on: spec.depends_on.clone(),
-            target: target_of(spec.kind, &module),
+            target: target_of(spec.kind, module),
             covered_by: covering_tests(spec, results)
                 .into_iter()
                 .map(|t| t.spec.id.clone())
@@ -91,30 +90,34 @@ pub fn collect(ctx: &JobContext, dag: &Dag, results: &[SubtaskResult]) -> Collec
             artifact: a.clone(),
         });
     }
-    ctx.rec.stage(
-        Stage::Collector,
-        None,
-        started,
-        json!({"results": results.iter().map(|r| json!({"subtask": r.spec.id, "passed": r.passed, "stopped": r.stopped})).collect::<Vec<_>>()}),
-        json!({"outputs": c.outputs.iter().map(|o| json!({"subtask": o.subtask, "kind": o.kind, "target": o.target, "covered_by": o.covered_by, "passed": o.passed, "depends_on": o.depends_on})).collect::<Vec<_>>(), "missing": c.missing}),
-    );
-    ctx.rec.event(
-        Stage::Collector,
-        EventStatus::Finished,
-        None,
-        None,
-        format!(
-            "{} outputs ({} validated){}",
-            c.outputs.len(),
-            c.outputs.iter().filter(|o| o.passed).count(),
-            if c.missing.is_empty() {
-                String::new()
-            } else {
-                format!(", {} missing", c.missing.len())
-            }
-        ),
-    );
     c
+}
+
+/// The collector's input as the trace shows it.
+pub fn trace_input(results: &[SubtaskResult]) -> Value {
+    json!({"results": results.iter().map(|r| json!({"subtask": r.spec.id, "passed": r.passed, "stopped": r.stopped})).collect::<Vec<_>>()})
+}
+
+impl StageOutput for Collected {
+    fn trace_output(&self) -> Value {
+        json!({"outputs": self.outputs.iter().map(|o| json!({"subtask": o.subtask, "kind": o.kind, "target": o.target, "covered_by": o.covered_by, "passed": o.passed, "depends_on": o.depends_on})).collect::<Vec<_>>(), "missing": self.missing})
+    }
+
+    fn outcome(&self) -> (EventStatus, String) {
+        let missing = if self.missing.is_empty() {
+            String::new()
+        } else {
+            format!(", {} missing", self.missing.len())
+        };
+        (
+            EventStatus::Finished,
+            format!(
+                "{} outputs ({} validated){missing}",
+                self.outputs.len(),
+                self.outputs.iter().filter(|o| o.passed).count(),
+            ),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -145,6 +148,7 @@ mod tests {
             attempts: vec![],
             passed,
             stopped: String::new(),
+            log: vec![],
         }
     }
 

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
 use crate::collector::covering_tests;
@@ -14,7 +14,7 @@ use crate::job::JobContext;
 use crate::planning::{Dag, TaskSpec};
 use crate::retry::{self, SubtaskResult};
 use crate::router::Route;
-use crate::stage::Stage;
+use crate::stage::{Stage, StageOutput};
 use crate::trace::EventStatus;
 use crate::validators::Evidence;
 use crate::workers::{KindStats, WorkerStats};
@@ -25,6 +25,34 @@ pub struct Dispatched {
     pub results: Vec<SubtaskResult>,
     /// The workers' figures by kind name.
     pub workers: BTreeMap<String, KindStats>,
+    /// Subtask ids in the order they were dispatched.
+    pub order: Vec<String>,
+    /// The most subtasks that ran at once.
+    pub max_running: usize,
+}
+
+/// The dispatcher's input as the trace shows it.
+pub fn trace_input(dag: &Dag, max_concurrent: usize) -> Value {
+    json!({"tasks": dag.specs.iter().map(|s| &s.id).collect::<Vec<_>>(), "max_concurrent": max_concurrent})
+}
+
+impl StageOutput for Dispatched {
+    fn trace_output(&self) -> Value {
+        json!({"dispatch_order": self.order, "max_running": self.max_running,
+               "workers": self.workers})
+    }
+
+    fn outcome(&self) -> (EventStatus, String) {
+        let passed = self.results.iter().filter(|r| r.passed).count();
+        (
+            EventStatus::Finished,
+            format!(
+                "{} subtask(s) run, {passed} passed their checks, at most {} at once",
+                self.results.len(),
+                self.max_running
+            ),
+        )
+    }
 }
 
 /// Runs every subtask of the DAG.
@@ -35,7 +63,6 @@ pub async fn dispatch(
     evidence: &Evidence,
 ) -> Dispatched {
     let workers = Arc::new(WorkerStats::default());
-    let started = ctx.rec.elapsed_ms();
     let limit = ctx.config().limits.max_concurrent_workers;
     let mut pending: Vec<TaskSpec> = dag.specs.clone();
     let mut done: HashMap<String, SubtaskResult> = HashMap::new();
@@ -62,7 +89,7 @@ pub async fn dispatch(
                 .into_iter()
                 .filter_map(|d| d.artifact.as_ref()?.code.clone())
                 .collect();
-            ctx.rec.event(
+            ctx.progress(
                 Stage::Dispatcher,
                 EventStatus::Progress,
                 Some(&spec.id),
@@ -96,19 +123,12 @@ pub async fn dispatch(
                     verdict: None,
                     attempts: Vec::new(),
                     passed: false,
+                    log: Vec::new(),
                 }
             }
         };
         done.insert(result.spec.id.clone(), result);
     }
-    ctx.rec.stage(
-        Stage::Dispatcher,
-        None,
-        started,
-        json!({"tasks": dag.specs.iter().map(|s| &s.id).collect::<Vec<_>>(), "max_concurrent": limit}),
-        json!({"dispatch_order": order, "max_running": max_running,
-               "workers": workers.snapshot()}),
-    );
     Dispatched {
         results: dag
             .specs
@@ -116,5 +136,7 @@ pub async fn dispatch(
             .filter_map(|s| done.remove(&s.id))
             .collect(),
         workers: workers.snapshot(),
+        order,
+        max_running,
     }
 }

@@ -3,13 +3,13 @@
 //! for a holistic verdict against the original task; on failure the synthesizer retries
 //! with its feedback, a bounded number of times, keeping the best revision.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::job::JobContext;
 use crate::orchestrator::main_kind;
 use crate::planning::TaskSpec;
 use crate::router::Route;
-use crate::stage::{LlmStage, Stage};
+use crate::stage::{LlmStage, StageOutput};
 use crate::synthesizer::{self, Synthesis};
 use crate::trace::EventStatus;
 use crate::validators::{self, CheckName, Evidence, Verdict};
@@ -59,143 +59,119 @@ async fn check(ctx: &JobContext, route: &Route, s: &mut Synthesis, evidence: &Ev
     v
 }
 
-/// Validates the synthesis, re-synthesizing on failure; returns the best revision.
-pub async fn validate_and_retry(
-    ctx: &JobContext,
-    route: &Route,
-    s: Synthesis,
-    evidence: &Evidence,
-) -> Result<(Synthesis, Verdict)> {
-    let mut best = first_check(ctx, route, s, evidence).await;
-    let retries = ctx.config().limits.max_synthesis_retries;
-    if let Some(why) = no_retry(&best, retries) {
-        ctx.rec.stage(
-            Stage::SynthesizerRetry,
-            None,
-            ctx.rec.elapsed_ms(),
-            json!({"max_retries": retries}),
-            json!({"skipped": why}),
-        );
-        ctx.rec.event(
-            Stage::SynthesizerRetry,
-            EventStatus::Skipped,
-            None,
-            None,
-            why,
-        );
-        return Ok(best);
-    }
-    for r in 0..retries {
-        retry(ctx, route, &mut best, evidence, r + 1).await?;
-        if best.1.passed {
-            break;
-        }
-    }
-    Ok(best)
+/// A synthesis and the final validator's verdict on it.
+pub struct Checked {
+    pub synthesis: Synthesis,
+    pub verdict: Verdict,
 }
 
-/// The final validator on the first synthesis.
-async fn first_check(
-    ctx: &JobContext,
-    route: &Route,
-    mut s: Synthesis,
-    evidence: &Evidence,
-) -> (Synthesis, Verdict) {
-    let started = ctx.rec.elapsed_ms();
-    ctx.rec.event(
-        Stage::FinalValidator,
-        EventStatus::Started,
-        None,
-        None,
-        "checking the whole result",
-    );
-    let v = check(ctx, route, &mut s, evidence).await;
-    ctx.rec.stage(
-        Stage::FinalValidator,
-        None,
-        started,
-        json!({"revision": s.revision}),
-        json!({"verdict": v}),
-    );
-    ctx.rec.event(
-        Stage::FinalValidator,
-        EventStatus::of(v.passed),
-        None,
-        Some(1),
-        if v.passed {
+impl Checked {
+    /// Better than `other`: a pass beats a failure, then the higher score.
+    fn beats(&self, other: &Checked) -> bool {
+        (self.verdict.passed, self.verdict.score) > (other.verdict.passed, other.verdict.score)
+    }
+}
+
+impl StageOutput for Checked {
+    fn trace_output(&self) -> Value {
+        json!({"verdict": self.verdict})
+    }
+
+    fn outcome(&self) -> (EventStatus, String) {
+        let v = &self.verdict;
+        let msg = if v.passed {
             "passed".to_string()
         } else {
             v.feedback.lines().next().unwrap_or("failed").to_string()
-        },
-    );
-    (s, v)
+        };
+        (EventStatus::of(v.passed), msg)
+    }
 }
 
-/// Why no re-synthesis is tried, if none is.
-fn no_retry(first: &(Synthesis, Verdict), retries: usize) -> Option<&'static str> {
-    if first.1.passed {
+/// The final validator on a synthesis.
+pub async fn first_check(
+    ctx: &JobContext,
+    route: &Route,
+    mut synthesis: Synthesis,
+    evidence: &Evidence,
+) -> Result<Checked> {
+    let verdict = check(ctx, route, &mut synthesis, evidence).await;
+    Ok(Checked { synthesis, verdict })
+}
+
+/// Why no re-synthesis is tried after the first check, if none is.
+pub fn no_retry(first: &Checked, retries: usize) -> Option<&'static str> {
+    if first.verdict.passed {
         Some("not needed")
     } else if retries == 0 {
         Some("no retries allowed")
-    } else if first.0.module.is_none() {
+    } else if first.synthesis.module.is_none() {
         Some("nothing to re-synthesize")
     } else {
         None
     }
 }
 
-/// Re-synthesis number `n` from the best revision's feedback; kept if it does better.
-async fn retry(
-    ctx: &JobContext,
-    route: &Route,
-    best: &mut (Synthesis, Verdict),
-    evidence: &Evidence,
-    n: usize,
-) -> Result<()> {
-    let started = ctx.rec.elapsed_ms();
-    ctx.rec.event(
-        Stage::SynthesizerRetry,
-        EventStatus::Started,
-        None,
-        Some(n),
-        "re-synthesizing with the final feedback",
-    );
-    let Some(mut next) = synthesizer::repair(ctx, route, &best.0, &best.1.feedback).await? else {
-        ctx.rec.event(
-            Stage::SynthesizerRetry,
-            EventStatus::Failed,
-            None,
-            Some(n),
-            "the model answered without code",
-        );
-        return Ok(());
-    };
-    let v = check(ctx, route, &mut next, evidence).await;
-    let improved = (v.passed, v.score) > (best.1.passed, best.1.score);
-    ctx.rec.stage(
-        Stage::SynthesizerRetry,
-        None,
-        started,
-        json!({"feedback": best.1.feedback}),
-        json!({"synthesis": next, "verdict": v, "kept": improved}),
-    );
-    ctx.rec.event(
-        Stage::SynthesizerRetry,
-        EventStatus::of(v.passed),
-        None,
-        Some(n),
-        format!(
+/// One re-synthesis and its check.
+pub struct Revision {
+    /// None when the model answered without code.
+    pub checked: Option<Checked>,
+    /// It does better than the best revision before it, and replaces it.
+    pub kept: bool,
+}
+
+impl StageOutput for Revision {
+    fn trace_output(&self) -> Value {
+        match &self.checked {
+            Some(c) => json!({"synthesis": c.synthesis, "verdict": c.verdict, "kept": self.kept}),
+            None => json!({"synthesis": null, "kept": false}),
+        }
+    }
+
+    fn outcome(&self) -> (EventStatus, String) {
+        let Some(c) = &self.checked else {
+            return (
+                EventStatus::Failed,
+                "the model answered without code".into(),
+            );
+        };
+        let passed = c.verdict.passed;
+        let msg = format!(
             "{}{}",
-            if v.passed { "passed" } else { "failed" },
-            if improved {
+            if passed { "passed" } else { "failed" },
+            if self.kept {
                 "; kept"
             } else {
                 "; the previous revision stays"
             }
-        ),
-    );
-    if improved {
-        *best = (next, v);
+        );
+        (EventStatus::of(passed), msg)
     }
-    Ok(())
+}
+
+/// Re-synthesizes the best revision with its feedback and checks the new one.
+pub async fn retry(
+    ctx: &JobContext,
+    route: &Route,
+    best: &Checked,
+    evidence: &Evidence,
+) -> Result<Revision> {
+    let Some(mut next) =
+        synthesizer::repair(ctx, route, &best.synthesis, &best.verdict.feedback).await?
+    else {
+        return Ok(Revision {
+            checked: None,
+            kept: false,
+        });
+    };
+    let verdict = check(ctx, route, &mut next, evidence).await;
+    let checked = Checked {
+        synthesis: next,
+        verdict,
+    };
+    let kept = checked.beats(best);
+    Ok(Revision {
+        checked: Some(checked),
+        kept,
+    })
 }

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::job::{JobContext, JobResult};
-use crate::stage::Stage;
+use crate::stage::StageOutput;
 use crate::synthesizer::FileRole;
 use crate::trace::EventStatus;
 use crate::{Error, Result};
@@ -34,10 +34,28 @@ impl std::str::FromStr for Format {
     }
 }
 
+/// A result rendered in a format.
+pub struct Rendered {
+    pub format: Format,
+    pub text: String,
+}
+
+impl StageOutput for Rendered {
+    fn trace_output(&self) -> Value {
+        json!({"bytes": self.text.len()})
+    }
+
+    fn outcome(&self) -> (EventStatus, String) {
+        (
+            EventStatus::Finished,
+            format!("{:?} report, {} bytes", self.format, self.text.len()),
+        )
+    }
+}
+
 /// Renders the result in a format.
-pub fn render(ctx: &JobContext, result: &JobResult, format: Format) -> Result<String> {
-    let started = ctx.rec.elapsed_ms();
-    let out = match format {
+pub fn render(ctx: &JobContext, result: &JobResult, format: Format) -> Result<Rendered> {
+    let text = match format {
         Format::Md => ctx
             .prompts()
             .render_report(json!({"result": result, "task": ctx.task.task}))?,
@@ -51,21 +69,7 @@ pub fn render(ctx: &JobContext, result: &JobResult, format: Format) -> Result<St
         },
         Format::Json => serde_json::to_string_pretty(result).map_err(Error::Json)? + "\n",
     };
-    ctx.rec.stage(
-        Stage::Formatter,
-        None,
-        started,
-        json!({"format": format}),
-        json!({"bytes": out.len()}),
-    );
-    ctx.rec.event(
-        Stage::Formatter,
-        EventStatus::Finished,
-        None,
-        None,
-        format!("{format:?} report, {} bytes", out.len()),
-    );
-    Ok(out)
+    Ok(Rendered { format, text })
 }
 
 /// The files a job may write besides figures: what `--out` checks before any work starts.

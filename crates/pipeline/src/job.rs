@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use crate::collector;
 use crate::config::PipelineConfig;
 use crate::dispatcher;
-use crate::final_validation;
+use crate::final_validation::{self, Checked};
 use crate::formatter::{self, Format};
 use crate::llm::LanguageModel;
 use crate::orchestrator::{self, Plan};
@@ -27,7 +27,7 @@ use crate::prompts::{Prompts, RenderedPrompt};
 use crate::python;
 use crate::retry::SubtaskResult;
 use crate::router::{self, Route, RouteKind};
-use crate::stage::{LlmStage, Stage};
+use crate::stage::{LlmStage, Stage, StageOutput};
 use crate::synthesizer::{FileRole, OutputFile, Synthesis};
 use crate::task::TaskRequest;
 use crate::trace::{EventStatus, JobEvent, LlmCallRecord, Recorder, TraceData};
@@ -151,16 +151,69 @@ impl LlmCall {
     }
 }
 
-/// One job's view of the pipeline: its task and recorder, and the pipeline's shared parts
-/// (read through `Shared`, the one copy). Cheap to clone.
+/// One job's view of the pipeline: its task, and the pipeline's shared parts (read through
+/// `Shared`, the one copy). Stages make their LLM calls through it (each recorded in the
+/// trace) and report progress; the trace of the stages themselves is the pipeline's to
+/// write (`JobContext::step`). Cheap to clone.
 #[derive(Clone)]
 pub struct JobContext {
     shared: Arc<Shared>,
-    pub rec: Recorder,
+    rec: Recorder,
     pub task: Arc<TaskRequest>,
 }
 
 impl JobContext {
+    /// Milliseconds since the job started.
+    pub fn elapsed_ms(&self) -> u64 {
+        self.rec.elapsed_ms()
+    }
+
+    /// A live progress event (a subtask dispatched, a candidate checked): for a terminal's
+    /// progress and the server's event stream, not the trace.
+    pub fn progress(
+        &self,
+        stage: Stage,
+        status: EventStatus,
+        subtask: Option<&str>,
+        attempt: Option<usize>,
+        message: impl Into<String>,
+    ) {
+        self.rec.event(stage, status, subtask, attempt, message);
+    }
+
+    /// Runs one stage of the job and records it: a started event, the stage, then its
+    /// trace record (the input as given, the output as it shows itself) and its end event.
+    async fn step<T: StageOutput>(
+        &self,
+        stage: Stage,
+        attempt: Option<usize>,
+        doing: &str,
+        input: Value,
+        run: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let started = self.rec.elapsed_ms();
+        self.rec
+            .event(stage, EventStatus::Started, None, attempt, doing);
+        let out = run.await?;
+        self.rec
+            .stage(stage, None, started, input, out.trace_output());
+        let (status, message) = out.outcome();
+        self.rec.event(stage, status, None, attempt, message);
+        Ok(out)
+    }
+
+    /// Records a stage this job does not need, and why.
+    fn skip(&self, stage: Stage, input: Value, why: &str) {
+        self.rec.stage(
+            stage,
+            None,
+            self.rec.elapsed_ms(),
+            input,
+            json!({"skipped": why}),
+        );
+        self.rec.event(stage, EventStatus::Skipped, None, None, why);
+    }
+
     pub fn config(&self) -> &PipelineConfig {
         &self.shared.config
     }
@@ -448,21 +501,85 @@ impl Pipeline {
 
     async fn run_stages(&self, ctx: &JobContext, format: Format) -> Result<JobOutcome> {
         let task = ctx.task.clone();
-        let route = router::route(ctx, &task).await?;
-        let plan = orchestrator::plan(ctx, &task, &route).await?;
-        let dag = planning::plan_dag(ctx, &plan, &route);
+        let limits = &ctx.config().limits;
+        let router::Routed { route, .. } = ctx
+            .step(
+                Stage::Router,
+                None,
+                "routing the task",
+                json!({"task": task.task, "files": task.file_names(), "tests_supplied": task.tests.is_some()}),
+                router::route(ctx, &task),
+            )
+            .await?;
+        let orchestrator::Planned { plan, .. } = ctx
+            .step(
+                Stage::Orchestrator,
+                None,
+                "planning subtasks",
+                json!({"task": task.task, "route": route.kind}),
+                orchestrator::plan(ctx, &task, &route),
+            )
+            .await?;
+        let dag = ctx
+            .step(
+                Stage::Planning,
+                None,
+                "building the DAG",
+                json!({"plan": plan}),
+                async { Ok(planning::build_dag(&plan, &route, limits.max_subtasks)) },
+            )
+            .await?;
         let evidence = Evidence {
             module: ctx.module_name(),
             examples: python::examples_test(&ctx.module_name(), &route.examples),
             supplied: task.tests.clone(),
             generated: Vec::new(),
         };
-        let dispatcher::Dispatched { results, workers } =
-            dispatcher::dispatch(ctx, &route, &dag, &evidence).await;
-        let collected = collector::collect(ctx, &dag, &results);
-        let synthesis = crate::synthesizer::synthesize(ctx, &route, &collected).await?;
-        let (synthesis, verdict) =
-            final_validation::validate_and_retry(ctx, &route, synthesis, &evidence).await?;
+        let dispatched = ctx
+            .step(
+                Stage::Dispatcher,
+                None,
+                "dispatching subtasks",
+                dispatcher::trace_input(&dag, limits.max_concurrent_workers),
+                async {
+                    let mut d = dispatcher::dispatch(ctx, &route, &dag, &evidence).await;
+                    // The subtasks' own steps, in the order they finished (before the
+                    // dispatcher did).
+                    let mut steps: Vec<_> = d
+                        .results
+                        .iter_mut()
+                        .flat_map(|r| std::mem::take(&mut r.log))
+                        .collect();
+                    steps.sort_by_key(|s| s.started_ms + s.duration_ms);
+                    ctx.rec.stages(steps);
+                    Ok(d)
+                },
+            )
+            .await?;
+        let dispatcher::Dispatched {
+            results, workers, ..
+        } = dispatched;
+        let collected = ctx
+            .step(
+                Stage::Collector,
+                None,
+                "collecting outputs",
+                collector::trace_input(&results),
+                async { Ok(collector::collect(&dag, &results, MODULE_NAME)) },
+            )
+            .await?;
+        let synthesis = ctx
+            .step(
+                Stage::Synthesizer,
+                None,
+                "integrating outputs",
+                json!({"outputs": collected.outputs.iter().map(|o| &o.subtask).collect::<Vec<_>>()}),
+                crate::synthesizer::synthesize(ctx, &route, &collected),
+            )
+            .await?;
+        let Checked { synthesis, verdict } = self
+            .final_validation(ctx, &route, synthesis, &evidence)
+            .await?;
         let trace = ctx.rec.snapshot();
         let mut notes: Vec<String> = dag.repairs.iter().map(|r| format!("plan: {r}")).collect();
         if let Some(f) = &plan.fallback {
@@ -497,7 +614,16 @@ impl Pipeline {
             llm_calls: trace.llm_calls.len(),
             wall_ms: ctx.rec.elapsed_ms(),
         };
-        let rendered = formatter::render(ctx, &result, format)?;
+        let rendered = ctx
+            .step(
+                Stage::Formatter,
+                None,
+                "rendering the result",
+                json!({"format": format}),
+                async { formatter::render(ctx, &result, format) },
+            )
+            .await?
+            .text;
         result.wall_ms = ctx.rec.elapsed_ms();
         let TraceData { stages, llm_calls } = ctx.rec.snapshot();
         let trace = JobTrace {
@@ -521,6 +647,56 @@ impl Pipeline {
             rendered,
             trace,
         })
+    }
+}
+
+impl Pipeline {
+    /// Stages 12 and 13: the final validator on the synthesis, then re-syntheses from the
+    /// best revision's feedback while they are allowed and it has not passed.
+    async fn final_validation(
+        &self,
+        ctx: &JobContext,
+        route: &Route,
+        synthesis: Synthesis,
+        evidence: &Evidence,
+    ) -> Result<Checked> {
+        let revision = synthesis.revision;
+        let mut best = ctx
+            .step(
+                Stage::FinalValidator,
+                Some(1),
+                "checking the whole result",
+                json!({"revision": revision}),
+                final_validation::first_check(ctx, route, synthesis, evidence),
+            )
+            .await?;
+        let retries = ctx.config().limits.max_synthesis_retries;
+        if let Some(why) = final_validation::no_retry(&best, retries) {
+            ctx.skip(
+                Stage::SynthesizerRetry,
+                json!({"max_retries": retries}),
+                why,
+            );
+            return Ok(best);
+        }
+        for n in 1..=retries {
+            let revision = ctx
+                .step(
+                    Stage::SynthesizerRetry,
+                    Some(n),
+                    "re-synthesizing with the final feedback",
+                    json!({"feedback": best.verdict.feedback}),
+                    final_validation::retry(ctx, route, &best, evidence),
+                )
+                .await?;
+            if let (true, Some(c)) = (revision.kept, revision.checked) {
+                best = c;
+            }
+            if best.verdict.passed {
+                break;
+            }
+        }
+        Ok(best)
     }
 }
 

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! # Layout
-//! - `job`: `Pipeline` (shared by jobs), `JobContext` (one job; its LLM calls), `run`.
+//! - `job`: `Pipeline` (shared by jobs), `JobContext` (one job; its LLM calls and progress),
+//!   `run`: passes each stage's typed output to the next and records every stage in the
+//!   trace (`JobContext::step`); the stages themselves never write to it.
 //! - `task`: what a user asks for (`TaskRequest`, `ContextFile`).
 //! - `config`: per-stage model, sampling and token limits; per-job limits (`forgeline.toml`).
 //! - `prompts`: the stage templates (`prompts/*.j2`), overridable from a directory.
@@ -30,7 +32,8 @@
 //! - `final_validation`: stages 12 and 13, the whole result checked; bounded retry.
 //! - `formatter`: stage 14, markdown, code or JSON; files written out.
 //! - `stage`: the stages' names: `Stage` (trace, events, metrics) and `LlmStage` (the
-//!   stages that call a model: config keys and template names).
+//!   stages that call a model: config keys and template names); `StageOutput`, how a
+//!   stage's output shows in the trace and its end event.
 //! - `trace`: live `JobEvent`s and the recorded trace.
 //! - `python`: light structural reads of Python source (blocks, signatures, examples).
 //! - `eval`: HumanEval-format evaluation, pipeline or single-call baseline.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::job::{JobContext, LlmCall};
 use crate::router::{Route, RouteKind};
-use crate::stage::{LlmStage, Stage};
+use crate::stage::{LlmStage, StageOutput};
 use crate::task::TaskRequest;
 use crate::trace::EventStatus;
 use crate::workers::WorkerKind;
@@ -182,16 +182,42 @@ fn first_line(text: &str) -> String {
     line.chars().take(200).collect()
 }
 
+/// The orchestrator's output: the plan, and the model's answer it came from.
+pub struct Planned {
+    pub plan: Plan,
+    pub answer: String,
+}
+
+impl StageOutput for Planned {
+    fn trace_output(&self) -> Value {
+        json!({"answer": self.answer, "plan": self.plan})
+    }
+
+    fn outcome(&self) -> (EventStatus, String) {
+        let plan = &self.plan;
+        let msg = match (&plan.fallback, &plan.cut) {
+            (Some(r), _) => format!("one-subtask plan: {r}"),
+            (None, cut) => format!(
+                "{} subtasks{}: {}",
+                plan.subtasks.len(),
+                if cut.is_some() {
+                    " (those finished before the token budget cut the plan off)"
+                } else {
+                    ""
+                },
+                plan.subtasks
+                    .iter()
+                    .map(|s| format!("{} ({})", s.id, s.kind))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        (EventStatus::Finished, msg)
+    }
+}
+
 /// Asks the model for a plan.
-pub async fn plan(ctx: &JobContext, task: &TaskRequest, route: &Route) -> Result<Plan> {
-    let started = ctx.rec.elapsed_ms();
-    ctx.rec.event(
-        Stage::Orchestrator,
-        EventStatus::Started,
-        None,
-        None,
-        "planning subtasks",
-    );
+pub async fn plan(ctx: &JobContext, task: &TaskRequest, route: &Route) -> Result<Planned> {
     let max = ctx.config().limits.max_subtasks;
     let kinds: Vec<&str> = WorkerKind::ALL.iter().map(|k| k.name()).collect();
     let prompt = ctx.prompts().render(
@@ -219,33 +245,10 @@ pub async fn plan(ctx: &JobContext, task: &TaskRequest, route: &Route) -> Result
             }
         }
     };
-    ctx.rec.stage(
-        Stage::Orchestrator,
-        None,
-        started,
-        json!({"task": task.task, "route": route.kind}),
-        json!({"answer": out.text, "plan": plan}),
-    );
-    let msg = match (&plan.fallback, &plan.cut) {
-        (Some(r), _) => format!("one-subtask plan: {r}"),
-        (None, cut) => format!(
-            "{} subtasks{}: {}",
-            plan.subtasks.len(),
-            if cut.is_some() {
-                " (those finished before the token budget cut the plan off)"
-            } else {
-                ""
-            },
-            plan.subtasks
-                .iter()
-                .map(|s| format!("{} ({})", s.id, s.kind))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    ctx.rec
-        .event(Stage::Orchestrator, EventStatus::Finished, None, None, msg);
-    Ok(plan)
+    Ok(Planned {
+        plan,
+        answer: out.text,
+    })
 }
 
 #[cfg(test)]
@@ -257,7 +260,7 @@ mod tests {
         let bed = TestBed::new(ScriptedModel::new().on("orchestrator", answer)).await;
         let task = TaskRequest::new("Write a function add(a, b) that returns a + b.");
         let route = crate::router::route_by_rules(&task);
-        plan(&bed.ctx(), &task, &route).await.unwrap()
+        plan(&bed.ctx(), &task, &route).await.unwrap().plan
     }
 
     #[tokio::test]
@@ -318,7 +321,7 @@ mod tests {
             TestBed::with_config(ScriptedModel::new().on("orchestrator", LOOPING), config).await;
         let task = TaskRequest::new("Write a function add(a, b) that returns a + b.");
         let route = crate::router::route_by_rules(&task);
-        let p = plan(&bed.ctx(), &task, &route).await.unwrap();
+        let p = plan(&bed.ctx(), &task, &route).await.unwrap().plan;
         assert_eq!(p.fallback, None);
         assert_eq!(p.subtasks.len(), 2, "{p:?}");
         let cut = p.cut.as_deref().unwrap();

@@ -75,6 +75,18 @@ async fn a_job_runs_every_stage_and_repairs_a_cyclic_plan() {
         );
         assert!(evented.contains(&stage), "no {stage:?} event");
     }
+    // The pipeline records the stages in the order they finished: a subtask's steps
+    // before the dispatcher that ran them, the dispatcher before the collector.
+    let ends: Vec<u64> = out
+        .trace
+        .stages
+        .iter()
+        .map(|s| s.started_ms + s.duration_ms)
+        .collect();
+    assert!(ends.windows(2).all(|w| w[0] <= w[1]), "{ends:?}");
+    let at = |stage| out.trace.stages.iter().position(|s| s.stage == stage);
+    assert!(at(Stage::Worker) < at(Stage::Dispatcher));
+    assert!(at(Stage::Dispatcher) < at(Stage::Collector));
     assert!(
         out.rendered.contains("## solution.py") && out.rendered.contains("✓ task_examples"),
         "{}",

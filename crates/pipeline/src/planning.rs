@@ -5,12 +5,11 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::job::JobContext;
 use crate::orchestrator::{main_kind, Plan, PlannedKind};
 use crate::router::{Route, RouteKind};
-use crate::stage::Stage;
+use crate::stage::StageOutput;
 use crate::trace::EventStatus;
 use crate::workers::WorkerKind;
 
@@ -328,33 +327,26 @@ fn topological(mut specs: Vec<TaskSpec>, repairs: &mut Vec<String>) -> Vec<TaskS
     order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
-/// Runs the planning service on a plan, recording the DAG and its repairs.
-pub fn plan_dag(ctx: &JobContext, plan: &Plan, route: &Route) -> Dag {
-    let started = ctx.rec.elapsed_ms();
-    let dag = build_dag(plan, route, ctx.config().limits.max_subtasks);
-    ctx.rec.stage(
-        Stage::Planning,
-        None,
-        started,
-        json!({"plan": plan}),
-        json!({"dag": dag}),
-    );
-    let msg = format!(
-        "{} tasks{}",
-        dag.specs.len(),
-        if dag.repairs.is_empty() {
+impl StageOutput for Dag {
+    fn trace_output(&self) -> Value {
+        json!({"dag": self})
+    }
+
+    fn outcome(&self) -> (EventStatus, String) {
+        let repairs = if self.repairs.is_empty() {
             String::new()
         } else {
             format!(
                 ", {} repairs: {}",
-                dag.repairs.len(),
-                dag.repairs.join("; ")
+                self.repairs.len(),
+                self.repairs.join("; ")
             )
-        }
-    );
-    ctx.rec
-        .event(Stage::Planning, EventStatus::Finished, None, None, msg);
-    dag
+        };
+        (
+            EventStatus::Finished,
+            format!("{} tasks{repairs}", self.specs.len()),
+        )
+    }
 }
 
 #[cfg(test)]

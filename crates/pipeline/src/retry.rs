@@ -4,17 +4,17 @@
 //! up to the retry limit. It stops early when an attempt is no better than the one before,
 //! and always keeps the best attempt so far.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::mpsc::unbounded_channel;
 
 use crate::job::JobContext;
 use crate::planning::TaskSpec;
 use crate::router::Route;
 use crate::stage::Stage;
-use crate::trace::EventStatus;
+use crate::trace::{EventStatus, StageRecord};
 use crate::validation::ValidationPriority;
 use crate::validators::{self, Evidence, Verdict};
 use crate::workers::{self, Artifact, Assignment, WorkerStats};
@@ -48,6 +48,10 @@ pub struct SubtaskResult {
     pub passed: bool,
     /// Why it stopped.
     pub stopped: String,
+    /// Its attempts' records (worker, validation, retry) for the job's trace, in the order
+    /// they finished.
+    #[serde(skip)]
+    pub log: Vec<StageRecord>,
 }
 
 /// Bounds on a subtask's attempts.
@@ -91,6 +95,7 @@ struct Subtask<'a> {
     spec: &'a TaskSpec,
     deps: &'a [SubtaskResult],
     evidence: Arc<Evidence>,
+    log: Mutex<Vec<StageRecord>>,
 }
 
 /// One attempt's candidates and the best of their verdicts.
@@ -123,6 +128,7 @@ pub async fn run_subtask(
         spec,
         deps,
         evidence,
+        log: Mutex::default(),
     };
     let mut best: Option<(Artifact, Verdict)> = None;
     let mut attempts = Vec::new();
@@ -178,15 +184,29 @@ impl Subtask<'_> {
 
     fn event(&self, stage: Stage, status: EventStatus, attempt: usize, msg: String) {
         self.ctx
-            .rec
-            .event(stage, status, self.id(), Some(attempt), msg);
+            .progress(stage, status, self.id(), Some(attempt), msg);
+    }
+
+    /// Adds a finished step that started at `started_ms` to the subtask's log.
+    fn log(&self, stage: Stage, started_ms: u64, input: Value, output: Value) {
+        let rec = StageRecord {
+            stage,
+            subtask: Some(self.spec.id.clone()),
+            started_ms,
+            duration_ms: self.ctx.elapsed_ms().saturating_sub(started_ms),
+            input,
+            output,
+        };
+        if let Ok(mut log) = self.log.lock() {
+            log.push(rec);
+        }
     }
 
     /// One attempt: the worker writes candidates while the validation queue checks them as
     /// they come; the first that passes wins, and the rest (written or not) are dropped.
     async fn attempt(&self, attempt: usize, feedback: Option<&Feedback>) -> AttemptOutcome {
         let (ctx, spec) = (self.ctx, self.spec);
-        let started = ctx.rec.elapsed_ms();
+        let started = ctx.elapsed_ms();
         self.event(
             Stage::Worker,
             EventStatus::Started,
@@ -217,7 +237,7 @@ impl Subtask<'_> {
             worker_error: None,
         };
         let mut produced = false;
-        let v_started = ctx.rec.elapsed_ms();
+        let v_started = ctx.elapsed_ms();
         loop {
             if produced && out.verdicts.len() == out.candidates.len() && cand_rx.is_empty() {
                 break;
@@ -260,10 +280,8 @@ impl Subtask<'_> {
         drop(vrx);
         // Candidates still being written are cancelled.
         drop(produce);
-        let id = self.id();
-        ctx.rec.stage(
+        self.log(
             Stage::Worker,
-            id,
             started,
             json!({"spec": spec, "attempt": attempt + 1, "feedback": feedback}),
             json!({"candidates": out.candidates, "error": out.worker_error}),
@@ -281,9 +299,8 @@ impl Subtask<'_> {
                 None => format!("{} candidate(s) written", out.candidates.len()),
             },
         );
-        ctx.rec.stage(
+        self.log(
             Stage::Validation,
-            id,
             v_started,
             json!({"attempt": attempt + 1, "candidates": out.candidates.len()}),
             json!({"verdicts": out.verdicts}),
@@ -300,10 +317,9 @@ impl Subtask<'_> {
                 .unwrap_or_else(|| artifact.text.clone()),
             problems: verdict.feedback.clone(),
         };
-        self.ctx.rec.stage(
+        self.log(
             Stage::Retry,
-            self.id(),
-            self.ctx.rec.elapsed_ms(),
+            self.ctx.elapsed_ms(),
             json!({"attempt": attempt + 1, "verdict": verdict}),
             json!({"feedback": feedback}),
         );
@@ -326,10 +342,9 @@ impl Subtask<'_> {
     ) -> SubtaskResult {
         let passed = best.as_ref().is_some_and(|(_, v)| v.passed);
         self.stats.finished(self.spec.kind, passed);
-        self.ctx.rec.stage(
+        self.log(
             Stage::Retry,
-            self.id(),
-            self.ctx.rec.elapsed_ms(),
+            self.ctx.elapsed_ms(),
             json!({"max_retries": policy.max_retries}),
             json!({"attempts": attempts, "stopped": stopped, "passed": passed}),
         );
@@ -349,6 +364,11 @@ impl Subtask<'_> {
             attempts,
             passed,
             stopped,
+            log: self
+                .log
+                .lock()
+                .map(|mut l| std::mem::take(&mut *l))
+                .unwrap_or_default(),
         }
     }
 }

@@ -3,11 +3,11 @@
 //! decides when they are not, with the rules' best guess as the fallback.
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::job::{JobContext, LlmCall};
 use crate::python::{self, Example, Signature};
-use crate::stage::{LlmStage, Stage};
+use crate::stage::{LlmStage, StageOutput};
 use crate::task::TaskRequest;
 use crate::trace::EventStatus;
 use crate::Result;
@@ -315,69 +315,68 @@ struct LlmRoute {
     route: String,
 }
 
-/// Routes a task: rules first, the LLM when they are unsure.
-pub async fn route(ctx: &JobContext, task: &TaskRequest) -> Result<Route> {
-    let started = ctx.rec.elapsed_ms();
-    ctx.rec.event(
-        Stage::Router,
-        EventStatus::Started,
-        None,
-        None,
-        "routing the task",
-    );
-    let mut route = route_by_rules(task);
-    let mut llm_answer = None;
-    if !rules_are_clear(&route) {
-        let names: Vec<&str> = RouteKind::ALL.iter().map(|k| k.name()).collect();
-        let schema = json!({
-            "type": "object",
-            "properties": {"route": {"enum": names}},
-            "required": ["route"],
-            "additionalProperties": false
-        });
-        let prompt = ctx.prompts().render(
-            LlmStage::Router,
-            json!({"task": task.task, "routes": names, "files": task.file_names()}),
-        )?;
-        let out = ctx
-            .llm(LlmCall::new(LlmStage::Router, prompt).schema(schema))
-            .await?;
-        match serde_json::from_str::<LlmRoute>(&out.text)
-            .ok()
-            .and_then(|r| RouteKind::from_name(&r.route))
-        {
-            Some(k) => {
-                route.kind = k;
-                route.decided_by = DecidedBy::Llm;
-            }
-            None => route.decided_by = DecidedBy::RulesFallback,
-        }
-        llm_answer = Some(out.text);
+/// The router's output: the route, and the classifier's answer when the rules were unsure.
+pub struct Routed {
+    pub route: Route,
+    pub llm_answer: Option<String>,
+}
+
+impl StageOutput for Routed {
+    fn trace_output(&self) -> Value {
+        json!({"route": self.route, "llm_answer": self.llm_answer})
     }
-    ctx.rec.stage(
-        Stage::Router,
-        None,
-        started,
-        json!({"task": task.task, "files": task.file_names(), "tests_supplied": task.tests.is_some()}),
-        json!({"route": route, "llm_answer": llm_answer}),
-    );
-    ctx.rec.event(
-        Stage::Router,
-        EventStatus::Finished,
-        None,
-        None,
-        format!(
-            "{} (by {}){}",
-            route.kind.name(),
-            route.decided_by.name(),
-            route
-                .entry_point
-                .as_ref()
-                .map(|e| format!(", entry point `{e}`"))
-                .unwrap_or_default()
-        ),
-    );
-    Ok(route)
+
+    fn outcome(&self) -> (EventStatus, String) {
+        let r = &self.route;
+        let entry = r
+            .entry_point
+            .as_ref()
+            .map(|e| format!(", entry point `{e}`"))
+            .unwrap_or_default();
+        (
+            EventStatus::Finished,
+            format!("{} (by {}){entry}", r.kind.name(), r.decided_by.name()),
+        )
+    }
+}
+
+/// Routes a task: rules first, the LLM when they are unsure.
+pub async fn route(ctx: &JobContext, task: &TaskRequest) -> Result<Routed> {
+    let mut route = route_by_rules(task);
+    if rules_are_clear(&route) {
+        return Ok(Routed {
+            route,
+            llm_answer: None,
+        });
+    }
+    let names: Vec<&str> = RouteKind::ALL.iter().map(|k| k.name()).collect();
+    let schema = json!({
+        "type": "object",
+        "properties": {"route": {"enum": names}},
+        "required": ["route"],
+        "additionalProperties": false
+    });
+    let prompt = ctx.prompts().render(
+        LlmStage::Router,
+        json!({"task": task.task, "routes": names, "files": task.file_names()}),
+    )?;
+    let out = ctx
+        .llm(LlmCall::new(LlmStage::Router, prompt).schema(schema))
+        .await?;
+    match serde_json::from_str::<LlmRoute>(&out.text)
+        .ok()
+        .and_then(|r| RouteKind::from_name(&r.route))
+    {
+        Some(k) => {
+            route.kind = k;
+            route.decided_by = DecidedBy::Llm;
+        }
+        None => route.decided_by = DecidedBy::RulesFallback,
+    }
+    Ok(Routed {
+        route,
+        llm_answer: Some(out.text),
+    })
 }
 
 #[cfg(test)]

@@ -3,10 +3,23 @@
 //! `LlmStage` is a stage that calls a model, by the settings it reads (`[stages.<name>]` in
 //! the config) and the template it renders (`prompts/<name>.j2`). The workers call a model
 //! once per kind, so each kind is an `LlmStage` of its own, shown as `Stage::Worker`.
+//! `StageOutput` is how a stage's typed output shows itself in the trace.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
 
+use crate::trace::EventStatus;
 use crate::workers::WorkerKind;
+
+/// What a finished stage shows of itself. Each stage is a function from typed inputs to a
+/// typed output; `Pipeline::run` passes the outputs along and records each stage in the
+/// trace and the live events from this, so no stage writes to the trace itself.
+pub trait StageOutput {
+    /// The output as the trace records it.
+    fn trace_output(&self) -> Value;
+    /// The stage's end event: its status and one line for people.
+    fn outcome(&self) -> (EventStatus, String);
+}
 
 /// The stages of the design, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -7,13 +7,13 @@
 use std::collections::HashSet;
 
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::collector::{target_of, Collected};
-use crate::job::{JobContext, LlmCall};
+use crate::job::{JobContext, LlmCall, MODULE_NAME};
 use crate::python::{self, StatementKind};
 use crate::router::{Route, RouteKind};
-use crate::stage::{LlmStage, Stage};
+use crate::stage::{LlmStage, StageOutput};
 use crate::trace::EventStatus;
 use crate::workers::{GeneratedFile, WorkerKind};
 use crate::Result;
@@ -201,14 +201,6 @@ pub async fn synthesize(
     route: &Route,
     collected: &Collected,
 ) -> Result<Synthesis> {
-    let started = ctx.rec.elapsed_ms();
-    ctx.rec.event(
-        Stage::Synthesizer,
-        EventStatus::Started,
-        None,
-        None,
-        "integrating outputs",
-    );
     let mut s = Synthesis::default();
     let header = route.stub.clone().unwrap_or_default();
     let mut code: Vec<_> = collected.of_kind(WorkerKind::Code).collect();
@@ -283,29 +275,25 @@ pub async fn synthesize(
             .collect::<Vec<_>>()
             .join("\n\n");
     }
-    ctx.rec.stage(
-        Stage::Synthesizer,
-        None,
-        started,
-        json!({"outputs": collected.outputs.iter().map(|o| &o.subtask).collect::<Vec<_>>()}),
-        json!({"synthesis": s}),
-    );
-    ctx.rec.event(
-        Stage::Synthesizer,
-        EventStatus::Finished,
-        None,
-        None,
-        format!(
-            "{} file(s){}",
-            s.files(&ctx.module_name()).len(),
-            if s.notes.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", s.notes.join("; "))
-            }
-        ),
-    );
     Ok(s)
+}
+
+impl StageOutput for Synthesis {
+    fn trace_output(&self) -> Value {
+        json!({"synthesis": self})
+    }
+
+    fn outcome(&self) -> (EventStatus, String) {
+        let notes = if self.notes.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", self.notes.join("; "))
+        };
+        (
+            EventStatus::Finished,
+            format!("{} file(s){notes}", self.files(MODULE_NAME).len()),
+        )
+    }
 }
 
 /// Re-synthesizes the module with the final validator's feedback. None when the model

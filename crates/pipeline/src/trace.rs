@@ -167,6 +167,13 @@ impl Recorder {
         }
     }
 
+    /// Records finished stages (a subtask's attempts, kept in its result until then).
+    pub fn stages(&self, recs: Vec<StageRecord>) {
+        if let Ok(mut d) = self.data.lock() {
+            d.stages.extend(recs);
+        }
+    }
+
     pub fn llm_call(&self, rec: LlmCallRecord) {
         if let Ok(mut d) = self.data.lock() {
             d.llm_calls.push(rec);
