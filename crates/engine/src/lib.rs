@@ -4,7 +4,7 @@
 //! - `error`: the crate's `Error` and `Result`, typed by whose fault: `Validation` (one variant
 //!   per request field), `ConfigError`, load and time, `Internal` (ours, with sources).
 //! - `tokenizer`: tokenizer from tokenizer.json or GGUF metadata; incremental detokenization.
-//! - `bench`: the engine benchmark (prefill, decode, batched decode; candle-transformers'
+//! - `bench` (feature `bench`): the engine benchmark (prefill, decode, batched decode; candle-transformers'
 //!   reference with the `reference-bench` feature).
 //! - `chat`: chat templates rendered with minijinja, under fuel, recursion and time limits;
 //!   `chat::limits` caps the output and the size arguments of the built-in filters.
@@ -22,6 +22,7 @@
 //! - `simd`: vector helpers for the CPU kernels and the sampler (AVX2, else plain loops).
 //! - `stop`: stop reasons and stop strings.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod chat;
 pub mod constraint;

@@ -36,11 +36,12 @@
 //!   stage's output shows in the trace and its end event.
 //! - `trace`: live `JobEvent`s and the recorded trace.
 //! - `python`: light structural reads of Python source (blocks, signatures, examples).
-//! - `eval`: HumanEval-format evaluation, pipeline or single-call baseline.
+//! - `eval` (feature `eval`): HumanEval-format evaluation, pipeline or single-call baseline.
 
 pub mod collector;
 pub mod config;
 pub mod dispatcher;
+#[cfg(feature = "eval")]
 pub mod eval;
 pub mod final_validation;
 pub mod formatter;

@@ -29,10 +29,11 @@
 //! - `request`: completion bodies validated into an `ApiRequest`.
 //! - `shutdown`: the signal that cancels what is still running after the grace period.
 //! - `client`: a small HTTP/1 client for the bench and the tests (streams SSE).
-//! - `bench`: `forgeline bench serve`: HTTP against in-process throughput and latency.
+//! - `bench` (feature `bench`): `forgeline bench serve`: HTTP against in-process throughput and latency.
 
 pub mod app;
 pub mod auth;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod body;
 pub mod client;
