@@ -1,5 +1,7 @@
-//! The checks the pipeline asks for, and the code and tests they run on.
+//! The checks the pipeline asks for, the code and tests they run on, and what a program is
+//! given: arguments, stdin, input files.
 
+use crate::error::{FileNameProblem, InputError};
 use crate::limits::Limits;
 use crate::outcome::RunReport;
 use crate::sandbox::Sandbox;
@@ -49,7 +51,10 @@ pub enum Check {
     Syntax,
     /// Import the module: its top-level code runs, `if __name__ == "__main__"` blocks do not.
     Import,
-    /// Run the module as a program (`__main__`); exiting with 0 passes.
+    /// Run the module as a program (`__main__`), as `python NAME.py ARGS < STDIN` with the
+    /// job's [arguments](Job::with_args), [stdin](Job::with_stdin) and
+    /// [input files](Job::with_input_file); exiting with 0 passes, an uncaught exception or
+    /// another exit code fails.
     Run,
     /// Run the examples in its docstrings (`>>> f(1)` / `2`).
     Doctest,
@@ -58,6 +63,27 @@ pub enum Check {
 }
 
 /// One run: a module, a check, and limits other than the sandbox's defaults if given.
+///
+/// A program can be run as a user would run it, `python solution.py ARGS < STDIN` beside its
+/// input files:
+///
+/// ```no_run
+/// # async fn demo(sandbox: &forgeline_sandbox::Sandbox) -> forgeline_sandbox::Result<()> {
+/// use forgeline_sandbox::{Check, Job, Module};
+///
+/// let module = Module::new("solution", "import sys\nprint(open(sys.argv[1]).read())\n")?;
+/// let job = Job::new(module, Check::Run)
+///     .with_args(["data.csv"])?
+///     .with_input_file("data.csv", "a,b\n1,2\n")?;
+/// let report = sandbox.run(job).await?;
+/// assert_eq!(report.raw_stdout.bytes, b"a,b\n1,2\n\n");
+/// # Ok(()) }
+/// ```
+///
+/// The arguments, stdin and input files go to every check (a test file can read the input
+/// files too); their limits are [`Job::MAX_ARGS`], [`Job::MAX_ARG_BYTES`],
+/// [`Job::MAX_INPUT_FILES`] and [`Job::MAX_INPUT_BYTES`], and a job beyond them (or with a
+/// bad file name) is refused with [`Error::ProgramInput`] when built and again when run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
     pub module: Module,
@@ -66,6 +92,25 @@ pub struct Job {
     /// Extensions (`png`, `csv`) of files the program writes that the report keeps; see
     /// [`Job::keep_files`].
     pub keep: Vec<String>,
+    /// The program's command-line arguments, `sys.argv[1:]`; see [`Job::with_args`].
+    pub args: Vec<String>,
+    /// What the program reads on stdin; `None` is an empty stdin (`/dev/null`). See
+    /// [`Job::with_stdin`].
+    pub stdin: Option<Vec<u8>>,
+    /// Files placed in the run directory before the program starts; see
+    /// [`Job::with_input_file`].
+    pub input_files: Vec<InputFile>,
+}
+
+/// A file placed in the run directory, beside the module, before the program starts: the
+/// sample CSV a script is run on, say. The program reads it by its plain name (it runs in
+/// that directory), and may change or delete it; it is not returned as a kept file unless
+/// the program changed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputFile {
+    /// A plain file name (`data.csv`): no `/`, not `.` or `..`, no NUL or control character.
+    pub name: String,
+    pub bytes: Vec<u8>,
 }
 
 const KEYWORDS: &[&str] = &[
@@ -123,6 +168,56 @@ fn check_module_name(name: &str) -> Result<()> {
              (not starting with a digit, not a keyword)"
         )))
     }
+}
+
+/// Whether a module of this name would replace one the harness imports after loading the
+/// code (the standard modules in [`RESERVED`], its own `forgeline_*` modules, `run`).
+fn shadows_harness(name: &str) -> bool {
+    RESERVED.contains(&name) || name.starts_with("forgeline_") || name == "run"
+}
+
+/// The module name an input file could be imported as, when its extension makes it
+/// importable (`.py`, `.pyc`, and extension modules `.so`, `.abi3.so`,
+/// `.cpython-311-x86_64-linux-gnu.so`): its name up to the first dot.
+fn importable_as(file_name: &str) -> Option<&str> {
+    [".py", ".pyc", ".so"]
+        .iter()
+        .any(|ext| file_name.ends_with(ext))
+        .then(|| file_name.split('.').next().unwrap_or(file_name))
+}
+
+/// What is wrong with an input file's name on its own (not counting the other files).
+fn input_file_name_problem(
+    name: &str,
+    module: &Module,
+    tests: Option<&TestSuite>,
+) -> Option<FileNameProblem> {
+    let importable = importable_as(name);
+    Some(if name.is_empty() {
+        FileNameProblem::Empty
+    } else if name.contains('\0') {
+        FileNameProblem::Nul
+    } else if name.contains('/') {
+        FileNameProblem::Slash
+    } else if name == "." || name == ".." {
+        FileNameProblem::DotOrDotDot
+    } else if name.len() > 255 {
+        FileNameProblem::TooLong
+    } else if name.chars().any(char::is_control) {
+        FileNameProblem::ControlCharacter
+    } else if name.starts_with(".forgeline") || name == "tmp" {
+        FileNameProblem::ReservedByHarness
+    } else if name == module.file_name() || importable == Some(module.name()) {
+        FileNameProblem::ClashesWithModule
+    } else if tests.is_some_and(|t| {
+        name == t.file_name() || (importable.is_some() && importable == stem(t.file_name()).ok())
+    }) {
+        FileNameProblem::ClashesWithTests
+    } else if importable.is_some_and(shadows_harness) {
+        FileNameProblem::ShadowsHarnessModule
+    } else {
+        return None;
+    })
 }
 
 fn stem(file_name: &str) -> Result<&str> {
@@ -229,13 +324,65 @@ impl Check {
 }
 
 impl Job {
+    /// The most bytes of stdin and input files together: 1 MiB.
+    pub const MAX_INPUT_BYTES: u64 = 1 << 20;
+    /// The most input files.
+    pub const MAX_INPUT_FILES: usize = 64;
+    /// The most command-line arguments.
+    pub const MAX_ARGS: usize = 256;
+    /// The longest command-line argument, in bytes.
+    pub const MAX_ARG_BYTES: usize = 4096;
+
     pub fn new(module: Module, check: Check) -> Job {
         Job {
             module,
             check,
             limits: None,
             keep: Vec::new(),
+            args: Vec::new(),
+            stdin: None,
+            input_files: Vec::new(),
         }
+    }
+
+    /// Gives the program these command-line arguments, replacing any given before: it sees
+    /// `sys.argv` as after `python solution.py ARGS...` in its directory (`sys.argv[0]` is
+    /// the module's file name). At most [`Job::MAX_ARGS`] arguments of at most
+    /// [`Job::MAX_ARG_BYTES`] bytes each, without NUL; otherwise [`Error::ProgramInput`].
+    pub fn with_args<I, S>(mut self, args: I) -> Result<Job>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args = args.into_iter().map(Into::into).collect();
+        self.check_input()?;
+        Ok(self)
+    }
+
+    /// Gives the program these bytes on stdin (a pipe closed after them), replacing any given
+    /// before. Without it, stdin is `/dev/null`. Counts towards [`Job::MAX_INPUT_BYTES`].
+    pub fn with_stdin(mut self, bytes: impl Into<Vec<u8>>) -> Result<Job> {
+        self.stdin = Some(bytes.into());
+        self.check_input()?;
+        Ok(self)
+    }
+
+    /// Places a file in the run directory before the program starts, readable and writable
+    /// by the program (written as the module's file is: a new file, no link followed, handed
+    /// to the sandbox user). `name` is a plain file name: no `/`, not `.` or `..`, no NUL or
+    /// control character, at most 255 bytes, not the module's or the test file's name, not a
+    /// name the harness uses (`.forgeline*`, `tmp`), not an importable file (`.py`, `.pyc`,
+    /// `.so`) that would replace the module, the tests or a module the harness imports, and
+    /// not given twice. At most [`Job::MAX_INPUT_FILES`] files, and [`Job::MAX_INPUT_BYTES`]
+    /// with stdin; the files also count against the run's disk quota
+    /// ([`Limits::disk_bytes`], [`Limits::disk_inodes`]).
+    pub fn with_input_file(mut self, name: &str, bytes: impl Into<Vec<u8>>) -> Result<Job> {
+        self.input_files.push(InputFile {
+            name: name.to_string(),
+            bytes: bytes.into(),
+        });
+        self.check_input()?;
+        Ok(self)
     }
 
     /// Keeps the files with these extensions that the program writes in its directory (or
@@ -251,7 +398,8 @@ impl Job {
         self
     }
 
-    /// Rejects a test file that would overwrite the module.
+    /// Rejects a test file that would overwrite the module, and arguments, stdin or input
+    /// files beyond their limits or with bad names.
     pub(crate) fn validate(&self) -> Result<()> {
         if let Check::Tests(tests) = &self.check {
             if tests.file_name == self.module.file_name() {
@@ -260,6 +408,66 @@ impl Job {
                     tests.file_name
                 )));
             }
+        }
+        self.check_input()?;
+        Ok(())
+    }
+
+    /// The arguments, stdin and input files against their limits and naming rules.
+    fn check_input(&self) -> Result<(), InputError> {
+        if self.args.len() > Job::MAX_ARGS {
+            return Err(InputError::TooManyArgs {
+                count: self.args.len(),
+                limit: Job::MAX_ARGS,
+            });
+        }
+        for (i, arg) in self.args.iter().enumerate() {
+            if arg.len() > Job::MAX_ARG_BYTES {
+                return Err(InputError::ArgTooLong {
+                    index: i + 1,
+                    bytes: arg.len(),
+                    limit: Job::MAX_ARG_BYTES,
+                });
+            }
+            if arg.contains('\0') {
+                return Err(InputError::ArgContainsNul { index: i + 1 });
+            }
+        }
+        if self.input_files.len() > Job::MAX_INPUT_FILES {
+            return Err(InputError::TooManyFiles {
+                count: self.input_files.len(),
+                limit: Job::MAX_INPUT_FILES,
+            });
+        }
+        let tests = match &self.check {
+            Check::Tests(tests) => Some(tests),
+            _ => None,
+        };
+        for (i, file) in self.input_files.iter().enumerate() {
+            let problem = input_file_name_problem(&file.name, &self.module, tests).or_else(|| {
+                self.input_files[..i]
+                    .iter()
+                    .any(|earlier| earlier.name == file.name)
+                    .then_some(FileNameProblem::Duplicate)
+            });
+            if let Some(problem) = problem {
+                return Err(InputError::FileName {
+                    name: file.name.clone(),
+                    problem,
+                });
+            }
+        }
+        let bytes = self.stdin.as_ref().map_or(0, Vec::len) as u64
+            + self
+                .input_files
+                .iter()
+                .map(|f| f.bytes.len() as u64)
+                .sum::<u64>();
+        if bytes > Job::MAX_INPUT_BYTES {
+            return Err(InputError::TooLarge {
+                bytes,
+                limit: Job::MAX_INPUT_BYTES,
+            });
         }
         Ok(())
     }
@@ -336,6 +544,180 @@ mod tests {
             .unwrap()
             .with_entry_point("not valid")
             .is_err());
+    }
+
+    fn run_job() -> Job {
+        Job::new(Module::new("solution", "").unwrap(), Check::Run)
+    }
+
+    fn name_problem(job: Job, name: &str) -> Option<FileNameProblem> {
+        match job.with_input_file(name, "x") {
+            Ok(job) => {
+                job.validate().unwrap();
+                None
+            }
+            Err(Error::ProgramInput(InputError::FileName { name: n, problem })) => {
+                assert_eq!(n, name);
+                Some(problem)
+            }
+            Err(e) => panic!("{name:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn input_file_names_are_plain_and_clash_with_nothing() {
+        use FileNameProblem::*;
+        for good in [
+            "data.csv",
+            "input.txt",
+            ".hidden",
+            "..data",
+            "a..b",
+            "with space.csv",
+            "naïve.json",
+            "helper.py",
+            "solution.csv",
+            "os.txt",
+            "my-mod.py",
+        ] {
+            assert_eq!(name_problem(run_job(), good), None, "{good:?} refused");
+        }
+        let long = "x".repeat(256);
+        for (bad, problem) in [
+            ("", Empty),
+            ("a\0b", Nul),
+            ("dir/data.csv", Slash),
+            ("/etc/passwd", Slash),
+            ("../escape.csv", Slash),
+            (".", DotOrDotDot),
+            ("..", DotOrDotDot),
+            (long.as_str(), TooLong),
+            ("line\nbreak", ControlCharacter),
+            ("tab\t", ControlCharacter),
+            ("solution.py", ClashesWithModule),
+            ("solution.pyc", ClashesWithModule),
+            (
+                "solution.cpython-311-x86_64-linux-gnu.so",
+                ClashesWithModule,
+            ),
+            (".forgeline-result.json", ReservedByHarness),
+            (".forgeline-result.json.tmp", ReservedByHarness),
+            ("tmp", ReservedByHarness),
+            ("traceback.py", ShadowsHarnessModule),
+            ("os.pyc", ShadowsHarnessModule),
+            ("forgeline_runners.py", ShadowsHarnessModule),
+            ("io.abi3.so", ShadowsHarnessModule),
+        ] {
+            assert_eq!(name_problem(run_job(), bad), Some(problem), "{bad:?}");
+        }
+        assert_eq!(
+            name_problem(
+                run_job().with_input_file("data.csv", "").unwrap(),
+                "data.csv"
+            ),
+            Some(Duplicate)
+        );
+        let tests = TestSuite::new("test_solution.py", "").unwrap();
+        let job = || {
+            Job::new(
+                Module::new("solution", "").unwrap(),
+                Check::Tests(tests.clone()),
+            )
+        };
+        assert_eq!(
+            name_problem(job(), "test_solution.py"),
+            Some(ClashesWithTests)
+        );
+        assert_eq!(
+            name_problem(job(), "test_solution.pyc"),
+            Some(ClashesWithTests)
+        );
+        assert_eq!(name_problem(job(), "test_solution.txt"), None);
+        // The error says what is wrong, and with which name.
+        let err = run_job()
+            .with_input_file("../x", "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"../x\"") && err.contains("'/'"), "{err}");
+    }
+
+    #[test]
+    fn input_sizes_and_arguments_are_capped() {
+        let limit = Job::MAX_INPUT_BYTES as usize;
+        let job = run_job()
+            .with_input_file("a.bin", vec![0u8; limit / 2])
+            .unwrap()
+            .with_stdin(vec![0u8; limit / 2])
+            .unwrap();
+        job.validate().unwrap();
+        let err = job.clone().with_input_file("b.bin", "x").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::ProgramInput(InputError::TooLarge { bytes, limit })
+                    if bytes == Job::MAX_INPUT_BYTES + 1 && limit == Job::MAX_INPUT_BYTES
+            ),
+            "{err}"
+        );
+        assert!(matches!(
+            job.with_stdin(vec![0u8; limit / 2 + 1]),
+            Err(Error::ProgramInput(InputError::TooLarge { .. }))
+        ));
+        let mut many = run_job();
+        for i in 0..Job::MAX_INPUT_FILES {
+            many = many.with_input_file(&format!("f{i}"), "").unwrap();
+        }
+        assert!(matches!(
+            many.with_input_file("one_more", ""),
+            Err(Error::ProgramInput(InputError::TooManyFiles {
+                count: 65,
+                limit: 64
+            }))
+        ));
+
+        let args = run_job().with_args(["--in", "data.csv", "", "-"]).unwrap();
+        assert_eq!(args.args, ["--in", "data.csv", "", "-"]);
+        let too_many = ["a"; Job::MAX_ARGS + 1];
+        assert!(matches!(
+            run_job().with_args(too_many),
+            Err(Error::ProgramInput(InputError::TooManyArgs {
+                count: 257,
+                limit: 256
+            }))
+        ));
+        assert!(run_job().with_args(["a"; Job::MAX_ARGS]).is_ok());
+        let long = "y".repeat(Job::MAX_ARG_BYTES + 1);
+        assert!(matches!(
+            run_job().with_args(["ok", long.as_str()]),
+            Err(Error::ProgramInput(InputError::ArgTooLong { index: 2, .. }))
+        ));
+        assert!(matches!(
+            run_job().with_args(["a\0b"]),
+            Err(Error::ProgramInput(InputError::ArgContainsNul { index: 1 }))
+        ));
+    }
+
+    #[test]
+    fn inputs_set_through_the_fields_are_checked_when_run() {
+        let mut job = run_job();
+        job.input_files.push(InputFile {
+            name: "../../etc/cron.d/x".into(),
+            bytes: Vec::new(),
+        });
+        assert!(matches!(
+            job.validate(),
+            Err(Error::ProgramInput(InputError::FileName {
+                problem: FileNameProblem::Slash,
+                ..
+            }))
+        ));
+        let mut job = run_job();
+        job.stdin = Some(vec![0; Job::MAX_INPUT_BYTES as usize + 1]);
+        assert!(job.validate().is_err());
+        // A later change of the check can make a file clash.
+        let mut job = run_job().with_input_file("test_x.py", "").unwrap();
+        job.check = Check::Tests(TestSuite::new("test_x.py", "").unwrap());
+        assert!(job.validate().is_err());
     }
 
     #[test]

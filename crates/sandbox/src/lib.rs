@@ -7,6 +7,10 @@
 //! assertion (with the values compared), raised exception (type, message, line, trimmed
 //! traceback), syntax error, failed doctest, timeout, memory limit, killed by signal, exited.
 //!
+//! A program runs as a user runs it, `python solution.py ARGS < STDIN` beside its input files,
+//! with [`Job::with_args`], [`Job::with_stdin`] and [`Job::with_input_file`]; the report keeps
+//! what it printed byte for byte ([`RunReport::raw_stdout`]) besides the text to read.
+//!
 //! ```no_run
 //! # async fn demo() -> forgeline_sandbox::Result<()> {
 //! use forgeline_sandbox::{Module, Sandbox, SandboxConfig, TestSuite};
@@ -82,7 +86,8 @@
 //! # Layout
 //!
 //! - `sandbox`: [`Sandbox`] and [`SandboxConfig`]; set-up, the isolation probe, running a job.
-//! - `checks`: [`Module`], [`TestSuite`], [`Check`], [`Job`], and one method per check.
+//! - `checks`: [`Module`], [`TestSuite`], [`Check`], [`Job`] (with a program's arguments,
+//!   stdin and [`InputFile`]s), and one method per check.
 //! - `limits`: [`Limits`] and their defaults.
 //! - `outcome`: [`Outcome`], [`RunReport`] and their parts, and their short text forms.
 //! - `record`: the harness's JSON record, and how an exit and a record become an outcome.
@@ -96,7 +101,7 @@
 //! - `python`: finding the interpreter and checking its version.
 //! - `harness`: installs `harness/*.py`, the Python side that runs the checks and writes
 //!   the record.
-//! - `error`: [`Error`].
+//! - `error`: [`Error`], and [`InputError`] for a program's refused arguments, stdin or files.
 
 mod cgroup;
 mod checks;
@@ -114,15 +119,15 @@ mod runner;
 mod sandbox;
 mod unveil;
 
-pub use checks::{Check, Job, Module, TestKind, TestSuite};
-pub use error::{Error, Result};
+pub use checks::{Check, InputFile, Job, Module, TestKind, TestSuite};
+pub use error::{Error, FileNameProblem, InputError, Result};
 pub use isolation::{
     DiskLimit, IsolationLevel, IsolationReport, LandlockState, MemoryLimit, ProcessLimit,
 };
 pub use limits::Limits;
 pub use outcome::{
-    AssertionFailure, Clock, Comparison, DoctestFailure, Frame, KeptFile, Outcome, RaisedException,
-    RunReport, SyntaxErrorInfo, TestSummary,
+    AssertionFailure, CapturedOutput, Clock, Comparison, DoctestFailure, Frame, KeptFile, Outcome,
+    RaisedException, RunReport, SyntaxErrorInfo, TestSummary,
 };
 pub use python::{PythonInfo, MIN_PYTHON};
 pub use sandbox::{Sandbox, SandboxConfig};

@@ -154,14 +154,45 @@ pub struct RunReport {
     pub tests: Option<TestSummary>,
     #[serde(rename = "duration_s", with = "secs")]
     pub duration: Duration,
-    /// Captured output, cut at the output limit with a visible marker.
+    /// Captured output as text to read (for people and models): lossy UTF-8, paths in the
+    /// run directory made relative, and cut at [`Limits::output_bytes`] with a visible
+    /// marker. For comparing runs use [`raw_stdout`](RunReport::raw_stdout).
+    ///
+    /// [`Limits::output_bytes`]: crate::Limits::output_bytes
     pub stdout: String,
     pub stderr: String,
+    /// The same output exactly as the program wrote it, byte for byte up to
+    /// [`Limits::output_bytes`](crate::Limits::output_bytes), with whether it was cut there.
+    #[serde(default)]
+    pub raw_stdout: CapturedOutput,
+    #[serde(default)]
+    pub raw_stderr: CapturedOutput,
     /// The isolation this run had.
     pub isolation: IsolationReport,
     /// Files the program wrote that the job asked to keep ([`Job::keep_files`](crate::Job::keep_files)).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<KeptFile>,
+}
+
+/// One output stream of a run, exactly as written: not decoded, no path rewritten, no marker.
+/// In JSON only its counts appear (the text is in [`RunReport::stdout`] and `stderr`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapturedOutput {
+    /// The first [`Limits::output_bytes`](crate::Limits::output_bytes) bytes written.
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+    /// How many bytes were written in all.
+    pub total_bytes: u64,
+    /// Whether more was written than [`bytes`](CapturedOutput::bytes) holds (the rest was
+    /// dropped): two runs whose output was cut may differ after the cut.
+    pub truncated: bool,
+}
+
+impl CapturedOutput {
+    /// The bytes as text, when they are UTF-8 (a cut may fall inside a character).
+    pub fn as_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.bytes).ok()
+    }
 }
 
 /// A file a run wrote, kept after its directory is removed.

@@ -3,7 +3,8 @@
 //!
 //! Everything in it was written by untrusted code, so nothing here trusts its shape: removal
 //! walks any depth with a constant stack and never follows a link, and reads open only regular
-//! files, without following links or blocking, up to a cap.
+//! files, without following links or blocking, up to a cap. The files placed there before
+//! the run (the module, the tests, input files) are created new, never through a link.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io::{self, Read};
@@ -90,6 +91,20 @@ fn mount_tmpfs(dir: &Path, quota: DiskQuota) -> io::Result<()> {
         )
     })?;
     Ok(())
+}
+
+/// Creates the file `name` in the directory `dir` with `bytes`, mode 0644: the directory is
+/// opened without following a link, and the file must not exist yet (`O_EXCL`), so nothing
+/// already there, a link least of all, is written through. `name` is a plain file name.
+pub(crate) fn write_new(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = open_dir_at(libc::AT_FDCWD, &cstr(dir.as_os_str())?)?;
+    let name = cstr(OsStr::new(name))?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: a valid C string; the fd is owned from here on.
+    let fd = check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, 0o644) })?;
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.write_all(bytes)
 }
 
 /// Whether this process can give run directories a tmpfs quota (it needs to mount).
@@ -328,6 +343,32 @@ mod tests {
         remove_tree(&top).unwrap();
         assert!(!top.exists());
         assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn new_files_are_never_written_through_what_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_new(d, "data.csv", b"a,b\n").unwrap();
+        assert_eq!(std::fs::read(d.join("data.csv")).unwrap(), b"a,b\n");
+        let mode = std::fs::metadata(d.join("data.csv"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
+        // An existing file is not replaced, and a link (even a dangling one) not followed.
+        assert!(write_new(d, "data.csv", b"other").is_err());
+        assert_eq!(std::fs::read(d.join("data.csv")).unwrap(), b"a,b\n");
+        let target = d.join("target");
+        std::os::unix::fs::symlink(&target, d.join("link")).unwrap();
+        assert!(write_new(d, "link", b"x").is_err());
+        assert!(!target.exists());
+        // Nor is a directory reached through a link.
+        let real = d.join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, d.join("linked")).unwrap();
+        assert!(write_new(&d.join("linked"), "f", b"x").is_err());
+        assert!(!real.join("f").exists());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Starts one sandboxed Python process, captures its output within the limit, enforces the
-//! wall-clock timeout, and takes the whole process tree down afterwards.
+//! Starts one sandboxed Python process, feeds its stdin, captures its output within the
+//! limit, enforces the wall-clock timeout, and takes the whole process tree down afterwards.
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::cgroup::RunCgroup;
@@ -18,6 +18,7 @@ use crate::child::{Rlimit, SetupSpec};
 use crate::isolation::IsolationPlan;
 use crate::launcher;
 use crate::limits::Limits;
+use crate::outcome::CapturedOutput;
 use crate::record::Termination;
 use crate::{Error, Result};
 
@@ -37,14 +38,20 @@ pub(crate) struct Launch {
     pub plan: Arc<IsolationPlan>,
     /// The program that starts the process (see `launcher.rs`); this process forks when None.
     pub launcher: Option<PathBuf>,
+    /// What the process reads on stdin (a pipe, closed after it); `/dev/null` when None.
+    pub stdin: Option<Vec<u8>>,
 }
 
 /// How the process ended, and what it printed.
 #[derive(Debug)]
 pub(crate) struct Finished {
     pub termination: Termination,
+    /// The output as text for reports (see [`Captured::render`]).
     pub stdout: String,
     pub stderr: String,
+    /// The output exactly as written, up to the limit.
+    pub raw_stdout: CapturedOutput,
+    pub raw_stderr: CapturedOutput,
     pub duration: Duration,
     /// Whether the run's memory cgroup killed one of its processes.
     pub oom_killed: bool,
@@ -132,8 +139,9 @@ fn hand_over(workdir: &Path, id: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Spawns the process (blocking: forks or spawns the launcher, and waits for exec).
-fn spawn(launch: &Launch) -> Result<(tokio::process::Child, ProcessTree)> {
+/// Spawns the process (blocking: forks or spawns the launcher, and waits for exec), with a
+/// pipe for its stdin when `piped_stdin`, `/dev/null` otherwise.
+fn spawn(launch: &Launch, piped_stdin: bool) -> Result<(tokio::process::Child, ProcessTree)> {
     let cgroup = match &launch.plan.cgroups {
         Some(pool) => Some(
             pool.create(
@@ -181,7 +189,11 @@ fn spawn(launch: &Launch) -> Result<(tokio::process::Child, ProcessTree)> {
         .env("HOME", &launch.workdir)
         .env("TMPDIR", &tmp)
         .env("LANG", "C.UTF-8")
-        .stdin(Stdio::null())
+        .stdin(if piped_stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = command.spawn().map_err(Error::Spawn)?;
@@ -202,15 +214,26 @@ fn spawn(launch: &Launch) -> Result<(tokio::process::Child, ProcessTree)> {
 }
 
 /// Runs the process to its end or its timeout.
-pub(crate) async fn execute(launch: Launch) -> Result<Finished> {
+pub(crate) async fn execute(mut launch: Launch) -> Result<Finished> {
     let started = Instant::now();
     let wall_time = launch.limits.wall_time;
     let output_bytes = launch.limits.output_bytes;
     let workdir = launch.workdir.clone();
     let launched = launch.launcher.is_some();
-    let (mut child, mut tree) = tokio::task::spawn_blocking(move || spawn(&launch))
+    let stdin = launch.stdin.take();
+    let piped = stdin.is_some();
+    let (mut child, mut tree) = tokio::task::spawn_blocking(move || spawn(&launch, piped))
         .await
         .map_err(|e| Error::io("spawn the sandboxed process", std::io::Error::other(e)))??;
+    // Fed from a task of its own: a program that does not read its stdin must not block the
+    // run. The pipe is closed after the bytes (end of file), or when the process is gone.
+    let feeder = match (child.stdin.take(), stdin) {
+        (Some(mut pipe), Some(bytes)) => Some(tokio::spawn(async move {
+            let _ = pipe.write_all(&bytes).await;
+            let _ = pipe.shutdown().await;
+        })),
+        _ => None,
+    };
     let (stop, stopped) = watch::channel(false);
     let stdout = child
         .stdout
@@ -234,6 +257,10 @@ pub(crate) async fn execute(launch: Launch) -> Result<Finished> {
         }
     };
     let duration = started.elapsed();
+    if let Some(feeder) = feeder {
+        // A process outside our reach may still hold the pipe without reading it.
+        feeder.abort();
+    }
     let oom_killed = tokio::task::spawn_blocking(move || {
         tree.reaped();
         let oom_kills = tree.cgroup.as_ref().map_or(0, RunCgroup::oom_kills);
@@ -245,7 +272,7 @@ pub(crate) async fn execute(launch: Launch) -> Result<Finished> {
     let mut outputs = Vec::new();
     for task in [stdout, stderr] {
         let Some(mut task) = task else {
-            outputs.push(String::new());
+            outputs.push((String::new(), CapturedOutput::default()));
             continue;
         };
         let captured = match tokio::time::timeout(OUTPUT_GRACE, &mut task).await {
@@ -257,10 +284,10 @@ pub(crate) async fn execute(launch: Launch) -> Result<Finished> {
             }
         }
         .unwrap_or_default();
-        outputs.push(captured.render(&workdir));
+        outputs.push((captured.render(&workdir), captured.exact()));
     }
-    let stderr = outputs.pop().unwrap_or_default();
-    let stdout = outputs.pop().unwrap_or_default();
+    let (stderr, raw_stderr) = outputs.pop().unwrap_or_default();
+    let (stdout, raw_stdout) = outputs.pop().unwrap_or_default();
     if let (true, Termination::Exited(code)) = (launched, termination) {
         if let Some(why) = launcher::failure(code, &stderr) {
             return Err(Error::Spawn(std::io::Error::other(why.to_string())));
@@ -270,6 +297,8 @@ pub(crate) async fn execute(launch: Launch) -> Result<Finished> {
         termination,
         stdout,
         stderr,
+        raw_stdout,
+        raw_stderr,
         duration,
         oom_killed,
     })
@@ -302,6 +331,15 @@ impl Captured {
             ));
         }
         text
+    }
+
+    /// The kept bytes as they are, for comparing runs.
+    fn exact(self) -> CapturedOutput {
+        CapturedOutput {
+            truncated: self.total > self.kept.len() as u64,
+            total_bytes: self.total,
+            bytes: self.kept,
+        }
     }
 }
 
@@ -350,6 +388,7 @@ pub(crate) async fn trial(
         limits: Limits::default(),
         plan,
         launcher: launcher.map(Path::to_path_buf),
+        stdin: None,
     };
     let finished = execute(launch).await.map_err(|e| e.to_string())?;
     if finished.termination == Termination::Exited(0) {
@@ -372,6 +411,9 @@ mod tests {
         assert_eq!(captured.total, 100_000);
         let text = captured.render(Path::new("/tmp/run"));
         assert!(text.ends_with("[forgeline: output truncated: 1000 of 100000 bytes kept]\n"));
+        let exact = captured.exact();
+        assert_eq!(exact.bytes, vec![b'x'; 1000]);
+        assert_eq!((exact.total_bytes, exact.truncated), (100_000, true));
     }
 
     #[test]
@@ -384,5 +426,9 @@ mod tests {
             captured.render(Path::new("/tmp/run-1")),
             "File \"solution.py\", line 3\n"
         );
+        // The exact bytes keep the path, and were not cut.
+        let exact = captured.exact();
+        assert_eq!(exact.bytes, b"File \"/tmp/run-1/solution.py\", line 3\n");
+        assert!(!exact.truncated);
     }
 }

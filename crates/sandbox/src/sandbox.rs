@@ -10,7 +10,7 @@ use nix::sched::CloneFlags;
 use tokio::sync::Semaphore;
 
 use crate::cgroup::CgroupPool;
-use crate::checks::{Check, Job};
+use crate::checks::{Check, InputFile, Job};
 use crate::harness::HarnessDir;
 use crate::isolation::{
     namespace_candidates, seccomp_programs, FsRules, IsolationLevel, IsolationPlan,
@@ -182,13 +182,15 @@ impl Sandbox {
             limits: limits.clone(),
             plan: inner.plan.clone(),
             launcher: inner.config.launcher.clone(),
+            stdin: job.stdin.clone(),
         };
         let finished = runner::execute(launch).await;
         // Read the record and remove the directory off the async threads.
         let keep = job.keep.clone();
+        let inputs = job.input_files.clone();
         let (bytes, files) = tokio::task::spawn_blocking(move || {
             let bytes = read_record(workdir.path());
-            let files = kept_files(workdir.path(), &keep);
+            let files = kept_files(workdir.path(), &keep, &inputs);
             drop(workdir);
             (bytes, files)
         })
@@ -228,6 +230,8 @@ impl Sandbox {
             duration: finished.duration,
             stdout: finished.stdout,
             stderr: finished.stderr,
+            raw_stdout: finished.raw_stdout,
+            raw_stderr: finished.raw_stderr,
             isolation: inner.isolation.clone(),
             files,
         })
@@ -250,6 +254,8 @@ impl Sandbox {
             }
             _ => args.extend(["".into(), "auto".into(), "".into()]),
         }
+        // The program's own, after the harness's six: `sys.argv[1:]` as the program sees it.
+        args.extend(job.args.iter().map(OsString::from));
         args
     }
 }
@@ -268,7 +274,9 @@ fn check_required(isolation: &IsolationReport, required: bool) -> Result<()> {
     Ok(())
 }
 
-/// A fresh run directory with the module, the tests, and `tmp/` (the run's TMPDIR).
+/// A fresh run directory with the module, the tests, the input files, and `tmp/` (the run's
+/// TMPDIR). Each file is created new, never through a link; the runner then hands them all
+/// to the sandbox user.
 fn prepare(work_root: &Path, job: &Job, quota: Option<rundir::DiskQuota>) -> Result<RunDir> {
     let dir = RunDir::create(work_root, quota).map_err(|e| {
         Error::io(
@@ -277,12 +285,15 @@ fn prepare(work_root: &Path, job: &Job, quota: Option<rundir::DiskQuota>) -> Res
         )
     })?;
     let write = |name: &str, source: &[u8]| {
-        std::fs::write(dir.path().join(name), source)
+        rundir::write_new(dir.path(), name, source)
             .map_err(|e| Error::io(format!("write {name}"), e))
     };
     write(&job.module.file_name(), job.module.source())?;
     if let Check::Tests(tests) = &job.check {
         write(tests.file_name(), tests.source())?;
+    }
+    for file in &job.input_files {
+        write(&file.name, &file.bytes)?;
     }
     std::fs::create_dir(dir.path().join("tmp"))
         .map_err(|e| Error::io("create the run's tmp directory", e))?;
@@ -417,9 +428,14 @@ fn read_record(dir: &Path) -> Option<Vec<u8>> {
 
 /// The files with one of these extensions in `dir` and its subdirectories (one level),
 /// regular files only (a link could point anywhere; a FIFO would block), within the count
-/// and size caps. Nothing is followed: directories and files are opened relative to their
-/// parent's descriptor with O_NOFOLLOW.
-fn kept_files(dir: &Path, extensions: &[String]) -> Vec<crate::outcome::KeptFile> {
+/// and size caps, leaving out the job's input files that the program left as they were.
+/// Nothing is followed: directories and files are opened relative to their parent's
+/// descriptor with O_NOFOLLOW.
+fn kept_files(
+    dir: &Path,
+    extensions: &[String],
+    inputs: &[InputFile],
+) -> Vec<crate::outcome::KeptFile> {
     const MAX_FILES: usize = 32;
     const MAX_BYTES: u64 = 16 << 20;
     let mut out = Vec::new();
@@ -451,6 +467,13 @@ fn kept_files(dir: &Path, extensions: &[String]) -> Vec<crate::outcome::KeptFile
             let Ok(bytes) = rundir::read_capped_at(fd.as_raw_fd(), &name, room) else {
                 continue;
             };
+            let unchanged_input = depth == 0
+                && inputs
+                    .iter()
+                    .any(|f| name.as_encoded_bytes() == f.name.as_bytes() && f.bytes == bytes);
+            if unchanged_input {
+                continue;
+            }
             total += bytes.len() as u64;
             out.push(crate::outcome::KeptFile {
                 name: path
@@ -501,6 +524,28 @@ mod tests {
     }
 
     #[test]
+    fn input_files_are_kept_only_when_the_program_changed_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let input = |name: &str, bytes: &[u8]| InputFile {
+            name: name.into(),
+            bytes: bytes.to_vec(),
+        };
+        std::fs::write(d.join("data.csv"), b"a\n1\n").unwrap();
+        std::fs::write(d.join("edited.csv"), b"a\n2\n").unwrap();
+        std::fs::write(d.join("out.csv"), b"a\n").unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/data.csv"), b"a\n1\n").unwrap();
+        let inputs = [input("data.csv", b"a\n1\n"), input("edited.csv", b"a\n1\n")];
+        let mut names: Vec<String> = kept_files(d, &["csv".into()], &inputs)
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["edited.csv", "out.csv", "sub/data.csv"]);
+    }
+
+    #[test]
     fn kept_files_are_the_asked_extensions_one_level_deep() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -515,12 +560,12 @@ mod tests {
         std::os::unix::fs::symlink("/dev/zero", d.join("zero.png")).unwrap();
         std::os::unix::fs::symlink(d.join("figures"), d.join("linked")).unwrap();
         nix::unistd::mkfifo(&d.join("fifo.png"), nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let mut names: Vec<String> = kept_files(d, &["png".into()])
+        let mut names: Vec<String> = kept_files(d, &["png".into()], &[])
             .into_iter()
             .map(|f| f.name)
             .collect();
         names.sort();
         assert_eq!(names, vec!["figures/hist.PNG", "plot.png"]);
-        assert!(kept_files(d, &[]).is_empty());
+        assert!(kept_files(d, &[], &[]).is_empty());
     }
 }

@@ -1,8 +1,10 @@
 """Runs one check of the code under test and writes one record of what happened.
 
-run.py calls main() with the arguments MODE WORKDIR MODULE TESTS_FILE TEST_KIND ENTRY_POINT:
-MODE is syntax, import, run, doctest or tests; MODULE is the module name of the code under test
-(its file is MODULE.py in WORKDIR); TESTS_FILE, TEST_KIND and ENTRY_POINT are used by `tests`.
+run.py calls main() with the arguments MODE WORKDIR MODULE TESTS_FILE TEST_KIND ENTRY_POINT
+ARGS...: MODE is syntax, import, run, doctest or tests; MODULE is the module name of the code
+under test (its file is MODULE.py in WORKDIR); TESTS_FILE, TEST_KIND and ENTRY_POINT are used by
+`tests`; ARGS are the program's own arguments: it sees sys.argv as after `python MODULE.py ARGS`
+in WORKDIR.
 The record goes to WORKDIR/.forgeline-result.json (see forgeline_report.py).
 
 Imports are lazy: Python's start-up is most of the cost of a trivial run, and each module
@@ -32,7 +34,7 @@ def main():
     sys.path.extend(d for d in SITE_DIRS if d not in sys.path)
     ctx = report.Context(workdir, module_name, tests_file)
     report.reserve(ctx)
-    sys.argv = [ctx.module_path]
+    sys.argv = [module_name + ".py"] + sys.argv[7:]
     for stream in (sys.stdout, sys.stderr):
         try:
             # Output printed before a hang or a crash then still reaches the captured output.
