@@ -148,6 +148,7 @@ mod tests {
             attempts: vec![],
             passed,
             stopped: String::new(),
+            selection: None,
             log: vec![],
         }
     }

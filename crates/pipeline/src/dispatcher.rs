@@ -123,6 +123,7 @@ pub async fn dispatch(
                     verdict: None,
                     attempts: Vec::new(),
                     passed: false,
+                    selection: None,
                     log: Vec::new(),
                 }
             }

@@ -251,6 +251,109 @@ pub fn signature_of(text: &str) -> Option<Signature> {
     })
 }
 
+/// One parameter of a signature, as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Param {
+    pub name: String,
+    /// The annotation's text (`List[int]`), when annotated.
+    pub annotation: Option<String>,
+    /// The default's text, when it has one.
+    pub default: Option<String>,
+    /// `*args` (1) or `**kwargs` (2); 0 for a plain parameter.
+    pub stars: u8,
+    /// It comes after `*` or `*args`: callers must name it.
+    pub keyword_only: bool,
+}
+
+/// The parameters of a signature (its `text`) with their annotations and defaults; `self`,
+/// `cls` and the bare `*` and `/` markers left out.
+pub fn parameters(sig: &Signature) -> Vec<Param> {
+    let text = &sig.text;
+    let Some(open) = text.find('(') else {
+        return Vec::new();
+    };
+    let mut depth = 0;
+    let mut close = None;
+    for (i, c) in text[open..].char_indices() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    close = Some(open + i);
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(close) = close else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut keyword_only = false;
+    for raw in split_params(&text[open + 1..close]) {
+        let p = raw.trim();
+        let stars = p.chars().take_while(|c| *c == '*').count().min(2) as u8;
+        let rest = &p[usize::from(stars)..];
+        let (head, default) = match split_top_level(rest, '=') {
+            Some((h, d)) => (h, Some(d.trim().to_string())),
+            None => (rest, None),
+        };
+        let (name, annotation) = match split_top_level(head, ':') {
+            Some((n, a)) => (n.trim(), Some(a.trim().to_string())),
+            None => (head.trim(), None),
+        };
+        if name.is_empty() {
+            // The bare `*` marker: the parameters after it are keyword-only.
+            keyword_only |= stars == 1;
+            continue;
+        }
+        if name == "/" || name == "self" || name == "cls" {
+            continue;
+        }
+        if !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+            continue;
+        }
+        out.push(Param {
+            name: name.to_string(),
+            annotation,
+            default,
+            stars,
+            keyword_only: keyword_only && stars == 0,
+        });
+        keyword_only |= stars == 1;
+    }
+    out
+}
+
+/// `s` split at the first `sep` outside brackets and string literals.
+fn split_top_level(s: &str, sep: char) -> Option<(&str, &str)> {
+    let mut depth = 0i32;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' => quote = Some(c),
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            c if c == sep && depth == 0 => return Some((&s[..i], &s[i + c.len_utf8()..])),
+            _ => {}
+        }
+    }
+    None
+}
+
 fn split_params(s: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let (mut depth, mut start) = (0, 0);
@@ -479,6 +582,43 @@ mod tests {
             signatures("def a(x):\n    def inner(y):\n        pass\n\ndef b(self, z):\n    pass\n");
         assert_eq!(sigs.len(), 2);
         assert_eq!(sigs[1].params, vec!["z"]);
+    }
+
+    #[test]
+    fn reads_parameters_with_annotations_and_defaults() {
+        let s = signature_of(
+            "def f(self, a: int, b: Dict[str, int] = {'x': 1}, *args, c: str = 'a=b', d, **kw) -> int:",
+        )
+        .unwrap();
+        let ps = parameters(&s);
+        let view: Vec<_> = ps
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    p.annotation.as_deref(),
+                    p.default.as_deref(),
+                    p.stars,
+                    p.keyword_only,
+                )
+            })
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                ("a", Some("int"), None, 0, false),
+                ("b", Some("Dict[str, int]"), Some("{'x': 1}"), 0, false),
+                ("args", None, None, 1, false),
+                ("c", Some("str"), Some("'a=b'"), 0, true),
+                ("d", None, None, 0, true),
+                ("kw", None, None, 2, false),
+            ]
+        );
+        let s = signature_of("def g(x, /, *, y: float):").unwrap();
+        let ps = parameters(&s);
+        assert_eq!(ps.len(), 2);
+        assert!(!ps[0].keyword_only && ps[1].keyword_only);
+        assert_eq!(ps[1].annotation.as_deref(), Some("float"));
     }
 
     #[test]

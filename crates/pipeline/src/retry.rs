@@ -3,6 +3,11 @@
 //! the failing test, the trimmed traceback, and the attempt itself) for the next attempt,
 //! up to the retry limit. It stops early when an attempt is no better than the one before,
 //! and always keeps the best attempt so far.
+//!
+//! Where nothing trusted can check the primary code (no `>>>` example, no supplied tests),
+//! a pass only means that a candidate imports, so the first pass would be a coin toss. There
+//! an attempt validates all of its candidates and then chooses among those that passed by
+//! running them (see `selection`); elsewhere the first verified pass wins.
 
 use std::sync::{Arc, Mutex};
 
@@ -13,11 +18,12 @@ use tokio::sync::mpsc::unbounded_channel;
 use crate::job::JobContext;
 use crate::planning::TaskSpec;
 use crate::router::Route;
+use crate::selection::{self, ProbePlan, Selection};
 use crate::stage::Stage;
 use crate::trace::{EventStatus, StageRecord};
 use crate::validation::ValidationPriority;
 use crate::validators::{self, Evidence, Verdict};
-use crate::workers::{self, Artifact, Assignment, WorkerStats};
+use crate::workers::{self, Artifact, Assignment, WorkerKind, WorkerStats};
 
 /// What a retry is told.
 #[derive(Clone, Debug, Serialize)]
@@ -48,6 +54,11 @@ pub struct SubtaskResult {
     pub passed: bool,
     /// Why it stopped.
     pub stopped: String,
+    /// How its output was chosen among its attempt's candidates by running them, where no
+    /// trusted check could choose (the attempt whose candidate it kept); `None` where the
+    /// first verified pass won, or no choice was needed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selection: Option<Selection>,
     /// Its attempts' records (worker, validation, retry) for the job's trace, in the order
     /// they finished.
     #[serde(skip)]
@@ -106,6 +117,8 @@ struct AttemptOutcome {
     /// The best candidate's index and verdict.
     best: Option<(usize, Verdict)>,
     worker_error: Option<String>,
+    /// How `best` was chosen by running the candidates, where it was.
+    selection: Option<Selection>,
 }
 
 /// Runs one subtask to its best output: attempts until one passes or the policy stops,
@@ -131,6 +144,7 @@ pub async fn run_subtask(
         log: Mutex::default(),
     };
     let mut best: Option<(Artifact, Verdict)> = None;
+    let mut best_selection: Option<Selection> = None;
     let mut attempts = Vec::new();
     let mut feedback: Option<Feedback> = None;
     let mut previous: Option<f64> = None;
@@ -156,6 +170,7 @@ pub async fn run_subtask(
         artifact.files = v.files.clone();
         if best.as_ref().is_none_or(|(_, b)| better(&v, b)) {
             best = Some((artifact, v));
+            best_selection = outcome.selection;
         }
         let (best_artifact, best_verdict) = best.as_ref().expect("set above");
         if best_verdict.passed {
@@ -174,12 +189,19 @@ pub async fn run_subtask(
         feedback = Some(sub.retry_feedback(attempt, best_artifact, best_verdict));
         attempt += 1;
     };
-    sub.finish(policy, best, attempts, stopped)
+    sub.finish(policy, best, best_selection, attempts, stopped)
 }
 
 impl Subtask<'_> {
     fn id(&self) -> Option<&str> {
         Some(&self.spec.id)
+    }
+
+    /// Whether the attempt's candidates are chosen by running them: the primary code with
+    /// an entry point, and nothing trusted to check it (no task examples, no supplied
+    /// tests), so a pass only means that a candidate imports.
+    fn selects(&self) -> bool {
+        needs_selection(self.spec, self.route, &self.evidence)
     }
 
     fn event(&self, stage: Stage, status: EventStatus, attempt: usize, msg: String) {
@@ -204,6 +226,8 @@ impl Subtask<'_> {
 
     /// One attempt: the worker writes candidates while the validation queue checks them as
     /// they come; the first that passes wins, and the rest (written or not) are dropped.
+    /// Where the candidates are chosen by running them (`selects`), every candidate is
+    /// written and validated, and selection chooses among those that passed.
     async fn attempt(&self, attempt: usize, feedback: Option<&Feedback>) -> AttemptOutcome {
         let (ctx, spec) = (self.ctx, self.spec);
         let started = ctx.elapsed_ms();
@@ -235,7 +259,11 @@ impl Subtask<'_> {
             verdicts: Vec::new(),
             best: None,
             worker_error: None,
+            selection: None,
         };
+        let selects = self.selects();
+        // Each candidate's verdict, by index (kept for selection).
+        let mut received: Vec<Option<Verdict>> = Vec::new();
         let mut produced = false;
         let v_started = ctx.elapsed_ms();
         loop {
@@ -254,10 +282,16 @@ impl Subtask<'_> {
                     );
                     out.verdicts.push(json!({"candidate": i + 1, "verdict": v}));
                     let passed = v.passed;
+                    if selects {
+                        if received.len() <= i {
+                            received.resize(i + 1, None);
+                        }
+                        received[i] = Some(v.clone());
+                    }
                     if out.best.as_ref().is_none_or(|(_, b)| better(&v, b)) {
                         out.best = Some((i, v));
                     }
-                    if passed {
+                    if passed && !selects {
                         break;
                     }
                 }
@@ -280,6 +314,9 @@ impl Subtask<'_> {
         drop(vrx);
         // Candidates still being written are cancelled.
         drop(produce);
+        if selects {
+            self.select(attempt, &mut out, &received).await;
+        }
         self.log(
             Stage::Worker,
             started,
@@ -303,9 +340,67 @@ impl Subtask<'_> {
             Stage::Validation,
             v_started,
             json!({"attempt": attempt + 1, "candidates": out.candidates.len()}),
-            json!({"verdicts": out.verdicts}),
+            json!({"verdicts": out.verdicts, "selection": out.selection}),
         );
         out
+    }
+
+    /// Chooses among the attempt's candidates that passed (no hard check failed) by running
+    /// them, when there are two or more: the chosen one becomes the attempt's best. When
+    /// nothing can be chosen (no probe, no candidate gave an output), the best verdict stays.
+    async fn select(&self, attempt: usize, out: &mut AttemptOutcome, verdicts: &[Option<Verdict>]) {
+        let candidates: Vec<selection::Candidate> = verdicts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let v = v.as_ref().filter(|v| v.passed)?;
+                Some(selection::Candidate {
+                    id: i + 1,
+                    code: out.candidates.get(i)?.code.clone()?,
+                    verdict_score: v.score,
+                })
+            })
+            .collect();
+        if candidates.len() < 2 {
+            return;
+        }
+        let entry = self.route.entry_point.as_deref().unwrap_or_default();
+        let plan = ProbePlan::new(
+            entry,
+            self.route.signature.as_ref(),
+            &self.route.examples,
+            &self.evidence.generated,
+        );
+        let sel = selection::select(self.ctx, &self.evidence.module, &plan, &candidates).await;
+        let message = match sel.chosen {
+            Some(c) => format!(
+                "selection: candidate {c} of {} by running {} probe(s) and {} generated \
+                 test(s); {} group(s), the best of {}{}",
+                candidates.len(),
+                sel.probes.len(),
+                sel.tests.len(),
+                sel.groups.len(),
+                sel.best_group().map_or(0, |g| g.members.len()),
+                if sel.consistent {
+                    ", a consistent majority"
+                } else {
+                    ""
+                }
+            ),
+            None => format!("selection chose nothing: {}", sel.note),
+        };
+        self.event(
+            Stage::Validation,
+            EventStatus::Progress,
+            attempt + 1,
+            message,
+        );
+        if let Some(c) = sel.chosen {
+            if let Some(v) = verdicts.get(c - 1).cloned().flatten() {
+                out.best = Some((c - 1, v));
+            }
+        }
+        out.selection = Some(sel);
     }
 
     /// What the next attempt is told: the best output so far and what was wrong with it.
@@ -337,6 +432,7 @@ impl Subtask<'_> {
         &self,
         policy: RetryPolicy,
         best: Option<(Artifact, Verdict)>,
+        selection: Option<Selection>,
         attempts: Vec<AttemptRecord>,
         stopped: String,
     ) -> SubtaskResult {
@@ -364,6 +460,7 @@ impl Subtask<'_> {
             attempts,
             passed,
             stopped,
+            selection,
             log: self
                 .log
                 .lock()
@@ -371,6 +468,17 @@ impl Subtask<'_> {
                 .unwrap_or_default(),
         }
     }
+}
+
+/// Whether a subtask's candidates are chosen by running them (`selection`): it is the
+/// primary code with an entry point, and there is no trusted check (the task's examples,
+/// supplied tests) to tell a working candidate from one that merely imports.
+pub fn needs_selection(spec: &TaskSpec, route: &Route, evidence: &Evidence) -> bool {
+    spec.primary
+        && spec.kind == WorkerKind::Code
+        && route.entry_point.is_some()
+        && evidence.examples.is_none()
+        && evidence.supplied.is_none()
 }
 
 /// A passing verdict beats a failing one; then the higher score.
@@ -390,6 +498,61 @@ fn first_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_primary_code_with_nothing_trusted_is_chosen_by_running_it() {
+        let route = crate::router::route_by_rules(&crate::task::TaskRequest::new(
+            "def add(a: int, b: int) -> int:\n    \"\"\"Return the sum.\"\"\"\n",
+        ));
+        let spec = TaskSpec {
+            id: "impl".into(),
+            kind: WorkerKind::Code,
+            description: "add".into(),
+            depends_on: vec![],
+            acceptance: vec![],
+            primary: true,
+            critical: true,
+        };
+        let bare = Evidence {
+            module: "solution".into(),
+            ..Evidence::default()
+        };
+        assert!(needs_selection(&spec, &route, &bare));
+        // Generated tests are no trusted check: still chosen by running.
+        let generated = Evidence {
+            generated: vec!["def test_a():\n    pass\n".into()],
+            ..bare.clone()
+        };
+        assert!(needs_selection(&spec, &route, &generated));
+        // The task's examples or the user's tests decide: the first verified pass wins.
+        let examples = Evidence {
+            examples: Some("def test_example_1():\n    assert add(1, 2) == 3\n".into()),
+            ..bare.clone()
+        };
+        assert!(!needs_selection(&spec, &route, &examples));
+        let supplied = Evidence {
+            supplied: Some(crate::task::ContextFile {
+                name: "test_add.py".into(),
+                content: "def test_a():\n    pass\n".into(),
+            }),
+            ..bare.clone()
+        };
+        assert!(!needs_selection(&spec, &route, &supplied));
+        // Not the primary code, not code, or no entry point to call.
+        let helper = TaskSpec {
+            primary: false,
+            ..spec.clone()
+        };
+        assert!(!needs_selection(&helper, &route, &bare));
+        let tests = TaskSpec {
+            kind: WorkerKind::Tests,
+            ..spec.clone()
+        };
+        assert!(!needs_selection(&tests, &route, &bare));
+        let mut no_entry = route.clone();
+        no_entry.entry_point = None;
+        assert!(!needs_selection(&spec, &no_entry, &bare));
+    }
 
     #[test]
     fn retries_stop_at_the_limit_or_when_nothing_improves() {
