@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use forgeline_pipeline::formatter::{self, Format};
 use forgeline_pipeline::job::MODULE_NAME;
+use forgeline_pipeline::verdict::VerdictStatus;
 use forgeline_pipeline::{trace_json, ContextFile, EventStatus, JobEvent, TaskRequest};
 use serde_json::json;
 use tokio::sync::mpsc::unbounded_channel;
@@ -41,6 +42,11 @@ pub struct GenerateArgs {
     /// Write every stage's input, prompt, output, tokens, timings and verdicts as JSON
     #[arg(long, value_name = "TRACE.json")]
     pub trace: Option<PathBuf>,
+    /// The least verdict that exits 0: `verified` (trusted checks ran and passed),
+    /// `consistent` (or candidates agree on generated inputs), `any` (any result that did
+    /// not fail). Short of it exits 4; a failed result exits 1
+    #[arg(long, default_value = "verified", value_parser = parse_require)]
+    pub require: Require,
     #[command(flatten)]
     pub pipeline: PipelineArgs,
 }
@@ -66,6 +72,47 @@ fn check_writable(path: &Path) -> std::io::Result<()> {
 
 fn parse_format(s: &str) -> Result<Format, String> {
     s.parse()
+}
+
+/// What `generate` counts as success (`--require`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Require {
+    Verified,
+    Consistent,
+    Any,
+}
+
+fn parse_require(s: &str) -> Result<Require, String> {
+    match s {
+        "verified" => Ok(Require::Verified),
+        "consistent" => Ok(Require::Consistent),
+        "any" => Ok(Require::Any),
+        _ => Err(format!(
+            "unknown requirement `{s}` (verified, consistent, any)"
+        )),
+    }
+}
+
+/// Exit code 4: code was produced but not verified as far as `--require` asks.
+pub const EXIT_NOT_VERIFIED: u8 = 4;
+
+/// The exit code of a result with `status` under `require`: 0 when it meets it, 1 when it
+/// failed, 4 when it is short of it.
+pub fn exit_code(status: VerdictStatus, require: Require) -> u8 {
+    let meets = match require {
+        Require::Verified => status == VerdictStatus::Verified,
+        Require::Consistent => {
+            matches!(status, VerdictStatus::Verified | VerdictStatus::Consistent)
+        }
+        Require::Any => status != VerdictStatus::Failed,
+    };
+    if meets {
+        0
+    } else if status == VerdictStatus::Failed {
+        1
+    } else {
+        EXIT_NOT_VERIFIED
+    }
 }
 
 fn read_file(path: &PathBuf, what: &str) -> anyhow::Result<ContextFile> {
@@ -153,22 +200,22 @@ pub async fn run(a: GenerateArgs, env: &Env) -> anyhow::Result<ExitCode> {
             eprintln!("wrote {}", p.display());
         }
     }
+    let status = r.verdict.status;
     eprintln!(
         "{} · {} LLM calls, {} tokens generated, {:.1} s",
-        if r.passed {
-            "passed the final validation"
-        } else {
-            "did not pass the final validation"
+        match status {
+            VerdictStatus::Verified => "verified: the task's own checks ran and passed",
+            VerdictStatus::Consistent =>
+                "consistent: candidates agree on generated inputs; nothing in the task verified it",
+            VerdictStatus::Unverified =>
+                "unverified: nothing in the task could check it; review it before use",
+            VerdictStatus::Failed => "failed its checks",
         },
         r.llm_calls,
         r.completion_tokens,
         r.wall_ms as f64 / 1000.0
     );
-    Ok(if r.passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(ExitCode::from(exit_code(status, a.require)))
 }
 
 /// Live progress on a terminal: finished steps as lines, the running one with a spinner.
@@ -220,4 +267,34 @@ async fn show_progress(mut rx: tokio::sync::mpsc::UnboundedReceiver<JobEvent>) {
     }
     let _ = write!(err, "\r\x1b[2K");
     let _ = err.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_verdict_and_the_requirement() {
+        use VerdictStatus::*;
+        let table = [
+            (Verified, Require::Verified, 0),
+            (Consistent, Require::Verified, 4),
+            (Unverified, Require::Verified, 4),
+            (Failed, Require::Verified, 1),
+            (Consistent, Require::Consistent, 0),
+            (Unverified, Require::Consistent, 4),
+            (Unverified, Require::Any, 0),
+            (Failed, Require::Any, 1),
+        ];
+        for (status, require, code) in table {
+            assert_eq!(
+                exit_code(status, require),
+                code,
+                "{status} under {require:?}"
+            );
+        }
+        assert!(parse_require("passed")
+            .unwrap_err()
+            .contains("verified, consistent, any"));
+    }
 }

@@ -12,9 +12,11 @@
 //! - `pipeline_setup`: the pipeline flags and the models, sandbox and pipeline they build.
 //!
 //! Conventions: data on stdout, messages on stderr, `--json` for machine-readable results,
-//! `RUST_LOG` filters logs, `NO_COLOR` turns colour off. Exit codes: 0 success; 1 the code or
-//! task failed its checks; 2 bad usage or input (flags, files, unknown or unreadable model);
-//! 3 a runtime failure (engine error, out of memory).
+//! `RUST_LOG` filters logs, `NO_COLOR` turns colour off. Exit codes: 0 success (for
+//! `generate`: the result is `verified`, or meets `--require`); 1 the code or task failed its
+//! checks; 2 bad usage or input (flags, files, unknown or unreadable model); 3 a runtime
+//! failure (engine error, out of memory); 4 (`generate`) code was produced but not verified
+//! (`consistent` or `unverified`, short of `--require`).
 
 mod bench;
 mod bench_pipeline;

@@ -8,11 +8,12 @@ use serde_json::{json, Value};
 use crate::job::JobContext;
 use crate::orchestrator::main_kind;
 use crate::planning::TaskSpec;
+use crate::retry::SubtaskResult;
 use crate::router::Route;
 use crate::stage::{LlmStage, StageOutput};
 use crate::synthesizer::{self, Synthesis};
 use crate::trace::EventStatus;
-use crate::validators::{self, CheckName, Evidence, Verdict};
+use crate::validators::{self, CheckName, CheckResult, Evidence, Verdict, VerdictStatus};
 use crate::workers::{Artifact, WorkerKind};
 use crate::Result;
 
@@ -43,20 +44,74 @@ async fn check(ctx: &JobContext, route: &Route, s: &mut Synthesis, evidence: &Ev
     };
     let mut ev = evidence.clone();
     ev.generated = s.tests.iter().cloned().collect();
-    let v = validators::validate_with(ctx, route, &spec, &artifact, &ev, LlmStage::FinalValidator)
-        .await;
-    // Generated tests that fail code which passes the task's own checks are suspect: they
-    // are not shipped.
+    let mut v =
+        validators::validate_with(ctx, route, &spec, &artifact, &ev, LlmStage::FinalValidator)
+            .await;
+    // The candidates' agreement speaks for the first synthesis only: a repair is new code.
+    if let (Some(a), 0) = (&evidence.agreement, s.revision) {
+        v.add(a.clone());
+        v = v.finish();
+    }
+    // Generated tests are dropped only when code that passed trusted checks fails them:
+    // then the tests are the suspect. Without a trusted check nothing says which is wrong,
+    // so they are shipped, with a note.
     let generated_failed = v
         .checks
         .iter()
         .any(|c| c.name == CheckName::GeneratedTests && !c.passed);
-    if v.passed && generated_failed && s.tests.take().is_some() {
-        s.notes.push(
-            "generated tests dropped: they fail code that passes the task's own checks".into(),
-        );
+    if generated_failed && s.tests.is_some() {
+        if v.status == VerdictStatus::Verified {
+            s.tests = None;
+            s.notes.push(
+                "generated tests dropped: they fail code that passes the task's own checks".into(),
+            );
+        } else {
+            s.notes.push(
+                "the generated tests fail against the code, and nothing trusted says which of \
+                 the two is wrong"
+                    .into(),
+            );
+        }
     }
     v
+}
+
+/// The agreement selection found among the primary code's candidates, as evidence for the
+/// final verdict: it passes when the chosen candidate's group is a clear majority and the
+/// candidate passes the generated tests that group passes (`Selection::consistent`).
+pub fn agreement(results: &[SubtaskResult]) -> Option<CheckResult> {
+    let sel = results
+        .iter()
+        .find(|r| r.spec.primary && r.spec.kind == WorkerKind::Code)?
+        .selection
+        .as_ref()?;
+    let best = sel.best_group()?;
+    let tests = if sel.tests.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; the group passes {} of {} generated test(s)",
+            best.tests_passed,
+            sel.tests.len()
+        )
+    };
+    let verdict = match (sel.clear_majority, sel.passes_majority_tests) {
+        (true, true) => "a clear majority",
+        (false, _) => "not a clear majority",
+        (true, false) => "but the chosen one fails a generated test its group passes",
+    };
+    Some(CheckResult {
+        name: CheckName::Agreement,
+        passed: sel.consistent,
+        hard: false,
+        detail: format!(
+            "{} of {} candidates that ran compute the same outputs on {} input(s){tests}: {verdict}",
+            best.members.len(),
+            sel.ran,
+            sel.probes.len(),
+        ),
+        tests: None,
+    })
 }
 
 /// A synthesis and the final validator's verdict on it.

@@ -27,13 +27,14 @@ use crate::prompts::{Prompts, RenderedPrompt};
 use crate::python;
 use crate::retry::SubtaskResult;
 use crate::router::{self, Route, RouteKind};
+use crate::smoke;
 use crate::stage::{LlmStage, Stage, StageOutput};
 use crate::synthesizer::{FileRole, OutputFile, Synthesis};
 use crate::task::TaskRequest;
 use crate::trace::{EventStatus, JobEvent, LlmCallRecord, Recorder, TraceData};
 use crate::validation::{QueueStats, ValidationQueue};
-use crate::validators::{Evidence, Verdict};
-use crate::workers::KindStats;
+use crate::validators::{Evidence, Verdict, VerdictStatus};
+use crate::workers::{KindStats, WorkerKind};
 use crate::{Error, Result};
 
 /// The name of the module a job writes (`solution.py`).
@@ -332,7 +333,10 @@ impl Drop for ReleaseOnDrop<'_> {
 pub struct SubtaskSummary {
     pub id: String,
     pub kind: String,
-    pub passed: bool,
+    /// What execution proved about its best output (`failed` when it has none).
+    pub status: VerdictStatus,
+    /// Its best output had no failing hard check, so no retry was needed.
+    pub accepted: bool,
     pub attempts: usize,
     pub stopped: String,
 }
@@ -341,7 +345,8 @@ pub struct SubtaskSummary {
 #[derive(Clone, Debug, Serialize)]
 pub struct JobResult {
     pub job: u64,
-    /// The final validation passed.
+    /// The result is `verified`: trusted checks ran and passed (`verdict.status` says
+    /// what else it can be, and `verdict.evidence` what each check proved).
     pub passed: bool,
     pub route: RouteKind,
     pub entry_point: Option<String>,
@@ -529,11 +534,18 @@ impl Pipeline {
                 async { Ok(planning::build_dag(&plan, &route, limits.max_subtasks)) },
             )
             .await?;
+        let program = smoke::is_program(&route, &task.task);
         let evidence = Evidence {
             module: ctx.module_name(),
             examples: python::examples_test(&ctx.module_name(), &route.examples),
             supplied: task.tests.clone(),
             generated: Vec::new(),
+            program,
+            smoke: match program {
+                true => smoke::generate(ctx, &route).await,
+                false => None,
+            },
+            agreement: None,
         };
         let dispatched = ctx
             .step(
@@ -577,8 +589,14 @@ impl Pipeline {
                 crate::synthesizer::synthesize(ctx, &route, &collected),
             )
             .await?;
+        // The candidates' agreement is evidence while the result is the one code output
+        // that selection chose.
+        let mut final_evidence = evidence.clone();
+        if collected.of_kind(WorkerKind::Code).count() == 1 {
+            final_evidence.agreement = final_validation::agreement(&results);
+        }
         let Checked { synthesis, verdict } = self
-            .final_validation(ctx, &route, synthesis, &evidence)
+            .final_validation(ctx, &route, synthesis, &final_evidence)
             .await?;
         let trace = ctx.rec.snapshot();
         let mut notes: Vec<String> = dag.repairs.iter().map(|r| format!("plan: {r}")).collect();
@@ -591,7 +609,7 @@ impl Pipeline {
         notes.extend(synthesis.notes.iter().cloned());
         let mut result = JobResult {
             job: ctx.rec.job,
-            passed: verdict.passed,
+            passed: verdict.status == VerdictStatus::Verified,
             route: route.kind,
             entry_point: route.entry_point.clone(),
             files: synthesis.files(&ctx.module_name()),
@@ -603,7 +621,11 @@ impl Pipeline {
                 .map(|r| SubtaskSummary {
                     id: r.spec.id.clone(),
                     kind: r.spec.kind.name().into(),
-                    passed: r.passed,
+                    status: r
+                        .verdict
+                        .as_ref()
+                        .map_or(VerdictStatus::Failed, |v| v.status),
+                    accepted: r.passed,
                     attempts: r.attempts.len(),
                     stopped: r.stopped.clone(),
                 })

@@ -24,9 +24,13 @@
 //!   figures, kept by the dispatcher for the trace.
 //! - `validation`: stage 7, the priority queue of outputs to check.
 //! - `validators`: stage 8, sandboxed checks, then the LLM validator.
+//! - `smoke`: smoke runs of programs: `--help`, and a run on an input the tests worker
+//!   writes.
 //! - `verdict`: a validation's checks and judgement, and the pass, score and feedback
 //!   they make.
 //! - `retry`: stage 9, attempts with refined instructions; the best is kept.
+//! - `selection`: choosing among candidates by running them where nothing trusted can
+//!   (MBR-exec: group by outputs on the same calls; CodeT: weigh by generated tests passed).
 //! - `collector`: stage 10, outputs with their relationships.
 //! - `synthesizer`: stages 11 and 13, integration into files; re-synthesis.
 //! - `final_validation`: stages 12 and 13, the whole result checked; bounded retry.
@@ -53,6 +57,8 @@ pub mod prompts;
 pub mod python;
 pub mod retry;
 pub mod router;
+pub mod selection;
+pub mod smoke;
 pub mod stage;
 pub mod synthesizer;
 pub mod task;

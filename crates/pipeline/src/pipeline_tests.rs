@@ -7,6 +7,7 @@ use crate::job::JobOutcome;
 use crate::task::TaskRequest;
 use crate::testing::{ScriptedModel, TestBed};
 use crate::trace::Stage;
+use crate::verdict::{CheckName, VerdictStatus};
 
 const STUB: &str = "def add(a: int, b: int) -> int:\n    \"\"\"Return the sum of a and b.\n\n    >>> add(2, 3)\n    5\n    \"\"\"\n";
 const JUDGE_OK: &str = r#"{"pass": true, "problems": [], "feedback": ""}"#;
@@ -297,4 +298,231 @@ async fn non_ascii_task_text_runs_through_the_job() {
         .unwrap();
     assert!(out.result.passed, "{:#?}", out.result.verdict);
     assert!(out.result.module().unwrap().contains("café"));
+}
+
+const CSV_TASK: &str = "Write a command-line script that reads a CSV file and writes it back without duplicate rows, keeping the first occurrence. Include tests.";
+const CSV_PLAN: &str = r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "the script", "depends_on": [], "acceptance": []},
+                          {"id": "tests", "kind": "tests", "description": "tests", "depends_on": ["impl"], "acceptance": []}]}"#;
+const CSV_INPUT: &str = r#"{"args": ["data.csv"], "stdin": "", "files": [{"name": "data.csv", "content": "a,b\n1,2\n1,2\n3,4\n"}]}"#;
+/// The code from the issue: it imports, and crashes as soon as it runs.
+const CSV_CRASHING: &str = "import csv\nimport sys\n\n\ndef dedupe(path):\n    seen = set()\n    writer = csv.writer(None)\n    with open(path) as f:\n        for row in csv.reader(f):\n            if tuple(row) not in seen:\n                seen.add(tuple(row))\n                writer.writerow(row)\n    print(undefined_name)\n\n\nif __name__ == \"__main__\":\n    dedupe(sys.argv[1])\n```";
+const CSV_WORKING: &str = "import csv\nimport sys\n\n\ndef dedupe(path):\n    seen = set()\n    writer = csv.writer(sys.stdout)\n    with open(path, newline=\"\") as f:\n        for row in csv.reader(f):\n            if tuple(row) not in seen:\n                seen.add(tuple(row))\n                writer.writerow(row)\n\n\nif __name__ == \"__main__\":\n    dedupe(sys.argv[1])\n```";
+
+async fn run_csv(model: &ScriptedModel) -> JobOutcome {
+    let bed = TestBed::with_config(model.clone(), config(1)).await;
+    bed.pipeline
+        .run(TaskRequest::new(CSV_TASK), Format::Md, None)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_script_that_crashes_on_its_smoke_run_fails_whatever_the_reviewer_says() {
+    let model = ScriptedModel::new()
+        .on("orchestrator", CSV_PLAN)
+        .on("smoke_input", CSV_INPUT)
+        .on("code", CSV_CRASHING)
+        // Tests with a syntax error, as in the issue.
+        .on("tests", "dedupe(:\n    assert True\n```")
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "A script that removes duplicate rows.")
+        .on("final_validator", JUDGE_OK);
+    let out = run_csv(&model).await;
+    let r = &out.result;
+    assert_eq!(r.verdict.status, VerdictStatus::Failed, "{:#?}", r.verdict);
+    assert!(!r.passed);
+    let smoke = r
+        .verdict
+        .checks
+        .iter()
+        .find(|c| c.name == CheckName::SmokeRun)
+        .expect("the script was smoke-run");
+    assert!(!smoke.passed && smoke.hard, "{smoke:?}");
+    assert!(
+        smoke.detail.contains("python solution.py data.csv"),
+        "{}",
+        smoke.detail
+    );
+    // The retry was told what crashed, on which input.
+    let code_prompts: Vec<String> = model
+        .calls()
+        .into_iter()
+        .filter(|(s, _)| s == "code")
+        .map(|(_, p)| p)
+        .collect();
+    assert!(code_prompts.len() >= 2, "no retry");
+    assert!(
+        code_prompts[1].contains("smoke_run") && code_prompts[1].contains("data.csv"),
+        "{}",
+        code_prompts[1]
+    );
+    // No LLM opinion is called a pass, and the report never says "passed".
+    assert!(!r
+        .verdict
+        .checks
+        .iter()
+        .any(|c| c.name == CheckName::Reviewer));
+    assert!(
+        out.rendered.contains("**Status:** failed"),
+        "{}",
+        out.rendered
+    );
+    assert!(!out.rendered.contains("passed the"), "{}", out.rendered);
+}
+
+#[tokio::test]
+async fn a_script_that_runs_but_has_no_trusted_check_is_unverified() {
+    let model = ScriptedModel::new()
+        .on("orchestrator", CSV_PLAN)
+        .on("smoke_input", CSV_INPUT)
+        .on("code", CSV_CRASHING)
+        .on("code", CSV_WORKING)
+        .on("tests", "dedupe(:\n    assert True\n```")
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "A script that removes duplicate rows.")
+        .on("final_validator", JUDGE_OK);
+    let out = run_csv(&model).await;
+    let r = &out.result;
+    assert_eq!(
+        r.verdict.status,
+        VerdictStatus::Unverified,
+        "{:#?}",
+        r.verdict
+    );
+    assert!(!r.passed);
+    assert!(r.module().unwrap().contains("csv.writer(sys.stdout)"));
+    let smoke = r
+        .verdict
+        .checks
+        .iter()
+        .find(|c| c.name == CheckName::SmokeRun)
+        .unwrap();
+    assert!(smoke.passed, "{smoke:?}");
+    // The run decided, so no reviewer was asked: it could only have changed a score.
+    assert!(!model.calls().iter().any(|(s, _)| s == "final_validator"));
+    assert!(
+        out.rendered.contains("**Status:** unverified"),
+        "{}",
+        out.rendered
+    );
+    assert!(!out.rendered.contains("passed the"));
+}
+
+#[tokio::test]
+async fn an_unusable_review_is_no_approval() {
+    // A prose answer has nothing to run: the reviewer decides, and an answer that does
+    // not parse is no review at all (it used to count as a pass).
+    let model = ScriptedModel::new()
+        .on("validator", "not json at all")
+        .on("final_validator", "not json at all");
+    let bed = TestBed::new(model).await;
+    let ctx = bed.ctx();
+    let route = crate::router::route_by_rules(&ctx.task);
+    let spec = crate::planning::TaskSpec {
+        id: "why".into(),
+        kind: crate::workers::WorkerKind::Reasoning,
+        description: "explain".into(),
+        depends_on: vec![],
+        acceptance: vec![],
+        primary: true,
+        critical: true,
+    };
+    let artifact = crate::workers::Artifact {
+        subtask: "why".into(),
+        kind: crate::workers::WorkerKind::Reasoning,
+        attempt: 1,
+        candidate: 1,
+        text: "Adding two numbers gives their sum, as arithmetic says.".into(),
+        code: None,
+        files: vec![],
+    };
+    let v = crate::validators::validate(
+        &ctx,
+        &route,
+        &spec,
+        &artifact,
+        &crate::validators::Evidence::default(),
+    )
+    .await;
+    assert!(v.judge.is_none(), "{v:?}");
+    assert!(!v.checks.iter().any(|c| c.name == CheckName::Reviewer));
+    assert_eq!(v.status, VerdictStatus::Unverified);
+}
+
+/// A stub with no example: nothing trusted can check it.
+const BARE_STUB: &str =
+    "def add(a: int, b: int) -> int:\n    \"\"\"Return the sum of a and b.\"\"\"\n";
+
+async fn run_bare(model: &ScriptedModel) -> JobOutcome {
+    let bed = TestBed::with_config(model.clone(), config(3)).await;
+    bed.pipeline
+        .run(TaskRequest::new(BARE_STUB), Format::Md, None)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn candidates_that_agree_make_a_result_consistent_never_verified() {
+    let model = ScriptedModel::new()
+        .on("orchestrator", r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#)
+        .on("code", "def add(a, b):\n    return a + b\n```")
+        .on("code", "def add(a, b):\n    return a - b\n```")
+        .on("code", "def add(a, b):\n    return b + a\n```")
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "Adds.")
+        .on("final_validator", JUDGE_OK);
+    let out = run_bare(&model).await;
+    let r = &out.result;
+    assert_eq!(
+        r.verdict.status,
+        VerdictStatus::Consistent,
+        "{:#?}",
+        r.verdict
+    );
+    assert!(!r.passed);
+    let module = r.module().unwrap();
+    assert!(!module.contains("a - b"), "{module}");
+    let agreement = r
+        .verdict
+        .checks
+        .iter()
+        .find(|c| c.name == CheckName::Agreement)
+        .unwrap();
+    assert!(
+        agreement.passed && agreement.detail.contains("2 of 3"),
+        "{agreement:?}"
+    );
+    // Execution chose among the candidates: no reviewer was asked about each.
+    assert!(!model.calls().iter().any(|(s, _)| s == "validator"));
+    assert!(
+        out.rendered.contains("**Status:** consistent"),
+        "{}",
+        out.rendered
+    );
+    assert!(!out.rendered.contains("passed the"));
+}
+
+#[tokio::test]
+async fn candidates_that_all_disagree_leave_a_result_unverified() {
+    let model = ScriptedModel::new()
+        .on("orchestrator", r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#)
+        .on("code", "def add(a, b):\n    return a + b\n```")
+        .on("code", "def add(a, b):\n    return a - b\n```")
+        .on("code", "def add(a, b):\n    return a * b\n```")
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "Adds.")
+        .on("final_validator", JUDGE_OK);
+    let out = run_bare(&model).await;
+    let r = &out.result;
+    assert_eq!(
+        r.verdict.status,
+        VerdictStatus::Unverified,
+        "{:#?}",
+        r.verdict
+    );
+    assert!(
+        out.rendered.contains("**Status:** unverified"),
+        "{}",
+        out.rendered
+    );
 }

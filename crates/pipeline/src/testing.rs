@@ -21,6 +21,10 @@ use crate::workers::WorkerKind;
 /// An answer that makes the call panic instead.
 pub const PANIC: &str = "<panic>";
 
+/// The tests worker's template asking for a smoke input opens with this; the scripted
+/// model answers it as the stage `smoke_input`.
+pub const SMOKE_MARKER: &str = "You write one small, ordinary input";
+
 /// Each stage's template opens its system block with this.
 pub fn marker(stage: LlmStage) -> &'static str {
     match stage {
@@ -60,9 +64,13 @@ impl ScriptedModel {
         Self::default()
     }
 
-    /// Adds an answer for a stage (by its config name: `code`, `validator`...).
+    /// Adds an answer for a stage (by its config name: `code`, `validator`...), or for the
+    /// tests worker's smoke input (`smoke_input`).
     pub fn on(self, stage: &str, answer: &str) -> Self {
-        assert!(LlmStage::from_name(stage).is_some(), "no stage {stage}");
+        assert!(
+            LlmStage::from_name(stage).is_some() || stage == "smoke_input",
+            "no stage {stage}"
+        );
         self.script
             .lock()
             .unwrap()
@@ -130,11 +138,15 @@ impl LanguageModel for ScriptedModel {
         req: GenerateRequest,
     ) -> BoxFuture<'_, forgeline_engine::Result<Completion>> {
         let text = Self::text_of(&req);
-        let stage = LlmStage::ALL
-            .into_iter()
-            .find(|s| text.contains(marker(*s)))
-            .map_or("unknown", LlmStage::name)
-            .to_string();
+        let stage = if text.contains(SMOKE_MARKER) {
+            "smoke_input".to_string()
+        } else {
+            LlmStage::ALL
+                .into_iter()
+                .find(|s| text.contains(marker(*s)))
+                .map_or("unknown", LlmStage::name)
+                .to_string()
+        };
         let mut script = self.script.lock().unwrap();
         script.calls.push((stage.clone(), text));
         let answer = match script.answers.get_mut(&stage) {

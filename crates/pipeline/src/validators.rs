@@ -1,8 +1,8 @@
 //! Stage 8, the validators. Deterministic checks first, all run in the sandbox: syntax,
 //! entry point and signature, the task's own docstring examples, supplied tests, generated
-//! tests, docstring examples of the output. Then an LLM validator answering JSON
-//! `{pass, problems, feedback}`. An LLM verdict never overrides failing execution: it only
-//! decides where nothing could be run.
+//! tests, docstring examples of the output. Then, only where nothing ran that decides, an
+//! LLM validator answering JSON `{pass, problems, feedback}`: its rejection sends the output
+//! back for a retry; its approval is never a pass (see `Verdict::status`).
 
 use forgeline_engine::stop::StopReason;
 use forgeline_sandbox::{Check, Job, Module, RunReport, TestKind, TestSuite};
@@ -12,9 +12,10 @@ use crate::job::{JobContext, LlmCall};
 use crate::planning::TaskSpec;
 use crate::python;
 use crate::router::Route;
+use crate::smoke::{self, SmokeInput};
 use crate::stage::LlmStage;
 use crate::task::ContextFile;
-pub use crate::verdict::{CheckName, CheckResult, Judgement, Verdict};
+pub use crate::verdict::{CheckName, CheckResult, Judgement, Trust, Verdict, VerdictStatus};
 use crate::workers::{Artifact, GeneratedFile, WorkerKind};
 
 /// What the checks have to go on besides the output itself.
@@ -28,6 +29,13 @@ pub struct Evidence {
     pub supplied: Option<ContextFile>,
     /// Tests a tests worker wrote (a weaker signal: they may be wrong).
     pub generated: Vec<String>,
+    /// The output is a program a user runs: it is smoke-run, not only imported.
+    pub program: bool,
+    /// An input the tests worker wrote to smoke-run the program on.
+    pub smoke: Option<SmokeInput>,
+    /// For the final check: how far the primary code's candidates agreed when they were
+    /// run on the same inputs (from selection), while the result is still that code.
+    pub agreement: Option<CheckResult>,
 }
 
 fn outcome_check(name: CheckName, hard: bool, r: &RunReport) -> CheckResult {
@@ -69,7 +77,7 @@ fn sandbox_failure(name: CheckName, e: forgeline_sandbox::Error) -> CheckResult 
 }
 
 impl JobContext {
-    async fn sandboxed(&self, job: Job) -> forgeline_sandbox::Result<RunReport> {
+    pub(crate) async fn sandboxed(&self, job: Job) -> forgeline_sandbox::Result<RunReport> {
         let limits = self
             .sandbox()
             .limits()
@@ -132,24 +140,34 @@ pub async fn validate_with(
             });
         }
     }
+    // The reviewer runs only where it can change a decision: where nothing ran that decides
+    // (a prose answer, code with nothing to test it or to compare it with), its rejection
+    // sends the output back to the worker. Where code ran, it could only change a score.
+    // Its approval is never a pass: the verdict's status rests on execution alone.
+    // Where the candidates are chosen by running them (`retry::needs_selection`), execution
+    // decides among them: a review of each would be pure cost.
+    let selection_decides =
+        judge_stage == LlmStage::Validator && crate::retry::needs_selection(spec, route, evidence);
     if ctx.config().limits.llm_judge
         && v.hard_failure().is_none()
+        && !v.executed
+        && !selection_decides
         && artifact.kind != WorkerKind::Tests
     {
-        let judgement = judge(ctx, judge_stage, spec, artifact, &v).await;
-        // Where something ran and passed, the reviewer can only rank; where nothing ran, it decides.
-        v.add(CheckResult {
-            name: CheckName::Reviewer,
-            passed: judgement.pass,
-            hard: !v.executed,
-            detail: if judgement.pass {
-                "approved".into()
-            } else {
-                clip(&judgement.problems.join("; "), 300)
-            },
-            tests: None,
-        });
-        v.judge = Some(judgement);
+        if let Some(judgement) = judge(ctx, judge_stage, spec, artifact, &v).await {
+            v.add(CheckResult {
+                name: CheckName::Reviewer,
+                passed: judgement.pass,
+                hard: true,
+                detail: if judgement.pass {
+                    "approved (an opinion, not a test)".into()
+                } else {
+                    clip(&judgement.problems.join("; "), 300)
+                },
+                tests: None,
+            });
+            v.judge = Some(judgement);
+        }
     }
     v.finish()
 }
@@ -192,9 +210,13 @@ async fn code_checks(
         return run_script(ctx, module, v).await;
     }
     let mut executed = spec.primary && run_tests(ctx, &module, evidence, v).await;
-    if !executed {
+    if !executed || evidence.program {
         // Nothing to test against: at least it must import cleanly.
-        executed = import_and_doctest(ctx, module, code, v).await;
+        executed |= import_and_doctest(ctx, module.clone(), code, v).await;
+    }
+    if evidence.program && spec.primary && v.hard_failure().is_none() {
+        // A program is run as a user would run it, not only imported.
+        executed |= smoke::check_program(ctx, &module, code, evidence.smoke.as_ref(), v).await;
     }
     v.executed = executed;
 }
@@ -402,15 +424,16 @@ async fn tests_checks(
     });
 }
 
-/// Asks the LLM validator for a verdict; an unusable answer counts as a pass with a note
-/// (it must not fail work that the checks passed).
+/// Asks the LLM validator for a verdict. None when there is no usable answer (the prompt
+/// does not render, the call fails, the answer does not parse): no review decides nothing,
+/// and is never counted as an approval.
 async fn judge(
     ctx: &JobContext,
     stage: LlmStage,
     spec: &TaskSpec,
     artifact: &Artifact,
     v: &Verdict,
-) -> Judgement {
+) -> Option<Judgement> {
     let schema = json!({
         "type": "object",
         "properties": {
@@ -422,37 +445,35 @@ async fn judge(
         "additionalProperties": false
     });
     let output = artifact.code.as_deref().unwrap_or(&artifact.text);
-    let prompt = match ctx.prompts().render(
-        stage,
-        json!({"task": ctx.task.task, "subtask": spec, "kind": artifact.kind.name(),
-               "output": clip(output, 6000), "checks": v.checks}),
-    ) {
-        Ok(p) => p,
-        Err(e) => {
-            return Judgement {
-                pass: true,
-                problems: vec![],
-                feedback: format!("no review: {e}"),
-            }
-        }
-    };
+    let prompt = ctx
+        .prompts()
+        .render(
+            stage,
+            json!({"task": ctx.task.task, "subtask": spec, "kind": artifact.kind.name(),
+                   "output": clip(output, 6000), "checks": v.checks}),
+        )
+        .inspect_err(|e| tracing::warn!("no review of {}: {e}", spec.id))
+        .ok()?;
     let call = LlmCall::new(stage, prompt).schema(schema).subtask(&spec.id);
-    match ctx.llm(call).await {
-        Ok(out) => serde_json::from_str(&out.text).unwrap_or_else(|e| {
+    let out = ctx
+        .llm(call)
+        .await
+        .inspect_err(|e| tracing::warn!("no review of {}: {e}", spec.id))
+        .ok()?;
+    match serde_json::from_str(&out.text) {
+        Ok(j) => Some(j),
+        Err(e) => {
             let cut = (out.stop_reason == StopReason::MaxTokens)
                 .then(|| cut_judgement(&out.text))
                 .flatten();
-            cut.unwrap_or_else(|| Judgement {
-                pass: true,
-                problems: vec![],
-                feedback: format!("the review did not parse ({e}); ignored"),
-            })
-        }),
-        Err(e) => Judgement {
-            pass: true,
-            problems: vec![],
-            feedback: format!("no review: {e}"),
-        },
+            if cut.is_none() {
+                tracing::debug!(
+                    "the review of {} did not parse ({e}); none counted",
+                    spec.id
+                );
+            }
+            cut
+        }
     }
 }
 

@@ -19,6 +19,7 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     stages: Mutex<BTreeMap<String, StageCounts>>,
     jobs: Mutex<BTreeMap<&'static str, u64>>,
+    verdicts: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -71,6 +72,13 @@ impl Metrics {
     pub fn record_job(&self, outcome: &'static str) {
         if let Ok(mut j) = self.jobs.lock() {
             *j.entry(outcome).or_default() += 1;
+        }
+    }
+
+    /// A finished job's verdict (`verified`, `consistent`, `unverified`, `failed`).
+    pub fn record_verdict(&self, status: &'static str) {
+        if let Ok(mut v) = self.verdicts.lock() {
+            *v.entry(status).or_default() += 1;
         }
     }
 
@@ -222,6 +230,20 @@ impl Metrics {
                 out.sample("forgeline_jobs_total", &[("outcome", outcome)], *n as f64);
             }
         }
+        out.header(
+            "forgeline_job_verdicts_total",
+            "counter",
+            "finished pipeline jobs by verdict: what execution proved about the result",
+        );
+        if let Ok(v) = self.verdicts.lock() {
+            for (status, n) in v.iter() {
+                out.sample(
+                    "forgeline_job_verdicts_total",
+                    &[("status", status)],
+                    *n as f64,
+                );
+            }
+        }
         let stages: Vec<(String, StageCounts)> = self
             .stages
             .lock()
@@ -317,6 +339,7 @@ mod tests {
         m.record_stage("planner", Duration::from_millis(1500), Some(false));
         m.record_stage("collector", Duration::from_millis(5), None);
         m.record_job("succeeded");
+        m.record_verdict("unverified");
         let mut model = ModelSchedulerStats::new("tiny \"m\"", 4096);
         model.running = 3;
         model.kv_used_bytes = 1024;
@@ -342,6 +365,7 @@ mod tests {
             "forgeline_stage_pass_ratio{stage=\"planner\"} 0.5",
             "forgeline_jobs_active 1",
             "forgeline_jobs_total{outcome=\"succeeded\"} 1",
+            "forgeline_job_verdicts_total{status=\"unverified\"} 1",
             "# TYPE forgeline_queue_depth gauge",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");

@@ -397,6 +397,7 @@ async fn watch_job(
             for s in &trace.stages {
                 metrics.record_stage_latency(s.stage.name(), Duration::from_millis(s.duration_ms));
             }
+            metrics.record_verdict(result.verdict.status.name());
             let value = serde_json::to_value(&result).unwrap_or(Value::Null);
             jobs.finish(&job, JobState::Succeeded, |inner| {
                 inner.result = Some(value);
