@@ -367,6 +367,17 @@ async fn a_script_that_crashes_on_its_smoke_run_fails_whatever_the_reviewer_says
         "{}",
         out.rendered
     );
+    // Each piece of evidence on a line of its own.
+    for item in [
+        "- ✓ import (execution): ok (proves the module loads",
+        "- ✗ smoke_run (execution): `python solution.py data.csv` crashed",
+    ] {
+        assert!(
+            out.rendered.lines().any(|l| l.starts_with(item)),
+            "{item}\n{}",
+            out.rendered
+        );
+    }
     assert!(!out.rendered.contains("passed the"), "{}", out.rendered);
 }
 
