@@ -210,7 +210,85 @@ fn eval_completes_on_tasks_with_non_ascii_text() {
     for t in per_task {
         assert!(t["error"].is_null(), "a task ended in an error: {t}\n{why}");
         assert_ne!(t["outcome"], "error", "{t}\n{why}");
+        // The verdict the job gave, what it wrote, and the oracle over what it wrote.
+        let status = t["verdict_status"].as_str().expect(&why);
+        assert!(
+            ["verified", "consistent", "unverified", "failed"].contains(&status),
+            "{t}"
+        );
+        assert!(t["candidates"].as_u64().expect(&why) >= 1, "{t}");
+        let oracle = t["oracle_pass"].as_bool().expect(&why);
+        // The answer is among the programs the oracle runs.
+        assert!(oracle || t["passed"] == false, "{t}");
+        assert!(
+            t["oracle_passing"].as_u64() <= t["oracle_programs"].as_u64(),
+            "{t}"
+        );
     }
+    let reach = per_task.iter().filter(|t| t["oracle_pass"] == true).count();
+    assert_eq!(r["oracle_passed"], reach, "{why}");
+    assert!((r["oracle_pass_at_k"].as_f64().unwrap() - reach as f64 / 3.0).abs() < 1e-9);
+    let by = r["pass_at_1_by_verdict"].as_object().expect(&why);
+    let counted: u64 = by.values().map(|s| s["tasks"].as_u64().unwrap()).sum();
+    assert_eq!(counted, 3, "{why}");
+    assert!(r["mean_completion_tokens"].as_f64().unwrap() > 0.0, "{why}");
+}
+
+/// Sample-filter: two samples of the single-call prompt, the one kept chosen by the task's
+/// own examples, scored by the hidden test; its oracle covers both.
+#[test]
+fn eval_sample_filter_chooses_by_the_tasks_own_examples() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tasks.jsonl");
+    let args = [
+        "eval",
+        tasks,
+        "--mode",
+        "sample-filter",
+        "--samples",
+        "2",
+        "--limit",
+        "1",
+        "--json",
+    ];
+    let out = forgeline(&args, dir.path());
+    let why = show(&args, &out, dir.path());
+    assert_eq!(out.status.code(), Some(0), "{why}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&why);
+    assert_eq!(r["mode"], "sample-filter", "{why}");
+    assert_eq!(r["samples"], 2, "{why}");
+    assert_eq!(r["tasks"], 1, "{why}");
+    let t = &r["per_task"][0];
+    assert_eq!(t["task_id"], "forgeline/0", "{why}");
+    assert!(t["error"].is_null(), "{why}");
+    assert_eq!(t["candidates"], 2, "{why}");
+    assert!(t["chosen"].as_u64().expect(&why) < 2, "{why}");
+    // forgeline/0 has `>>>` examples, so whether the kept sample passed them is known.
+    assert!(t["own_examples_passed"].is_boolean(), "{why}");
+    let programs = t["oracle_programs"].as_u64().expect(&why);
+    assert!((1..=2).contains(&programs), "{why}");
+    let oracle = t["oracle_pass"].as_bool().expect(&why);
+    assert!(oracle || t["passed"] == false, "{why}");
+    assert_eq!(r["oracle_passed"], u64::from(oracle), "{why}");
+    assert!(r["oracle_pass_at_k"].is_number(), "{why}");
+    assert!(r.get("selection_efficiency").is_some(), "{why}");
+    assert!(r.get("pass_at_1_by_verdict").is_none(), "{why}");
+    assert!(t.get("verdict_status").is_none(), "{why}");
+    assert!(r["completion_tokens"].as_u64().unwrap() > 0, "{why}");
+    assert_eq!(
+        r["completion_tokens"].as_f64().unwrap(),
+        r["mean_completion_tokens"].as_f64().unwrap(),
+        "{why}"
+    );
+    // --samples belongs to sample-filter.
+    let args = ["eval", tasks, "--samples", "2", "--limit", "1"];
+    let out = forgeline(&args, dir.path());
+    let why = show(&args, &out, dir.path());
+    assert_eq!(out.status.code(), Some(2), "{why}");
+    assert!(
+        text(&out.stderr).contains("--samples needs --mode sample-filter"),
+        "{why}"
+    );
 }
 
 /// `--out` never replaces files it did not write, and a refused run changes nothing: not

@@ -1,6 +1,8 @@
-//! `forgeline bench pipeline`: the pipeline against the single-call baseline on a task set
-//! (pass@1 of both, measured in the same run), and N jobs run together against the same N
-//! jobs one after another.
+//! `forgeline bench pipeline`: the pipeline against the single-call baseline and against
+//! sample-filter (samples of the single-call prompt, the first that passes the task's own
+//! examples kept, as many as cost about the pipeline's tokens) on a task set: pass@1 and
+//! tokens of each, measured in the same run, with the pipeline's oracle and pass@1 by
+//! verdict; and N jobs run together against the same N jobs one after another.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +11,7 @@ use std::sync::Arc;
 use clap::Args;
 use forgeline_engine::bench::{run_engine_bench, EngineBenchConfig};
 use forgeline_engine::scheduler::{ModelSchedulerStats, Stats};
-use forgeline_pipeline::eval::{self, Runner};
+use forgeline_pipeline::eval::{self, EvalOptions, Runner};
 use serde_json::json;
 
 use crate::pipeline_setup::PipelineArgs;
@@ -33,6 +35,10 @@ pub struct BenchPipelineArgs {
     /// (a shared machine's speed drifts by more than the effect)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeats: u32,
+    /// Samples per task of sample-filter [default: as many as cost about the pipeline's
+    /// mean completion tokens per task, at the single-call baseline's tokens a sample]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub samples: Option<u32>,
     /// Skip the pass@1 comparison
     #[arg(long)]
     pub skip_pass_rate: bool,
@@ -73,7 +79,11 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
                     Runner::Pipeline(setup.pipeline.clone()),
                     setup.sandbox.clone(),
                     jobs,
-                    concurrency,
+                    // Timing only: no oracle runs in the halves' time.
+                    EvalOptions {
+                        concurrency,
+                        oracle: false,
+                    },
                     quiet,
                 )
                 .await;
@@ -139,21 +149,19 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
             .cloned()
             .collect();
         let progress = |s: &eval::TaskScore, k: usize, n: usize| {
-            eprintln!(
-                "  [{k}/{n}] {} {}",
-                s.task_id,
-                if s.passed { "passed" } else { &s.outcome }
-            )
+            eprintln!("  [{k}/{n}] {}", crate::eval::progress_line(s))
         };
+        let max_tokens = crate::eval::single_call_tokens(&a.pipeline)?;
+        let options = EvalOptions::new(a.concurrency);
         eprintln!("single-call baseline on {} tasks...", tasks.len());
         let single = eval::run_eval(
             Runner::SingleCall {
                 llm: Arc::new(setup.client.clone()),
-                max_tokens: crate::eval::single_call_tokens(&a.pipeline)?,
+                max_tokens,
             },
             setup.sandbox.clone(),
             tasks.clone(),
-            a.concurrency,
+            options,
             progress,
         )
         .await;
@@ -161,22 +169,41 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         let pipe = eval::run_eval(
             Runner::Pipeline(setup.pipeline.clone()),
             setup.sandbox.clone(),
-            tasks,
-            a.concurrency,
+            tasks.clone(),
+            options,
             progress,
         )
         .await;
-        let strip = |r: &eval::EvalReport| {
-            json!({"tasks": r.tasks, "passed": r.passed, "pass_at_1": r.pass_at_1, "wall_s": r.wall_s, "completion_tokens": r.completion_tokens,
-            "passed_ids": r.per_task.iter().filter(|t| t.passed).map(|t| &t.task_id).collect::<Vec<_>>()})
+        let (samples, samples_from) = match a.samples {
+            Some(n) => (n as usize, "--samples"),
+            None => (
+                eval::matched_samples(pipe.mean_completion_tokens, single.mean_completion_tokens),
+                "matched",
+            ),
         };
-        out["single_call"] = strip(&single);
-        out["pipeline"] = strip(&pipe);
-        out["pass_ratio"] = if single.passed > 0 {
-            json!(pipe.pass_at_1 / single.pass_at_1)
-        } else {
-            json!(null)
-        };
+        eprintln!(
+            "sample-filter ({samples} samples a task) on {} tasks...",
+            tasks.len()
+        );
+        let filter = eval::run_eval(
+            Runner::SampleFilter {
+                llm: Arc::new(setup.client.clone()),
+                max_tokens,
+                samples,
+            },
+            setup.sandbox.clone(),
+            tasks,
+            options,
+            progress,
+        )
+        .await;
+        out["single_call"] = pass_rate_json(&single);
+        out["pipeline"] = pass_rate_json(&pipe);
+        out["sample_filter"] = pass_rate_json(&filter);
+        out["sample_filter"]["samples"] = json!(samples);
+        out["sample_filter"]["samples_from"] = json!(samples_from);
+        out["pass_ratio"] = ratio(&pipe, &single);
+        out["pass_ratio_vs_sample_filter"] = ratio(&pipe, &filter);
         out["target_pass_ratio"] = json!(2.0);
     }
     if a.json {
@@ -185,6 +212,48 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One method's pass-rate figures: pass@1 and tokens, and where the method wrote more than
+/// one program, its oracle and selection efficiency; for the pipeline, pass@1 by verdict
+/// and each task's verdict and oracle.
+fn pass_rate_json(r: &eval::EvalReport) -> serde_json::Value {
+    let mut v = json!({
+        "tasks": r.tasks,
+        "passed": r.passed,
+        "pass_at_1": r.pass_at_1,
+        "wall_s": r.wall_s,
+        "completion_tokens": r.completion_tokens,
+        "mean_completion_tokens": r.mean_completion_tokens,
+        "passed_ids": r.per_task.iter().filter(|t| t.passed).map(|t| &t.task_id).collect::<Vec<_>>(),
+    });
+    if let Some(o) = &r.oracle {
+        v["oracle_passed"] = json!(o.oracle_passed);
+        v["oracle_pass_at_k"] = json!(o.oracle_pass_at_k);
+        v["selection_efficiency"] = json!(o.selection_efficiency);
+    }
+    if let Some(by) = &r.pass_at_1_by_verdict {
+        v["pass_at_1_by_verdict"] = json!(by);
+        v["per_task"] = r
+            .per_task
+            .iter()
+            .map(|t| {
+                json!({"task_id": t.task_id, "passed": t.passed, "verdict_status": t.verdict_status,
+                       "oracle_pass": t.oracle_pass, "candidates": t.candidates,
+                       "completion_tokens": t.completion_tokens})
+            })
+            .collect();
+    }
+    v
+}
+
+/// `a`'s pass@1 over `b`'s; null when `b` passed nothing.
+fn ratio(a: &eval::EvalReport, b: &eval::EvalReport) -> serde_json::Value {
+    if b.passed > 0 {
+        json!(a.pass_at_1 / b.pass_at_1)
+    } else {
+        json!(null)
+    }
 }
 
 /// The engine's rates on this machine, measured in this run: prompt processing, and decode
@@ -311,6 +380,53 @@ mod tests {
         // Halves that cannot be told apart, or missing figures, give no fit.
         assert_eq!(cost_fit(&sequential, &sequential, 25.0), json!(null));
         assert_eq!(cost_fit(&json!(null), &together, 25.0), json!(null));
+    }
+
+    fn report(mode: &str, passed: usize, oracle: Option<eval::OracleSummary>) -> eval::EvalReport {
+        eval::EvalReport {
+            mode: mode.into(),
+            tasks: 2,
+            passed,
+            pass_at_1: passed as f64 / 2.0,
+            wall_s: 1.0,
+            completion_tokens: 300,
+            mean_completion_tokens: 150.0,
+            concurrency: 1,
+            samples: None,
+            oracle,
+            pass_at_1_by_verdict: None,
+            per_task: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn pass_rate_figures_keep_the_old_keys_and_add_the_oracle() {
+        let single = pass_rate_json(&report("single-call", 1, None));
+        for k in [
+            "tasks",
+            "passed",
+            "pass_at_1",
+            "wall_s",
+            "completion_tokens",
+            "passed_ids",
+            "mean_completion_tokens",
+        ] {
+            assert!(single.get(k).is_some(), "no {k} in {single}");
+        }
+        assert!(single.get("oracle_pass_at_k").is_none());
+        let oracle = eval::OracleSummary {
+            oracle_passed: 2,
+            oracle_pass_at_k: 1.0,
+            selection_efficiency: Some(0.5),
+        };
+        let mut pipe = report("pipeline", 1, Some(oracle));
+        pipe.pass_at_1_by_verdict = Some(eval::pass_by_verdict(&pipe.per_task));
+        let v = pass_rate_json(&pipe);
+        assert_eq!(v["oracle_pass_at_k"], 1.0);
+        assert_eq!(v["selection_efficiency"], 0.5);
+        assert_eq!(v["pass_at_1_by_verdict"]["verified"]["tasks"], 0);
+        assert_eq!(ratio(&pipe, &report("x", 0, None)), json!(null));
+        assert_eq!(ratio(&pipe, &report("x", 2, None)), json!(0.5));
     }
 
     #[test]

@@ -1,20 +1,25 @@
-//! `forgeline eval`: pass@1 on HumanEval-format tasks, through the pipeline or the
-//! single-call baseline, each scored by its hidden test in the sandbox.
+//! `forgeline eval`: pass@1 on HumanEval-format tasks, through the pipeline, the
+//! single-call baseline or sample-filter, each scored by its hidden test in the sandbox;
+//! with the oracle (whether any program a method wrote passes) and, for the pipeline,
+//! pass@1 by verdict status.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
-use forgeline_pipeline::eval::{self, EvalReport, Runner};
+use forgeline_pipeline::eval::{self, EvalOptions, EvalReport, Runner, TaskScore};
 
 use crate::pipeline_setup::PipelineArgs;
 use crate::Env;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EvalMode {
     Pipeline,
     SingleCall,
+    /// N samples of the single-call prompt; the first that passes the task's own `>>>`
+    /// examples, else the first
+    SampleFilter,
 }
 
 #[derive(Args, Debug)]
@@ -23,6 +28,9 @@ pub struct EvalArgs {
     pub tasks: PathBuf,
     #[arg(long, value_enum, default_value = "pipeline")]
     pub mode: EvalMode,
+    /// Samples per task of sample-filter [default: 4]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub samples: Option<u32>,
     /// Tasks run at once (their LLM calls batch together)
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
@@ -48,6 +56,9 @@ pub async fn run(a: EvalArgs, env: &Env) -> anyhow::Result<ExitCode> {
     if a.concurrency == 0 {
         return Err(crate::usage("--concurrency must be at least 1"));
     }
+    if a.samples.is_some() && a.mode != EvalMode::SampleFilter {
+        return Err(crate::usage("--samples needs --mode sample-filter"));
+    }
     let mut tasks = eval::read_tasks(&a.tasks).map_err(|e| crate::usage(e.to_string()))?;
     if let Some(n) = a.limit {
         tasks.truncate(n);
@@ -59,44 +70,91 @@ pub async fn run(a: EvalArgs, env: &Env) -> anyhow::Result<ExitCode> {
             llm: Arc::new(setup.client.clone()),
             max_tokens: single_call_tokens(&a.pipeline)?,
         },
+        EvalMode::SampleFilter => Runner::SampleFilter {
+            llm: Arc::new(setup.client.clone()),
+            max_tokens: single_call_tokens(&a.pipeline)?,
+            samples: a.samples.map_or(eval::DEFAULT_SAMPLES, |n| n as usize),
+        },
     };
     let report = eval::run_eval(
         runner,
         setup.sandbox.clone(),
         tasks,
-        a.concurrency,
-        |s, k, n| {
-            eprintln!(
-                "[{k}/{n}] {} {}{}",
-                s.task_id,
-                if s.passed { "passed" } else { &s.outcome },
-                s.error
-                    .as_ref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            );
-        },
+        EvalOptions::new(a.concurrency),
+        |s, k, n| eprintln!("[{k}/{n}] {}", progress_line(s)),
     )
     .await;
     print_report(&report, a.json)?;
     Ok(ExitCode::SUCCESS)
 }
 
+/// One task's line: its outcome, the verdict the pipeline gave it, the oracle's finding.
+pub fn progress_line(s: &TaskScore) -> String {
+    let mut line = format!(
+        "{} {}",
+        s.task_id,
+        if s.passed { "passed" } else { &s.outcome }
+    );
+    let mut notes = Vec::new();
+    if let Some(v) = s.verdict_status {
+        notes.push(format!("verdict {v}"));
+    }
+    if let (Some(k), Some(n)) = (s.chosen, s.candidates) {
+        notes.push(format!("sample {} of {n}", k + 1));
+    }
+    if let (Some(p), Some(n)) = (s.oracle_passing, s.oracle_programs) {
+        notes.push(format!("{p} of {n} programs pass"));
+    }
+    if !notes.is_empty() {
+        line.push_str(&format!(" ({})", notes.join(", ")));
+    }
+    if let Some(e) = &s.error {
+        line.push_str(&format!(": {e}"));
+    }
+    line
+}
+
 pub fn print_report(r: &EvalReport, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(r)?);
-    } else {
+        return Ok(());
+    }
+    println!(
+        "{}: {}/{} passed, pass@1 {:.3}, {} tokens generated ({:.0} a task), {:.1} s",
+        r.mode,
+        r.passed,
+        r.tasks,
+        r.pass_at_1,
+        r.completion_tokens,
+        r.mean_completion_tokens,
+        r.wall_s
+    );
+    if let Some(n) = r.samples {
+        println!("  {n} samples a task");
+    }
+    if let Some(o) = &r.oracle {
         println!(
-            "{}: {}/{} passed, pass@1 {:.3}, {} tokens generated, {:.1} s",
-            r.mode, r.passed, r.tasks, r.pass_at_1, r.completion_tokens, r.wall_s
+            "  oracle: some program passes on {}/{} (pass@k {:.3}); selection efficiency {}",
+            o.oracle_passed,
+            r.tasks,
+            o.oracle_pass_at_k,
+            o.selection_efficiency
+                .map_or("-".to_string(), |e| format!("{e:.3}"))
         );
-        for t in &r.per_task {
+    }
+    if let Some(by) = &r.pass_at_1_by_verdict {
+        for (status, p) in by {
             println!(
-                "  {:<24} {}",
-                t.task_id,
-                if t.passed { "passed" } else { &t.outcome }
+                "  {status:<11} {:>3} tasks, {:>3} passed, pass@1 {}, oracle {}",
+                p.tasks,
+                p.passed,
+                p.pass_at_1.map_or("-".to_string(), |x| format!("{x:.3}")),
+                p.oracle_passed
             );
         }
+    }
+    for t in &r.per_task {
+        println!("  {}", progress_line(t));
     }
     Ok(())
 }
