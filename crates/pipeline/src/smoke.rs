@@ -124,7 +124,7 @@ pub async fn generate(ctx: &JobContext, route: &Route) -> Option<SmokeInput> {
     let schema = json!({
         "type": "object",
         "properties": {
-            "args": {"type": "array", "maxItems": MAX_ARGS, "items": {"type": "string", "maxLength": 80}},
+            "args": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 80}},
             "stdin": {"type": "string", "maxLength": 600},
             "files": {"type": "array", "maxItems": MAX_FILES, "items": {
                 "type": "object",
