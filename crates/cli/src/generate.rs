@@ -93,7 +93,7 @@ fn parse_require(s: &str) -> Result<Require, String> {
     }
 }
 
-/// Exit code 4: code was produced but not verified as far as `--require` asks.
+/// Exit code 4: a result was produced but not verified as far as `--require` asks.
 pub const EXIT_NOT_VERIFIED: u8 = 4;
 
 /// The exit code of a result with `status` under `require`: 0 when it meets it, 1 when it

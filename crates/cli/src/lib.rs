@@ -15,8 +15,8 @@
 //! `RUST_LOG` filters logs, `NO_COLOR` turns colour off. Exit codes: 0 success (for
 //! `generate`: the result is `verified`, or meets `--require`); 1 the code or task failed its
 //! checks; 2 bad usage or input (flags, files, unknown or unreadable model); 3 a runtime
-//! failure (engine error, out of memory); 4 (`generate`) code was produced but not verified
-//! (`consistent` or `unverified`, short of `--require`).
+//! failure (engine error, out of memory); 4 (`generate`) a result was produced but not
+//! verified (`consistent` or `unverified`, short of `--require`).
 
 mod bench;
 mod bench_pipeline;

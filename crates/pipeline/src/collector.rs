@@ -112,7 +112,7 @@ impl StageOutput for Collected {
         (
             EventStatus::Finished,
             format!(
-                "{} outputs ({} validated){missing}",
+                "{} outputs ({} accepted by their checks){missing}",
                 self.outputs.len(),
                 self.outputs.iter().filter(|o| o.passed).count(),
             ),

@@ -47,8 +47,13 @@ async fn check(ctx: &JobContext, route: &Route, s: &mut Synthesis, evidence: &Ev
     let mut v =
         validators::validate_with(ctx, route, &spec, &artifact, &ev, LlmStage::FinalValidator)
             .await;
-    // The candidates' agreement speaks for the first synthesis only: a repair is new code.
-    if let (Some(a), 0) = (&evidence.agreement, s.revision) {
+    // The candidates' agreement speaks for the first synthesis only (a repair is new code),
+    // and not for code that fails the generated tests it is shipped with.
+    let fails_generated = v
+        .checks
+        .iter()
+        .any(|c| c.name == CheckName::GeneratedTests && !c.passed);
+    if let (Some(a), 0, false) = (&evidence.agreement, s.revision, fails_generated) {
         v.add(a.clone());
         v = v.finish();
     }
@@ -135,9 +140,13 @@ impl StageOutput for Checked {
     fn outcome(&self) -> (EventStatus, String) {
         let v = &self.verdict;
         let msg = if v.passed {
-            "passed".to_string()
+            v.status.name().to_string()
         } else {
-            v.feedback.lines().next().unwrap_or("failed").to_string()
+            format!(
+                "{}: {}",
+                v.status,
+                v.feedback.lines().next().unwrap_or("a check failed")
+            )
         };
         (EventStatus::of(v.passed), msg)
     }
@@ -193,7 +202,7 @@ impl StageOutput for Revision {
         let passed = c.verdict.passed;
         let msg = format!(
             "{}{}",
-            if passed { "passed" } else { "failed" },
+            c.verdict.status,
             if self.kept {
                 "; kept"
             } else {

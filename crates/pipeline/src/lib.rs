@@ -26,8 +26,8 @@
 //! - `validators`: stage 8, sandboxed checks, then the LLM validator.
 //! - `smoke`: smoke runs of programs: `--help`, and a run on an input the tests worker
 //!   writes.
-//! - `verdict`: a validation's checks and judgement, and the pass, score and feedback
-//!   they make.
+//! - `verdict`: a validation's checks and judgement, and the status (verified, consistent,
+//!   unverified, failed), pass, score and feedback they make; each check's trust.
 //! - `retry`: stage 9, attempts with refined instructions; the best is kept.
 //! - `selection`: choosing among candidates by running them where nothing trusted can
 //!   (MBR-exec: group by outputs on the same calls; CodeT: weigh by generated tests passed).
@@ -39,8 +39,11 @@
 //!   stages that call a model: config keys and template names); `StageOutput`, how a
 //!   stage's output shows in the trace and its end event.
 //! - `trace`: live `JobEvent`s and the recorded trace.
+//! - `prose_examples`: examples a task states in prose (`add(2, 3) returns 5`), read
+//!   strictly: literal arguments and a literal result.
 //! - `python`: light structural reads of Python source (blocks, signatures, examples).
-//! - `eval` (feature `eval`): HumanEval-format evaluation, pipeline or single-call baseline.
+//! - `eval` (feature `eval`): HumanEval-format evaluation of the pipeline, the single-call
+//!   baseline and sample-filter, with the oracle (does any program a job wrote pass).
 
 pub mod collector;
 pub mod config;
@@ -54,6 +57,7 @@ pub mod llm;
 pub mod orchestrator;
 pub mod planning;
 pub mod prompts;
+pub mod prose_examples;
 pub mod python;
 pub mod retry;
 pub mod router;

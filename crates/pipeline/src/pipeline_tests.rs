@@ -426,7 +426,7 @@ async fn an_unusable_review_is_no_approval() {
     let model = ScriptedModel::new()
         .on("validator", "not json at all")
         .on("final_validator", "not json at all");
-    let bed = TestBed::new(model).await;
+    let bed = TestBed::new(model.clone()).await;
     let ctx = bed.ctx();
     let route = crate::router::route_by_rules(&ctx.task);
     let spec = crate::planning::TaskSpec {
@@ -455,6 +455,7 @@ async fn an_unusable_review_is_no_approval() {
         &crate::validators::Evidence::default(),
     )
     .await;
+    assert!(model.calls().iter().any(|(s, _)| s == "validator"));
     assert!(v.judge.is_none(), "{v:?}");
     assert!(!v.checks.iter().any(|c| c.name == CheckName::Reviewer));
     assert_eq!(v.status, VerdictStatus::Unverified);
@@ -536,4 +537,64 @@ async fn candidates_that_all_disagree_leave_a_result_unverified() {
         "{}",
         out.rendered
     );
+}
+
+#[tokio::test]
+async fn agreement_does_not_speak_for_code_that_fails_its_generated_tests() {
+    let model = ScriptedModel::new()
+        .on("orchestrator", r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []},
+                                              {"id": "tests", "kind": "tests", "description": "tests", "depends_on": [], "acceptance": []}]}"#)
+        .on("code", "def add(a, b):\n    return a + b\n```")
+        .on("code", "def add(a, b):\n    return a - b\n```")
+        .on("code", "def add(a, b):\n    return b + a\n```")
+        .on("tests", "add():\n    from solution import add\n    assert add(1, 1) == 3\n```")
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "Adds.")
+        .on("final_validator", JUDGE_OK);
+    let out = run_bare(&model).await;
+    let v = &out.result.verdict;
+    assert!(
+        v.checks
+            .iter()
+            .any(|c| c.name == CheckName::GeneratedTests && !c.passed),
+        "{v:#?}"
+    );
+    assert_ne!(v.status, VerdictStatus::Consistent, "{v:#?}");
+    assert!(!v.checks.iter().any(|c| c.name == CheckName::Agreement));
+}
+
+#[tokio::test]
+async fn examples_stated_in_prose_verify_and_fail() {
+    const TASK: &str = "Write a Python function add(a, b) that returns the sum of a and b. For example, add(2, 3) returns 5 and add(-1, 1) should return 0.";
+    for (code, want) in [
+        (
+            "def add(a, b):\n    return a + b\n```",
+            VerdictStatus::Verified,
+        ),
+        (
+            "def add(a, b):\n    return a * b\n```",
+            VerdictStatus::Failed,
+        ),
+    ] {
+        let model = ScriptedModel::new()
+            .on("orchestrator", r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#)
+            .on("code", code)
+            .on("synthesizer", "Adds.")
+            .on("final_validator", JUDGE_OK);
+        let bed = TestBed::with_config(model.clone(), config(1)).await;
+        let out = bed
+            .pipeline
+            .run(TaskRequest::new(TASK), Format::Json, None)
+            .await
+            .unwrap();
+        let v = &out.result.verdict;
+        assert_eq!(v.status, want, "{v:#?}");
+        let examples = v
+            .checks
+            .iter()
+            .find(|c| c.name == CheckName::TaskExamples)
+            .unwrap();
+        assert_eq!(examples.tests.map(|t| t.1), Some(2), "{examples:?}");
+        assert_eq!(out.result.passed, want == VerdictStatus::Verified);
+    }
 }

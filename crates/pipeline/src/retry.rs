@@ -174,7 +174,11 @@ pub async fn run_subtask(
         }
         let (best_artifact, best_verdict) = best.as_ref().expect("set above");
         if best_verdict.passed {
-            break format!("passed on attempt {}", attempt + 1);
+            break format!(
+                "accepted on attempt {} ({})",
+                attempt + 1,
+                best_verdict.status
+            );
         }
         if let Err(why) = policy.should_retry(attempt, score, previous) {
             sub.event(
@@ -278,7 +282,7 @@ impl Subtask<'_> {
                         Stage::Validation,
                         EventStatus::of(v.passed),
                         attempt + 1,
-                        format!("candidate {}: {}", i + 1, if v.passed { "passed".to_string() } else { first_line(&v.feedback) }),
+                        format!("candidate {}: {}", i + 1, if v.passed { format!("accepted ({})", v.status) } else { first_line(&v.feedback) }),
                     );
                     out.verdicts.push(json!({"candidate": i + 1, "verdict": v}));
                     let passed = v.passed;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::job::{JobContext, LlmCall};
+use crate::prose_examples;
 use crate::python::{self, Example, Signature};
 use crate::stage::{LlmStage, StageOutput};
 use crate::task::TaskRequest;
@@ -78,7 +79,7 @@ pub struct Route {
     pub stub: Option<String>,
     pub tests_supplied: bool,
     pub libraries: Vec<String>,
-    /// `>>>` examples in the task.
+    /// The task's own examples: `>>>` lines, and calls with their results stated in prose.
     pub examples: Vec<Example>,
     /// The rules' score per route, for the trace.
     pub scores: Vec<(RouteKind, u32)>,
@@ -156,12 +157,21 @@ pub fn route_by_rules(task: &TaskRequest) -> Route {
         .clone()
         .or_else(|| signature.as_ref().map(|s| s.name.clone()))
         .or_else(|| named_function(text));
+    // The `>>>` examples, then those stated in prose (`add(2, 3) returns 5`).
+    let mut examples = python::examples(text);
+    if let Some(entry) = &entry_point {
+        for e in prose_examples::stated_examples(text, entry) {
+            if !examples.iter().any(|x| x.call == e.call) {
+                examples.push(e);
+            }
+        }
+    }
     Route {
         kind: ranked[0].0,
         decided_by: DecidedBy::Rules,
         entry_point,
         signature,
-        examples: python::examples(text),
+        examples,
         stub,
         tests_supplied: task.tests.is_some(),
         libraries: libraries_of(task, &w),
@@ -300,6 +310,15 @@ fn named_function(text: &str) -> Option<String> {
             }
         }
     }
+    // `function add(a, b)`: a name right before its parameters.
+    for (i, _) in text.match_indices("function ") {
+        let rest = &text[i + "function ".len()..];
+        if let Some(n) = ident(rest) {
+            if rest[n.len()..].starts_with('(') && !rest.starts_with(['`', '\'', '"']) {
+                return Some(n);
+            }
+        }
+    }
     None
 }
 
@@ -382,6 +401,24 @@ pub async fn route(ctx: &JobContext, task: &TaskRequest) -> Result<Routed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_function_named_before_its_parameters_is_the_entry_point() {
+        assert_eq!(
+            named_function("Write a Python function add(a, b) that returns a + b."),
+            Some("add".into())
+        );
+        assert_eq!(
+            named_function("Write a function that returns (a, b)."),
+            None
+        );
+        let r = route_by_rules(&TaskRequest::new(
+            "Write a function add(a, b). For example, add(2, 3) returns 5.",
+        ));
+        assert_eq!(r.entry_point.as_deref(), Some("add"));
+        assert_eq!(r.examples.len(), 1);
+        assert_eq!(r.examples[0].expected, "5");
+    }
     use crate::task::ContextFile;
 
     fn task(text: &str) -> TaskRequest {

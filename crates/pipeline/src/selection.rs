@@ -743,7 +743,7 @@ def _value(code, ns):
 
 
 def _main():
-    ok, mod = _guard(lambda: _il.import_module(_MODULE))
+    ok, mod = _guard(lambda: _il.import_module(_MODULE), _SLOW)
     if not ok:
         _emit(imported=False, error=mod)
         return
@@ -939,10 +939,10 @@ pub fn codet_score(size: usize, tests_passed: usize) -> f64 {
     size as f64 * (1.0 + tests_passed as f64)
 }
 
-/// A clear majority: the group holds at least 2 candidates and more than half of those
-/// that ran (ran: their run reported outputs, whether or not they raised on every probe;
-/// a candidate that raised on every probe disagrees with every group). One candidate alone
-/// agrees with nobody, so it is never a majority.
+/// A clear majority: the group holds at least 2 candidates and more than half of all the
+/// candidates given (`ran`; one whose run gave no output, or raised on every probe,
+/// disagrees with every group). One candidate alone agrees with nobody, so it is never a
+/// majority.
 pub fn clear_majority(group_size: usize, ran: usize) -> bool {
     group_size >= 2 && 2 * group_size > ran
 }
@@ -1109,20 +1109,20 @@ pub fn choose(plan: &ProbePlan, runs: &[CandidateRun]) -> Selection {
         return sel;
     };
     let member = |id: &usize| runs.iter().find(|r| r.id == *id);
-    let chosen = best
-        .members
-        .iter()
-        .filter_map(member)
-        .max_by(|a, b| {
-            let passed = |r: &CandidateRun| r.run.tests.iter().filter(|t| **t).count();
-            a.verdict_score
-                .total_cmp(&b.verdict_score)
-                .then(passed(a).cmp(&passed(b)))
-                .then(b.id.cmp(&a.id))
-        })
-        .expect("a group has members");
+    let Some(chosen) = best.members.iter().filter_map(member).max_by(|a, b| {
+        let passed = |r: &CandidateRun| r.run.tests.iter().filter(|t| **t).count();
+        a.verdict_score
+            .total_cmp(&b.verdict_score)
+            .then(passed(a).cmp(&passed(b)))
+            .then(b.id.cmp(&a.id))
+    }) else {
+        sel.note = "the best group's members are not among the runs".into();
+        return sel;
+    };
     sel.chosen = Some(chosen.id);
-    sel.clear_majority = clear_majority(best.members.len(), sel.ran);
+    // Every candidate given counts: one whose run gave no output (it did not import in
+    // time, it raised everywhere) disagrees with the group.
+    sel.clear_majority = clear_majority(best.members.len(), runs.len());
     sel.passes_majority_tests = best
         .passes
         .iter()
@@ -1437,9 +1437,12 @@ mod tests {
                 },
             ]
         );
-        // Ran: 3 (the one that raised everywhere ran); 2 of 3 is a clear majority.
+        // Ran: 3 (the one that raised everywhere ran); but all 4 were candidates, and the
+        // one that did not import disagrees too: 2 of 4 is no clear majority.
         let sel = choose(&plan(2, 0), &runs);
         assert_eq!(sel.ran, 3);
+        assert!(!sel.clear_majority && !sel.consistent);
+        let sel = choose(&plan(2, 0), &runs[..3]);
         assert!(sel.clear_majority && sel.consistent);
     }
 

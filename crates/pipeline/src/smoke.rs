@@ -15,7 +15,7 @@ use crate::verdict::{CheckName, CheckResult, Verdict};
 use crate::workers::WorkerKind;
 
 /// Most arguments, files and bytes a generated input may have.
-const MAX_ARGS: usize = 8;
+const MAX_ARGS: usize = 3;
 const MAX_FILES: usize = 3;
 const MAX_FILE_BYTES: usize = 2000;
 
@@ -57,13 +57,19 @@ impl SmokeInput {
         cmd
     }
 
-    /// Keeps what a sandbox can take: plain file names, bounded sizes. None if nothing is
-    /// left to run it on.
+    /// What a sandbox can take: plain file names, bounded sizes. None when part of it is
+    /// not (an input missing a file or an argument would make a correct program fail).
     fn sanitized(mut self) -> Option<Self> {
-        self.args.truncate(MAX_ARGS);
-        self.args.retain(|a| !a.contains('\0') && a.len() <= 200);
-        self.files.truncate(MAX_FILES);
-        self.files.retain(|f| plain_name(&f.name));
+        let ok = self.args.len() <= MAX_ARGS
+            && self
+                .args
+                .iter()
+                .all(|a| !a.contains('\0') && a.len() <= 200)
+            && self.files.len() <= MAX_FILES
+            && self.files.iter().all(|f| plain_name(&f.name));
+        if !ok {
+            return None;
+        }
         for f in &mut self.files {
             if f.content.len() > MAX_FILE_BYTES {
                 let mut end = MAX_FILE_BYTES;
@@ -99,22 +105,23 @@ pub fn is_program(route: &Route, task: &str) -> bool {
         return true;
     }
     let t = task.to_lowercase();
-    [
-        "command-line",
-        "command line",
-        "script",
-        "stdin",
-        "standard input",
-        "sys.argv",
-        "argparse",
-    ]
-    .iter()
-    .any(|w| t.contains(w))
+    let phrase = ["command-line", "command line", "standard input", "sys.argv"]
+        .iter()
+        .any(|p| t.contains(p));
+    let word = t
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .any(|w| matches!(w, "script" | "cli" | "stdin" | "argparse"));
+    phrase || word
 }
 
-/// Whether the code reads command-line options (so that `--help` must work).
+/// Whether the code imports an option parser (so that `--help` must work).
 pub fn parses_options(code: &str) -> bool {
-    code.contains("argparse") || code.contains("import click") || code.contains("from click")
+    code.lines().map(str::trim_start).any(|l| {
+        l.starts_with("import argparse")
+            || l.starts_with("from argparse ")
+            || l.starts_with("import click")
+            || l.starts_with("from click ")
+    })
 }
 
 /// Asks the tests worker for one small input to run the program on. None when the model's
@@ -124,7 +131,7 @@ pub async fn generate(ctx: &JobContext, route: &Route) -> Option<SmokeInput> {
     let schema = json!({
         "type": "object",
         "properties": {
-            "args": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 80}},
+            "args": {"type": "array", "maxItems": MAX_ARGS, "items": {"type": "string", "maxLength": 80}},
             "stdin": {"type": "string", "maxLength": 600},
             "files": {"type": "array", "maxItems": MAX_FILES, "items": {
                 "type": "object",
@@ -277,14 +284,19 @@ pub(crate) async fn check_program(
             return ran;
         }
     }
-    let input = match input {
-        Some(i) => i.clone(),
+    let (input, given) = match input {
+        Some(i) => (i.clone(), true),
         None if reads_stdin(code) => return ran,
-        None => SmokeInput::default(),
+        None => (SmokeInput::default(), false),
     };
     let mut c = run_on(ctx, module, &input, CheckName::SmokeRun).await;
     if !c.passed {
         c.detail = format!("{}\n{}", c.detail, input.describe(&name));
+        // With no input written for it, or nothing on the stdin it reads, a failure may be
+        // the input's fault: it ranks the program lower but does not fail it.
+        if !given || (input.stdin.is_empty() && reads_stdin(code)) {
+            c.hard = false;
+        }
     }
     ran |= c.passed;
     v.add(c);
@@ -327,31 +339,62 @@ mod tests {
     use super::*;
 
     #[test]
-    fn inputs_keep_only_plain_files_and_bounded_sizes() {
-        let s = SmokeInput {
-            args: vec!["in.csv".into(), "a\0b".into()],
+    fn inputs_are_taken_whole_or_not_at_all() {
+        let file = |name: &str, content: &str| InputFile {
+            name: name.into(),
+            content: content.into(),
+        };
+        let ok = SmokeInput {
+            args: vec!["in.csv".into()],
             stdin: String::new(),
-            files: vec![
-                InputFile {
-                    name: "in.csv".into(),
-                    content: "é".repeat(MAX_FILE_BYTES),
-                },
-                InputFile {
-                    name: "../etc/passwd".into(),
-                    content: "x".into(),
-                },
-                InputFile {
-                    name: "solution.py".into(),
-                    content: "x".into(),
-                },
-            ],
+            files: vec![file("in.csv", &"é".repeat(MAX_FILE_BYTES))],
         }
         .sanitized()
         .unwrap();
-        assert_eq!(s.args, ["in.csv"]);
-        assert_eq!(s.files.len(), 1);
-        assert!(s.files[0].content.len() <= MAX_FILE_BYTES);
-        assert_eq!(s.command("solution"), "python solution.py in.csv");
+        assert!(ok.files[0].content.len() <= MAX_FILE_BYTES);
+        assert!(ok.files[0]
+            .content
+            .is_char_boundary(ok.files[0].content.len()));
+        assert_eq!(ok.command("solution"), "python solution.py in.csv");
+        // Dropping a part would leave an argument naming a file that is not there, or
+        // shift the arguments: the whole input goes.
+        for bad in [
+            SmokeInput {
+                args: vec!["in.csv".into(), "a\0b".into()],
+                ..ok.clone()
+            },
+            SmokeInput {
+                args: vec!["1".into(); MAX_ARGS + 1],
+                ..ok.clone()
+            },
+            SmokeInput {
+                files: vec![file("../etc/passwd", "x")],
+                ..ok.clone()
+            },
+            SmokeInput {
+                files: vec![file("solution.py", "x")],
+                ..ok.clone()
+            },
+        ] {
+            assert_eq!(bad.clone().sanitized(), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn programs_are_told_by_words_not_parts_of_words() {
+        let route = crate::router::route_by_rules(&crate::task::TaskRequest::new(
+            "Write a function f(x) that returns x.",
+        ));
+        assert!(!is_program(
+            &route,
+            "Write f(x); its description is a transcript."
+        ));
+        assert!(is_program(&route, "Write a script that prints f(1)."));
+        assert!(is_program(&route, "Read numbers from standard input."));
+        assert!(parses_options("import sys\nimport argparse\n"));
+        assert!(!parses_options(
+            "# argparse would be overkill\nimport sys\n"
+        ));
     }
 
     #[test]

@@ -45,8 +45,12 @@ fn outcome_check(name: CheckName, hard: bool, r: &RunReport) -> CheckResult {
         passed: r.passed(),
         hard,
         detail: if r.passed() {
+            // Only trusted tests "pass"; a model's own tests or examples merely agree.
             tests
-                .map(|(p, t)| format!("{p}/{t} passed"))
+                .map(|(p, t)| match name.trust() {
+                    Trust::Trusted => format!("{p}/{t} passed"),
+                    _ => format!("{p}/{t} agree"),
+                })
                 .unwrap_or_else(|| "ok".into())
         } else {
             clip(&r.outcome.to_string(), 700)
@@ -66,12 +70,15 @@ fn clip(s: &str, n: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-fn sandbox_failure(name: CheckName, e: forgeline_sandbox::Error) -> CheckResult {
+/// A check the sandbox could not run: forgeline's failure (or a name it refuses), which
+/// says nothing about the code. Hard, so that nothing is accepted on it, but `Internal`:
+/// the status does not call the code failed.
+pub(crate) fn sandbox_failure(name: CheckName, e: forgeline_sandbox::Error) -> CheckResult {
     CheckResult {
-        name,
+        name: CheckName::Internal,
         passed: false,
         hard: true,
-        detail: format!("the sandbox could not run it: {e}"),
+        detail: format!("the sandbox could not run the {name} check: {e}"),
         tests: None,
     }
 }
@@ -146,8 +153,9 @@ pub async fn validate_with(
     // Its approval is never a pass: the verdict's status rests on execution alone.
     // Where the candidates are chosen by running them (`retry::needs_selection`), execution
     // decides among them: a review of each would be pure cost.
-    let selection_decides =
-        judge_stage == LlmStage::Validator && crate::retry::needs_selection(spec, route, evidence);
+    let selection_decides = (judge_stage == LlmStage::Validator
+        && crate::retry::needs_selection(spec, route, evidence))
+        || evidence.agreement.as_ref().is_some_and(|a| a.passed);
     if ctx.config().limits.llm_judge
         && v.hard_failure().is_none()
         && !v.executed
@@ -209,9 +217,13 @@ async fn code_checks(
     if artifact.kind == WorkerKind::DataAnalysis {
         return run_script(ctx, module, v).await;
     }
-    let mut executed = spec.primary && run_tests(ctx, &module, evidence, v).await;
-    if !executed || evidence.program {
-        // Nothing to test against: at least it must import cleanly.
+    let mut executed = false;
+    let mut trusted_ran = false;
+    if spec.primary {
+        (executed, trusted_ran) = run_tests(ctx, &module, evidence, v).await;
+    }
+    if !trusted_ran || evidence.program {
+        // Nothing trusted tested it: at least it must import cleanly.
         executed |= import_and_doctest(ctx, module.clone(), code, v).await;
     }
     if evidence.program && spec.primary && v.hard_failure().is_none() {
@@ -307,13 +319,13 @@ async fn run_script(ctx: &JobContext, module: Module, v: &mut Verdict) {
 }
 
 /// Runs the task's examples, the supplied tests and the generated tests (these only rank);
-/// whether any ran.
+/// whether any ran, and whether a trusted one did.
 async fn run_tests(
     ctx: &JobContext,
     module: &Module,
     evidence: &Evidence,
     v: &mut Verdict,
-) -> bool {
+) -> (bool, bool) {
     let mut ran = false;
     if let Some(ex) = &evidence.examples {
         match ctx
@@ -339,6 +351,7 @@ async fn run_tests(
             Err(e) => v.add(sandbox_failure(CheckName::SuppliedTests, e)),
         }
     }
+    let trusted_ran = ran;
     for (i, g) in evidence.generated.iter().enumerate() {
         let file = format!("test_generated_{}.py", i + 1);
         if let Ok(r) = ctx.run_suite(module, &file, g, TestKind::Functions).await {
@@ -346,7 +359,7 @@ async fn run_tests(
             v.add(outcome_check(CheckName::GeneratedTests, false, &r));
         }
     }
-    ran
+    (ran, trusted_ran)
 }
 
 /// The module imports; its own docstring examples pass, if it has any. Whether examples ran.

@@ -176,7 +176,7 @@ impl std::fmt::Display for CheckName {
 #[serde(rename_all = "snake_case")]
 pub enum VerdictStatus {
     /// Trusted checks ran and passed: the user's tests, the task's own examples (`>>>` or
-    /// stated as input and output), a user-given command.
+    /// stated in its text as a call and its result).
     Verified,
     /// No trusted check exists, but execution agrees: the code runs on generated inputs,
     /// the candidates that agree on those outputs form a clear majority, and it passes the
