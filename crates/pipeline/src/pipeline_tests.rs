@@ -465,6 +465,21 @@ async fn an_unusable_review_is_no_approval() {
 const BARE_STUB: &str =
     "def add(a: int, b: int) -> int:\n    \"\"\"Return the sum of a and b.\"\"\"\n";
 
+/// One code subtask whose candidates define `add` to return each expression in turn; every
+/// review approves.
+fn add_model(bodies: &[&str]) -> ScriptedModel {
+    let mut model = ScriptedModel::new().on("orchestrator", ONE_CODE_PLAN);
+    for body in bodies {
+        model = model.on("code", &format!("def add(a, b):\n    return {body}\n```"));
+    }
+    model
+        .on("validator", JUDGE_OK)
+        .on("synthesizer", "Adds.")
+        .on("final_validator", JUDGE_OK)
+}
+
+const ONE_CODE_PLAN: &str = r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#;
+
 async fn run_bare(model: &ScriptedModel) -> JobOutcome {
     let bed = TestBed::with_config(model.clone(), config(3)).await;
     bed.pipeline
@@ -475,14 +490,7 @@ async fn run_bare(model: &ScriptedModel) -> JobOutcome {
 
 #[tokio::test]
 async fn candidates_that_agree_make_a_result_consistent_never_verified() {
-    let model = ScriptedModel::new()
-        .on("orchestrator", r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#)
-        .on("code", "def add(a, b):\n    return a + b\n```")
-        .on("code", "def add(a, b):\n    return a - b\n```")
-        .on("code", "def add(a, b):\n    return b + a\n```")
-        .on("validator", JUDGE_OK)
-        .on("synthesizer", "Adds.")
-        .on("final_validator", JUDGE_OK);
+    let model = add_model(&["a + b", "a - b", "b + a"]);
     let out = run_bare(&model).await;
     let r = &out.result;
     assert_eq!(
@@ -516,14 +524,7 @@ async fn candidates_that_agree_make_a_result_consistent_never_verified() {
 
 #[tokio::test]
 async fn candidates_that_all_disagree_leave_a_result_unverified() {
-    let model = ScriptedModel::new()
-        .on("orchestrator", r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#)
-        .on("code", "def add(a, b):\n    return a + b\n```")
-        .on("code", "def add(a, b):\n    return a - b\n```")
-        .on("code", "def add(a, b):\n    return a * b\n```")
-        .on("validator", JUDGE_OK)
-        .on("synthesizer", "Adds.")
-        .on("final_validator", JUDGE_OK);
+    let model = add_model(&["a + b", "a - b", "a * b"]);
     let out = run_bare(&model).await;
     let r = &out.result;
     assert_eq!(
@@ -577,7 +578,7 @@ async fn examples_stated_in_prose_verify_and_fail() {
         ),
     ] {
         let model = ScriptedModel::new()
-            .on("orchestrator", r#"{"subtasks": [{"id": "impl", "kind": "code", "description": "add", "depends_on": [], "acceptance": []}]}"#)
+            .on("orchestrator", ONE_CODE_PLAN)
             .on("code", code)
             .on("synthesizer", "Adds.")
             .on("final_validator", JUDGE_OK);
