@@ -80,10 +80,7 @@ fn generate_writes_a_python_file_that_parses_and_a_trace_of_every_stage() {
     assert_eq!(result["passed"], false, "{why}");
     // The summary line on stderr names the status, and never says "passed".
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.lines().any(|l| l.starts_with(status)),
-        "{why}"
-    );
+    assert!(stderr.lines().any(|l| l.starts_with(status)), "{why}");
     assert!(!stderr.contains("passed"), "{why}");
     let evidence = result["verdict"]["evidence"].as_array().expect(&why);
     assert!(evidence.iter().all(|e| e["trust"] != "trusted"), "{why}");
