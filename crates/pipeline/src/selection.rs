@@ -1225,6 +1225,22 @@ pub async fn select(
 mod tests {
     use super::*;
 
+    #[test]
+    fn prop_reading_model_text_never_panics() {
+        use proptest::prelude::*;
+        let config = ProptestConfig::with_cases(crate::proptest_cases());
+        let text = "[ -~\n\t]{0,120}|\\PC{0,60}";
+        proptest!(config, |(a in text, b in text, out in "\\PC{0,200}")| {
+            let tests = vec![format!("def test_x():\n    assert f({a}) == {b}\n"), a.clone()];
+            let examples = [Example { call: format!("f({b}"), expected: a.clone() }];
+            let _ = probe_inputs("f", &examples, &tests);
+            let _ = calls_of("f", &a);
+            let _ = generated_tests(&tests);
+            let _ = parse_run(&out, 3, 2);
+            let _ = normalise_output(&out);
+        });
+    }
+
     fn ex(call: &str) -> Example {
         Example {
             call: call.into(),
