@@ -182,6 +182,57 @@ async fn response_format_json_schema_gives_schema_valid_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regex_or_a_lark_grammar_holds_the_output_and_a_bad_one_names_its_field() {
+    let (client, card) = shared_client();
+    let server = TestServer::start(client, card, ServerConfig::default()).await;
+    let mut body = chat("Give a date.", 24);
+    body["regex"] = json!("[0-9]{4}-[0-9]{2}-[0-9]{2}");
+    let r = server
+        .http()
+        .post_json("/v1/chat/completions", &body)
+        .await
+        .unwrap();
+    let v = r.json().unwrap();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let b = content.as_bytes();
+    assert!(
+        b.len() == 10
+            && b.iter().enumerate().all(|(i, c)| if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }),
+        "{content:?}"
+    );
+    let mut body = chat("Is water wet?", 8);
+    body["grammar"] = json!("start: \"yes\" | \"no\"");
+    let v = server
+        .http()
+        .post_json("/v1/chat/completions", &body)
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content == "yes" || content == "no", "{content:?}");
+    // A grammar that does not compile is the request's fault, and names its field.
+    for (field, bad) in [("regex", "([0-9"), ("grammar", "start: undefined_rule")] {
+        let mut body = chat("Hi", 8);
+        body[field] = json!(bad);
+        let (status, msg, param) = error_of(
+            &server.http(),
+            Method::POST,
+            "/v1/chat/completions",
+            Some(body.to_string().into()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{msg}");
+        assert_eq!(param, field, "{msg}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_status_and_a_message_naming_the_field() {
     let (client, card) = shared_client();
     let config = ServerConfig {

@@ -153,6 +153,11 @@ impl Validation {
             V::DryAllowedLength(_) => "dry_allowed_length",
             V::DryPenaltyLastN(_) => "dry_penalty_last_n",
             V::UnknownModel { .. } => "model",
+            V::Constraint { kind: "regex", .. } => "regex",
+            V::Constraint {
+                kind: "Lark grammar",
+                ..
+            } => "grammar",
             V::Constraint { .. } | V::ConstrainedDecoding(_) => "response_format",
         }
     }

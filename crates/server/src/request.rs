@@ -284,7 +284,7 @@ fn common(
     generate.sampling = sampling;
     generate.stop_strings = stop;
     generate.ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
-    generate.constraint = response_format(f)?;
+    generate.constraint = constraint(f)?;
     Ok(ApiRequest {
         endpoint,
         model,
@@ -368,6 +368,62 @@ fn sampling(f: &Fields) -> ApiResult<SamplingParams> {
     s.validate()
         .map_err(|e| ApiError::from_engine(&e, "prompt"))?;
     Ok(s)
+}
+
+/// What the output is held to while it is sampled: `response_format` (JSON), `regex` (a
+/// regular expression the whole output matches, as vLLM's `guided_regex`) or `grammar` (a
+/// Lark grammar, llguidance's dialect with a `start` rule, as vLLM's `guided_grammar`). At
+/// most one of them.
+fn constraint(f: &Fields) -> ApiResult<Option<Constraint>> {
+    let mut found: Vec<(&str, Constraint)> = Vec::new();
+    if let Some(c) = response_format(f)? {
+        found.push(("response_format", c));
+    }
+    for (name, make) in [
+        ("regex", Constraint::Regex as fn(String) -> Constraint),
+        ("grammar", Constraint::Lark),
+    ] {
+        if let Some(text) = f.str(name)? {
+            if text.trim().is_empty() {
+                return Err(ApiError::field(
+                    name,
+                    format!("`{name}` is empty: give a {} or leave it out", what(name)),
+                ));
+            }
+            if text.len() > MAX_GRAMMAR_BYTES {
+                return Err(ApiError::field(
+                    name,
+                    format!(
+                        "`{name}` is {} bytes; at most {MAX_GRAMMAR_BYTES} are accepted",
+                        text.len()
+                    ),
+                ));
+            }
+            found.push((name, make(text.to_string())));
+        }
+    }
+    if found.len() > 1 {
+        let names: Vec<&str> = found.iter().map(|(n, _)| *n).collect();
+        return Err(ApiError::field(
+            names[1],
+            format!(
+                "`{}` and `{}` both constrain the output: give one",
+                names[0], names[1]
+            ),
+        ));
+    }
+    Ok(found.pop().map(|(_, c)| c))
+}
+
+/// The longest `regex` or `grammar` accepted, in bytes.
+const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
+
+fn what(field: &str) -> &'static str {
+    if field == "regex" {
+        "regular expression"
+    } else {
+        "Lark grammar"
+    }
 }
 
 /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`.

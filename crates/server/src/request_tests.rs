@@ -387,3 +387,52 @@ mod props {
         }
     }
 }
+
+#[test]
+fn a_regex_or_a_lark_grammar_constrains_the_output_and_only_one_constraint_is_taken() {
+    let base = json!({"model": "small", "messages": [{"role": "user", "content": "Hi"}]});
+    let with = |extra: Value| {
+        let mut v = base.clone();
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    let r = chat(with(json!({"regex": "[0-9]{3}"}))).unwrap();
+    assert_eq!(
+        r.generate.constraint,
+        Some(Constraint::Regex("[0-9]{3}".into()))
+    );
+    let lark = "start: \"yes\" | \"no\"";
+    let r = completion(json!({"model": "small", "prompt": "Hi", "grammar": lark})).unwrap();
+    assert_eq!(r.generate.constraint, Some(Constraint::Lark(lark.into())));
+    for (extra, field, says) in [
+        (
+            json!({"regex": "a", "grammar": lark}),
+            "grammar",
+            "both constrain",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}, "regex": "a"}),
+            "regex",
+            "both constrain",
+        ),
+        (json!({"regex": "  "}), "regex", "empty"),
+        (json!({"grammar": 3}), "grammar", "a string"),
+        (
+            json!({"grammar": "x".repeat(MAX_GRAMMAR_BYTES + 1)}),
+            "grammar",
+            "at most",
+        ),
+    ] {
+        let (param, msg) = refused(chat(with(extra.clone())));
+        assert_eq!(param.as_deref(), Some(field), "{extra}: {msg}");
+        assert!(msg.contains(says), "{extra}: {msg}");
+    }
+    // A text response_format is no constraint, so it goes with a regex.
+    let r = chat(with(
+        json!({"response_format": {"type": "text"}, "regex": "a+"}),
+    ))
+    .unwrap();
+    assert_eq!(r.generate.constraint, Some(Constraint::Regex("a+".into())));
+}
