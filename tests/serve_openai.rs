@@ -67,6 +67,8 @@ fn the_official_openai_client_works_against_the_server() {
         "chat stream usage",
         "completions stream",
         "json_schema",
+        "n choices",
+        "grammar",
         "wrong key is 401",
     ] {
         assert!(stdout.contains(&format!("ok {check}\n")), "{stdout}");

@@ -85,6 +85,28 @@ def main():
     if r.choices[0].finish_reason == "stop":
         check("json_object", isinstance(json.loads(r.choices[0].message.content), dict), r)
 
+    # n choices: at temperature 0 with seeds, each equals a request of its own.
+    many = client.chat.completions.create(
+        model=model, messages=msgs, max_tokens=8, temperature=0, seed=5, n=4)
+    alone = [
+        client.chat.completions.create(
+            model=model, messages=msgs, max_tokens=8, temperature=0, seed=5 + i
+        ).choices[0].message.content
+        for i in range(4)
+    ]
+    check(
+        "n choices",
+        [c.index for c in many.choices] == [0, 1, 2, 3]
+        and [c.message.content for c in many.choices] == alone,
+        many,
+    )
+
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Is water wet?"}], max_tokens=4,
+        temperature=0, extra_body={"grammar": 'start: "yes" | "no"'},
+    )
+    check("grammar", r.choices[0].message.content in ("yes", "no"), r)
+
     try:
         client.chat.completions.create(model="no-such-model", messages=msgs, max_tokens=2)
         sys.exit("FAIL unknown model: no error")

@@ -4,20 +4,20 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use forgeline_engine::scheduler::{Event, ResponseStream};
-use futures_util::Stream;
+use forgeline_engine::scheduler::{Event, ResponseStream, Usage};
+use futures_util::{Stream, StreamExt};
 
 use crate::app::AppState;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
-use crate::openai::AnswerMeta;
+use crate::openai::{total_usage, AnswerMeta};
 use crate::request::{parse_chat, parse_completion, ApiRequest, Endpoint};
 use crate::shutdown::CancelSignal;
 
@@ -48,16 +48,17 @@ async fn handle(
     };
     let meta = AnswerMeta::new(endpoint, req.model.clone(), app.next_serial());
     let (stream, include_usage) = (req.stream, req.include_usage);
-    let events = submit(&app, req).await?;
+    let choices = submit(&app, req).await?;
     if stream {
-        let body = sse_events(meta, events, include_usage, app.cancel.clone());
+        let body = sse_events(meta, choices, include_usage, app.cancel.clone());
         return Ok(Sse::new(body)
             .keep_alive(KeepAlive::default())
             .into_response());
     }
     let mut cancel = app.cancel.clone();
+    let all = futures_util::future::try_join_all(choices.into_iter().map(ResponseStream::collect));
     let done = tokio::select! {
-        c = events.collect() => c.map_err(|e| ApiError::from_engine(&e, endpoint.prompt_param()))?,
+        c = all => c.map_err(|e| ApiError::from_engine(&e, endpoint.prompt_param()))?,
         _ = cancel.cancelled() => return Err(shutting_down()),
     };
     Ok(Json(meta.response(&done)).into_response())
@@ -67,10 +68,13 @@ fn shutting_down() -> ApiError {
     ApiError::unavailable("the server is shutting down; the request was cancelled")
 }
 
-/// Queues the request on the engine: either it is accepted whole or it fails (429 when the
-/// queue is full), nothing in between. Tokenizing a long prompt and compiling a schema take
-/// time, so they run off the async workers.
-async fn submit(app: &AppState, req: ApiRequest) -> ApiResult<ResponseStream> {
+/// Queues the request's choices on the engine, choice `i` seeded with the seed plus `i`:
+/// either they are all accepted or it fails (429 when the queue is full; the choices queued
+/// before are dropped, which cancels them), nothing in between. The choices share their
+/// prompt's KV through the prefix cache: the first computes it, the others wait for it and
+/// reuse it. Tokenizing a long prompt and compiling a schema take time, so they run off the
+/// async workers.
+async fn submit(app: &AppState, req: ApiRequest) -> ApiResult<Vec<ResponseStream>> {
     if app.is_draining() {
         return Err(shutting_down());
     }
@@ -101,28 +105,49 @@ async fn submit(app: &AppState, req: ApiRequest) -> ApiResult<ResponseStream> {
                 default_max.min(context.saturating_sub(prompt)).max(1)
             }
         };
-        client.generate(g)
+        let seed = g.sampling.seed;
+        (0..req.n)
+            .map(|i| {
+                let mut choice = g.clone();
+                choice.sampling.seed = seed.wrapping_add(i as u64);
+                client.generate(choice)
+            })
+            .collect::<forgeline_engine::Result<Vec<_>>>()
     })
     .await
     .map_err(|e| ApiError::internal(format!("request task failed: {e}")))?
     .map_err(|e| ApiError::from_engine(&e, prompt_param))
 }
 
-/// The stream of SSE events of one answer. It owns `events`: when the client disconnects,
-/// the HTTP body (and so this stream) is dropped, which cancels the engine request.
+/// One stream of every choice's events, each tagged with its choice's index.
+type ChoiceEvents = Pin<Box<dyn Stream<Item = (usize, forgeline_engine::Result<Event>)> + Send>>;
+
+/// The stream of SSE events of one answer. It owns the choices' streams: when the client
+/// disconnects, the HTTP body (and so this stream) is dropped, which cancels the engine
+/// requests.
 fn sse_events(
     meta: AnswerMeta,
-    events: ResponseStream,
+    choices: Vec<ResponseStream>,
     include_usage: bool,
     cancel: CancelSignal,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    let n = choices.len();
+    let tagged = choices.into_iter().enumerate().map(|(i, rs)| {
+        futures_util::stream::unfold(
+            rs,
+            |mut rs| async move { rs.next().await.map(|ev| (ev, rs)) },
+        )
+        .map(move |ev| (i, ev))
+        .boxed()
+    });
     let state = SseState {
         meta,
-        events,
+        events: futures_util::stream::select_all(tagged).boxed(),
         include_usage,
         cancel,
         pending: VecDeque::new(),
-        sent_first: false,
+        sent_first: vec![false; n],
+        usage: vec![None; n],
         ended: false,
     };
     futures_util::stream::unfold(state, |mut st| async move {
@@ -147,11 +172,14 @@ fn sse_events(
 
 struct SseState {
     meta: AnswerMeta,
-    events: ResponseStream,
+    events: ChoiceEvents,
     include_usage: bool,
     cancel: CancelSignal,
     pending: VecDeque<SseEvent>,
-    sent_first: bool,
+    /// Per choice: whether its first chunk (with the chat role) went out.
+    sent_first: Vec<bool>,
+    /// Per choice: its usage, once it is done.
+    usage: Vec<Option<Usage>>,
     ended: bool,
 }
 
@@ -161,31 +189,37 @@ impl SseState {
             .push_back(SseEvent::default().data(v.to_string()));
     }
 
-    /// Turns one engine event into SSE events.
-    fn absorb(&mut self, ev: Option<forgeline_engine::Result<Event>>) {
+    /// Turns one engine event of a choice into SSE events; after the last choice's end,
+    /// the usage (if asked) and `[DONE]`.
+    fn absorb(&mut self, ev: Option<(usize, forgeline_engine::Result<Event>)>) {
         match ev {
             // Text held back (a possible stop string, half a character) arrives later.
-            Some(Ok(Event::Delta { text, .. })) if text.is_empty() => {}
-            Some(Ok(Event::Delta { text, .. })) => {
-                let chunk = self.meta.delta(&text, !self.sent_first);
-                self.sent_first = true;
+            Some((_, Ok(Event::Delta { text, .. }))) if text.is_empty() => {}
+            Some((i, Ok(Event::Delta { text, .. }))) => {
+                let chunk = self.meta.delta(i, &text, !self.sent_first[i]);
+                self.sent_first[i] = true;
                 self.push(chunk);
             }
-            Some(Ok(Event::Done { stop_reason, usage })) => {
-                if !self.sent_first {
-                    let chunk = self.meta.delta("", true);
+            Some((i, Ok(Event::Done { stop_reason, usage }))) => {
+                if !self.sent_first[i] {
+                    let chunk = self.meta.delta(i, "", true);
+                    self.sent_first[i] = true;
                     self.push(chunk);
                 }
-                let finish = self.meta.finish(stop_reason);
+                let finish = self.meta.finish(i, stop_reason);
                 self.push(finish);
-                if self.include_usage {
-                    let u = self.meta.usage_chunk(&usage);
-                    self.push(u);
+                self.usage[i] = Some(usage);
+                if self.usage.iter().all(Option::is_some) {
+                    if self.include_usage {
+                        let total = total_usage(self.usage.iter().flatten());
+                        let u = self.meta.usage_chunk(&total);
+                        self.push(u);
+                    }
+                    self.pending.push_back(SseEvent::default().data("[DONE]"));
+                    self.ended = true;
                 }
-                self.pending.push_back(SseEvent::default().data("[DONE]"));
-                self.ended = true;
             }
-            Some(Err(e)) => {
+            Some((_, Err(e))) => {
                 let err = ApiError::from_engine(&e, self.meta.endpoint.prompt_param());
                 self.fail(&err);
             }

@@ -53,51 +53,58 @@ impl AnswerMeta {
         })
     }
 
-    /// A non-streamed answer.
-    pub fn response(&self, c: &Completion) -> Value {
-        let finish = finish_reason(c.stop_reason);
-        let choice = match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text, "refusal": null},
-                "logprobs": null,
-                "finish_reason": finish,
-            }),
-            Endpoint::Completion => json!({
-                "index": 0, "text": c.text, "logprobs": null, "finish_reason": finish,
-            }),
-        };
-        let mut v = self.wrap(false, json!([choice]));
-        v["usage"] = usage(&c.usage);
+    /// A non-streamed answer: one choice per completion, in order.
+    pub fn response(&self, choices: &[Completion]) -> Value {
+        let list: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                let finish = finish_reason(c.stop_reason);
+                match self.endpoint {
+                    Endpoint::Chat => json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": c.text, "refusal": null},
+                        "logprobs": null,
+                        "finish_reason": finish,
+                    }),
+                    Endpoint::Completion => json!({
+                        "index": index, "text": c.text, "logprobs": null, "finish_reason": finish,
+                    }),
+                }
+            })
+            .collect();
+        let mut v = self.wrap(false, Value::Array(list));
+        v["usage"] = usage(&total_usage(choices.iter().map(|c| &c.usage)));
         v
     }
 
-    /// A streamed piece of text; `first` adds the chat role.
-    pub fn delta(&self, text: &str, first: bool) -> Value {
+    /// A streamed piece of choice `index`'s text; `first` adds the chat role.
+    pub fn delta(&self, index: usize, text: &str, first: bool) -> Value {
         let choice = match self.endpoint {
             Endpoint::Chat if first => json!({
-                "index": 0, "delta": {"role": "assistant", "content": text},
+                "index": index, "delta": {"role": "assistant", "content": text},
                 "logprobs": null, "finish_reason": null,
             }),
             Endpoint::Chat => json!({
-                "index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null,
+                "index": index, "delta": {"content": text}, "logprobs": null,
+                "finish_reason": null,
             }),
             Endpoint::Completion => json!({
-                "index": 0, "text": text, "logprobs": null, "finish_reason": null,
+                "index": index, "text": text, "logprobs": null, "finish_reason": null,
             }),
         };
         self.wrap(true, json!([choice]))
     }
 
-    /// The chunk that ends the choice.
-    pub fn finish(&self, reason: StopReason) -> Value {
+    /// The chunk that ends choice `index`.
+    pub fn finish(&self, index: usize, reason: StopReason) -> Value {
         let finish = finish_reason(reason);
         let choice = match self.endpoint {
             Endpoint::Chat => json!({
-                "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish,
+                "index": index, "delta": {}, "logprobs": null, "finish_reason": finish,
             }),
             Endpoint::Completion => json!({
-                "index": 0, "text": "", "logprobs": null, "finish_reason": finish,
+                "index": index, "text": "", "logprobs": null, "finish_reason": finish,
             }),
         };
         self.wrap(true, json!([choice]))
@@ -121,6 +128,20 @@ pub fn finish_reason(r: StopReason) -> &'static str {
         | StopReason::ConstraintDone => "stop",
         StopReason::MaxTokens | StopReason::ContextFull | StopReason::Deadline => "length",
     }
+}
+
+/// The usage of the choices of one request: the prompt they share counted once (as the
+/// first choice computed it), their completions added up.
+pub fn total_usage<'a>(each: impl IntoIterator<Item = &'a Usage>) -> Usage {
+    let mut total = Usage::default();
+    for (i, u) in each.into_iter().enumerate() {
+        if i == 0 {
+            total = u.clone();
+        } else {
+            total.completion_tokens += u.completion_tokens;
+        }
+    }
+    total
 }
 
 pub fn usage(u: &Usage) -> Value {
@@ -154,15 +175,16 @@ mod tests {
     fn chunks_and_responses_have_openais_shape() {
         let m = AnswerMeta::new(Endpoint::Chat, "m".into(), 3);
         assert!(m.id.starts_with("chatcmpl-"));
-        let d = m.delta("Hi", true);
+        let d = m.delta(0, "Hi", true);
         assert_eq!(d["object"], "chat.completion.chunk");
         assert_eq!(d["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(d["choices"][0]["delta"]["content"], "Hi");
-        assert!(m.delta("x", false)["choices"][0]["delta"]
+        assert!(m.delta(0, "x", false)["choices"][0]["delta"]
             .get("role")
             .is_none());
-        let f = m.finish(StopReason::MaxTokens);
+        let f = m.finish(2, StopReason::MaxTokens);
         assert_eq!(f["choices"][0]["finish_reason"], "length");
+        assert_eq!(f["choices"][0]["index"], 2);
         let u = Usage {
             prompt_tokens: 5,
             completion_tokens: 2,
@@ -181,10 +203,16 @@ mod tests {
             usage: u,
             ..Default::default()
         };
-        let r = c.response(&done);
+        let r = c.response(std::slice::from_ref(&done));
         assert_eq!(r["object"], "text_completion");
         assert_eq!(r["choices"][0]["text"], "x = 1");
         assert_eq!(r["choices"][0]["finish_reason"], "stop");
         assert_eq!(r["usage"]["completion_tokens"], 2);
+        // Several choices: each indexed, the shared prompt counted once.
+        let r = c.response(&[done.clone(), done.clone(), done]);
+        assert_eq!(r["choices"][2]["index"], 2);
+        assert_eq!(r["usage"]["prompt_tokens"], 5);
+        assert_eq!(r["usage"]["completion_tokens"], 6);
+        assert_eq!(r["usage"]["total_tokens"], 11);
     }
 }

@@ -45,7 +45,13 @@ pub struct ApiRequest {
     pub stream: bool,
     /// `stream_options.include_usage`: a last chunk with the usage before `[DONE]`.
     pub include_usage: bool,
+    /// Choices to generate (`n`): each its own sequence on the shared prompt, choice `i`
+    /// sampled with the seed plus `i`.
+    pub n: usize,
 }
+
+/// The most choices one request may ask for (`n`).
+pub const MAX_CHOICES: u64 = 16;
 
 /// Stop strings per request, as in OpenAI's API (which allows 4).
 pub const MAX_STOP: usize = 16;
@@ -285,6 +291,16 @@ fn common(
     generate.stop_strings = stop;
     generate.ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     generate.constraint = constraint(f)?;
+    let n = match f.u64("n")? {
+        None => 1,
+        Some(n @ 1..=MAX_CHOICES) => n as usize,
+        Some(n) => {
+            return Err(ApiError::field(
+                "n",
+                format!("`n` must be between 1 and {MAX_CHOICES}, not {n}"),
+            ))
+        }
+    };
     Ok(ApiRequest {
         endpoint,
         model,
@@ -292,6 +308,7 @@ fn common(
         max_tokens,
         stream,
         include_usage,
+        n,
     })
 }
 
@@ -468,12 +485,6 @@ fn refuse_unsupported(f: &Fields, endpoint: Endpoint) -> ApiResult<()> {
             format!("`{name}` is not supported by this server"),
         ))
     };
-    if f.get("n").is_some() && f.u64("n")? != Some(1) {
-        return Err(ApiError::field(
-            "n",
-            "`n` must be 1: this server returns one choice per request",
-        ));
-    }
     for name in ["tools", "functions"] {
         if f.array(name)?.is_some_and(|a| !a.is_empty()) {
             return unsupported(name);
