@@ -275,7 +275,8 @@ fn entry_point_check(code: &str, entry: &str, want: Option<&python::Signature>) 
                 want.params.join(", ")
             ),
         ),
-        (Some(_), _) => (true, format!("`{entry}` defined with the task's signature")),
+        (Some(_), Some(_)) => (true, format!("`{entry}` defined with the task's signature")),
+        (Some(_), None) => (true, format!("`{entry}` defined")),
     };
     CheckResult {
         name: CheckName::EntryPoint,
