@@ -134,3 +134,38 @@ fn sigterm_lets_a_running_request_finish_within_the_grace_period() {
     assert_eq!(answer, "[DONE]");
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn every_request_gets_an_access_log_line_as_json_with_a_timestamp() {
+    let server = ServeProcess::start(&["--log-format", "json"]);
+    let addr = server.addr;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let http = HttpClient::new(addr);
+        assert_eq!(http.get("/health").await.unwrap().status.as_u16(), 200);
+        assert_eq!(http.get("/v1/nothing").await.unwrap().status.as_u16(), 404);
+    });
+    let (code, rest) = server.terminate();
+    assert_eq!(code, Some(0), "{rest}");
+    let lines: Vec<serde_json::Value> = rest
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["target"] == "forgeline_server::access")
+        .collect();
+    let health = lines
+        .iter()
+        .find(|v| v["fields"]["path"] == "/health")
+        .unwrap_or_else(|| panic!("no access line for /health:\n{rest}"));
+    // Paths no route answers are logged too.
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["fields"]["path"] == "/v1/nothing" && v["fields"]["status"] == 404),
+        "{rest}"
+    );
+    assert_eq!(health["fields"]["method"], "GET", "{health}");
+    assert_eq!(health["fields"]["status"], 200, "{health}");
+    assert_eq!(health["level"], "INFO", "{health}");
+    assert!(health["timestamp"].is_string(), "{health}");
+    assert!(health["fields"]["ms"].is_u64(), "{health}");
+}

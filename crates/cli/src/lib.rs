@@ -62,6 +62,16 @@ pub struct Cli {
         env = "FORGELINE_CACHE_TYPE"
     )]
     cache_type: String,
+    /// How log lines are written to stderr: text, or json (one object per line, with a
+    /// timestamp). `serve` logs one access line per request at info level
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "FORGELINE_LOG_FORMAT",
+        value_parser = ["text", "json"]
+    )]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -185,16 +195,26 @@ pub(crate) fn usage(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg.into()))
 }
 
-fn init_logging() {
+/// Logs to stderr, filtered by `RUST_LOG` (warnings by default; a server also logs each
+/// request). A server's lines carry timestamps, as JSON lines always do; a command run by
+/// hand does without them.
+fn init_logging(json: bool, server: bool) {
+    let default = if server {
+        "warn,forgeline_server::access=info"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
-    let _ = tracing_subscriber::fmt()
+    let base = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .without_time()
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match (json, server) {
+        (true, _) => base.json().try_init(),
+        (false, true) => base.with_ansi(ansi).try_init(),
+        (false, false) => base.with_ansi(ansi).without_time().try_init(),
+    };
 }
 
 /// Shared state of a command: where models are, which device.
@@ -260,7 +280,10 @@ pub fn main() -> ExitCode {
         );
     }
     let cli = Cli::parse();
-    init_logging();
+    init_logging(
+        cli.log_format == "json",
+        matches!(cli.command, Command::Serve(_)),
+    );
     let result = Env::new(&cli).and_then(|env| run(cli.command, env));
     match result {
         Ok(code) => code,

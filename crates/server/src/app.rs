@@ -89,11 +89,13 @@ pub fn router(app: AppState) -> Router {
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(app.config.body_limit))
-        // Outermost: a refused origin reaches nothing, and a preflight needs no key.
+        // A refused origin reaches nothing, and a preflight needs no key.
         .layer(middleware::from_fn_with_state(
             Arc::new(app.config.allowed_origins.clone()),
             check_origin,
         ))
+        // Outermost: every request is logged, refused or not.
+        .layer(middleware::from_fn(crate::metrics::access_log))
         .with_state(app)
 }
 

@@ -324,6 +324,33 @@ pub async fn track(
     r
 }
 
+/// Middleware, outermost: one access-log line per request, whatever answered it (target
+/// `forgeline_server::access`, at info): method, path (cut at 200 bytes), status, and the
+/// milliseconds until the response's head (a stream's body goes on after it).
+pub async fn access_log(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let mut path = req.uri().path().to_string();
+    if path.len() > 200 {
+        let mut end = 200;
+        while !path.is_char_boundary(end) {
+            end -= 1;
+        }
+        path.truncate(end);
+    }
+    let r = next.run(req).await;
+    let status = r.status().as_u16();
+    tracing::info!(
+        target: "forgeline_server::access",
+        method = %method,
+        path = %path,
+        status,
+        ms = started.elapsed().as_millis() as u64,
+        "{method} {path} {status}"
+    );
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
