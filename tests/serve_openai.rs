@@ -169,3 +169,43 @@ fn every_request_gets_an_access_log_line_as_json_with_a_timestamp() {
     assert!(health["timestamp"].is_string(), "{health}");
     assert!(health["fields"]["ms"].is_u64(), "{health}");
 }
+
+#[test]
+fn ps_shows_what_a_running_server_has_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "sk-forgeline-ps\n").unwrap();
+    let server = ServeProcess::start(&["--api-key-file", key_file.to_str().unwrap()]);
+    let url = format!("http://{}", server.addr);
+    let ps = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_forgeline"))
+            .args(["ps", "--url", &url])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = ps(&["--api-key-file", key_file.to_str().unwrap(), "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "ok", "{v}");
+    let m = &v["models"][0];
+    assert_eq!(m["name"], "smollm2-135m-instruct", "{v}");
+    assert!(m["kv_budget_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(m["running"], 0, "{v}");
+    let out = ps(&["--api-key-file", key_file.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("MODEL") && table.contains("smollm2-135m-instruct"),
+        "{table}"
+    );
+    // Without the key the server refuses, and ps says so.
+    let out = ps(&[]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    drop(server);
+    // Nobody there: a clear error naming the address.
+    let out = ps(&[]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&url));
+}

@@ -5,7 +5,8 @@
 //! - `models`: `forgeline models list|show`.
 //! - `bench`: `forgeline bench engine` (and the sandbox bench from `bench_sandbox`).
 //! - `check`: `forgeline check`, generated Python run in the sandbox.
-//! - `serve`: `forgeline serve`, the HTTP API (`bench_serve`: its bench).
+//! - `serve`: `forgeline serve`, the HTTP API (`bench_serve`: its bench); `ps`: what a
+//!   running server is doing, from its API.
 //! - `generate`: `forgeline generate`, one task through the pipeline.
 //! - `eval`: `forgeline eval`, pass@1 on HumanEval-format tasks (`bench_pipeline`: pipeline
 //!   against the single-call baseline, and jobs together against one after another).
@@ -28,6 +29,7 @@ mod generate;
 mod models;
 mod pipeline_setup;
 mod prompt;
+mod ps;
 mod serve;
 
 use std::io::IsTerminal;
@@ -94,6 +96,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Serve an OpenAI-compatible HTTP API (and pipeline jobs) over the loaded models
     Serve(serve::ServeArgs),
+    /// What a running server has loaded and is doing: sequences, KV memory, jobs
+    Ps(ps::PsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -308,6 +312,7 @@ fn run(command: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Sandbox(a)) => runtime()?.block_on(bench_sandbox::run(a)),
         Command::Check(a) => runtime()?.block_on(check::run(a)),
         Command::Serve(a) => serve::run(a, &env),
+        Command::Ps(a) => runtime()?.block_on(ps::run(a)),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve::run_bench(a, &env),
     }
 }

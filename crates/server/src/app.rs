@@ -74,6 +74,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/completions", post(completions::completion))
         .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
         .merge(jobs::routes());
     if let Some(key) = app.config.api_key.clone() {
         api = api.route_layer(middleware::from_fn_with_state(key, require_key));
@@ -132,6 +133,42 @@ async fn health(State(app): State<AppState>) -> Response {
 
 async fn models(State(app): State<AppState>) -> impl IntoResponse {
     Json(openai::model_list(&app.models))
+}
+
+/// What this server runs now, per model (as `forgeline ps` shows it): sequences running
+/// and waiting, KV memory used of its budget, decode speed, requests finished; and the
+/// pipeline jobs running.
+async fn status(State(app): State<AppState>) -> Json<serde_json::Value> {
+    let stats = app.client.stats();
+    let models: Vec<serde_json::Value> = app
+        .models
+        .iter()
+        .map(|card| {
+            let s = stats.models.iter().find(|s| s.model == card.name);
+            json!({
+                "name": card.name,
+                "context_length": card.context_length,
+                "running": s.map_or(0, |s| s.running),
+                "waiting": s.map_or(0, |s| s.waiting),
+                "kv_used_bytes": s.map_or(0, |s| s.kv_used_bytes),
+                "kv_budget_bytes": s.map_or(0, |s| s.kv_budget_bytes),
+                "tokens_per_s": s.map_or(0.0, |s| s.tokens_per_s),
+                "finished": s.map_or(0, |s| s.finished),
+            })
+        })
+        .collect();
+    let state = if !app.client.is_alive() {
+        "engine_stopped"
+    } else if app.is_draining() {
+        "shutting_down"
+    } else {
+        "ok"
+    };
+    Json(json!({
+        "status": state,
+        "models": models,
+        "jobs_running": app.jobs.as_ref().map_or(0, |j| j.running()),
+    }))
 }
 
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {

@@ -400,6 +400,8 @@ fn engine_loop(
     waiting: &AtomicUsize,
     stats: &Mutex<Stats>,
 ) {
+    // The models and their KV budgets are known before the first request.
+    publish(&schedulers, stats);
     let mut open = true;
     loop {
         let idle = schedulers.iter().all(|s| s.is_idle());
@@ -446,18 +448,23 @@ fn engine_loop(
             .map(|s| s.waiting.iter().filter(|q| !q.was_admitted()).count())
             .sum();
         waiting.store(never_admitted, Ordering::SeqCst);
-        if let Ok(mut st) = stats.lock() {
-            st.waiting = schedulers.iter().map(|s| s.waiting.len()).sum();
-            st.running = schedulers.iter().map(|s| s.running.len()).sum();
-            st.models = schedulers
-                .iter()
-                .map(|s| {
-                    let mut m = s.stats.clone();
-                    m.waiting = s.waiting.len();
-                    m.running = s.running.len();
-                    m
-                })
-                .collect();
-        }
+        publish(&schedulers, stats);
+    }
+}
+
+/// Makes the schedulers' figures what `LlmClient::stats` reads.
+fn publish(schedulers: &[ModelScheduler], stats: &Mutex<Stats>) {
+    if let Ok(mut st) = stats.lock() {
+        st.waiting = schedulers.iter().map(|s| s.waiting.len()).sum();
+        st.running = schedulers.iter().map(|s| s.running.len()).sum();
+        st.models = schedulers
+            .iter()
+            .map(|s| {
+                let mut m = s.stats.clone();
+                m.waiting = s.waiting.len();
+                m.running = s.running.len();
+                m
+            })
+            .collect();
     }
 }
