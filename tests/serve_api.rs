@@ -125,7 +125,7 @@ async fn completions_whole_and_streamed_with_usage() {
     assert_eq!(
         metric(
             &m,
-            "forgeline_http_requests_total{endpoint=\"POST /v1/chat/completions\",status=\"200\"}"
+            "forgeline_http_requests_total{method=\"POST\",route=\"/v1/chat/completions\",status=\"200\"}"
         ),
         Some(2.0),
         "{m}"

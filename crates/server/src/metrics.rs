@@ -15,8 +15,8 @@ use forgeline_engine::scheduler::{Stats, BATCH_BUCKETS};
 /// What the server counts. Shared by `Arc`; jobs record their stages into it.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// (method and route, status) -> requests.
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// (method, route, status) -> requests.
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     stages: Mutex<BTreeMap<String, StageCounts>>,
     jobs: Mutex<BTreeMap<&'static str, u64>>,
     verdicts: Mutex<BTreeMap<&'static str, u64>>,
@@ -33,9 +33,10 @@ struct StageCounts {
 }
 
 impl Metrics {
-    pub fn record_request(&self, endpoint: &str, status: u16) {
+    pub fn record_request(&self, method: &str, route: &str, status: u16) {
         if let Ok(mut r) = self.requests.lock() {
-            *r.entry((endpoint.to_string(), status)).or_default() += 1;
+            *r.entry((method.to_string(), route.to_string(), status))
+                .or_default() += 1;
         }
     }
 
@@ -88,13 +89,17 @@ impl Metrics {
         out.header(
             "forgeline_http_requests_total",
             "counter",
-            "HTTP requests by route and status",
+            "HTTP requests by method, route and status",
         );
         if let Ok(r) = self.requests.lock() {
-            for ((endpoint, status), n) in r.iter() {
+            for ((method, route, status), n) in r.iter() {
                 out.sample(
                     "forgeline_http_requests_total",
-                    &[("endpoint", endpoint), ("status", &status.to_string())],
+                    &[
+                        ("method", method),
+                        ("route", route),
+                        ("status", &status.to_string()),
+                    ],
                     *n as f64,
                 );
             }
@@ -314,13 +319,14 @@ pub async fn track(
     req: Request,
     next: Next,
 ) -> Response {
-    let route = format!(
-        "{} {}",
-        req.method(),
-        path.as_ref().map(MatchedPath::as_str).unwrap_or("other")
-    );
+    let method = req.method().to_string();
+    let route = path
+        .as_ref()
+        .map(MatchedPath::as_str)
+        .unwrap_or("other")
+        .to_string();
     let r = next.run(req).await;
-    metrics.record_request(&route, r.status().as_u16());
+    metrics.record_request(&method, &route, r.status().as_u16());
     r
 }
 
@@ -359,9 +365,9 @@ mod tests {
     #[test]
     fn renders_requests_engine_stats_and_stages() {
         let m = Metrics::default();
-        m.record_request("POST /v1/chat/completions", 200);
-        m.record_request("POST /v1/chat/completions", 200);
-        m.record_request("POST /v1/chat/completions", 429);
+        m.record_request("POST", "/v1/chat/completions", 200);
+        m.record_request("POST", "/v1/chat/completions", 200);
+        m.record_request("POST", "/v1/chat/completions", 429);
         m.record_stage("planner", Duration::from_millis(500), Some(true));
         m.record_stage("planner", Duration::from_millis(1500), Some(false));
         m.record_stage("collector", Duration::from_millis(5), None);
@@ -380,8 +386,8 @@ mod tests {
         };
         let text = m.render(&stats, 1);
         for line in [
-            "forgeline_http_requests_total{endpoint=\"POST /v1/chat/completions\",status=\"200\"} 2",
-            "forgeline_http_requests_total{endpoint=\"POST /v1/chat/completions\",status=\"429\"} 1",
+            "forgeline_http_requests_total{method=\"POST\",route=\"/v1/chat/completions\",status=\"200\"} 2",
+            "forgeline_http_requests_total{method=\"POST\",route=\"/v1/chat/completions\",status=\"429\"} 1",
             "forgeline_running_sequences{model=\"tiny \\\"m\\\"\"} 3",
             "forgeline_kv_used_bytes{model=\"tiny \\\"m\\\"\"} 1024",
             "forgeline_prefix_cache_hit_ratio{model=\"tiny \\\"m\\\"\"} 0.5",
