@@ -209,3 +209,20 @@ fn ps_shows_what_a_running_server_has_loaded() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&url));
 }
+
+#[test]
+fn serve_takes_a_host_name_and_its_flags_from_the_environment() {
+    let server = ServeProcess::start(&["--host", "localhost"]);
+    assert!(server.addr.ip().is_loopback(), "{}", server.addr);
+    drop(server);
+    // FORGELINE_HOST is --host: a public address without a key is refused as with the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_forgeline"))
+        .args(["serve", "--port", "0", "--models-dir"])
+        .arg(models_dir())
+        .env("FORGELINE_HOST", "0.0.0.0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--api-key-file"), "{stderr}");
+}

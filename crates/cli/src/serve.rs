@@ -22,69 +22,90 @@ use crate::Env;
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Address to listen on; other than loopback only with --api-key-file (or --insecure-no-auth)
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, default_value = "127.0.0.1", env = "FORGELINE_HOST")]
     pub host: String,
     /// Port to listen on; 0 picks a free one (printed at start-up)
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = 8080, env = "FORGELINE_PORT")]
     pub port: u16,
     /// Model to serve (repeatable; the first is the default) [default: smollm2-135m-instruct]
-    #[arg(long = "model")]
+    #[arg(long = "model", env = "FORGELINE_MODEL", value_delimiter = ',')]
     pub models: Vec<String>,
     /// File holding the API key clients must send as `Authorization: Bearer <key>`
-    #[arg(long)]
+    #[arg(long, env = "FORGELINE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
     /// Serve without authentication on a non-loopback address
-    #[arg(long)]
+    #[arg(long, env = "FORGELINE_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
     /// Requests waiting for the engine beyond which new ones get 429
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "FORGELINE_MAX_WAITING")]
     pub max_waiting: usize,
     /// Seconds a generation may take from submission (0: no limit)
-    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=31_536_000), env = "FORGELINE_REQUEST_TIMEOUT")]
     pub request_timeout: u64,
     /// Largest request body, in bytes
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = 4 << 20, env = "FORGELINE_BODY_LIMIT")]
     pub body_limit: usize,
     /// Seconds running requests and jobs get to finish after SIGTERM or Ctrl-C
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=31_536_000), env = "FORGELINE_GRACE_PERIOD")]
     pub grace_period: u64,
     /// `max_tokens` of requests that give none (capped by the context left)
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, env = "FORGELINE_DEFAULT_MAX_TOKENS")]
     pub default_max_tokens: usize,
     /// Pipeline config for jobs (per-stage models, sampling, limits) [default: ./forgeline.toml if present]
-    #[arg(long)]
+    #[arg(long, env = "FORGELINE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory of stage templates (`<stage>.j2`) that replace the built-in ones
-    #[arg(long)]
+    #[arg(long, env = "FORGELINE_PROMPTS")]
     pub prompts: Option<PathBuf>,
     /// Pipeline jobs running at once; more get 429
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, env = "FORGELINE_MAX_JOBS")]
     pub max_jobs: usize,
     /// Jobs kept for `GET /v1/jobs/{id}` (the oldest finished go first)
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "FORGELINE_JOBS_KEPT")]
     pub jobs_kept: usize,
     /// Serve the OpenAI-compatible API only, without pipeline jobs
-    #[arg(long)]
+    #[arg(long, env = "FORGELINE_NO_JOBS")]
     pub no_jobs: bool,
     /// Connections served at once; further clients wait until one closes
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65_536), env = "FORGELINE_MAX_CONNECTIONS")]
     pub max_connections: u64,
     /// Seconds a client gets to send a request's headers (also how long an idle keep-alive connection stays open)
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400), env = "FORGELINE_HEADER_TIMEOUT")]
     pub header_timeout: u64,
     /// Seconds the server waits on a client that stopped sending its body (408) or reading its answer (closed)
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400), env = "FORGELINE_IDLE_TIMEOUT")]
     pub idle_timeout: u64,
     /// Origin (scheme://host[:port], or *) whose web pages may call the API (repeatable); other origins get 403
-    #[arg(long = "allowed-origin")]
+    #[arg(
+        long = "allowed-origin",
+        env = "FORGELINE_ALLOWED_ORIGIN",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Vec<String>,
 }
 
+/// `--host`: an IP address, or a name (`localhost`, one in /etc/hosts) as the system
+/// resolves it; `localhost` is 127.0.0.1.
+fn listen_address(host: &str) -> Result<IpAddr, String> {
+    if let Ok(ip) = host.parse() {
+        return Ok(ip);
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    }
+    use std::net::ToSocketAddrs;
+    (host, 0)
+        .to_socket_addrs()
+        .map_err(|e| {
+            format!("--host `{host}`: not an IP address, and the name does not resolve: {e}")
+        })?
+        .map(|a| a.ip())
+        .next()
+        .ok_or_else(|| format!("--host `{host}`: the name has no address"))
+}
+
 pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
-    let host: IpAddr = a
-        .host
-        .parse()
-        .map_err(|_| crate::usage(format!("--host `{}` is not an IP address", a.host)))?;
+    let host = listen_address(&a.host).map_err(crate::usage)?;
     let api_key = match &a.api_key_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -241,4 +262,21 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
         }
         eprintln!("forgeline serve: shutting down; running requests get their grace period");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_addresses_or_names() {
+        assert_eq!(
+            listen_address("localhost").unwrap().to_string(),
+            "127.0.0.1"
+        );
+        assert_eq!(listen_address("::1").unwrap().to_string(), "::1");
+        assert_eq!(listen_address("0.0.0.0").unwrap().to_string(), "0.0.0.0");
+        let e = listen_address("no-such-host.invalid").unwrap_err();
+        assert!(e.contains("no-such-host.invalid"), "{e}");
+    }
 }
