@@ -216,8 +216,17 @@ fn serve_takes_a_host_name_and_its_flags_from_the_environment() {
     assert!(server.addr.ip().is_loopback(), "{}", server.addr);
     drop(server);
     // FORGELINE_HOST is --host: a public address without a key is refused as with the flag.
-    let out = Command::new(env!("CARGO_BIN_EXE_forgeline"))
-        .args(["serve", "--port", "0", "--models-dir"])
+    // (Under `timeout`: were the variable not read, a loopback server would start and
+    // never end.)
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            env!("CARGO_BIN_EXE_forgeline"),
+            "serve",
+            "--port",
+            "0",
+        ])
+        .arg("--models-dir")
         .arg(models_dir())
         .env("FORGELINE_HOST", "0.0.0.0")
         .output()

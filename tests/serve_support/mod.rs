@@ -132,7 +132,12 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_forgeline"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_forgeline"));
+        // A test's server takes its settings from its flags alone.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("FORGELINE_")) {
+            cmd.env_remove(k);
+        }
+        let mut child = cmd
             .arg("serve")
             .args(["--port", "0", "--models-dir"])
             .arg(models_dir())

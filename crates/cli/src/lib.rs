@@ -201,8 +201,10 @@ pub(crate) fn usage(msg: impl Into<String>) -> anyhow::Error {
 
 /// Logs to stderr, filtered by `RUST_LOG` (warnings by default; a server also logs each
 /// request). A server's lines carry timestamps, as JSON lines always do; a command run by
-/// hand does without them.
-fn init_logging(json: bool, server: bool) {
+/// hand does without them. Lines are written by a thread of their own, so that a stderr
+/// nobody reads (a full pipe) drops log lines instead of stopping the server; the guard
+/// flushes them when it is dropped.
+fn init_logging(json: bool, server: bool) -> tracing_appender::non_blocking::WorkerGuard {
     let default = if server {
         "warn,forgeline_server::access=info"
     } else {
@@ -211,14 +213,16 @@ fn init_logging(json: bool, server: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let base = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match (json, server) {
         (true, _) => base.json().try_init(),
         (false, true) => base.with_ansi(ansi).try_init(),
         (false, false) => base.with_ansi(ansi).without_time().try_init(),
     };
+    guard
 }
 
 /// Shared state of a command: where models are, which device.
@@ -284,7 +288,7 @@ pub fn main() -> ExitCode {
         );
     }
     let cli = Cli::parse();
-    init_logging(
+    let _logs = init_logging(
         cli.log_format == "json",
         matches!(cli.command, Command::Serve(_)),
     );

@@ -22,35 +22,58 @@ pub struct PsArgs {
     pub json: bool,
 }
 
-/// `http://host:port` (the path, if any, is ignored) as an address to connect to.
-fn address(url: &str) -> Result<SocketAddr, String> {
+/// `http://host:port` (the path, if any, is ignored) as the addresses to try, in order
+/// (IPv4 first: `localhost` is tried at 127.0.0.1, where `serve` listens by default).
+fn addresses(url: &str) -> Result<Vec<SocketAddr>, String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("--url `{url}`: only http://HOST:PORT is supported"))?;
     let hostport = rest.split('/').next().unwrap_or(rest);
-    hostport
+    let mut all: Vec<SocketAddr> = hostport
         .to_socket_addrs()
         .map_err(|e| format!("--url `{url}`: {e}"))?
-        .next()
-        .ok_or_else(|| format!("--url `{url}`: the host has no address"))
+        .collect();
+    all.sort_by_key(|a| !a.is_ipv4());
+    if all.is_empty() {
+        return Err(format!("--url `{url}`: the host has no address"));
+    }
+    Ok(all)
 }
+
+/// How long `ps` waits for a server's answer.
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn mib(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 pub async fn run(a: PsArgs) -> anyhow::Result<ExitCode> {
-    let addr = address(&a.url).map_err(crate::usage)?;
-    let mut http = HttpClient::new(addr);
-    if let Some(path) = &a.api_key_file {
-        let key = std::fs::read_to_string(path)
-            .map_err(|e| crate::usage(format!("--api-key-file {}: {e}", path.display())))?;
-        http = http.with_api_key(key.trim());
+    let key = match &a.api_key_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| crate::usage(format!("--api-key-file {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let mut last_error = String::new();
+    let mut answer = None;
+    for addr in addresses(&a.url).map_err(crate::usage)? {
+        let mut http = HttpClient::new(addr);
+        if let Some(k) = &key {
+            http = http.with_api_key(k.trim());
+        }
+        match tokio::time::timeout(TIMEOUT, http.get("/v1/status")).await {
+            Ok(Ok(r)) => {
+                answer = Some(r);
+                break;
+            }
+            Ok(Err(e)) => last_error = e.to_string(),
+            Err(_) => last_error = format!("no answer within {} s", TIMEOUT.as_secs()),
+        }
     }
-    let r = http
-        .get("/v1/status")
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach a forgeline server at {}: {e}", a.url))?;
+    let r = answer.ok_or_else(|| {
+        anyhow::anyhow!("cannot reach a forgeline server at {}: {last_error}", a.url)
+    })?;
     if !r.status.is_success() {
         anyhow::bail!(
             "{} answered {}: {}",
@@ -101,13 +124,12 @@ mod tests {
 
     #[test]
     fn urls_are_http_host_and_port() {
-        assert_eq!(
-            address("http://127.0.0.1:8080/v1").unwrap(),
-            "127.0.0.1:8080".parse().unwrap()
-        );
-        assert!(address("https://127.0.0.1:8080")
+        let one: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(addresses("http://127.0.0.1:8080/v1").unwrap(), [one]);
+        assert_eq!(addresses("http://localhost:8080").unwrap()[0], one);
+        assert!(addresses("https://127.0.0.1:8080")
             .unwrap_err()
             .contains("http://"));
-        assert!(address("http://127.0.0.1").is_err());
+        assert!(addresses("http://127.0.0.1").is_err());
     }
 }

@@ -83,6 +83,16 @@ async fn submit(app: &AppState, req: ApiRequest) -> ApiResult<Vec<ResponseStream
             "the engine thread has stopped: no request can run; restart the server",
         ));
     }
+    if req.n > app.client.max_waiting() {
+        return Err(ApiError::field(
+            "n",
+            format!(
+                "`n` is {}, but this server queues at most {} sequences (--max-waiting)",
+                req.n,
+                app.client.max_waiting()
+            ),
+        ));
+    }
     let client = app.client.clone();
     let context = app
         .models

@@ -396,9 +396,22 @@ fn constraint(f: &Fields) -> ApiResult<Option<Constraint>> {
     if let Some(c) = response_format(f)? {
         found.push(("response_format", c));
     }
+    for name in ["guided_json", "guided_choice"] {
+        if f.get(name).is_some() {
+            return Err(ApiError::field(
+                name,
+                format!(
+                    "`{name}` is not supported: use `response_format` (json_schema) or `regex`"
+                ),
+            ));
+        }
+    }
     for (name, make) in [
         ("regex", Constraint::Regex as fn(String) -> Constraint),
         ("grammar", Constraint::Lark),
+        // vLLM's names for the same.
+        ("guided_regex", Constraint::Regex),
+        ("guided_grammar", Constraint::Lark),
     ] {
         if let Some(text) = f.str(name)? {
             if text.trim().is_empty() {
@@ -436,7 +449,7 @@ fn constraint(f: &Fields) -> ApiResult<Option<Constraint>> {
 const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
 
 fn what(field: &str) -> &'static str {
-    if field == "regex" {
+    if field.ends_with("regex") {
         "regular expression"
     } else {
         "Lark grammar"

@@ -430,6 +430,18 @@ fn a_regex_or_a_lark_grammar_constrains_the_output_and_only_one_constraint_is_ta
         assert_eq!(param.as_deref(), Some(field), "{extra}: {msg}");
         assert!(msg.contains(says), "{extra}: {msg}");
     }
+    // vLLM's names are the same fields; its other guided_* are refused, not ignored.
+    let r = chat(with(json!({"guided_regex": "[a-z]+"}))).unwrap();
+    assert_eq!(
+        r.generate.constraint,
+        Some(Constraint::Regex("[a-z]+".into()))
+    );
+    let r = chat(with(json!({"guided_grammar": lark}))).unwrap();
+    assert_eq!(r.generate.constraint, Some(Constraint::Lark(lark.into())));
+    for name in ["guided_json", "guided_choice"] {
+        let (param, msg) = refused(chat(with(json!({name: ["a"]}))));
+        assert_eq!(param.as_deref(), Some(name), "{msg}");
+    }
     // A text response_format is no constraint, so it goes with a regex.
     let r = chat(with(
         json!({"response_format": {"type": "text"}, "regex": "a+"}),

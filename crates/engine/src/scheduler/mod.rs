@@ -249,6 +249,8 @@ impl LlmClient {
         let received = Arc::new(AtomicUsize::new(0));
         let waiting = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Mutex::new(Stats::default()));
+        // The models and their KV budgets are known before the first request.
+        publish(&schedulers, &stats);
         let thread = {
             let (received, waiting, stats) = (received.clone(), waiting.clone(), stats.clone());
             std::thread::Builder::new()
@@ -269,6 +271,11 @@ impl LlmClient {
                 thread: Mutex::new(Some(thread)),
             }),
         })
+    }
+
+    /// Requests that may wait for admission before more are refused (`Overloaded`).
+    pub fn max_waiting(&self) -> usize {
+        self.shared.max_waiting
     }
 
     pub fn model_names(&self) -> Vec<String> {
@@ -400,8 +407,6 @@ fn engine_loop(
     waiting: &AtomicUsize,
     stats: &Mutex<Stats>,
 ) {
-    // The models and their KV budgets are known before the first request.
-    publish(&schedulers, stats);
     let mut open = true;
     loop {
         let idle = schedulers.iter().all(|s| s.is_idle());
