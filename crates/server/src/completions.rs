@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use forgeline_engine::scheduler::{Event, ResponseStream, Usage};
+use forgeline_engine::scheduler::{Event, GenerateRequest, ResponseStream, Usage};
 use futures_util::{Stream, StreamExt};
 
 use crate::app::AppState;
@@ -115,18 +115,26 @@ async fn submit(app: &AppState, req: ApiRequest) -> ApiResult<Vec<ResponseStream
                 default_max.min(context.saturating_sub(prompt)).max(1)
             }
         };
-        let seed = g.sampling.seed;
-        (0..req.n)
-            .map(|i| {
-                let mut choice = g.clone();
-                choice.sampling.seed = seed.wrapping_add(i as u64);
-                client.generate(choice)
-            })
+        choices(&g, req.n)
+            .into_iter()
+            .map(|choice| client.generate(choice))
             .collect::<forgeline_engine::Result<Vec<_>>>()
     })
     .await
     .map_err(|e| ApiError::internal(format!("request task failed: {e}")))?
     .map_err(|e| ApiError::from_engine(&e, prompt_param))
+}
+
+/// The engine requests of `n` choices: the request as given, choice `i` seeded with its
+/// seed plus `i` (so that each equals a lone request with that seed).
+fn choices(g: &GenerateRequest, n: usize) -> Vec<GenerateRequest> {
+    (0..n)
+        .map(|i| {
+            let mut choice = g.clone();
+            choice.sampling.seed = g.sampling.seed.wrapping_add(i as u64);
+            choice
+        })
+        .collect()
 }
 
 /// One stream of every choice's events, each tagged with its choice's index.
@@ -243,5 +251,25 @@ impl SseState {
     fn fail(&mut self, e: &ApiError) {
         self.push(e.body());
         self.ended = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forgeline_engine::scheduler::Prompt;
+
+    #[test]
+    fn each_choice_is_the_request_with_the_next_seed() {
+        let mut g = GenerateRequest::new(Prompt::Text("hi".into()), 4);
+        g.sampling.seed = u64::MAX - 1;
+        g.sampling.temperature = 0.7;
+        let c = choices(&g, 3);
+        let seeds: Vec<u64> = c.iter().map(|c| c.sampling.seed).collect();
+        assert_eq!(seeds, [u64::MAX - 1, u64::MAX, 0]);
+        assert!(c
+            .iter()
+            .all(|c| c.sampling.temperature == 0.7 && c.max_tokens == 4));
+        assert_eq!(choices(&g, 1).len(), 1);
     }
 }
