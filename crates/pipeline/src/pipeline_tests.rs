@@ -308,6 +308,24 @@ const CSV_INPUT: &str = r#"{"args": ["data.csv"], "stdin": "", "files": [{"name"
 const CSV_CRASHING: &str = "import csv\nimport sys\n\n\ndef dedupe(path):\n    seen = set()\n    writer = csv.writer(None)\n    with open(path) as f:\n        for row in csv.reader(f):\n            if tuple(row) not in seen:\n                seen.add(tuple(row))\n                writer.writerow(row)\n    print(undefined_name)\n\n\nif __name__ == \"__main__\":\n    dedupe(sys.argv[1])\n```";
 const CSV_WORKING: &str = "import csv\nimport sys\n\n\ndef dedupe(path):\n    seen = set()\n    writer = csv.writer(sys.stdout)\n    with open(path, newline=\"\") as f:\n        for row in csv.reader(f):\n            if tuple(row) not in seen:\n                seen.add(tuple(row))\n                writer.writerow(row)\n\n\nif __name__ == \"__main__\":\n    dedupe(sys.argv[1])\n```";
 
+/// The check of that name in a verdict; the test fails if it did not run.
+fn check_named(v: &crate::verdict::Verdict, name: CheckName) -> &crate::verdict::CheckResult {
+    v.checks
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no {name} check in {v:#?}"))
+}
+
+/// The report states `status`, and never says the result passed.
+fn assert_reported(out: &JobOutcome, status: &str) {
+    assert!(
+        out.rendered.contains(&format!("**Status:** {status}")),
+        "{}",
+        out.rendered
+    );
+    assert!(!out.rendered.contains("passed the"), "{}", out.rendered);
+}
+
 async fn run_csv(model: &ScriptedModel) -> JobOutcome {
     let bed = TestBed::with_config(model.clone(), config(1)).await;
     bed.pipeline
@@ -331,12 +349,7 @@ async fn a_script_that_crashes_on_its_smoke_run_fails_whatever_the_reviewer_says
     let r = &out.result;
     assert_eq!(r.verdict.status, VerdictStatus::Failed, "{:#?}", r.verdict);
     assert!(!r.passed);
-    let smoke = r
-        .verdict
-        .checks
-        .iter()
-        .find(|c| c.name == CheckName::SmokeRun)
-        .expect("the script was smoke-run");
+    let smoke = check_named(&r.verdict, CheckName::SmokeRun);
     assert!(!smoke.passed && smoke.hard, "{smoke:?}");
     assert!(
         smoke.detail.contains("python solution.py data.csv"),
@@ -362,11 +375,7 @@ async fn a_script_that_crashes_on_its_smoke_run_fails_whatever_the_reviewer_says
         .checks
         .iter()
         .any(|c| c.name == CheckName::Reviewer));
-    assert!(
-        out.rendered.contains("**Status:** failed"),
-        "{}",
-        out.rendered
-    );
+    assert_reported(&out, "failed");
     // Each piece of evidence on a line of its own.
     for item in [
         "- ✓ import (execution): ok (proves the module loads",
@@ -378,7 +387,6 @@ async fn a_script_that_crashes_on_its_smoke_run_fails_whatever_the_reviewer_says
             out.rendered
         );
     }
-    assert!(!out.rendered.contains("passed the"), "{}", out.rendered);
 }
 
 #[tokio::test]
@@ -402,21 +410,11 @@ async fn a_script_that_runs_but_has_no_trusted_check_is_unverified() {
     );
     assert!(!r.passed);
     assert!(r.module().unwrap().contains("csv.writer(sys.stdout)"));
-    let smoke = r
-        .verdict
-        .checks
-        .iter()
-        .find(|c| c.name == CheckName::SmokeRun)
-        .unwrap();
+    let smoke = check_named(&r.verdict, CheckName::SmokeRun);
     assert!(smoke.passed, "{smoke:?}");
     // The run decided, so no reviewer was asked: it could only have changed a score.
     assert!(!model.calls().iter().any(|(s, _)| s == "final_validator"));
-    assert!(
-        out.rendered.contains("**Status:** unverified"),
-        "{}",
-        out.rendered
-    );
-    assert!(!out.rendered.contains("passed the"));
+    assert_reported(&out, "unverified");
 }
 
 #[tokio::test]
@@ -502,24 +500,14 @@ async fn candidates_that_agree_make_a_result_consistent_never_verified() {
     assert!(!r.passed);
     let module = r.module().unwrap();
     assert!(!module.contains("a - b"), "{module}");
-    let agreement = r
-        .verdict
-        .checks
-        .iter()
-        .find(|c| c.name == CheckName::Agreement)
-        .unwrap();
+    let agreement = check_named(&r.verdict, CheckName::Agreement);
     assert!(
         agreement.passed && agreement.detail.contains("2 of 3"),
         "{agreement:?}"
     );
     // Execution chose among the candidates: no reviewer was asked about each.
     assert!(!model.calls().iter().any(|(s, _)| s == "validator"));
-    assert!(
-        out.rendered.contains("**Status:** consistent"),
-        "{}",
-        out.rendered
-    );
-    assert!(!out.rendered.contains("passed the"));
+    assert_reported(&out, "consistent");
 }
 
 #[tokio::test]
@@ -533,11 +521,7 @@ async fn candidates_that_all_disagree_leave_a_result_unverified() {
         "{:#?}",
         r.verdict
     );
-    assert!(
-        out.rendered.contains("**Status:** unverified"),
-        "{}",
-        out.rendered
-    );
+    assert_reported(&out, "unverified");
 }
 
 #[tokio::test]
