@@ -1,18 +1,26 @@
 //! `GET /metrics`: counters the server keeps (requests by endpoint and status, pipeline stage
-//! latencies and results), and the engine's `Stats` at the time of the scrape, in Prometheus'
-//! text format.
+//! latencies and results), histograms of finished completions (time to first token, latency,
+//! queue time, tokens), and the engine's `Stats` at the time of the scrape (with the gauges
+//! llm-d's inference gateway reads, under vLLM's names), in Prometheus' text format.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use forgeline_engine::scheduler::{Stats, BATCH_BUCKETS};
+use forgeline_engine::scheduler::{Stats, Usage, BATCH_BUCKETS};
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
-/// What the server counts. Shared by `Arc`; jobs record their stages into it.
+/// What the server counts. Shared by `Arc`; jobs record their stages into it, completions
+/// their timings (`record_completion`).
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// (method, route, status) -> requests.
@@ -20,6 +28,119 @@ pub struct Metrics {
     stages: Mutex<BTreeMap<String, StageCounts>>,
     jobs: Mutex<BTreeMap<&'static str, u64>>,
     verdicts: Mutex<BTreeMap<&'static str, u64>>,
+    completions: Completions,
+}
+
+/// Seconds, vLLM's buckets for time to first token; queue time (never longer) uses them too.
+pub const TTFT_BUCKETS: [f64; 22] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+
+/// Seconds, vLLM's buckets for a request's end-to-end latency.
+pub const LATENCY_BUCKETS: [f64; 21] = [
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
+
+/// Tokens per request: 1, 2, 5, 10, ... 100 000 (vLLM's 1-2-5 series).
+pub const TOKEN_BUCKETS: [f64; 16] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+/// vLLM's label for the model on its `vllm:` series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelNameLabel {
+    model_name: String,
+}
+
+type Histograms = Family<ModelLabel, Histogram, fn() -> Histogram>;
+
+/// The histograms of finished completions (one observation per choice), in a
+/// `prometheus-client` registry that encodes them.
+#[derive(Debug)]
+struct Completions {
+    registry: Registry,
+    ttft: Histograms,
+    e2e: Histograms,
+    queue: Histograms,
+    prompt_tokens: Histograms,
+    completion_tokens: Histograms,
+}
+
+impl Default for Completions {
+    fn default() -> Self {
+        let ttft: Histograms = Family::new_with_constructor(|| Histogram::new(TTFT_BUCKETS));
+        let e2e: Histograms = Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        let queue: Histograms = Family::new_with_constructor(|| Histogram::new(TTFT_BUCKETS));
+        let prompt_tokens: Histograms =
+            Family::new_with_constructor(|| Histogram::new(TOKEN_BUCKETS));
+        let completion_tokens: Histograms =
+            Family::new_with_constructor(|| Histogram::new(TOKEN_BUCKETS));
+        let mut registry = Registry::default();
+        registry.register(
+            "forgeline_request_time_to_first_token_seconds",
+            "Completion choices: seconds from submission to the first generated token",
+            ttft.clone(),
+        );
+        registry.register(
+            "forgeline_request_e2e_latency_seconds",
+            "Completion choices: seconds from the request's arrival to the choice's end",
+            e2e.clone(),
+        );
+        registry.register(
+            "forgeline_request_queue_time_seconds",
+            "Completion choices: seconds waiting for admission to the running batch",
+            queue.clone(),
+        );
+        registry.register(
+            "forgeline_request_prompt_tokens",
+            "Completion choices: prompt tokens",
+            prompt_tokens.clone(),
+        );
+        registry.register(
+            "forgeline_request_completion_tokens",
+            "Completion choices: generated tokens",
+            completion_tokens.clone(),
+        );
+        Self {
+            registry,
+            ttft,
+            e2e,
+            queue,
+            prompt_tokens,
+            completion_tokens,
+        }
+    }
+}
+
+/// One request's clock, started on its arrival: each of its choices records its completion
+/// (`finished`) under the request's model.
+pub struct RequestTimer {
+    metrics: Arc<Metrics>,
+    model: String,
+    started: Instant,
+}
+
+impl RequestTimer {
+    pub fn new(metrics: Arc<Metrics>, model: &str, started: Instant) -> Self {
+        Self {
+            metrics,
+            model: model.to_string(),
+            started,
+        }
+    }
+
+    /// A choice finished with `usage`, now.
+    pub fn finished(&self, usage: &Usage) {
+        self.metrics
+            .record_completion(&self.model, usage, self.started.elapsed());
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -83,6 +204,31 @@ impl Metrics {
         }
     }
 
+    /// A completion choice of `model` finished: its engine timings and token counts, and
+    /// `e2e`, the time since its request arrived.
+    pub fn record_completion(&self, model: &str, usage: &Usage, e2e: Duration) {
+        let c = &self.completions;
+        let l = ModelLabel {
+            model: model.to_string(),
+        };
+        // Zero when no token was generated: there was no first token to time.
+        if !usage.time_to_first_token.is_zero() {
+            c.ttft
+                .get_or_create(&l)
+                .observe(usage.time_to_first_token.as_secs_f64());
+        }
+        c.e2e.get_or_create(&l).observe(e2e.as_secs_f64());
+        c.queue
+            .get_or_create(&l)
+            .observe(usage.queue_time.as_secs_f64());
+        c.prompt_tokens
+            .get_or_create(&l)
+            .observe(usage.prompt_tokens as f64);
+        c.completion_tokens
+            .get_or_create(&l)
+            .observe(usage.completion_tokens as f64);
+    }
+
     /// Everything, with the engine's `stats` and `jobs_active` running jobs.
     pub fn render(&self, stats: &Stats, jobs_active: usize) -> String {
         let mut out = Text::default();
@@ -106,6 +252,9 @@ impl Metrics {
         }
         self.render_engine(&mut out, stats);
         self.render_pipeline(&mut out, jobs_active);
+        // Writing to a String cannot fail.
+        let _ = prometheus_text::encode(&mut out.0, &self.completions.registry);
+        let _ = prometheus_text::encode(&mut out.0, &gateway_gauges(stats));
         out.0
     }
 
@@ -282,6 +431,50 @@ impl Metrics {
     }
 }
 
+/// The gauges llm-d's inference gateway (and other vLLM-aware routers) read, under vLLM's
+/// names and its `model_name` label: requests waiting and running, and the share of the KV
+/// cache in use, 0 to 1 (prefix cache included), under its old name and its new one.
+fn gateway_gauges(stats: &Stats) -> Registry {
+    let waiting = Family::<ModelNameLabel, Gauge>::default();
+    let running = Family::<ModelNameLabel, Gauge>::default();
+    let kv = Family::<ModelNameLabel, Gauge<f64, AtomicU64>>::default();
+    for m in &stats.models {
+        let l = ModelNameLabel {
+            model_name: m.model.clone(),
+        };
+        waiting.get_or_create(&l).set(m.waiting as i64);
+        running.get_or_create(&l).set(m.running as i64);
+        let usage = if m.kv_budget_bytes == 0 {
+            0.0
+        } else {
+            (m.kv_used_bytes as f64 / m.kv_budget_bytes as f64).clamp(0.0, 1.0)
+        };
+        kv.get_or_create(&l).set(usage);
+    }
+    let mut r = Registry::default();
+    r.register(
+        "vllm:num_requests_waiting",
+        "Requests waiting for admission (forgeline_queue_depth, under vLLM's name)",
+        waiting,
+    );
+    r.register(
+        "vllm:num_requests_running",
+        "Sequences in the running batch (forgeline_running_sequences, under vLLM's name)",
+        running,
+    );
+    r.register(
+        "vllm:gpu_cache_usage_perc",
+        "KV cache usage, 0 to 1 (forgeline_kv_used_bytes over forgeline_kv_budget_bytes)",
+        kv.clone(),
+    );
+    r.register(
+        "vllm:kv_cache_usage_perc",
+        "KV cache usage, 0 to 1 (vllm:gpu_cache_usage_perc under vLLM's newer name)",
+        kv,
+    );
+    r
+}
+
 /// Prometheus' text exposition format.
 #[derive(Default)]
 struct Text(String);
@@ -405,5 +598,111 @@ mod tests {
         }
         // A stage without verdicts has no pass ratio.
         assert!(!text.contains("forgeline_stage_pass_ratio{stage=\"collector\"}"));
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn completions_fill_histograms_and_the_gateway_reads_vllm_gauges() {
+        let m = Metrics::default();
+        let usage = |ttft_ms, queue_ms, prompt, completion| Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            queue_time: Duration::from_millis(queue_ms),
+            time_to_first_token: Duration::from_millis(ttft_ms),
+            ..Usage::default()
+        };
+        m.record_completion("tiny", &usage(30, 3, 12, 7), Duration::from_millis(400));
+        m.record_completion("tiny", &usage(700, 200, 12, 300), Duration::from_secs(4));
+        // No token generated: timed end to end, but no first token.
+        m.record_completion("other", &usage(0, 1, 5, 0), Duration::from_millis(2));
+        let mut model = ModelSchedulerStats::new("tiny", 4096);
+        model.waiting = 3;
+        model.running = 2;
+        model.kv_used_bytes = 1024;
+        let mut empty = ModelSchedulerStats::new("other", 0);
+        empty.kv_used_bytes = 7;
+        let stats = Stats {
+            waiting: 3,
+            running: 2,
+            models: vec![model, empty],
+        };
+        let text = m.render(&stats, 0);
+        let ttft = "forgeline_request_time_to_first_token_seconds";
+        let e2e = "forgeline_request_e2e_latency_seconds";
+        let queue = "forgeline_request_queue_time_seconds";
+        let tokens = "forgeline_request_completion_tokens";
+        for (series, want) in [
+            (format!("{ttft}_bucket{{model=\"tiny\",le=\"0.02\"}}"), 0.0),
+            (format!("{ttft}_bucket{{model=\"tiny\",le=\"0.04\"}}"), 1.0),
+            (format!("{ttft}_bucket{{model=\"tiny\",le=\"0.75\"}}"), 2.0),
+            (format!("{ttft}_bucket{{model=\"tiny\",le=\"+Inf\"}}"), 2.0),
+            (format!("{ttft}_count{{model=\"tiny\"}}"), 2.0),
+            (format!("{e2e}_bucket{{model=\"tiny\",le=\"0.3\"}}"), 0.0),
+            (format!("{e2e}_bucket{{model=\"tiny\",le=\"0.5\"}}"), 1.0),
+            (format!("{e2e}_bucket{{model=\"tiny\",le=\"5\"}}"), 2.0),
+            (format!("{e2e}_count{{model=\"tiny\"}}"), 2.0),
+            (format!("{e2e}_sum{{model=\"tiny\"}}"), 4.4),
+            (format!("{e2e}_count{{model=\"other\"}}"), 1.0),
+            (
+                format!("{queue}_bucket{{model=\"tiny\",le=\"0.005\"}}"),
+                1.0,
+            ),
+            (format!("{queue}_count{{model=\"other\"}}"), 1.0),
+            (format!("{tokens}_bucket{{model=\"tiny\",le=\"10\"}}"), 1.0),
+            (format!("{tokens}_bucket{{model=\"tiny\",le=\"500\"}}"), 2.0),
+            (format!("{tokens}_sum{{model=\"tiny\"}}"), 307.0),
+            (
+                "forgeline_request_prompt_tokens_sum{model=\"tiny\"}".into(),
+                24.0,
+            ),
+            ("vllm:num_requests_waiting{model_name=\"tiny\"}".into(), 3.0),
+            ("vllm:num_requests_running{model_name=\"tiny\"}".into(), 2.0),
+            (
+                "vllm:gpu_cache_usage_perc{model_name=\"tiny\"}".into(),
+                0.25,
+            ),
+            ("vllm:kv_cache_usage_perc{model_name=\"tiny\"}".into(), 0.25),
+            // No budget: no usage to speak of, and no division by zero.
+            (
+                "vllm:gpu_cache_usage_perc{model_name=\"other\"}".into(),
+                0.0,
+            ),
+        ] {
+            let got = value(&text, &series);
+            assert!(
+                got.is_some_and(|v| (v - want).abs() < 1e-9),
+                "`{series}` is {got:?}, not {want}, in\n{text}"
+            );
+        }
+        for line in [
+            format!("# TYPE {ttft} histogram"),
+            format!("# TYPE {tokens} histogram"),
+            "# TYPE vllm:gpu_cache_usage_perc gauge".into(),
+            "# TYPE vllm:num_requests_waiting gauge".into(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
+        }
+        // A choice without a first token has none timed.
+        assert_eq!(
+            value(&text, &format!("{ttft}_count{{model=\"other\"}}")),
+            None
+        );
+        // The hand-written series are still there, once each.
+        assert_eq!(
+            text.matches("# TYPE forgeline_queue_depth gauge").count(),
+            1
+        );
+        assert_eq!(
+            value(&text, "forgeline_queue_depth{model=\"tiny\"}"),
+            Some(3.0)
+        );
     }
 }
