@@ -139,6 +139,47 @@ async fn completions_whole_and_streamed_with_usage() {
             > 0.0
     );
     assert!(m.contains("forgeline_kv_used_bytes{model=\"smollm2-135m-instruct\"}"));
+    // The three answers above (whole, streamed, legacy) in the completion histograms.
+    let model = "model=\"smollm2-135m-instruct\"";
+    let e2e = "forgeline_request_e2e_latency_seconds";
+    assert_eq!(
+        metric(&m, &format!("{e2e}_count{{{model}}}")),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, &format!("{e2e}_bucket{{{model},le=\"+Inf\"}}")),
+        Some(3.0),
+        "{m}"
+    );
+    assert!(metric(&m, &format!("{e2e}_sum{{{model}}}")).unwrap() > 0.0);
+    let ttft = "forgeline_request_time_to_first_token_seconds";
+    assert!(
+        metric(&m, &format!("{ttft}_count{{{model}}}")).unwrap() >= 1.0,
+        "{m}"
+    );
+    let queue = "forgeline_request_queue_time_seconds";
+    assert_eq!(metric(&m, &format!("{queue}_count{{{model}}}")), Some(3.0));
+    let prompt = "forgeline_request_prompt_tokens";
+    assert_eq!(metric(&m, &format!("{prompt}_count{{{model}}}")), Some(3.0));
+    // Both chat answers generated `completion_tokens` each; the legacy one some more.
+    let completion = "forgeline_request_completion_tokens";
+    assert!(
+        metric(&m, &format!("{completion}_sum{{{model}}}")).unwrap()
+            >= 2.0 * completion_tokens as f64,
+        "{m}"
+    );
+    // The gauges llm-d's gateway reads, under vLLM's names.
+    let model_name = "model_name=\"smollm2-135m-instruct\"";
+    assert!(metric(&m, &format!("vllm:num_requests_waiting{{{model_name}}}")).is_some());
+    // KV usage is the share of the budget in use, from the same snapshot as the bytes.
+    let used = metric(&m, &format!("forgeline_kv_used_bytes{{{model}}}")).unwrap();
+    let budget = metric(&m, &format!("forgeline_kv_budget_bytes{{{model}}}")).unwrap();
+    for name in ["vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"] {
+        let usage = metric(&m, &format!("{name}{{{model_name}}}")).unwrap();
+        assert!((0.0..=1.0).contains(&usage), "{name} {usage}");
+        assert!((usage - used / budget).abs() < 1e-9, "{name} {usage}: {m}");
+    }
     server.stop().await;
 }
 

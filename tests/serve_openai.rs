@@ -69,10 +69,60 @@ fn the_official_openai_client_works_against_the_server() {
         "json_schema",
         "n choices",
         "grammar",
+        "chat logprobs",
+        "chat stream logprobs",
+        "completions logprobs",
+        "tool call",
+        "tool call stream",
+        "tool round trip",
+        "tool round trip stream",
+        "named tool_choice",
+        "unknown tool_choice is 400",
+        "suffix without FIM tokens is 400",
         "wrong key is 401",
     ] {
         assert!(stdout.contains(&format!("ok {check}\n")), "{stdout}");
     }
+    let (code, rest) = server.terminate();
+    assert_eq!(code, Some(0), "{rest}");
+}
+
+/// Fill in the middle over HTTP, with the official client, on a tiny random-weight model
+/// whose vocabulary has Qwen2.5-Coder's FIM tokens (its tokenizer has no merges: one token a
+/// byte, so the prompt's length is known exactly).
+#[test]
+fn fill_in_the_middle_runs_on_a_model_with_fim_tokens() {
+    ensure_openai();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-fim.gguf");
+    let shape = forgeline_engine::synthetic::preset("tiny").unwrap();
+    forgeline_engine::synthetic::write_gguf(&shape, "Q8_0", 7, &model).unwrap();
+    let server = ServeProcess::start(&["--model", model.to_str().unwrap()]);
+    let script = r#"
+import sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key="none", max_retries=0)
+prefix, suffix = "def add(a, b):\n    ", "\n    return total\n"
+r = c.completions.create(model="tiny-fim", prompt=prefix, suffix=suffix, max_tokens=5,
+                         temperature=0, extra_body={"ignore_eos": True})
+assert r.usage.prompt_tokens == len(prefix) + len(suffix) + 3, r.usage
+assert r.usage.completion_tokens == 5 and isinstance(r.choices[0].text, str), r
+s = "".join(p.choices[0].text for p in c.completions.create(
+    model="tiny-fim", prompt=prefix, suffix=suffix, max_tokens=5, temperature=0, stream=True,
+    extra_body={"ignore_eos": True}) if p.choices)
+assert s == r.choices[0].text, (s, r.choices[0].text)
+print("ok fim")
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(format!("http://{}/v1", server.addr))
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ok fim"),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (code, rest) = server.terminate();
     assert_eq!(code, Some(0), "{rest}");
 }

@@ -11,8 +11,16 @@ use crate::Env;
 #[derive(Args, Debug)]
 pub struct BenchEngineArgs {
     /// Model name, path, or Hugging Face repo id [default: smollm2-135m-instruct]
-    #[arg(long)]
+    #[arg(long, conflicts_with = "synthetic")]
     pub model: Option<String>,
+    /// Measure a random-weight model of this real shape instead, written to a temporary
+    /// directory: smollm2-135m, qwen2.5-coder-0.5b, -1.5b, -3b, -7b
+    #[arg(long)]
+    pub synthetic: Option<String>,
+    /// The synthetic model's quantization (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, Q4_K_M,
+    /// Q5_K_M, F16, F32)
+    #[arg(long, default_value = "Q4_K_M", requires = "synthetic")]
+    pub quant: String,
     /// Tokens of the prompt-processing run
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
@@ -45,7 +53,34 @@ pub fn run(a: BenchEngineArgs, env: &Env) -> anyhow::Result<ExitCode> {
             "batch sizes, --prompt-tokens and --decode-tokens must be positive",
         ));
     }
-    let m = env.load_model(a.model.as_deref())?;
+    // The synthetic model's directory lives until the bench ends.
+    let mut _synthetic_dir = None;
+    let model = match &a.synthetic {
+        None => a.model.clone(),
+        Some(name) => {
+            let shape = forgeline_engine::synthetic::preset(name).ok_or_else(|| {
+                crate::usage(format!(
+                    "unknown --synthetic shape `{name}` (one of: {})",
+                    forgeline_engine::synthetic::PRESETS.join(", ")
+                ))
+            })?;
+            if forgeline_engine::synthetic::quant(&a.quant).is_none() {
+                return Err(crate::usage(format!(
+                    "unknown --quant `{}` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, Q4_K_M, Q5_K_M, F16, F32)",
+                    a.quant
+                )));
+            }
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join(format!("{name}-{}.gguf", a.quant));
+            if crate::stderr_is_terminal() {
+                eprintln!("bench: writing a random-weight {name} in {} ...", a.quant);
+            }
+            forgeline_engine::synthetic::write_gguf(&shape, &a.quant, 0x5eed, &path)?;
+            _synthetic_dir = Some(dir);
+            Some(path.display().to_string())
+        }
+    };
+    let m = env.load_model(model.as_deref())?;
     let cfg = EngineBenchConfig {
         prompt_tokens: a.prompt_tokens,
         decode_tokens: a.decode_tokens,

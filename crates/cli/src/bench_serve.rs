@@ -27,6 +27,10 @@ pub struct BenchServeArgs {
     /// Passes of each kind (HTTP and in-process), alternating which goes first
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// Also compare one request for N choices (`n`) with N separate requests sent at once,
+    /// on one long prompt (0: skip)
+    #[arg(long, default_value_t = 0)]
+    pub choices: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -52,6 +56,7 @@ pub fn run_bench(a: BenchServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         requests: a.requests,
         max_tokens: a.max_tokens,
         rounds: a.rounds,
+        choices: a.choices,
     };
     if crate::stderr_is_terminal() {
         eprintln!(
@@ -94,5 +99,18 @@ pub fn run_bench(a: BenchServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         r.http_overhead * 100.0,
         rounds.join(", ")
     );
+    if let Some(c) = &r.choices {
+        println!(
+            "n={} on a {}-token prompt: one request {:.2} s ({:.0} prompt tokens computed), {} separate requests {:.2} s ({:.0}): {:.2}x",
+            c.choices,
+            c.prompt_tokens,
+            c.shared.wall_s,
+            c.shared.prefilled_tokens_per_pass,
+            c.choices,
+            c.separate.wall_s,
+            c.separate.prefilled_tokens_per_pass,
+            c.speedup
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

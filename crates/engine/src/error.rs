@@ -124,6 +124,10 @@ pub enum Validation {
     DryAllowedLength(usize),
     #[error("`dry_penalty_last_n` must be -1 (all), 0 (off) or a count of tokens")]
     DryPenaltyLastN(i64),
+    #[error("model `{model}` has no fill-in-the-middle tokens (<|fim_prefix|>, <fim_prefix>, ...): `suffix` needs a code model trained for infilling")]
+    NoInfill { model: String },
+    #[error("`top_logprobs` must be at most {max}, not {0}", max = crate::scheduler::MAX_TOP_LOGPROBS)]
+    TopLogprobs(usize),
     #[error("unknown model `{name}` (loaded: {})", loaded.join(", "))]
     UnknownModel { name: String, loaded: Vec<String> },
     /// A constraint that does not compile; `kind` is `JSON schema`, `JSON`, `regex` or
@@ -144,6 +148,8 @@ impl Validation {
             V::EmptyPrompt | V::PromptTooLong { .. } | V::PromptToken { .. } => "prompt",
             V::MaxTokensZero | V::MaxTokens { .. } => "max_tokens",
             V::Deadline => "deadline",
+            V::TopLogprobs(_) => "top_logprobs",
+            V::NoInfill { .. } => "suffix",
             V::Temperature(_) => "temperature",
             V::TopP(_) => "top_p",
             V::MinP(_) => "min_p",
@@ -233,6 +239,9 @@ pub enum ConfigError {
     DuplicateModel(String),
     #[error("the benchmark needs {needed} positions, the model's context holds {context}")]
     BenchContext { needed: usize, context: usize },
+    /// A synthetic model that cannot be made (see `synthetic`).
+    #[error("{0}")]
+    Synthetic(String),
 }
 
 /// Our own failures: a bug or a broken engine, never the caller's request.

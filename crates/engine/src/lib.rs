@@ -21,6 +21,7 @@
 //!   from the forward pass (`ModelRunner`).
 //! - `simd`: vector helpers for the CPU kernels and the sampler (AVX2, else plain loops).
 //! - `stop`: stop reasons and stop strings.
+//! - `synthetic`: random-weight GGUF models of real shapes (benchmarks, tests).
 
 #[cfg(feature = "bench")]
 pub mod bench;
@@ -37,6 +38,7 @@ pub mod sampling;
 pub mod scheduler;
 mod simd;
 pub mod stop;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -180,6 +180,13 @@ impl Sampler {
     /// Picks the next token from `logits`; `history` is the prompt and output so far (for the
     /// repetition penalty). `logits` is modified in place.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.penalize(logits, history);
+        self.draw(logits)
+    }
+
+    /// The repetition penalty on `logits`, given the prompt and output so far: the first
+    /// half of `sample`.
+    pub fn penalize(&self, logits: &mut [f32], history: &[u32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = std::collections::HashSet::with_capacity(history.len());
@@ -195,6 +202,52 @@ impl Sampler {
                 }
             }
         }
+    }
+
+    /// The log-probabilities of the distribution `draw` samples from (`logits` after every
+    /// penalty, scaled by the temperature; greedy counts as temperature 1), before top-k,
+    /// top-p and min-p cut it, as vLLM reports them: the chosen token's and the `top` most
+    /// likely. Tokens a constraint forbids (-inf) have none.
+    pub fn logprobs(&self, logits: &[f32], chosen: u32, top: usize) -> Logprobs {
+        let t = self.params.temperature;
+        let inv_t = if t > 0.0 { 1.0 / t } else { 1.0 };
+        let max = crate::simd::max(logits);
+        let lse = if max.is_finite() {
+            let sum: f64 = logits
+                .iter()
+                .filter(|l| l.is_finite())
+                .map(|&l| f64::from((l - max) * inv_t).exp())
+                .sum();
+            (max * inv_t) as f64 + sum.ln()
+        } else {
+            0.0
+        };
+        let lp = |l: f32| ((l * inv_t) as f64 - lse) as f32;
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+        if top > 0 {
+            for (i, &l) in logits.iter().enumerate() {
+                if !l.is_finite() || (best.len() == top && l <= best[top - 1].1) {
+                    continue;
+                }
+                let at = best.partition_point(|&(_, b)| b >= l);
+                best.insert(at, (i as u32, l));
+                best.truncate(top);
+            }
+        }
+        let chosen_lp = logits
+            .get(chosen as usize)
+            .map_or(f32::NEG_INFINITY, |&l| lp(l));
+        Logprobs {
+            token: chosen,
+            logprob: chosen_lp,
+            top: best.into_iter().map(|(i, l)| (i, lp(l))).collect(),
+        }
+    }
+
+    /// Picks the next token from `logits` already penalized (the second half of `sample`).
+    /// `logits` is modified in place.
+    pub fn draw(&mut self, logits: &mut [f32]) -> u32 {
+        let p = &self.params;
         if p.temperature == 0.0 {
             return argmax(logits);
         }
@@ -278,6 +331,15 @@ impl Sampler {
     }
 }
 
+/// One sampled token's log-probability, and the most likely tokens' at that step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
 pub fn argmax(xs: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in xs.iter().enumerate() {
@@ -303,6 +365,36 @@ mod tests {
             ..SamplingParams::greedy()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_sampled_distribution() {
+        let l = logits();
+        let s = Sampler::new(SamplingParams::greedy()).unwrap();
+        let lp = s.logprobs(&l, 1, 3);
+        let lse = l.iter().map(|x| x.exp()).sum::<f32>().ln();
+        assert!((lp.logprob - (3.0 - lse)).abs() < 1e-5, "{lp:?}");
+        assert_eq!(
+            lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 4, 2]
+        );
+        assert!((lp.top[1].1 - (2.9 - lse)).abs() < 1e-5);
+        // Temperature scales the distribution; a forbidden token is never listed.
+        let hot = Sampler::new(SamplingParams {
+            temperature: 2.0,
+            ..SamplingParams::default()
+        })
+        .unwrap();
+        let mut masked = l.clone();
+        masked[1] = f32::NEG_INFINITY;
+        let lp = hot.logprobs(&masked, 4, 10);
+        let lse: f32 = masked.iter().map(|x| (x / 2.0).exp()).sum::<f32>().ln();
+        assert!((lp.logprob - (1.45 - lse)).abs() < 1e-5, "{lp:?}");
+        assert_eq!(lp.top.len(), 4);
+        assert!(lp.top.iter().all(|t| t.0 != 1));
+        let total: f32 = lp.top.iter().map(|t| t.1.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert!(s.logprobs(&l, 0, 0).top.is_empty());
     }
 
     #[test]

@@ -20,6 +20,35 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 use crate::error::{Error, Result};
 use crate::model::files;
 
+/// A model's fill-in-the-middle tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FimTokens {
+    pub prefix: u32,
+    pub suffix: u32,
+    pub middle: u32,
+}
+
+/// The bytes a byte-level BPE piece (GPT-2's alphabet: printable bytes as themselves, the
+/// others shifted to U+0100..) stands for; None when a character is outside that alphabet.
+fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    piece
+        .chars()
+        .map(|c| {
+            let c = c as u32;
+            if c < 256 && printable(c) {
+                return Some(c as u8);
+            }
+            // The n-th unprintable byte is U+0100 + n.
+            let n = c.checked_sub(256)?;
+            (0u32..256)
+                .filter(|&b| !printable(b))
+                .nth(n as usize)
+                .map(|b| b as u8)
+        })
+        .collect()
+}
+
 /// GPT-2's split regex as llama.cpp writes it (no trailing `\s+`: unmatched spans stay pieces).
 const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const QWEN2_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -389,6 +418,42 @@ impl Tokenizer {
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.hf.id_to_token(id)
+    }
+
+    /// The model's fill-in-the-middle tokens, if its vocabulary has a full set (Qwen2.5-Coder's
+    /// `<|fim_prefix|>`..., StarCoder's and SmolLM's `<fim_prefix>`..., CodeLlama's `<PRE>`...).
+    pub fn fim_tokens(&self) -> Option<FimTokens> {
+        [
+            ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"],
+            ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"],
+            ["<|fim▁begin|>", "<|fim▁hole|>", "<|fim▁end|>"],
+            ["▁<PRE>", "▁<SUF>", "▁<MID>"],
+        ]
+        .iter()
+        .find_map(|[p, s, m]| {
+            Some(FimTokens {
+                prefix: self.hf.token_to_id(p)?,
+                suffix: self.hf.token_to_id(s)?,
+                middle: self.hf.token_to_id(m)?,
+            })
+        })
+    }
+
+    /// The bytes token `id` stands for, which may be part of a character: a byte-level BPE
+    /// token's characters mapped back to bytes (GPT-2's table), else its decoded text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let byte_level = matches!(
+            self.hf.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        if let Some(piece) = self.hf.id_to_token(id).filter(|_| byte_level) {
+            if let Some(bytes) = byte_level_bytes(&piece) {
+                return bytes;
+            }
+        }
+        self.decode_with_special(&[id])
+            .map(String::into_bytes)
+            .unwrap_or_default()
     }
 
     /// Number of token ids (for a GGUF: the length of `tokenizer.ggml.tokens`).

@@ -323,8 +323,8 @@ fn malformed_gguf_tokenizers_are_errors() {
     };
     for (edit, says) in [
         (
-            Box::new(set("tokenizer.ggml.bos_token_id", Value::U32(300))) as Box<dyn Fn(&mut _)>,
-            "tokenizer.ggml.bos_token_id is 300, outside the vocabulary of 300 tokens",
+            Box::new(set("tokenizer.ggml.bos_token_id", Value::U32(303))) as Box<dyn Fn(&mut _)>,
+            "tokenizer.ggml.bos_token_id is 303, outside the vocabulary of 303 tokens",
         ),
         (
             Box::new(set("tokenizer.ggml.eos_token_id", Value::I64(1 << 40))),
@@ -336,7 +336,7 @@ fn malformed_gguf_tokenizers_are_errors() {
         ),
         (
             Box::new(set("tokenizer.ggml.token_type", Value::Array(vec![]))),
-            "tokenizer.ggml.token_type has 0 entries for 300 tokens",
+            "tokenizer.ggml.token_type has 0 entries for 303 tokens",
         ),
         (
             Box::new(set("tokenizer.ggml.merges", Value::U32(1))),

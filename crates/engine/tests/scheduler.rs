@@ -373,3 +373,65 @@ async fn generation_streams_text_and_honours_stops_and_seeds() {
     let eos = c.complete(ask("Say hi.", 200)).await.unwrap();
     assert_eq!(eos.stop_reason, StopReason::Eos);
 }
+
+/// Each token's log-probability, as the request reports it while decoding, equals the one the
+/// model gives that token after a prefill of the prompt and the tokens before it (another
+/// path through the model: no decode step, no KV reuse): their sum is the sequence's
+/// log-probability under the model. The alternatives are the most likely, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_sum_to_the_sequences_probability_under_the_model() {
+    let c = client(SchedulerConfig::default());
+    let prompt = c.tokenize(&ask("Name three colors.", 1)).unwrap();
+    let mut req = GenerateRequest::new(Prompt::Tokens(prompt.clone()), 10);
+    req.logprobs = Some(5);
+    req.ignore_eos = true;
+    let done = c.generate(req).unwrap().collect().await.unwrap();
+    assert_eq!(done.logprobs.len(), done.tokens.len());
+    assert_eq!(done.tokens.len(), 10);
+    let mut total = 0.0f64;
+    let mut rescored = 0.0f64;
+    for (k, lp) in done.logprobs.iter().enumerate() {
+        assert_eq!(lp.token, done.tokens[k]);
+        assert!(lp.logprob <= 0.0 && lp.logprob.is_finite(), "{lp:?}");
+        assert_eq!(lp.top.len(), 5);
+        assert!(lp.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(lp.top[0].token, lp.token);
+        assert!(
+            lp.top
+                .iter()
+                .map(|t| f64::from(t.logprob).exp())
+                .sum::<f64>()
+                <= 1.0 + 1e-4
+        );
+        assert!(!lp.bytes.is_empty());
+        total += f64::from(lp.logprob);
+
+        // The same position, scored by a fresh request on a cold prefix cache path.
+        let mut ids = prompt.clone();
+        ids.extend(&done.tokens[..k]);
+        let mut one = GenerateRequest::new(Prompt::Tokens(ids), 1);
+        one.logprobs = Some(0);
+        one.ignore_eos = true;
+        let r = c.generate(one).unwrap().collect().await.unwrap();
+        assert_eq!(r.tokens, [done.tokens[k]], "position {k}");
+        assert!(r.logprobs[0].top.is_empty());
+        rescored += f64::from(r.logprobs[0].logprob);
+    }
+    assert!(
+        (total - rescored).abs() < 0.05 + 0.01 * total.abs(),
+        "decoded {total}, rescored {rescored}"
+    );
+    assert!(total < 0.0);
+
+    // Without the option, no log-probabilities are computed or sent.
+    let plain = c.generate(ask("Hi", 4)).unwrap().collect().await.unwrap();
+    assert!(plain.logprobs.is_empty());
+    let mut too_many = ask("Hi", 4);
+    too_many.logprobs = Some(21);
+    let Err(e) = c.generate(too_many) else {
+        panic!("21 alternatives were accepted")
+    };
+    let e = e.to_string();
+    assert!(e.contains("top_logprobs") && e.contains("20"), "{e}");
+}

@@ -689,3 +689,46 @@ fn wrong_tensor_shapes_are_named() {
         ],
     );
 }
+
+/// Fill in the middle on a model whose vocabulary has FIM tokens: the prompt is the prefix
+/// and the suffix between the model's own tokens, in StarCoder's and Qwen2.5-Coder's order,
+/// and the scheduler generates the middle (the default model, which has none, refuses `suffix`
+/// by name: tests/openai_client).
+#[test]
+fn infill_prompts_use_the_models_fim_tokens() {
+    use forgeline_engine::scheduler::{GenerateRequest, LlmClient, Prompt, SchedulerConfig};
+    let tiny = TinyModel::new(Spec::small(Arch::Qwen2));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    tiny.write_gguf(&path, GgmlDType::F32);
+    let m = load(&loc(&path, Format::Gguf), &Device::Cpu).unwrap();
+    let fim = m
+        .tokenizer
+        .fim_tokens()
+        .expect("the tiny vocabulary has FIM tokens");
+    let ids = |t: &str| m.tokenizer.encode(t, false).unwrap();
+    let mut want = vec![fim.prefix];
+    want.extend(ids("def f(x):\n    "));
+    want.push(fim.suffix);
+    want.extend(ids("\n    return y"));
+    want.push(fim.middle);
+    let vocab = common::vocab();
+    assert_eq!(vocab[fim.prefix as usize], "<|fim_prefix|>");
+    assert_eq!(vocab[fim.middle as usize], "<|fim_middle|>");
+    let client = LlmClient::start(vec![m], SchedulerConfig::default()).unwrap();
+    let mut req = GenerateRequest::new(
+        Prompt::Infill {
+            prefix: "def f(x):\n    ".into(),
+            suffix: "\n    return y".into(),
+        },
+        6,
+    );
+    req.ignore_eos = true;
+    assert_eq!(client.tokenize(&req).unwrap(), want);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let done = rt
+        .block_on(client.generate(req).unwrap().collect())
+        .unwrap();
+    assert_eq!(done.tokens.len(), 6);
+    assert_eq!(done.usage.prompt_tokens, want.len());
+}

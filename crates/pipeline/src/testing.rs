@@ -117,6 +117,7 @@ impl ScriptedModel {
                 s
             }
             Prompt::Text(t) => t.clone(),
+            Prompt::Infill { prefix, suffix } => format!("{prefix}{suffix}"),
             Prompt::Tokens(_) => String::new(),
         }
     }

@@ -25,6 +25,9 @@ pub struct BenchConfig {
     pub max_tokens: usize,
     /// Passes of each kind, alternating which goes first.
     pub rounds: usize,
+    /// Also compare one request for this many choices (`n`) with as many separate requests
+    /// sent at once, on one long prompt; 0 skips it.
+    pub choices: usize,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -80,6 +83,34 @@ pub struct BenchReport {
     pub http_overhead: f64,
     /// The same, round by round: how much of it is noise.
     pub http_overhead_by_round: Vec<f64>,
+    /// `--choices`: one request with `n` against `n` separate requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub choices: Option<ChoicesReport>,
+}
+
+/// One request with `n` choices against `n` separate requests of the same prompt, all sent
+/// at once, over HTTP, each kind in every round (alternating which goes first), on prompts
+/// no other pass has seen.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ChoicesReport {
+    pub choices: usize,
+    /// Tokens of the prompt every choice continues.
+    pub prompt_tokens: usize,
+    /// `n` in one request.
+    pub shared: ChoicesPass,
+    /// `n` requests.
+    pub separate: ChoicesPass,
+    /// Separate wall time over shared wall time (above 1: one request is faster).
+    pub speedup: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ChoicesPass {
+    pub wall_s: f64,
+    pub completion_tokens: usize,
+    pub throughput_tok_s: f64,
+    /// Prompt tokens the engine computed (not taken from its prefix cache), per pass.
+    pub prefilled_tokens_per_pass: f64,
 }
 
 /// One request's timings.
@@ -219,6 +250,11 @@ pub async fn run(
         l.wall += b.wall;
         l.cpu += b.cpu;
     }
+    let choices = if cfg.choices > 0 {
+        Some(choices_bench(&client, &http, &model.name, &cfg).await?)
+    } else {
+        None
+    };
     let _ = stop.send(());
     serving
         .await
@@ -235,7 +271,103 @@ pub async fn run(
         http_overhead_by_round: by_round,
         http,
         inprocess,
+        choices,
     })
+}
+
+/// A long prompt (a file of code to extend), distinct from `tag`'s first token on.
+fn long_prompt(tag: &str) -> Vec<ChatMessage> {
+    let mut code = String::new();
+    for i in 0..24 {
+        code.push_str(&format!(
+            "def scale_{i}(values, factor={i}):\n    return [v * factor for v in values]\n\n"
+        ));
+    }
+    vec![ChatMessage::user(format!(
+        "[{tag}] Here is a module:\n```python\n{code}```\nWrite one more function like these."
+    ))]
+}
+
+/// Prompt tokens the engine computed so far (all models), not counting prefix-cache hits.
+fn prefilled(client: &LlmClient) -> u64 {
+    client
+        .stats()
+        .models
+        .iter()
+        .map(|m| m.prompt_tokens.saturating_sub(m.cached_prompt_tokens))
+        .sum()
+}
+
+async fn choices_bench(
+    client: &LlmClient,
+    http: &HttpClient,
+    model: &str,
+    cfg: &BenchConfig,
+) -> Result<ChoicesReport, String> {
+    let n = cfg.choices;
+    let body = |tag: &str, n: usize, seed: usize| {
+        json!({
+            "model": model, "messages": long_prompt(tag), "n": n, "seed": seed,
+            "max_tokens": cfg.max_tokens, "temperature": 1.0, "ignore_eos": true,
+        })
+    };
+    let prompt_tokens = client
+        .tokenize(&GenerateRequest::chat(long_prompt("x"), 1))
+        .map_err(|e| e.to_string())?
+        .len();
+    let (mut shared, mut separate) = (ChoicesPass::default(), ChoicesPass::default());
+    let rounds = cfg.rounds.max(1);
+    for round in 0..rounds {
+        for kind in [round % 2, 1 - round % 2] {
+            let tag = format!("choices-{kind}-{round}");
+            let before = prefilled(client);
+            let started = Instant::now();
+            let answers: Vec<Value> = if kind == 0 {
+                vec![complete(http, &body(&tag, n, 0)).await?]
+            } else {
+                let bodies: Vec<Value> = (0..n).map(|i| body(&tag, 1, i)).collect();
+                let all = bodies.iter().map(|b| complete(http, b));
+                futures_util::future::try_join_all(all).await?
+            };
+            let wall = started.elapsed().as_secs_f64();
+            // The engine publishes its figures after the step that finished the requests.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let pass = if kind == 0 {
+                &mut shared
+            } else {
+                &mut separate
+            };
+            pass.wall_s += wall;
+            pass.completion_tokens += answers
+                .iter()
+                .map(|a| a["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize)
+                .sum::<usize>();
+            pass.prefilled_tokens_per_pass +=
+                prefilled(client).saturating_sub(before) as f64 / rounds as f64;
+        }
+    }
+    for p in [&mut shared, &mut separate] {
+        p.throughput_tok_s = p.completion_tokens as f64 / p.wall_s.max(1e-9);
+    }
+    Ok(ChoicesReport {
+        choices: n,
+        prompt_tokens,
+        speedup: separate.wall_s / shared.wall_s.max(1e-9),
+        shared,
+        separate,
+    })
+}
+
+/// A whole (not streamed) completion; its JSON.
+async fn complete(http: &HttpClient, body: &Value) -> Result<Value, String> {
+    let r = http
+        .post_json("/v1/chat/completions", body)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.status.is_success() {
+        return Err(format!("HTTP {}: {}", r.status, r.text()));
+    }
+    r.json().map_err(|e| format!("bad answer: {e}"))
 }
 
 /// The workload's requests, `clients` at a time: each client takes the next request number

@@ -5,21 +5,24 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use forgeline_engine::error::Validation;
 use forgeline_engine::scheduler::{Event, GenerateRequest, ResponseStream, Usage};
 use futures_util::{Stream, StreamExt};
 
 use crate::app::AppState;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::RequestTimer;
 use crate::openai::{total_usage, AnswerMeta};
 use crate::request::{parse_chat, parse_completion, ApiRequest, Endpoint};
 use crate::shutdown::CancelSignal;
+use crate::tools::{CallParser, Piece};
 
 pub async fn chat(State(app): State<AppState>, body: JsonBody) -> Response {
     handle(app, body, Endpoint::Chat)
@@ -42,15 +45,19 @@ async fn handle(
     JsonBody(body): JsonBody,
     endpoint: Endpoint,
 ) -> ApiResult<Response> {
+    let started = Instant::now();
     let req = match endpoint {
         Endpoint::Chat => parse_chat(&body, &app.models)?,
         Endpoint::Completion => parse_completion(&body, &app.models)?,
     };
-    let meta = AnswerMeta::new(endpoint, req.model.clone(), app.next_serial());
+    let meta = AnswerMeta::new(endpoint, req.model.clone(), app.next_serial())
+        .with_logprobs(req.generate.logprobs.is_some())
+        .with_tools(req.tools.as_ref().is_some_and(|t| t.parsed()));
     let (stream, include_usage) = (req.stream, req.include_usage);
+    let timer = RequestTimer::new(app.metrics.clone(), &req.model, started);
     let choices = submit(&app, req).await?;
     if stream {
-        let body = sse_events(meta, choices, include_usage, app.cancel.clone());
+        let body = sse_events(meta, choices, include_usage, app.cancel.clone(), timer);
         return Ok(Sse::new(body)
             .keep_alive(KeepAlive::default())
             .into_response());
@@ -61,6 +68,9 @@ async fn handle(
         c = all => c.map_err(|e| ApiError::from_engine(&e, endpoint.prompt_param()))?,
         _ = cancel.cancelled() => return Err(shutting_down()),
     };
+    for c in &done {
+        timer.finished(&c.usage);
+    }
     Ok(Json(meta.response(&done)).into_response())
 }
 
@@ -103,6 +113,9 @@ async fn submit(app: &AppState, req: ApiRequest) -> ApiResult<Vec<ResponseStream
     let default_max = app.config.default_max_tokens;
     let deadline = app.config.request_timeout.map(|d| d.min(MAX_DEADLINE));
     let prompt_param = req.endpoint.prompt_param();
+    // The grammar of function calls is built from the functions' schemas: one it cannot
+    // compile is the `tools` field's fault.
+    let calls_constrained = req.tools.as_ref().is_some_and(|t| t.parsed());
     tokio::task::spawn_blocking(move || {
         let mut g = req.generate;
         g.deadline = deadline;
@@ -122,7 +135,17 @@ async fn submit(app: &AppState, req: ApiRequest) -> ApiResult<Vec<ResponseStream
     })
     .await
     .map_err(|e| ApiError::internal(format!("request task failed: {e}")))?
-    .map_err(|e| ApiError::from_engine(&e, prompt_param))
+    .map_err(|e| match e {
+        forgeline_engine::Error::Validation(Validation::Constraint { reason, .. })
+            if calls_constrained =>
+        {
+            ApiError::field(
+                "tools",
+                format!("the functions' `parameters` schemas cannot constrain the calls: {reason}"),
+            )
+        }
+        e => ApiError::from_engine(&e, prompt_param),
+    })
 }
 
 /// The engine requests of `n` choices: the request as given, choice `i` seeded with its
@@ -148,8 +171,10 @@ fn sse_events(
     choices: Vec<ResponseStream>,
     include_usage: bool,
     cancel: CancelSignal,
+    timer: RequestTimer,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
     let n = choices.len();
+    let meta_tools = meta.tools;
     let tagged = choices.into_iter().enumerate().map(|(i, rs)| {
         futures_util::stream::unfold(
             rs,
@@ -163,9 +188,17 @@ fn sse_events(
         events: futures_util::stream::select_all(tagged).boxed(),
         include_usage,
         cancel,
+        timer,
         pending: VecDeque::new(),
         sent_first: vec![false; n],
         usage: vec![None; n],
+        offsets: vec![0; n],
+        parsers: if meta_tools {
+            (0..n).map(|_| CallParser::default()).collect()
+        } else {
+            Vec::new()
+        },
+        sent_calls: vec![0; n],
         ended: false,
     };
     futures_util::stream::unfold(state, |mut st| async move {
@@ -193,11 +226,19 @@ struct SseState {
     events: ChoiceEvents,
     include_usage: bool,
     cancel: CancelSignal,
+    /// Records each choice's timings when it is done.
+    timer: RequestTimer,
     pending: VecDeque<SseEvent>,
     /// Per choice: whether its first chunk (with the chat role) went out.
     sent_first: Vec<bool>,
     /// Per choice: its usage, once it is done.
     usage: Vec<Option<Usage>>,
+    /// Per choice: the bytes of its tokens so far (for `text_offset`).
+    offsets: Vec<usize>,
+    /// Per choice, when the answer is read for function calls: the reader of its text.
+    parsers: Vec<CallParser>,
+    /// Per choice: the calls sent.
+    sent_calls: Vec<usize>,
     ended: bool,
 }
 
@@ -212,20 +253,31 @@ impl SseState {
     fn absorb(&mut self, ev: Option<(usize, forgeline_engine::Result<Event>)>) {
         match ev {
             // Text held back (a possible stop string, half a character) arrives later.
-            Some((_, Ok(Event::Delta { text, .. }))) if text.is_empty() => {}
-            Some((i, Ok(Event::Delta { text, .. }))) => {
-                let chunk = self.meta.delta(i, &text, !self.sent_first[i]);
-                self.sent_first[i] = true;
-                self.push(chunk);
+            Some((_, Ok(Event::Delta { text, logprobs, .. })))
+                if text.is_empty() && logprobs.is_empty() => {}
+            Some((i, Ok(Event::Delta { text, logprobs, .. }))) => {
+                let lp = self.meta.logprobs_json(&logprobs, self.offsets[i]);
+                self.offsets[i] += logprobs.iter().map(|t| t.bytes.len()).sum::<usize>();
+                match self.parsers.get_mut(i) {
+                    Some(p) => {
+                        let pieces = p.push(&text);
+                        self.send_pieces(i, pieces, lp);
+                    }
+                    None => self.text_chunk(i, &text, lp),
+                }
             }
             Some((i, Ok(Event::Done { stop_reason, usage }))) => {
-                if !self.sent_first[i] {
-                    let chunk = self.meta.delta(i, "", true);
-                    self.sent_first[i] = true;
-                    self.push(chunk);
+                if let Some(p) = self.parsers.get_mut(i) {
+                    let pieces = p.finish();
+                    self.send_pieces(i, pieces, serde_json::Value::Null);
                 }
-                let finish = self.meta.finish(i, stop_reason);
+                if !self.sent_first[i] {
+                    self.text_chunk(i, "", serde_json::Value::Null);
+                }
+                let called = self.parsers.get(i).is_some_and(|p| p.calls() > 0);
+                let finish = self.meta.finish(i, stop_reason, called);
                 self.push(finish);
+                self.timer.finished(&usage);
                 self.usage[i] = Some(usage);
                 if self.usage.iter().all(Option::is_some) {
                     if self.include_usage {
@@ -245,6 +297,34 @@ impl SseState {
                 "the engine stopped before the answer was complete",
             )),
         }
+    }
+
+    /// Choice `i`'s text and calls as chunks; `logprobs` go with the first (alone in an
+    /// empty chunk when the text is held back).
+    fn send_pieces(&mut self, i: usize, pieces: Vec<Piece>, mut logprobs: serde_json::Value) {
+        if pieces.is_empty() && !logprobs.is_null() {
+            self.text_chunk(i, "", logprobs);
+            return;
+        }
+        for piece in pieces {
+            let lp = std::mem::take(&mut logprobs);
+            match piece {
+                Piece::Text(t) => self.text_chunk(i, &t, lp),
+                Piece::Call(c) => {
+                    let call = self.meta.call_json(i, self.sent_calls[i], &c);
+                    self.sent_calls[i] += 1;
+                    let chunk = self.meta.call_delta(i, call, !self.sent_first[i], lp);
+                    self.sent_first[i] = true;
+                    self.push(chunk);
+                }
+            }
+        }
+    }
+
+    fn text_chunk(&mut self, i: usize, text: &str, logprobs: serde_json::Value) {
+        let chunk = self.meta.delta(i, text, !self.sent_first[i], logprobs);
+        self.sent_first[i] = true;
+        self.push(chunk);
     }
 
     /// Ends the stream with an error event, as OpenAI's API does mid-stream.

@@ -47,6 +47,7 @@ pub mod openai;
 pub mod origin;
 pub mod request;
 pub mod shutdown;
+pub mod tools;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -5,14 +5,15 @@
 //! `repetition_penalty`, the `dry_*` fields (as llama.cpp's server) and `ignore_eos`
 //! (benchmarks).
 
-use forgeline_engine::chat::ChatMessage;
+use forgeline_engine::chat::{ChatMessage, ToolCall};
 use forgeline_engine::constraint::Constraint;
 use forgeline_engine::sampling::SamplingParams;
-use forgeline_engine::scheduler::{GenerateRequest, Prompt};
+use forgeline_engine::scheduler::{GenerateRequest, Prompt, MAX_TOP_LOGPROBS};
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
 use crate::fields::{kind, parse_object, Fields};
+use crate::tools::{self, Tools};
 use crate::ModelCard;
 
 /// Which OpenAI endpoint a request came to; it decides the prompt's shape and the answer's.
@@ -48,6 +49,8 @@ pub struct ApiRequest {
     /// Choices to generate (`n`): each its own sequence on the shared prompt, choice `i`
     /// sampled with the seed plus `i`.
     pub n: usize,
+    /// Chat's functions, when any were given.
+    pub tools: Option<Tools>,
 }
 
 /// The most choices one request may ask for (`n`).
@@ -77,19 +80,55 @@ pub fn parse_chat(body: &[u8], models: &[ModelCard]) -> ApiResult<ApiRequest> {
         .enumerate()
         .map(|(i, m)| message(i, m))
         .collect::<ApiResult<Vec<_>>>()?;
-    common(&f, Endpoint::Chat, Prompt::Chat(messages), models)
+    let mut req = common(&f, Endpoint::Chat, Prompt::Chat(messages), models)?;
+    if let Some(t) = tools::parse(&f)? {
+        if let Some(c) = t.constraint() {
+            if req.generate.constraint.is_some() {
+                return Err(ApiError::field(
+                    "tools",
+                    "`tools` and a constraint on the output (`response_format`, `regex`, \
+                     `grammar`) were both given: calls are constrained by their schemas; set \
+                     `tool_choice` to none to use the other constraint",
+                ));
+            }
+            req.generate.constraint = Some(c);
+        }
+        req.generate.tools = t.defs.clone();
+        req.tools = Some(t);
+    }
+    Ok(req)
 }
 
 /// Parses a `/v1/completions` body.
 pub fn parse_completion(body: &[u8], models: &[ModelCard]) -> ApiResult<ApiRequest> {
     let obj = parse_object(body)?;
     let f = Fields::new(&obj, "");
-    let prompt = prompt(f.require("prompt")?)?;
+    let mut prompt = prompt(f.require("prompt")?)?;
     if f.bool("echo")? == Some(true) {
         return Err(ApiError::field("echo", "`echo` is not supported"));
     }
-    if f.str("suffix")?.is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::field("suffix", "`suffix` is not supported"));
+    for name in ["tools", "functions", "tool_choice", "function_call"] {
+        if f.get(name).is_some() {
+            return Err(ApiError::field(
+                name,
+                format!("`{name}` belongs to /v1/chat/completions, not /v1/completions"),
+            ));
+        }
+    }
+    // Fill in the middle: the prompt is the code before the gap, `suffix` the code after.
+    if let Some(suffix) = f.str("suffix")?.filter(|s| !s.is_empty()) {
+        prompt = match prompt {
+            Prompt::Text(prefix) => Prompt::Infill {
+                prefix,
+                suffix: suffix.to_string(),
+            },
+            _ => {
+                return Err(ApiError::field(
+                    "suffix",
+                    "`suffix` needs a text `prompt` (the code before the gap), not token ids",
+                ))
+            }
+        };
     }
     if f.get("best_of").is_some() && f.u64("best_of")? != Some(1) {
         return Err(ApiError::field("best_of", "`best_of` must be 1"));
@@ -113,21 +152,40 @@ fn message(i: usize, v: &Value) -> ApiResult<ChatMessage> {
         )
     })?;
     let role = match role {
-        "system" | "user" | "assistant" => role,
+        "system" | "user" | "assistant" | "tool" => role,
         // OpenAI's newer name for the system role.
         "developer" => "system",
         other => {
             let p = f.param("role");
             return Err(ApiError::field(
                 &p,
-                format!("`{p}` must be system, developer, user or assistant, not `{other}`"),
+                format!("`{p}` must be system, developer, user, assistant or tool, not `{other}`"),
             ));
         }
     };
-    let content = match f.require("content")? {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => text_parts(&f.param("content"), parts)?,
-        other => {
+    let calls = match (role, f.array("tool_calls")?) {
+        ("assistant", Some(list)) => tool_calls(&f.param("tool_calls"), list)?,
+        (_, Some(_)) => {
+            let p = f.param("tool_calls");
+            return Err(ApiError::field(
+                &p,
+                format!("`{p}` belongs to assistant messages, not {role} messages"),
+            ));
+        }
+        (_, None) => Vec::new(),
+    };
+    let content = match f.get("content") {
+        // An assistant turn that only calls functions has no content.
+        None if !calls.is_empty() => String::new(),
+        None => {
+            return Err(ApiError::field(
+                &f.param("content"),
+                format!("`{}` is required", f.param("content")),
+            ))
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => text_parts(&f.param("content"), parts)?,
+        Some(other) => {
             let p = f.param("content");
             return Err(ApiError::field(
                 &p,
@@ -138,7 +196,52 @@ fn message(i: usize, v: &Value) -> ApiResult<ChatMessage> {
             ));
         }
     };
-    Ok(ChatMessage::new(role, content))
+    let mut msg = ChatMessage::new(role, content);
+    msg.tool_calls = calls;
+    if role == "tool" {
+        msg.tool_call_id = f.str("tool_call_id")?.map(str::to_string);
+        msg.name = f.str("name")?.map(str::to_string);
+    }
+    Ok(msg)
+}
+
+/// An assistant message's `tool_calls`: `[{"id", "type": "function", "function": {"name",
+/// "arguments"}}]`, the arguments a string of JSON (kept as a string if it is not JSON).
+fn tool_calls(path: &str, list: &[Value]) -> ApiResult<Vec<ToolCall>> {
+    list.iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let p = format!("{path}[{i}]");
+            let Value::Object(o) = c else {
+                return Err(ApiError::field(
+                    &p,
+                    format!("`{p}` must be an object, not {}", kind(c)),
+                ));
+            };
+            let f = Fields::new(o, p.clone());
+            let func = f.object("function")?.ok_or_else(|| {
+                ApiError::field(
+                    &f.param("function"),
+                    format!("`{}` is required", f.param("function")),
+                )
+            })?;
+            let name = func.str("name")?.ok_or_else(|| {
+                ApiError::field(
+                    &func.param("name"),
+                    format!("`{}` is required", func.param("name")),
+                )
+            })?;
+            let arguments = match func.get("arguments") {
+                None => Value::Object(Default::default()),
+                Some(Value::String(s)) => {
+                    serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
+                }
+                Some(v) => v.clone(),
+            };
+            let id = f.str("id")?.unwrap_or_default();
+            Ok(ToolCall::function(id, name, arguments))
+        })
+        .collect()
 }
 
 /// `[{"type": "text", "text": "..."}, ...]`, joined.
@@ -207,7 +310,7 @@ fn common(
     prompt: Prompt,
     models: &[ModelCard],
 ) -> ApiResult<ApiRequest> {
-    refuse_unsupported(f, endpoint)?;
+    refuse_unsupported(f)?;
     let card = match f.str("model")? {
         None => models
             .first()
@@ -291,6 +394,7 @@ fn common(
     generate.stop_strings = stop;
     generate.ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
     generate.constraint = constraint(f)?;
+    generate.logprobs = logprobs(f, endpoint)?;
     let n = match f.u64("n")? {
         None => 1,
         Some(n @ 1..=MAX_CHOICES) => n as usize,
@@ -309,7 +413,48 @@ fn common(
         stream,
         include_usage,
         n,
+        tools: None,
     })
+}
+
+/// How many alternatives to report log-probabilities for at each step, if any: chat's
+/// `logprobs: true` with `top_logprobs` (0 by default), the completions endpoint's
+/// `logprobs: N` (0 reports the sampled tokens' alone, as vLLM does).
+fn logprobs(f: &Fields, endpoint: Endpoint) -> ApiResult<Option<usize>> {
+    let max = MAX_TOP_LOGPROBS as u64;
+    let within = |name: &str, n: u64| {
+        if n > max {
+            Err(ApiError::field(
+                name,
+                format!("`{name}` must be between 0 and {max}, not {n}"),
+            ))
+        } else {
+            Ok(n as usize)
+        }
+    };
+    match endpoint {
+        Endpoint::Chat => {
+            let on = f.bool("logprobs")?.unwrap_or(false);
+            match f.u64("top_logprobs")? {
+                Some(n) if !on => Err(ApiError::field(
+                    "top_logprobs",
+                    format!("`top_logprobs` ({n}) needs `logprobs` set to true"),
+                )),
+                Some(n) => within("top_logprobs", n).map(Some),
+                None => Ok(on.then_some(0)),
+            }
+        }
+        Endpoint::Completion => match f.get("logprobs") {
+            None => Ok(None),
+            // Some clients send the chat form here too.
+            Some(Value::Bool(false)) => Ok(None),
+            Some(Value::Bool(true)) => Ok(Some(0)),
+            Some(_) => match f.u64("logprobs")? {
+                Some(n) => within("logprobs", n).map(Some),
+                None => Ok(None),
+            },
+        },
+    }
 }
 
 /// Each stop string, and all of them together, within their byte caps.
@@ -491,32 +636,19 @@ fn response_format(f: &Fields) -> ApiResult<Option<Constraint>> {
 }
 
 /// Parameters forgeline does not implement: refused rather than silently ignored.
-fn refuse_unsupported(f: &Fields, endpoint: Endpoint) -> ApiResult<()> {
+fn refuse_unsupported(f: &Fields) -> ApiResult<()> {
     let unsupported = |name: &str| {
         Err(ApiError::field(
             name,
             format!("`{name}` is not supported by this server"),
         ))
     };
-    for name in ["tools", "functions"] {
-        if f.array(name)?.is_some_and(|a| !a.is_empty()) {
-            return unsupported(name);
-        }
-    }
     if f.object("logit_bias")?.is_some()
         && f.get("logit_bias")
             .and_then(Value::as_object)
             .is_some_and(|m| !m.is_empty())
     {
         return unsupported("logit_bias");
-    }
-    let logprobs = match (endpoint, f.get("logprobs")) {
-        (_, None) | (_, Some(Value::Bool(false))) => false,
-        (Endpoint::Completion, Some(Value::Number(n))) => n.as_u64() != Some(0),
-        _ => true,
-    };
-    if logprobs {
-        return unsupported("logprobs");
     }
     for name in ["presence_penalty", "frequency_penalty"] {
         if f.f32(name)?.is_some_and(|p| p != 0.0) {

@@ -109,6 +109,90 @@ fn completion_prompts_take_openais_shapes() {
 }
 
 #[test]
+fn logprobs_are_asked_as_each_endpoint_asks() {
+    let msgs = json!([{"role": "user", "content": "x"}]);
+    let lp = |v: Value| chat(v).unwrap().generate.logprobs;
+    assert_eq!(lp(json!({"messages": msgs})), None);
+    assert_eq!(lp(json!({"messages": msgs, "logprobs": false})), None);
+    assert_eq!(lp(json!({"messages": msgs, "logprobs": true})), Some(0));
+    assert_eq!(
+        lp(json!({"messages": msgs, "logprobs": true, "top_logprobs": 5})),
+        Some(5)
+    );
+    let (p, m) = refused(chat(
+        json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}),
+    ));
+    assert_eq!(p.as_deref(), Some("top_logprobs"));
+    assert!(m.contains("between 0 and 20"), "{m}");
+    let lp = |v: Value| completion(v).unwrap().generate.logprobs;
+    assert_eq!(lp(json!({"prompt": "x", "logprobs": 3})), Some(3));
+    assert_eq!(lp(json!({"prompt": "x", "logprobs": 0})), Some(0));
+    assert_eq!(lp(json!({"prompt": "x"})), None);
+    let (p, _) = refused(completion(json!({"prompt": "x", "logprobs": 99})));
+    assert_eq!(p.as_deref(), Some("logprobs"));
+}
+
+#[test]
+fn tools_and_their_messages_reach_the_engine() {
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let r = chat(json!({
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "3 C"}
+        ],
+        "tools": tools, "tool_choice": "required"
+    }))
+    .unwrap();
+    let t = r.tools.as_ref().unwrap();
+    assert!(t.parsed());
+    assert_eq!(r.generate.tools.len(), 1);
+    assert!(
+        matches!(&r.generate.constraint, Some(Constraint::Lark(g)) if g.contains("get_weather"))
+    );
+    let Prompt::Chat(msgs) = &r.generate.prompt else {
+        panic!()
+    };
+    assert_eq!(msgs[1].content, "");
+    assert_eq!(msgs[1].tool_calls[0].function.name, "get_weather");
+    assert_eq!(
+        msgs[1].tool_calls[0].function.arguments,
+        json!({"city": "Oslo"})
+    );
+    assert_eq!(msgs[2].role, "tool");
+    assert_eq!(msgs[2].tool_call_id.as_deref(), Some("call_1"));
+    // tool_choice none: the template still sees the tools; nothing is constrained or parsed.
+    let r = chat(
+        json!({"messages": [{"role": "user", "content": "x"}], "tools": tools,
+        "tool_choice": "none"}),
+    )
+    .unwrap();
+    assert!(!r.tools.unwrap().parsed() && r.generate.constraint.is_none());
+    assert_eq!(r.generate.tools.len(), 1);
+    // Two constraints on one output are refused.
+    let (p, _) = refused(chat(json!({"messages": [{"role": "user", "content": "x"}],
+        "tools": tools, "response_format": {"type": "json_object"}})));
+    assert_eq!(p.as_deref(), Some("tools"));
+    // Tools belong to chat.
+    let (p, _) = refused(completion(json!({"prompt": "x", "tools": tools})));
+    assert_eq!(p.as_deref(), Some("tools"));
+}
+
+#[test]
+fn a_suffix_makes_a_fill_in_the_middle_prompt() {
+    let r = completion(json!({"prompt": "def f(x):\n    ", "suffix": "\n    return y\n"})).unwrap();
+    assert!(matches!(&r.generate.prompt,
+        Prompt::Infill { prefix, suffix } if prefix == "def f(x):\n    " && suffix == "\n    return y\n"));
+    // An empty suffix is plain completion; token prompts cannot take one.
+    let r = completion(json!({"prompt": "x", "suffix": ""})).unwrap();
+    assert!(matches!(r.generate.prompt, Prompt::Text(_)));
+    let (p, _) = refused(completion(json!({"prompt": [1, 2], "suffix": "y"})));
+    assert_eq!(p.as_deref(), Some("suffix"));
+}
+
+#[test]
 fn each_bad_field_is_named() {
     let base = || json!({"messages": [{"role": "user", "content": "x"}]});
     let with = |k: &str, v: Value| {
@@ -135,12 +219,19 @@ fn each_bad_field_is_named() {
         ("seed", json!(1.5), "seed", "whole number"),
         ("stream", json!("yes"), "stream", "boolean"),
         ("min_p", json!(1.0), "min_p", "[0, 1)"),
-        ("logprobs", json!(true), "logprobs", "not supported"),
+        ("top_logprobs", json!(3), "top_logprobs", "needs `logprobs`"),
+        ("logprobs", json!(1), "logprobs", "a boolean"),
         (
             "tools",
             json!([{"type": "function"}]),
-            "tools",
-            "not supported",
+            "tools[0].function",
+            "required",
+        ),
+        (
+            "tool_choice",
+            json!("required"),
+            "tool_choice",
+            "no function",
         ),
         (
             "presence_penalty",
@@ -176,9 +267,21 @@ fn each_bad_field_is_named() {
         ("messages", json!("hi"), "messages", "an array"),
         (
             "messages",
-            json!([{"role": "tool", "content": "x"}]),
+            json!([{"role": "robot", "content": "x"}]),
             "messages[0].role",
-            "`tool`",
+            "`robot`",
+        ),
+        (
+            "messages",
+            json!([{"role": "user", "content": "x", "tool_calls": []}]),
+            "messages[0].tool_calls",
+            "assistant messages",
+        ),
+        (
+            "messages",
+            json!([{"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]}]),
+            "messages[0].tool_calls[0].function",
+            "required",
         ),
         (
             "messages",

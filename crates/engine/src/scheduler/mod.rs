@@ -36,8 +36,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 pub use policy::{ModelSchedulerConfig, AGEING};
 pub use prefix_cache::PrefixCache;
-pub use request::{GenerateRequest, ModelLimits, Priority, Prompt, ValidRequest};
-pub use sequence::{Event, Usage};
+pub use request::{GenerateRequest, ModelLimits, Priority, Prompt, ValidRequest, MAX_TOP_LOGPROBS};
+pub use sequence::{Event, TokenLogprob, TopLogprob, Usage};
 pub use stats::{ModelSchedulerStats, Stats, BATCH_BUCKETS};
 
 use crate::chat::ChatTemplate;
@@ -171,6 +171,8 @@ impl ResponseStream {
 pub struct Completion {
     pub text: String,
     pub tokens: Vec<u32>,
+    /// Per token, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprob>,
     pub stop_reason: StopReason,
     pub usage: Usage,
 }
@@ -180,6 +182,7 @@ impl Default for Completion {
         Self {
             text: String::new(),
             tokens: Vec::new(),
+            logprobs: Vec::new(),
             stop_reason: StopReason::MaxTokens,
             usage: Usage::default(),
         }
@@ -190,9 +193,14 @@ impl Completion {
     /// Adds an event; true once the request is done.
     pub fn absorb(&mut self, ev: Event) -> bool {
         match ev {
-            Event::Delta { text, tokens } => {
+            Event::Delta {
+                text,
+                tokens,
+                logprobs,
+            } => {
                 self.text.push_str(&text);
                 self.tokens.extend(tokens);
+                self.logprobs.extend(logprobs);
                 false
             }
             Event::Done { stop_reason, usage } => {
@@ -316,12 +324,32 @@ impl LlmClient {
         match &req.prompt {
             Prompt::Tokens(t) => Ok(t.clone()),
             Prompt::Text(s) => m.tokenizer.encode(s, m.tokenizer.add_bos_token()),
-            Prompt::Chat(msgs) => m.tokenizer.encode(&m.template.render(msgs, true)?, false),
+            Prompt::Chat(msgs) => m.tokenizer.encode(
+                &m.template.render_with_tools(msgs, &req.tools, true)?,
+                false,
+            ),
+            Prompt::Infill { prefix, suffix } => {
+                let fim = m.tokenizer.fim_tokens().ok_or_else(|| {
+                    Error::Validation(Validation::NoInfill {
+                        model: m.limits.name.clone(),
+                    })
+                })?;
+                let mut ids = Vec::new();
+                if m.tokenizer.add_bos_token() {
+                    ids.extend(m.tokenizer.bos_token_id());
+                }
+                ids.push(fim.prefix);
+                ids.extend(m.tokenizer.encode(prefix, false)?);
+                ids.push(fim.suffix);
+                ids.extend(m.tokenizer.encode(suffix, false)?);
+                ids.push(fim.middle);
+                Ok(ids)
+            }
             Prompt::ChatContinue {
                 messages,
                 assistant_prefix,
             } => {
-                let mut text = m.template.render(messages, true)?;
+                let mut text = m.template.render_with_tools(messages, &req.tools, true)?;
                 text.push_str(assistant_prefix);
                 m.tokenizer.encode(&text, false)
             }

@@ -21,6 +21,10 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
     /// Token ids, used as they are.
     Tokens(Vec<u32>),
+    /// Fill in the middle: the code before and after the gap, written with the model's FIM
+    /// tokens (prefix, suffix, middle: StarCoder's and Qwen2.5-Coder's order); the model
+    /// writes the middle. A model without FIM tokens refuses it.
+    Infill { prefix: String, suffix: String },
     /// Messages rendered for the assistant's turn, and the start of that turn already
     /// written: the model continues `assistant_prefix` (a code fence and a signature, say).
     ChatContinue {
@@ -71,7 +75,17 @@ pub struct GenerateRequest {
     /// time. The request ends with `StopReason::ConstraintDone` once the output is complete
     /// and the grammar admits nothing more (or with EOS where it may stop).
     pub constraint: Option<Constraint>,
+    /// Report each generated token's log-probability and those of the `n` most likely
+    /// tokens at its step (at most `MAX_TOP_LOGPROBS`); None reports none.
+    pub logprobs: Option<usize>,
+    /// Functions the model may call (OpenAI's `tools`, as JSON), given to a chat prompt's
+    /// template (see `ChatTemplate::render_with_tools`).
+    pub tools: Vec<serde_json::Value>,
 }
+
+/// The most alternatives a request may ask log-probabilities for at each step (OpenAI's and
+/// vLLM's default limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl GenerateRequest {
     pub fn new(prompt: Prompt, max_tokens: usize) -> Self {
@@ -86,6 +100,8 @@ impl GenerateRequest {
             priority: Priority::Normal,
             deadline: None,
             constraint: None,
+            logprobs: None,
+            tools: Vec::new(),
         }
     }
 
@@ -109,6 +125,7 @@ pub struct ValidRequest {
     pub deadline: Option<Instant>,
     /// The compiled constraint, at the start of its grammar.
     pub constraint: Option<ConstraintState>,
+    pub logprobs: Option<usize>,
 }
 
 /// What validation needs to know of a model.
@@ -157,6 +174,9 @@ impl ValidRequest {
         if req.deadline == Some(Duration::ZERO) {
             return bad(Validation::Deadline);
         }
+        if let Some(n) = req.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return bad(Validation::TopLogprobs(n));
+        }
         let submitted = Instant::now();
         Ok(Self {
             model,
@@ -170,6 +190,7 @@ impl ValidRequest {
             submitted,
             deadline: req.deadline.map(|d| submitted + d),
             constraint: None,
+            logprobs: req.logprobs,
         })
     }
 

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::request::ValidRequest;
 use crate::constraint::ConstraintState;
 use crate::kv_cache::BlockTable;
-use crate::sampling::Sampler;
+use crate::sampling::{Logprobs, Sampler};
 use crate::stop::{StopReason, StopStrings};
 use crate::tokenizer::{Detokenizer, Tokenizer};
 use crate::{Error, Result};
@@ -31,12 +31,52 @@ pub struct Usage {
     pub constraint_time: Duration,
 }
 
+/// One generated token's log-probability (see `Sampler::logprobs`) and the most likely
+/// tokens' at its step, each with its bytes (a token may hold part of a character). A token
+/// a constraint forced has log-probability 0.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TopLogprob {
+    pub token: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+impl TokenLogprob {
+    fn new(lp: Logprobs, tok: &Tokenizer) -> Self {
+        Self {
+            token: lp.token,
+            bytes: tok.token_bytes(lp.token),
+            logprob: lp.logprob,
+            top: lp
+                .top
+                .into_iter()
+                .map(|(token, logprob)| TopLogprob {
+                    token,
+                    bytes: tok.token_bytes(token),
+                    logprob,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// What a caller receives, in order: deltas, then one `Done`.
 #[derive(Clone, Debug)]
 pub enum Event {
     Delta {
         text: String,
         tokens: Vec<u32>,
+        /// One per token when the request asked for log-probabilities, else empty.
+        logprobs: Vec<TokenLogprob>,
     },
     Done {
         stop_reason: StopReason,
@@ -64,6 +104,7 @@ pub(crate) struct Seq {
     /// Tokens sampled but not yet sent (sent once per step, with their text).
     pending_tokens: Vec<u32>,
     pending_text: String,
+    pending_logprobs: Vec<TokenLogprob>,
     pub usage: Usage,
     admitted: Option<Instant>,
     first_token: Option<Instant>,
@@ -103,6 +144,7 @@ impl Seq {
             events,
             pending_tokens: Vec::new(),
             pending_text: String::new(),
+            pending_logprobs: Vec::new(),
             admitted: None,
             first_token: None,
             finished: None,
@@ -153,7 +195,17 @@ impl Seq {
             self.sampler
                 .penalize_repeats(logits, &self.tokens, tok.dry_breakers());
         }
-        let t = self.sampler.sample(logits, &self.tokens);
+        let t = match self.req.logprobs {
+            None => self.sampler.sample(logits, &self.tokens),
+            Some(top) => {
+                self.sampler.penalize(logits, &self.tokens);
+                let row = logits.to_vec();
+                let t = self.sampler.draw(logits);
+                let lp = self.sampler.logprobs(&row, t, top);
+                self.pending_logprobs.push(TokenLogprob::new(lp, tok));
+                t
+            }
+        };
         if self.first_token.is_none() {
             self.first_token = Some(Instant::now());
             self.usage.time_to_first_token = self.req.submitted.elapsed();
@@ -176,6 +228,15 @@ impl Seq {
                     break;
                 }
                 added += 1;
+                if let Some(top) = self.req.logprobs {
+                    // The grammar allowed nothing else: probability 1.
+                    let lp = Logprobs {
+                        token: f,
+                        logprob: 0.0,
+                        top: if top > 0 { vec![(f, 0.0)] } else { Vec::new() },
+                    };
+                    self.pending_logprobs.push(TokenLogprob::new(lp, tok));
+                }
                 stop = self.push(f, tok)?;
                 if stop.is_some() {
                     break;
@@ -244,6 +305,7 @@ impl Seq {
             let _ = self.events.send(Ok(Event::Delta {
                 text: std::mem::take(&mut self.pending_text),
                 tokens: std::mem::take(&mut self.pending_tokens),
+                logprobs: std::mem::take(&mut self.pending_logprobs),
             }));
         }
         if let Some(e) = self.failure.take() {

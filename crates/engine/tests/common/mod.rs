@@ -141,6 +141,8 @@ impl Rng {
 // Tokenizer: 3 control tokens, the 256 byte tokens of GPT-2's byte-level BPE, 41 merges.
 
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+/// Fill-in-the-middle tokens (Qwen2.5-Coder's), control tokens at the end of the vocabulary.
+pub const FIM_TOKENS: [&str; 3] = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"];
 
 const MERGES: [&str; 41] = [
     "Ġ t",
@@ -203,7 +205,7 @@ pub fn byte_chars() -> Vec<char> {
         .collect()
 }
 
-/// The vocabulary, in id order (300 tokens).
+/// The vocabulary, in id order (303 tokens: the FIM tokens last).
 pub fn vocab() -> Vec<String> {
     let mut tokens: Vec<String> = SPECIAL_TOKENS.map(String::from).to_vec();
     tokens.extend(byte_chars().into_iter().map(String::from));
@@ -215,6 +217,7 @@ pub fn vocab() -> Vec<String> {
         );
         tokens.push(format!("{l}{r}"));
     }
+    tokens.extend(FIM_TOKENS.map(String::from));
     tokens
 }
 
@@ -223,7 +226,10 @@ pub fn tokenizer_metadata(pre: &str) -> Vec<(String, Value)> {
     let tokens = vocab();
     let s = |x: &str| Value::String(x.to_string());
     let types: Vec<Value> = (0..tokens.len())
-        .map(|i| Value::I32(if i < SPECIAL_TOKENS.len() { 3 } else { 1 }))
+        .map(|i| {
+            let control = i < SPECIAL_TOKENS.len() || i >= tokens.len() - FIM_TOKENS.len();
+            Value::I32(if control { 3 } else { 1 })
+        })
         .collect();
     vec![
         ("tokenizer.ggml.model".into(), s("gpt2")),
