@@ -128,10 +128,14 @@ pub struct ServeProcess {
     /// What it printed to stderr up to the address line.
     pub banner: String,
     stderr: Option<BufReader<ChildStderr>>,
+    /// Its data directory, unless the test gave one (`--data-dir`).
+    _data: Option<tempfile::TempDir>,
 }
 
 impl ServeProcess {
+    /// Started with `args`, and a data directory of its own unless they give `--data-dir`.
     pub fn start(args: &[&str]) -> Self {
+        let data = (!args.contains(&"--data-dir")).then(|| tempfile::tempdir().unwrap());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_forgeline"));
         // A test's server takes its settings from its flags alone.
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("FORGELINE_")) {
@@ -141,6 +145,10 @@ impl ServeProcess {
             .arg("serve")
             .args(["--port", "0", "--models-dir"])
             .arg(models_dir())
+            .args(
+                data.iter()
+                    .flat_map(|d| [std::ffi::OsStr::new("--data-dir"), d.path().as_os_str()]),
+            )
             .args(args)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
@@ -171,7 +179,14 @@ impl ServeProcess {
             addr,
             banner,
             stderr: Some(stderr),
+            _data: data,
         }
+    }
+
+    /// SIGKILL: no grace period, no last writes.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// Sends SIGTERM and returns the exit code and the rest of stderr.

@@ -1,8 +1,9 @@
 //! `forgeline serve`: loads the models, starts the engine, the sandbox and the pipeline, and
 //! serves the HTTP API until SIGTERM or Ctrl-C.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,8 @@ use forgeline_engine::loader::LoadedModel;
 use forgeline_engine::scheduler::{LlmClient, SchedulerConfig};
 use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
 use forgeline_sandbox::{Sandbox, SandboxConfig};
+use forgeline_server::jobs::store::parse_age;
+use forgeline_server::jobs::{FileStore, JobStore, Retention};
 use forgeline_server::{
     check_exposure, AllowedOrigins, ApiKey, JobLimits, ModelCard, Server, ServerConfig,
 };
@@ -60,9 +63,18 @@ pub struct ServeArgs {
     /// Pipeline jobs running at once; more get 429
     #[arg(long, default_value_t = 4, env = "FORGELINE_MAX_JOBS")]
     pub max_jobs: usize,
-    /// Jobs kept for `GET /v1/jobs/{id}` (the oldest finished go first)
+    /// Jobs kept for `GET /v1/jobs/{id}` (those that ended first go first)
     #[arg(long, default_value_t = 256, env = "FORGELINE_JOBS_KEPT")]
     pub jobs_kept: usize,
+    /// Where forgeline keeps its data; jobs (requests, states, events, results) are kept under its jobs/, across restarts [default: $XDG_DATA_HOME/forgeline, else ~/.local/share/forgeline]
+    #[arg(long, env = "FORGELINE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// How long finished jobs are kept: seconds, or a number with s, m, h, d or w (90m, 7d); 0 keeps them however old
+    #[arg(long, default_value = "7d", env = "FORGELINE_KEEP_JOBS_FOR")]
+    pub keep_jobs_for: String,
+    /// Megabytes the stored jobs may take; past it, those that ended first go (0: no bound)
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(0..=1 << 40), env = "FORGELINE_JOBS_STORE_MAX_MB")]
+    pub jobs_store_max_mb: u64,
     /// Serve the OpenAI-compatible API only, without pipeline jobs
     #[arg(long, env = "FORGELINE_NO_JOBS", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_jobs: bool,
@@ -125,6 +137,17 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
 
     let allowed_origins = AllowedOrigins::parse(&a.allowed_origins)
         .map_err(|e| crate::usage(format!("--allowed-origin: {e}")))?;
+    let retention = Retention {
+        keep_for: parse_age(&a.keep_jobs_for)
+            .map_err(|e| crate::usage(format!("--keep-jobs-for {e}")))?,
+        max_bytes: (a.jobs_store_max_mb > 0).then_some(a.jobs_store_max_mb << 20),
+    };
+    // Opened before the models load: a data directory another server holds fails at once.
+    let store = if a.no_jobs {
+        None
+    } else {
+        Some(open_store(a.data_dir.as_deref())?)
+    };
 
     let mut pipeline_config = PipelineArgs {
         model: None,
@@ -169,7 +192,20 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
                 Ok(sandbox) => {
                     let llm = Arc::new(client);
                     let pipeline = Pipeline::new(llm, sandbox, prompts, pipeline_config);
-                    server = server.with_jobs(pipeline, jobs);
+                    let store = store.expect("opened unless --no-jobs");
+                    let dir = store.describe();
+                    let (s, restored) = server
+                        .with_stored_jobs(pipeline, jobs, store, retention)
+                        .map_err(|e| crate::usage(format!("job store {dir}: {e}")))?;
+                    server = s;
+                    eprintln!(
+                        "forgeline serve: jobs kept in {dir} ({} finished, {} running again{}{}{})",
+                        restored.finished,
+                        restored.requeued,
+                        plural_note(restored.failed, "ended as failed instead"),
+                        plural_note(restored.removed, "removed by retention"),
+                        plural_note(restored.skipped, "unreadable, skipped"),
+                    );
                 }
                 Err(e) => eprintln!("forgeline serve: pipeline jobs disabled: {e}"),
             }
@@ -210,6 +246,51 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `, N what` when N is not 0.
+fn plural_note(n: usize, what: &str) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(", {n} {what}")
+    }
+}
+
+/// `--data-dir` when given, else `$XDG_DATA_HOME/forgeline` (an absolute one), else
+/// `~/.local/share/forgeline`.
+fn data_dir(
+    flag: Option<&Path>,
+    xdg: Option<OsString>,
+    home: Option<OsString>,
+) -> Result<PathBuf, String> {
+    if let Some(d) = flag {
+        return Ok(d.to_path_buf());
+    }
+    if let Some(x) = xdg.map(PathBuf::from).filter(|p| p.is_absolute()) {
+        return Ok(x.join("forgeline"));
+    }
+    match home.filter(|h| !h.is_empty()) {
+        Some(h) => Ok(PathBuf::from(h).join(".local/share/forgeline")),
+        None => Err(
+            "no --data-dir (FORGELINE_DATA_DIR), and neither XDG_DATA_HOME nor HOME is set to \
+             find a default; give --data-dir, or --no-jobs"
+                .into(),
+        ),
+    }
+}
+
+/// The job store in the data directory's `jobs/`, locked for this server.
+fn open_store(flag: Option<&Path>) -> anyhow::Result<Arc<dyn JobStore>> {
+    let dir = data_dir(
+        flag,
+        std::env::var_os("XDG_DATA_HOME"),
+        std::env::var_os("HOME"),
+    )
+    .map_err(crate::usage)?;
+    let store = FileStore::open(dir.join("jobs"))
+        .map_err(|e| crate::usage(format!("--data-dir {}: {e}", dir.display())))?;
+    Ok(Arc::new(store))
 }
 
 /// Loads the models to serve (the default one when none is named) and those the pipeline
@@ -276,5 +357,28 @@ mod tests {
         );
         assert_eq!(listen_address("::1").unwrap().to_string(), "::1");
         assert_eq!(listen_address("0.0.0.0").unwrap().to_string(), "0.0.0.0");
+    }
+
+    #[test]
+    fn the_data_dir_is_the_flag_else_the_xdg_data_home_else_under_home() {
+        let os = |s: &str| Some(OsString::from(s));
+        let flag = Path::new("/srv/fl");
+        assert_eq!(data_dir(Some(flag), os("/x"), os("/home/u")).unwrap(), flag);
+        assert_eq!(
+            data_dir(None, os("/x"), os("/home/u")).unwrap(),
+            Path::new("/x/forgeline")
+        );
+        // A relative XDG_DATA_HOME is not one (the XDG spec says to ignore it).
+        assert_eq!(
+            data_dir(None, os("rel"), os("/home/u")).unwrap(),
+            Path::new("/home/u/.local/share/forgeline")
+        );
+        assert_eq!(
+            data_dir(None, None, os("/home/u")).unwrap(),
+            Path::new("/home/u/.local/share/forgeline")
+        );
+        assert!(data_dir(None, None, None)
+            .unwrap_err()
+            .contains("--data-dir"));
     }
 }

@@ -6,17 +6,27 @@
 //! A job never dies silently: its run is a task of its own, watched by a second one that
 //! ends the job as failed, with the panic's message as its error, if the run panics (which
 //! frees its slot); only cancelling ends a job without a result or an error of its own.
+//!
+//! With a store (`store`: the `JobStore` seam; `file_store`: plain files in the data
+//! directory) the table writes every job through: its request and record when accepted,
+//! each event, its end, its removal. On start (`Jobs::restore`) it loads the store's jobs:
+//! finished ones are served as before; those that were running when the process stopped run
+//! again from the start under the same id, after a `job.requeued` event that says so.
+//! Retention (count, age, size) removes the jobs that ended first, at start and as jobs end
+//! or come.
 
+mod file_store;
 mod routes;
+pub mod store;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use forgeline_pipeline::llm::BoxFuture;
 use forgeline_pipeline::{EventStatus, Format, JobEvent, JobOutcome, Pipeline, TaskRequest};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
@@ -24,7 +34,9 @@ use tokio::task::{AbortHandle, JoinHandle};
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
 
+pub use file_store::FileStore;
 pub use routes::routes;
+pub use store::{JobRecord, JobStore, Retention, StoredRequest};
 
 /// How many jobs run and are kept.
 #[derive(Clone, Debug)]
@@ -47,7 +59,11 @@ impl Default for JobLimits {
 /// Events kept per job; a job that emits more keeps its first ones and counts the rest.
 const MAX_EVENTS: usize = 10_000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// Starts a job gets: one that was running when the server stopped this many times (a job
+/// that brings the server down, say) ends as failed instead of running again.
+pub const MAX_RUNS: u32 = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Running,
@@ -71,6 +87,13 @@ impl JobState {
     }
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
 /// One job.
 pub struct Job {
     pub id: String,
@@ -80,18 +103,68 @@ pub struct Job {
     /// Bumped on every change, for readers of the event stream.
     changed: watch::Sender<u64>,
     abort: Mutex<Option<AbortHandle>>,
+    /// Held around the job's store writes, which it keeps in order; true once the job is
+    /// removed, after which nothing more is written.
+    io: Mutex<bool>,
 }
 
 struct JobInner {
     state: JobState,
-    events: Vec<JobEvent>,
+    /// As the API streams them: JSON objects with `object` (`job.event`, `job.requeued`).
+    events: Vec<Value>,
     events_dropped: usize,
     result: Option<Value>,
     output: Option<String>,
     error: Option<Value>,
+    runs: u32,
+    finished: Option<u64>,
 }
 
 impl Job {
+    fn new(id: String, created: u64, task: String, inner: JobInner) -> Self {
+        Self {
+            id,
+            created,
+            task,
+            inner: Mutex::new(inner),
+            changed: watch::channel(0).0,
+            abort: Mutex::new(None),
+            io: Mutex::new(false),
+        }
+    }
+
+    /// A job read back from a store.
+    fn from_record(r: JobRecord, events: Vec<Value>) -> Self {
+        let inner = JobInner {
+            state: r.state,
+            events,
+            events_dropped: r.events_dropped,
+            result: r.result,
+            output: r.output,
+            error: r.error,
+            runs: r.runs.max(1),
+            finished: r.finished,
+        };
+        Self::new(r.id, r.created, r.task, inner)
+    }
+
+    /// The job as a store keeps it.
+    fn record(&self) -> JobRecord {
+        let inner = self.lock();
+        JobRecord {
+            id: self.id.clone(),
+            created: self.created,
+            task: self.task.clone(),
+            state: inner.state,
+            runs: inner.runs,
+            finished: inner.finished,
+            result: inner.result.clone(),
+            output: inner.output.clone(),
+            error: inner.error.clone(),
+            events_dropped: inner.events_dropped,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, JobInner> {
         // A panic while holding the lock leaves plain data behind; keep using it.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -105,16 +178,20 @@ impl Job {
         self.lock().state
     }
 
-    fn push_event(&self, ev: JobEvent) {
-        {
+    /// Keeps an event (true), or counts it past the cap (false).
+    fn push_event(&self, ev: Value) -> bool {
+        let kept = {
             let mut inner = self.lock();
             if inner.events.len() < MAX_EVENTS {
                 inner.events.push(ev);
+                true
             } else {
                 inner.events_dropped += 1;
+                false
             }
-        }
+        };
         self.bump();
+        kept
     }
 
     /// Ends the job unless it has ended already (cancelled meanwhile); true if it did.
@@ -125,6 +202,7 @@ impl Job {
                 false
             } else {
                 inner.state = state;
+                inner.finished = Some(unix_now());
                 f(&mut inner);
                 true
             }
@@ -136,7 +214,7 @@ impl Job {
     }
 
     /// Events from `from` on, and whether the job has ended.
-    fn events_since(&self, from: usize) -> (Vec<JobEvent>, JobState) {
+    fn events_since(&self, from: usize) -> (Vec<Value>, JobState) {
         let inner = self.lock();
         let new = inner.events.get(from..).unwrap_or_default().to_vec();
         (new, inner.state)
@@ -149,7 +227,9 @@ impl Job {
             "id": self.id,
             "object": "job",
             "created": self.created,
+            "finished": inner.finished,
             "state": inner.state,
+            "runs": inner.runs,
             "task": self.task,
             "events": inner.events.len() + inner.events_dropped,
             "result": inner.result,
@@ -182,22 +262,35 @@ impl JobRunner for Pipeline {
     }
 }
 
+/// What a start found in the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Finished jobs kept, served as before.
+    pub finished: usize,
+    /// Jobs that were running, started again under their ids.
+    pub requeued: usize,
+    /// Jobs that were running whose request could not be read back, or that had been
+    /// started `MAX_RUNS` times: ended as failed.
+    pub failed: usize,
+    /// Finished jobs removed by retention.
+    pub removed: usize,
+    /// Jobs the store could not read (each logged), left as they are.
+    pub skipped: usize,
+}
+
 /// The job table. Shared by `Arc`.
 pub struct Jobs {
     runner: Arc<dyn JobRunner>,
     metrics: Arc<Metrics>,
     limits: JobLimits,
-    table: Mutex<Table>,
+    retention: Retention,
+    store: Option<Arc<dyn JobStore>>,
+    table: Mutex<HashMap<String, Arc<Job>>>,
     serial: AtomicU64,
+    /// Jobs that have not ended, or whose end is not yet in the store, for `wait_idle`.
+    active: AtomicUsize,
     /// Bumped whenever a job ends, for `wait_idle`.
     ended: watch::Sender<u64>,
-}
-
-#[derive(Default)]
-struct Table {
-    jobs: HashMap<String, Arc<Job>>,
-    /// Ids oldest first, for eviction.
-    order: VecDeque<String>,
 }
 
 impl Jobs {
@@ -219,39 +312,210 @@ impl Jobs {
             runner,
             metrics,
             limits,
+            retention: Retention::default(),
+            store: None,
             table: Mutex::default(),
             serial: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
             ended: watch::channel(0).0,
         }
     }
 
-    /// Resolves once no job is running.
+    /// Keeps the jobs in `store` too, within `retention`; `restore` loads what it holds.
+    pub fn with_store(mut self, store: Arc<dyn JobStore>, retention: Retention) -> Self {
+        self.store = Some(store);
+        self.retention = retention;
+        self
+    }
+
+    /// Loads the store's jobs (on a tokio runtime, before serving): finished ones are kept
+    /// within retention; those that were running start again under their ids, after a
+    /// `job.requeued` event. An error only when the store cannot be read at all.
+    pub fn restore(self: &Arc<Self>) -> std::io::Result<Restored> {
+        let Some(store) = self.store.clone() else {
+            return Ok(Restored::default());
+        };
+        let loaded = store.load()?;
+        let mut out = Restored {
+            skipped: loaded.skipped,
+            ..Restored::default()
+        };
+        let mut again = Vec::new();
+        let victims = {
+            let mut table = self.table();
+            for stored in loaded.jobs {
+                let job = Arc::new(Job::from_record(stored.record, stored.events));
+                if table.contains_key(&job.id) {
+                    continue;
+                }
+                if job.state() == JobState::Running {
+                    self.active.fetch_add(1, Ordering::SeqCst);
+                    again.push((job.clone(), stored.request));
+                }
+                table.insert(job.id.clone(), job);
+            }
+            self.take_expired(&mut table, 0)
+        };
+        out.removed = victims.len();
+        self.forget_all(&victims);
+        out.finished = self.len() - again.len();
+        for (job, request) in again {
+            let runs = job.lock().runs;
+            let why = match &request {
+                None => Some(
+                    "the server stopped while the job was running, and its request could not be \
+                     read back to run it again"
+                        .to_string(),
+                ),
+                Some(_) if runs >= MAX_RUNS => Some(format!(
+                    "the server stopped during each of the job's {runs} runs; it is not run again"
+                )),
+                Some(_) => None,
+            };
+            let (Some(request), None) = (request, &why) else {
+                out.failed += 1;
+                let error = json!({"message": why, "type": "server_error"});
+                self.finish(
+                    &job,
+                    JobState::Failed,
+                    |inner| inner.error = Some(error),
+                    true,
+                );
+                continue;
+            };
+            out.requeued += 1;
+            let run = {
+                let mut inner = job.lock();
+                inner.runs += 1;
+                inner.runs
+            };
+            let ev = json!({
+                "object": "job.requeued",
+                "id": job.id,
+                "run": run,
+                "time": unix_now(),
+                "message": format!(
+                    "the server stopped while the job was running (run {}); it runs again from \
+                     the start under the same id",
+                    run - 1
+                ),
+            });
+            self.add_event(&job, ev);
+            self.persist(&job, "record its new run", |s| s.update(&job.record()));
+            self.start(job, request.task, request.format);
+        }
+        Ok(out)
+    }
+
+    /// Where the jobs are stored, if anywhere.
+    pub fn store(&self) -> Option<&Arc<dyn JobStore>> {
+        self.store.as_ref()
+    }
+
+    /// Resolves once no job is running (and every ended job's end is stored).
     pub async fn wait_idle(&self) {
         let mut ended = self.ended.subscribe();
-        while self.running() > 0 {
+        while self.active.load(Ordering::SeqCst) > 0 {
             if ended.changed().await.is_err() {
                 return;
             }
         }
     }
 
-    /// Ends a running job, counting it; false if it had ended already (cancelled meanwhile).
-    fn finish(&self, job: &Job, state: JobState, f: impl FnOnce(&mut JobInner)) -> bool {
+    /// Ends a running job, counting it and (if `durable`) storing its end; false if it had
+    /// ended already (cancelled meanwhile).
+    fn finish(
+        &self,
+        job: &Job,
+        state: JobState,
+        f: impl FnOnce(&mut JobInner),
+        durable: bool,
+    ) -> bool {
         let ended = job.end(state, f);
         if ended {
             self.metrics.record_job(state.name());
+            if durable {
+                self.persist(job, "record its end", |s| s.update(&job.record()));
+            }
+            self.active.fetch_sub(1, Ordering::SeqCst);
             self.ended.send_modify(|n| *n += 1);
+            // Not at a shutdown's cancel: those jobs are to run again, not to be removed.
+            if durable {
+                let victims = self.take_expired(&mut self.table(), 0);
+                self.forget_all(&victims);
+            }
         }
         ended
     }
 
-    fn table(&self) -> MutexGuard<'_, Table> {
+    /// Runs `f` on the store for `job`, unless the job is gone; a failure is logged, and the
+    /// job goes on in memory.
+    fn persist(&self, job: &Job, what: &str, f: impl FnOnce(&dyn JobStore) -> std::io::Result<()>) {
+        let Some(store) = &self.store else { return };
+        let gone = job.io.lock().unwrap_or_else(|p| p.into_inner());
+        if *gone {
+            return;
+        }
+        if let Err(e) = f(store.as_ref()) {
+            tracing::warn!(job = %job.id, "job store {}: cannot {what}: {e}", store.describe());
+        }
+    }
+
+    /// Removes jobs (already out of the table) from the store.
+    fn forget_all(&self, jobs: &[Arc<Job>]) {
+        for job in jobs {
+            let mut gone = job.io.lock().unwrap_or_else(|p| p.into_inner());
+            *gone = true;
+            if let Some(store) = &self.store {
+                if let Err(e) = store.remove(&job.id) {
+                    tracing::warn!(job = %job.id, "job store {}: cannot remove the job: {e}", store.describe());
+                }
+            }
+        }
+    }
+
+    /// Takes out of the table the finished jobs retention removes, with `room` more to come.
+    fn take_expired(&self, table: &mut HashMap<String, Arc<Job>>, room: usize) -> Vec<Arc<Job>> {
+        let kept: Vec<store::Kept> = table
+            .values()
+            .map(|j| store::Kept {
+                id: j.id.clone(),
+                finished: {
+                    let inner = j.lock();
+                    inner.finished.filter(|_| inner.state.is_done())
+                },
+                bytes: self.store.as_ref().map_or(0, |s| s.bytes(&j.id)),
+            })
+            .collect();
+        store::expired(
+            &kept,
+            unix_now(),
+            self.limits.max_kept,
+            room,
+            &self.retention,
+        )
+        .iter()
+        .filter_map(|id| table.remove(id))
+        .collect()
+    }
+
+    /// Keeps an event, and stores it.
+    fn add_event(&self, job: &Job, ev: Value) {
+        if self.store.is_some() {
+            if job.push_event(ev.clone()) {
+                self.persist(job, "store an event", |s| s.append_event(&job.id, &ev));
+            }
+        } else {
+            job.push_event(ev);
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<Job>>> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn running(&self) -> usize {
         self.table()
-            .jobs
             .values()
             .filter(|j| j.state() == JobState::Running)
             .count()
@@ -259,7 +523,7 @@ impl Jobs {
 
     /// Jobs in the table, running and finished.
     pub fn len(&self) -> usize {
-        self.table().jobs.len()
+        self.table().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -267,87 +531,113 @@ impl Jobs {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Job>> {
-        self.table().jobs.get(id).cloned()
+        self.table().get(id).cloned()
     }
 
-    /// Starts a job, or refuses it whole (429) when as many as allowed are running.
+    /// Starts a job, or refuses it whole (429) when as many as allowed are running; with a
+    /// store, the job is stored before this returns (503 if it cannot be).
     pub fn submit(self: &Arc<Self>, task: TaskRequest, format: Format) -> ApiResult<Arc<Job>> {
-        let job = {
-            let mut table = self.table();
-            let running = table
-                .jobs
-                .values()
-                .filter(|j| j.state() == JobState::Running)
-                .count();
-            if running >= self.limits.max_running {
-                return Err(ApiError::overloaded(format!(
-                    "{running} jobs are running (limit {}); retry later",
-                    self.limits.max_running
-                )));
-            }
-            while table.jobs.len() >= self.limits.max_kept {
-                let Some(pos) = table
-                    .order
-                    .iter()
-                    .position(|id| table.jobs.get(id).is_some_and(|j| j.state().is_done()))
-                else {
-                    break;
-                };
-                if let Some(id) = table.order.remove(pos) {
-                    table.jobs.remove(&id);
+        for _ in 0..3 {
+            let (job, victims) = {
+                let mut table = self.table();
+                let running = table
+                    .values()
+                    .filter(|j| j.state() == JobState::Running)
+                    .count();
+                if running >= self.limits.max_running {
+                    return Err(ApiError::overloaded(format!(
+                        "{running} jobs are running (limit {}); retry later",
+                        self.limits.max_running
+                    )));
                 }
-            }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-            let job = Arc::new(Job {
-                id: format!("job-{:x}{serial:04x}", now.as_millis()),
-                created: now.as_secs(),
-                task: task.task.chars().take(200).collect(),
-                inner: Mutex::new(JobInner {
+                let victims = self.take_expired(&mut table, 1);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let id = loop {
+                    let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+                    let id = format!("job-{:x}{serial:04x}", now.as_millis());
+                    if !table.contains_key(&id) {
+                        break id;
+                    }
+                };
+                let inner = JobInner {
                     state: JobState::Running,
                     events: Vec::new(),
                     events_dropped: 0,
                     result: None,
                     output: None,
                     error: None,
-                }),
-                changed: watch::channel(0).0,
-                abort: Mutex::new(None),
-            });
-            table.order.push_back(job.id.clone());
-            table.jobs.insert(job.id.clone(), job.clone());
-            job
-        };
+                    runs: 1,
+                    finished: None,
+                };
+                let task = task.task.chars().take(200).collect();
+                let job = Arc::new(Job::new(id, now.as_secs(), task, inner));
+                table.insert(job.id.clone(), job.clone());
+                self.active.fetch_add(1, Ordering::SeqCst);
+                (job, victims)
+            };
+            self.forget_all(&victims);
+            if let Some(store) = &self.store {
+                let request = StoredRequest {
+                    task: task.clone(),
+                    format,
+                };
+                if let Err(e) = store.create(&job.record(), &request) {
+                    self.table().remove(&job.id);
+                    self.active.fetch_sub(1, Ordering::SeqCst);
+                    self.ended.send_modify(|n| *n += 1);
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        continue;
+                    }
+                    tracing::error!(job = %job.id, "job store {}: cannot store a new job: {e}", store.describe());
+                    return Err(ApiError::unavailable(format!(
+                        "the job could not be stored ({e}); retry later"
+                    )));
+                }
+            }
+            self.start(job.clone(), task, format);
+            return Ok(job);
+        }
+        Err(ApiError::internal("no free job id"))
+    }
+
+    /// Runs a job that is in the table (and counted active) on the runner.
+    fn start(self: &Arc<Self>, job: Arc<Job>, task: TaskRequest, format: Format) {
         let (tx, rx) = mpsc::unbounded_channel();
         let run = tokio::spawn(self.runner.run(task, format, tx));
         if let Ok(mut a) = job.abort.lock() {
             *a = Some(run.abort_handle());
         }
-        tokio::spawn(watch_job(self.clone(), job.clone(), run, rx));
-        Ok(job)
+        tokio::spawn(watch_job(self.clone(), job, run, rx));
     }
 
-    /// Cancels a running job (true), or removes a finished one from the table (false).
+    /// Cancels a running job (true), or removes a finished one from the table and the store
+    /// (false).
     pub fn cancel_or_remove(&self, job: &Arc<Job>) -> bool {
         if self.cancel(job) {
             return true;
         }
-        let mut table = self.table();
-        table.jobs.remove(&job.id);
-        table.order.retain(|id| *id != job.id);
+        let removed = self.table().remove(&job.id);
+        if let Some(j) = removed {
+            self.forget_all(&[j]);
+        }
         false
     }
 
     fn cancel(&self, job: &Job) -> bool {
-        self.cancel_with(job, "the job was cancelled")
+        self.cancel_with(job, "the job was cancelled", true)
     }
 
-    fn cancel_with(&self, job: &Job, why: &str) -> bool {
-        let cancelled = self.finish(job, JobState::Cancelled, |inner| {
-            inner.error = Some(json!({"message": why}));
-        });
+    fn cancel_with(&self, job: &Job, why: &str, durable: bool) -> bool {
+        let cancelled = self.finish(
+            job,
+            JobState::Cancelled,
+            |inner| {
+                inner.error = Some(json!({"message": why}));
+            },
+            durable,
+        );
         if cancelled {
             if let Some(a) = job.abort.lock().ok().and_then(|mut a| a.take()) {
                 a.abort();
@@ -357,10 +647,39 @@ impl Jobs {
     }
 
     /// Cancels every running job (the end of a shutdown's grace period); how many it did.
+    /// With a store their end is not stored: they run again when the server starts again.
     pub fn cancel_all(&self) -> usize {
-        let jobs: Vec<Arc<Job>> = self.table().jobs.values().cloned().collect();
-        let why = "the server shut down and the job did not finish within the grace period";
-        jobs.iter().filter(|j| self.cancel_with(j, why)).count()
+        let jobs: Vec<Arc<Job>> = self.table().values().cloned().collect();
+        let why = if self.store.is_some() {
+            "the server shut down and the job did not finish within the grace period; it runs \
+             again when the server starts again on the same data directory"
+        } else {
+            "the server shut down and the job did not finish within the grace period"
+        };
+        jobs.iter()
+            .filter(|j| self.cancel_with(j, why, false))
+            .count()
+    }
+}
+
+impl crate::Server {
+    /// Runs pipeline jobs as `with_jobs` does, keeping them in `store` within `limits` and
+    /// `retention`: loads what the store holds (on a tokio runtime), and runs again the jobs
+    /// that were running when the store's last server stopped. An error only when the store
+    /// cannot be read at all.
+    pub fn with_stored_jobs(
+        mut self,
+        pipeline: Pipeline,
+        limits: JobLimits,
+        store: Arc<dyn JobStore>,
+        retention: Retention,
+    ) -> std::io::Result<(Self, Restored)> {
+        let jobs =
+            Jobs::new(pipeline, self.state.metrics.clone(), limits).with_store(store, retention);
+        let jobs = Arc::new(jobs);
+        let restored = jobs.restore()?;
+        self.state.jobs = Some(jobs);
+        Ok((self, restored))
     }
 }
 
@@ -376,17 +695,22 @@ async fn watch_job(
     let outcome = loop {
         tokio::select! {
             biased;
-            Some(ev) = rx.recv() => record(&jobs.metrics, &job, ev),
+            Some(ev) = rx.recv() => record(&jobs, &job, ev),
             r = &mut run => break r,
         }
     };
     while let Ok(ev) = rx.try_recv() {
-        record(&jobs.metrics, &job, ev);
+        record(&jobs, &job, ev);
     }
     let metrics = &jobs.metrics;
     let failed = |message: String, kind: &str| {
         let error = json!({"message": message, "type": kind});
-        jobs.finish(&job, JobState::Failed, |inner| inner.error = Some(error));
+        jobs.finish(
+            &job,
+            JobState::Failed,
+            |inner| inner.error = Some(error),
+            true,
+        );
     };
     match outcome {
         Ok(Ok(JobOutcome {
@@ -399,10 +723,15 @@ async fn watch_job(
             }
             metrics.record_verdict(result.verdict.status.name());
             let value = serde_json::to_value(&result).unwrap_or(Value::Null);
-            jobs.finish(&job, JobState::Succeeded, |inner| {
-                inner.result = Some(value);
-                inner.output = Some(rendered);
-            });
+            jobs.finish(
+                &job,
+                JobState::Succeeded,
+                |inner| {
+                    inner.result = Some(value);
+                    inner.output = Some(rendered);
+                },
+                true,
+            );
         }
         Ok(Err(e)) => failed(e.to_string(), error_kind(&e)),
         Err(e) if e.is_panic() => {
@@ -439,14 +768,18 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "(a panic without a message)".into())
 }
 
-/// Keeps an event and counts stage verdicts.
-fn record(metrics: &Metrics, job: &Job, ev: JobEvent) {
+/// Keeps (and stores) an event as the API streams it, and counts stage verdicts.
+fn record(jobs: &Jobs, job: &Job, ev: JobEvent) {
     match ev.status {
-        EventStatus::Passed => metrics.record_stage_result(ev.stage.name(), true),
-        EventStatus::Failed => metrics.record_stage_result(ev.stage.name(), false),
+        EventStatus::Passed => jobs.metrics.record_stage_result(ev.stage.name(), true),
+        EventStatus::Failed => jobs.metrics.record_stage_result(ev.stage.name(), false),
         _ => {}
     }
-    job.push_event(ev);
+    let mut v = serde_json::to_value(&ev).unwrap_or(Value::Null);
+    if let Value::Object(o) = &mut v {
+        o.insert("object".into(), json!("job.event"));
+    }
+    jobs.add_event(job, v);
 }
 
 #[cfg(test)]

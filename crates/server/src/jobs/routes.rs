@@ -116,10 +116,8 @@ fn event_stream(job: Arc<Job>) -> impl Stream<Item = Result<SseEvent, Infallible
             let (new, state) = st.job.events_since(st.next);
             st.next += new.len();
             for ev in &new {
-                let mut v = serde_json::to_value(ev).unwrap_or(Value::Null);
-                v["object"] = json!("job.event");
                 st.pending
-                    .push_back(SseEvent::default().data(v.to_string()));
+                    .push_back(SseEvent::default().data(ev.to_string()));
             }
             if !new.is_empty() {
                 continue;
