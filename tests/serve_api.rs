@@ -172,13 +172,16 @@ async fn completions_whole_and_streamed_with_usage() {
     // The gauges llm-d's gateway reads, under vLLM's names.
     let model_name = "model_name=\"smollm2-135m-instruct\"";
     assert!(metric(&m, &format!("vllm:num_requests_waiting{{{model_name}}}")).is_some());
-    // KV usage is the share of the budget in use, from the same snapshot as the bytes.
+    // KV usage is the share of the budget sequences hold (blocks only the prefix cache keeps
+    // are free, as in vLLM), from the same snapshot as the bytes.
     let used = metric(&m, &format!("forgeline_kv_used_bytes{{{model}}}")).unwrap();
+    let active = metric(&m, &format!("forgeline_kv_active_bytes{{{model}}}")).unwrap();
     let budget = metric(&m, &format!("forgeline_kv_budget_bytes{{{model}}}")).unwrap();
+    assert!(active <= used, "active {active}, used {used}");
     for name in ["vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"] {
         let usage = metric(&m, &format!("{name}{{{model_name}}}")).unwrap();
         assert!((0.0..=1.0).contains(&usage), "{name} {usage}");
-        assert!((usage - used / budget).abs() < 1e-9, "{name} {usage}: {m}");
+        assert!((usage - active / budget).abs() < 1e-9, "{name} {usage}: {m}");
     }
     server.stop().await;
 }
@@ -445,6 +448,8 @@ async fn past_the_queue_limit_requests_get_429_and_are_not_queued() {
         (1, 1),
         "the refused request was not queued"
     );
+    // The running sequence holds KV that eviction cannot free.
+    assert!(st.models[0].kv_active_bytes > 0, "{st:?}");
 
     // Both clients go away: both requests end and the engine is idle again.
     drop(running);
@@ -453,6 +458,8 @@ async fn past_the_queue_limit_requests_get_429_and_are_not_queued() {
     let st = client.stats();
     assert_eq!(st.models[0].cancelled, 2);
     assert_eq!(st.models[0].kv_used_bytes, st.models[0].kv_cached_bytes);
+    // Idle: what the cache keeps can all be evicted; no sequence holds KV.
+    assert_eq!(st.models[0].kv_active_bytes, 0);
     server.stop().await;
 }
 

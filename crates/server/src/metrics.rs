@@ -260,7 +260,7 @@ impl Metrics {
 
     fn render_engine(&self, out: &mut Text, stats: &Stats) {
         type Get = fn(&forgeline_engine::scheduler::ModelSchedulerStats) -> f64;
-        let per_model: [(&str, &str, &str, Get); 14] = [
+        let per_model: [(&str, &str, &str, Get); 15] = [
             (
                 "forgeline_queue_depth",
                 "gauge",
@@ -308,6 +308,12 @@ impl Metrics {
                 "gauge",
                 "KV cache memory held by the prefix cache",
                 |m| m.kv_cached_bytes as f64,
+            ),
+            (
+                "forgeline_kv_active_bytes",
+                "gauge",
+                "KV cache memory sequences hold (what evicting the prefix cache cannot free)",
+                |m| m.kv_active_bytes as f64,
             ),
             (
                 "forgeline_kv_budget_bytes",
@@ -447,7 +453,7 @@ fn gateway_gauges(stats: &Stats) -> Registry {
         let usage = if m.kv_budget_bytes == 0 {
             0.0
         } else {
-            (m.kv_used_bytes as f64 / m.kv_budget_bytes as f64).clamp(0.0, 1.0)
+            (m.kv_active_bytes as f64 / m.kv_budget_bytes as f64).clamp(0.0, 1.0)
         };
         kv.get_or_create(&l).set(usage);
     }
@@ -464,7 +470,7 @@ fn gateway_gauges(stats: &Stats) -> Registry {
     );
     r.register(
         "vllm:gpu_cache_usage_perc",
-        "KV cache usage, 0 to 1 (forgeline_kv_used_bytes over forgeline_kv_budget_bytes)",
+        "KV cache usage, 0 to 1: memory sequences hold (blocks only the prefix cache keeps count as free, as in vLLM) over forgeline_kv_budget_bytes",
         kv.clone(),
     );
     r.register(
@@ -623,9 +629,11 @@ mod tests {
         let mut model = ModelSchedulerStats::new("tiny", 4096);
         model.waiting = 3;
         model.running = 2;
-        model.kv_used_bytes = 1024;
+        model.kv_used_bytes = 2048;
+        model.kv_active_bytes = 1024;
         let mut empty = ModelSchedulerStats::new("other", 0);
         empty.kv_used_bytes = 7;
+        empty.kv_active_bytes = 7;
         let stats = Stats {
             waiting: 3,
             running: 2,

@@ -435,8 +435,12 @@ impl ModelScheduler {
 
     fn record_kv(&mut self) {
         self.stats.kv_used_bytes = self.kv.used_bytes();
-        self.stats.kv_cached_bytes =
-            self.cache.cached_blocks() * self.kv.capacity_bytes() / self.kv.num_blocks().max(1);
+        let block_bytes = self.kv.capacity_bytes() / self.kv.num_blocks().max(1);
+        self.stats.kv_cached_bytes = self.cache.cached_blocks() * block_bytes;
+        self.stats.kv_active_bytes = self
+            .stats
+            .kv_used_bytes
+            .saturating_sub(self.cache.evictable_blocks(&self.kv) * block_bytes);
     }
 }
 

@@ -27,6 +27,9 @@ pub struct ModelSchedulerStats {
     /// Of `kv_used_bytes`, the blocks the prefix cache holds: with nothing running, KV use is
     /// back to this idle level.
     pub kv_cached_bytes: usize,
+    /// Of `kv_used_bytes`, the blocks some sequence holds: what eviction cannot free (vLLM's
+    /// KV usage, which counts blocks only the prefix cache keeps as free).
+    pub kv_active_bytes: usize,
     pub kv_budget_bytes: usize,
     pub preemptions: u64,
     pub finished: u64,
@@ -50,6 +53,7 @@ impl ModelSchedulerStats {
             busy_s: 0.0,
             kv_used_bytes: 0,
             kv_cached_bytes: 0,
+            kv_active_bytes: 0,
             kv_budget_bytes,
             preemptions: 0,
             finished: 0,
