@@ -14,7 +14,9 @@ use forgeline_engine::scheduler::{LlmClient, SchedulerConfig};
 use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
 use forgeline_sandbox::{Sandbox, SandboxConfig};
 use forgeline_server::jobs::store::parse_age;
-use forgeline_server::jobs::{FileStore, JobStore, Retention};
+use forgeline_server::jobs::{
+    Cluster, ClusterConfig, ClusterError, FileStore, JobStore, Retention,
+};
 use forgeline_server::{
     check_exposure, AllowedOrigins, ApiKey, JobLimits, ModelCard, Server, ServerConfig,
 };
@@ -78,6 +80,15 @@ pub struct ServeArgs {
     /// Serve the OpenAI-compatible API only, without pipeline jobs
     #[arg(long, env = "FORGELINE_NO_JOBS", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_jobs: bool,
+    /// Run pipeline jobs on a cluster: every node given the same NATS server (with JetStream) shares one queue of jobs, each run by a node with room; jobs are kept on the broker, not in --data-dir
+    #[arg(long, value_name = "nats://HOST:PORT", env = "FORGELINE_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Seconds the broker waits for a running job's heartbeat (sent every third of it) before giving the job to another node
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600), env = "FORGELINE_CLUSTER_ACK_WAIT")]
+    pub cluster_ack_wait: u64,
+    /// This node's name in the cluster, shown in the jobs it runs [default: HOSTNAME-PID]
+    #[arg(long, env = "FORGELINE_CLUSTER_NODE")]
+    pub cluster_node: Option<String>,
     /// Connections served at once; further clients wait until one closes
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65_536), env = "FORGELINE_MAX_CONNECTIONS")]
     pub max_connections: u64,
@@ -142,8 +153,14 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
             .map_err(|e| crate::usage(format!("--keep-jobs-for {e}")))?,
         max_bytes: (a.jobs_store_max_mb > 0).then_some(a.jobs_store_max_mb << 20),
     };
+    let rt = crate::runtime()?;
+    // Joined before the models load: a broker that cannot be used fails at once.
+    let cluster = match (&a.cluster, a.no_jobs) {
+        (Some(url), false) => Some(rt.block_on(join_cluster(url, &a, &retention))?),
+        _ => None,
+    };
     // Opened before the models load: a data directory another server holds fails at once.
-    let store = if a.no_jobs {
+    let store = if a.no_jobs || cluster.is_some() {
         None
     } else {
         Some(open_store(a.data_dir.as_deref())?)
@@ -184,28 +201,45 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         max_kept: a.jobs_kept.max(1),
     };
 
-    crate::runtime()?.block_on(async move {
+    let grace = Duration::from_secs(a.grace_period);
+    rt.block_on(async move {
         let mut server = Server::new(client.clone(), cards.clone(), config);
+        let mut running_cluster = None;
         if !a.no_jobs {
             // The OpenAI API is useful without jobs: a missing Python only disables them.
             match Sandbox::new(SandboxConfig::default()).await {
                 Ok(sandbox) => {
                     let llm = Arc::new(client);
                     let pipeline = Pipeline::new(llm, sandbox, prompts, pipeline_config);
-                    let store = store.expect("opened unless --no-jobs");
-                    let dir = store.describe();
-                    let (s, restored) = server
-                        .with_stored_jobs(pipeline, jobs, store, retention)
-                        .map_err(|e| crate::usage(format!("job store {dir}: {e}")))?;
-                    server = s;
-                    eprintln!(
-                        "forgeline serve: jobs kept in {dir} ({} finished, {} running again{}{}{})",
-                        restored.finished,
-                        restored.requeued,
-                        plural_note(restored.failed, "ended as failed instead"),
-                        plural_note(restored.removed, "removed by retention"),
-                        plural_note(restored.skipped, "unreadable, skipped"),
-                    );
+                    if let Some(joined) = cluster {
+                        let url = joined.url().to_string();
+                        let c = joined
+                            .start(Arc::new(pipeline), server.metrics())
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                        eprintln!(
+                            "forgeline serve: cluster {url}: node {} takes up to {} jobs at once from its queue",
+                            c.node(),
+                            jobs.max_running
+                        );
+                        running_cluster = Some(c.clone());
+                        server = server.with_cluster(c);
+                    } else {
+                        let store = store.expect("opened unless --no-jobs or --cluster");
+                        let dir = store.describe();
+                        let (s, restored) = server
+                            .with_stored_jobs(pipeline, jobs, store, retention)
+                            .map_err(|e| crate::usage(format!("job store {dir}: {e}")))?;
+                        server = s;
+                        eprintln!(
+                            "forgeline serve: jobs kept in {dir} ({} finished, {} running again{}{}{})",
+                            restored.finished,
+                            restored.requeued,
+                            plural_note(restored.failed, "ended as failed instead"),
+                            plural_note(restored.removed, "removed by retention"),
+                            plural_note(restored.skipped, "unreadable, skipped"),
+                        );
+                    }
                 }
                 Err(e) => eprintln!("forgeline serve: pipeline jobs disabled: {e}"),
             }
@@ -231,6 +265,13 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
             ),
         }
         let stopped = server.run(listener, shutdown).await?;
+        if let Some(c) = running_cluster {
+            let (finished, handed_back) = c.stop(grace).await;
+            eprintln!(
+                "forgeline serve: left the cluster ({finished} running jobs finished in the grace \
+                 period, {handed_back} handed back to the queue)"
+            );
+        }
         let mut cut = Vec::new();
         if stopped.jobs_cancelled > 0 {
             cut.push(format!("{} jobs cancelled", stopped.jobs_cancelled));
@@ -245,6 +286,35 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
             cut.join(", ")
         );
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Connects to `--cluster`'s broker and sets up its streams, consumer and bucket: a bad URL
+/// is bad usage (2); a broker that cannot be reached or has no JetStream, a runtime failure
+/// (3). Either way the message names the URL.
+async fn join_cluster(
+    url: &str,
+    a: &ServeArgs,
+    retention: &Retention,
+) -> anyhow::Result<forgeline_server::jobs::cluster::Joined> {
+    let node = a.cluster_node.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "node".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let config = ClusterConfig {
+        url: url.to_string(),
+        node,
+        max_running: a.max_jobs.max(1),
+        ack_wait: Duration::from_secs(a.cluster_ack_wait),
+        keep_for: retention.keep_for,
+    };
+    Cluster::connect(config).await.map_err(|e| match e {
+        ClusterError::BadUrl(..) => crate::usage(e.to_string()),
+        e => anyhow::anyhow!("{e}"),
     })
 }
 

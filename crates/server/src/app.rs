@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::auth::require_key;
 use crate::error::ApiError;
-use crate::jobs::{self, Jobs};
+use crate::jobs::{self, Cluster, Jobs};
 use crate::metrics::{track, Metrics};
 use crate::origin::{check_host, check_origin};
 use crate::shutdown::CancelSignal;
@@ -28,6 +28,8 @@ pub struct AppState {
     pub cancel: CancelSignal,
     /// Pipeline jobs, when the server runs them.
     pub jobs: Option<Arc<Jobs>>,
+    /// Cluster mode: jobs on NATS JetStream instead of `jobs`.
+    pub cluster: Option<Arc<Cluster>>,
     serial: Arc<AtomicU64>,
     /// Set on the shutdown signal: no new work is taken from then on.
     draining: Arc<AtomicBool>,
@@ -48,6 +50,7 @@ impl AppState {
             metrics,
             cancel,
             jobs: None,
+            cluster: None,
             serial: Arc::default(),
             draining: Arc::default(),
         }
@@ -167,13 +170,15 @@ async fn status(State(app): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({
         "status": state,
         "models": models,
-        "jobs_running": app.jobs.as_ref().map_or(0, |j| j.running()),
+        "jobs_running": running_jobs(&app),
     }))
 }
 
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
-    let running_jobs = app.jobs.as_ref().map_or(0, |j| j.running());
-    let text = app.metrics.render(&app.client.stats(), running_jobs);
+    let mut text = app.metrics.render(&app.client.stats(), running_jobs(&app));
+    if let Some(c) = &app.cluster {
+        text.push_str(&c.render_metrics());
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -181,4 +186,13 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         )],
         text,
     )
+}
+
+/// Jobs running on this server (in cluster mode, those this node runs).
+fn running_jobs(app: &AppState) -> usize {
+    match (&app.cluster, &app.jobs) {
+        (Some(c), _) => c.running(),
+        (None, Some(j)) => j.running(),
+        (None, None) => 0,
+    }
 }

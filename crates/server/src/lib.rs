@@ -170,6 +170,13 @@ impl Server {
         self
     }
 
+    /// Runs pipeline jobs on a cluster (`jobs::Cluster`, connected already): `/v1/jobs`
+    /// queues them on its broker, and this node runs its share.
+    pub fn with_cluster(mut self, cluster: Arc<jobs::Cluster>) -> Self {
+        self.state.cluster = Some(cluster);
+        self
+    }
+
     /// The job table, when the server runs jobs: it outlives the server's `run`.
     pub fn jobs(&self) -> Option<Arc<Jobs>> {
         self.state.jobs.clone()

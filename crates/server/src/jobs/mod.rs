@@ -15,6 +15,7 @@
 //! Retention (count, age, size) removes the jobs that ended first, at start and as jobs end
 //! or come.
 
+pub mod cluster;
 mod file_store;
 mod routes;
 pub mod store;
@@ -34,6 +35,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
 
+pub use cluster::{Cluster, ClusterConfig, ClusterError};
 pub use file_store::FileStore;
 pub use routes::routes;
 pub use store::{JobRecord, JobStore, Retention, StoredRequest};

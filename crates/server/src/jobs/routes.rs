@@ -42,6 +42,15 @@ fn job(app: &AppState, id: &str) -> ApiResult<Arc<Job>> {
 }
 
 async fn create(State(app): State<AppState>, JsonBody(body): JsonBody) -> Response {
+    if let Some(c) = &app.cluster {
+        return match parse_job(&body) {
+            Ok(_) if app.is_draining() => {
+                ApiError::unavailable("the server is shutting down").into_response()
+            }
+            Ok((task, format)) => super::cluster::create(c, task, format).await,
+            Err(e) => e.into_response(),
+        };
+    }
     let run = || {
         let (task, format) = parse_job(&body)?;
         if app.is_draining() {
@@ -60,6 +69,9 @@ async fn create(State(app): State<AppState>, JsonBody(body): JsonBody) -> Respon
 }
 
 async fn show(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    if let Some(c) = &app.cluster {
+        return super::cluster::show(c, &id).await;
+    }
     match job(&app, &id) {
         Ok(j) => Json(j.to_json()).into_response(),
         Err(e) => e.into_response(),
@@ -68,6 +80,9 @@ async fn show(State(app): State<AppState>, Path(id): Path<String>) -> Response {
 
 /// Cancels a running job; removes a finished one. Answers with the job as it now is.
 async fn cancel(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    if let Some(c) = &app.cluster {
+        return super::cluster::cancel(c, &id).await;
+    }
     let run = || {
         let j = job(&app, &id)?;
         let cancelled = jobs(&app)?.cancel_or_remove(&j);
@@ -80,6 +95,9 @@ async fn cancel(State(app): State<AppState>, Path(id): Path<String>) -> Response
 
 /// The job's events so far, then each as it happens, then a `job.end` event and `[DONE]`.
 async fn events(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    if let Some(c) = &app.cluster {
+        return super::cluster::events(c.clone(), &id).await;
+    }
     match job(&app, &id) {
         Ok(j) => Sse::new(event_stream(j))
             .keep_alive(KeepAlive::default())
