@@ -285,7 +285,7 @@ mod reference {
 
     /// candle-transformers' own quantized model, single stream, same prompt, greedy.
     pub(super) fn decode(m: &LoadedModel, prompt: &[u32], steps: usize) -> Result<f64> {
-        use candle_transformers::models::{quantized_llama, quantized_qwen2};
+        use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
         let path = &m.info.path;
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let ct = candle_core::quantized::gguf_file::Content::read(&mut f)?;
@@ -297,6 +297,10 @@ mod reference {
             }
             Arch::Qwen2 => {
                 let mut w = quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev)?;
+                Box::new(move |x, p| w.forward(x, p))
+            }
+            Arch::Qwen3 => {
+                let mut w = quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &dev)?;
                 Box::new(move |x, p| w.forward(x, p))
             }
         };

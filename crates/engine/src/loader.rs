@@ -114,7 +114,12 @@ fn info(loc: &ModelLocation, p: &Parts) -> ModelInfo {
         (c.num_kv_heads * c.head_dim) as u64,
     );
     // `validate` bounds every size, so none of these products comes near u64::MAX.
-    let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
+    let qk_norm = if c.arch.qk_norm() {
+        2 * c.head_dim as u64
+    } else {
+        0
+    };
+    let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + qk_norm;
     let head = if c.tie_word_embeddings { 0 } else { v * h };
     ModelInfo {
         name: loc.name.clone(),

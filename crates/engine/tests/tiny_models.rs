@@ -1,7 +1,7 @@
 //! forgeline's model code against candle-transformers' reference models, on tiny random-weight
 //! models these tests write (GGUF in every tensor type candle handles, Hugging Face safetensors
-//! directories in f32 / f16 / bf16, one file or sharded; llama and qwen2 each), and the errors
-//! of broken model files.
+//! directories in f32 / f16 / bf16, one file or sharded; llama, qwen2 and qwen3 each), and the
+//! errors of broken model files.
 //!
 //! Every sequence of a mixed batch (a prefill together with another sequence's first chunk;
 //! then a decode step, that sequence's second chunk and a third whole prompt; then three decode
@@ -33,7 +33,9 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, quantized_llama, quantized_qwen2, qwen2};
+use candle_transformers::models::{
+    llama, quantized_llama, quantized_qwen2, quantized_qwen3, qwen2, qwen3,
+};
 use common::{Arch, Rng, Spec, TinyModel};
 use forgeline_engine::kv_cache::{BlockTable, KvCache};
 use forgeline_engine::loader::{load, LoadedModel};
@@ -50,8 +52,10 @@ const QUANT_ARGMAX_MARGIN: f32 = 0.2;
 enum Reference {
     QLlama(quantized_llama::ModelWeights),
     QQwen2(quantized_qwen2::ModelWeights),
+    QQwen3(quantized_qwen3::ModelWeights),
     Llama(llama::Llama, llama::Config),
     Qwen2(qwen2::ModelForCausalLM),
+    Qwen3(qwen3::ModelForCausalLM),
 }
 
 impl Reference {
@@ -64,6 +68,9 @@ impl Reference {
             ),
             Arch::Qwen2 => Reference::QQwen2(
                 quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap(),
+            ),
+            Arch::Qwen3 => Reference::QQwen3(
+                quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap(),
             ),
         }
     }
@@ -91,6 +98,10 @@ impl Reference {
                 let cfg: qwen2::Config = serde_json::from_str(&json).unwrap();
                 Reference::Qwen2(qwen2::ModelForCausalLM::new(&cfg, vb).unwrap())
             }
+            Arch::Qwen3 => {
+                let cfg: qwen3::Config = serde_json::from_str(&json).unwrap();
+                Reference::Qwen3(qwen3::ModelForCausalLM::new(&cfg, vb).unwrap())
+            }
         }
     }
 
@@ -109,11 +120,19 @@ impl Reference {
                 m.clear_kv_cache();
                 m.forward(&x, 0)
             }
+            Reference::QQwen3(m) => {
+                m.clear_kv_cache();
+                m.forward(&x, 0)
+            }
             Reference::Llama(m, cfg) => {
                 let mut cache = llama::Cache::new(true, DType::F32, cfg, &Device::Cpu).unwrap();
                 m.forward(&x, 0, &mut cache)
             }
             Reference::Qwen2(m) => {
+                m.clear_kv_cache();
+                m.forward(&x, 0)
+            }
+            Reference::Qwen3(m) => {
                 m.clear_kv_cache();
                 m.forward(&x, 0)
             }
@@ -417,6 +436,16 @@ fn gguf_qwen2_unquantized_types_match_reference() {
     }
 }
 
+/// qwen3 with a head size twice hidden / heads and a tied LM head.
+#[test]
+fn gguf_qwen3_unquantized_types_match_reference() {
+    let tiny = TinyModel::new(Spec::small(Arch::Qwen3));
+    assert_ne!(tiny.spec.head_dim(), tiny.spec.hidden / tiny.spec.heads);
+    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
+        gguf_case(&tiny, dtype, Check::Exact);
+    }
+}
+
 /// Every quantized type llama.cpp writes for weights and candle reads.
 const QUANTIZED: [GgmlDType; 10] = [
     GgmlDType::Q4_0,
@@ -449,6 +478,16 @@ fn gguf_qwen2_quantized_types_match_reference() {
     }
 }
 
+/// qwen3 with an LM head of its own.
+#[test]
+fn gguf_qwen3_quantized_types_match_reference() {
+    let tiny = TinyModel::new(Spec::for_k_quants(Arch::Qwen3));
+    gguf_case(&tiny, GgmlDType::F32, Check::Exact);
+    for dtype in QUANTIZED {
+        gguf_case(&tiny, dtype, Check::Quantized);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Safetensors.
 
@@ -466,6 +505,18 @@ fn safetensors_qwen2_matches_reference() {
     safetensors_case(&tiny, DType::F32, 2);
     safetensors_case(&tiny, DType::F16, 1);
     safetensors_case(&tiny, DType::BF16, 1);
+}
+
+/// qwen3: the small shape (head size of its own, tied LM head) and the K-quant one (an LM
+/// head of its own).
+#[test]
+fn safetensors_qwen3_matches_reference() {
+    let tiny = TinyModel::new(Spec::small(Arch::Qwen3));
+    safetensors_case(&tiny, DType::F32, 1);
+    safetensors_case(&tiny, DType::F16, 2);
+    safetensors_case(&tiny, DType::BF16, 1);
+    let untied = TinyModel::new(Spec::for_k_quants(Arch::Qwen3));
+    safetensors_case(&untied, DType::F32, 1);
 }
 
 /// The llama GGUF (q/k rows permuted by the converter, unpermuted by the loader) and the
@@ -583,7 +634,11 @@ fn unsupported_architectures_are_named() {
     common::write_gguf(&path, &md, &tiny.gguf_tensors(GgmlDType::F32));
     assert_mentions(
         &load_err(&path, Format::Gguf),
-        &["gpt2.gguf", "unsupported architecture `gpt2`"],
+        &[
+            "gpt2.gguf",
+            "unsupported architecture `gpt2`",
+            "(supported: llama, qwen2, qwen3)",
+        ],
     );
 
     let st = dir.path().join("st");
@@ -597,7 +652,74 @@ fn unsupported_architectures_are_named() {
         &[
             st.join("config.json").to_str().unwrap(),
             "unsupported architecture `GPT2LMHeadModel`",
+            "Qwen2ForCausalLM, Qwen3ForCausalLM",
         ],
+    );
+}
+
+/// qwen3's own parts: a missing head norm is named in either format, value heads of another
+/// size than key heads are refused, and without `attention.key_length` the head size falls
+/// back to hidden / heads, which this model's q projection then does not fit.
+#[test]
+fn qwen3_head_norms_and_sizes_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = TinyModel::new(Spec::small(Arch::Qwen3));
+    let (h, d) = (tiny.spec.hidden, tiny.spec.head_dim());
+    let q_rows = tiny.spec.heads * d;
+
+    let path = dir.path().join("no_norm.gguf");
+    let mut tensors = tiny.gguf_tensors(GgmlDType::F32);
+    tensors.retain(|(n, _)| n != "blk.1.attn_k_norm.weight");
+    common::write_gguf(&path, &tiny.gguf_metadata(), &tensors);
+    assert_mentions(
+        &load_err(&path, Format::Gguf),
+        &["no_norm.gguf", "missing tensor `blk.1.attn_k_norm.weight`"],
+    );
+
+    let tensors = tiny.gguf_tensors(GgmlDType::F32);
+    let path = dir.path().join("value.gguf");
+    let mut md = tiny.gguf_metadata();
+    let v = md
+        .iter_mut()
+        .find(|(k, _)| k == "qwen3.attention.value_length")
+        .unwrap();
+    v.1 = Value::U32(d as u32 / 2);
+    common::write_gguf(&path, &md, &tensors);
+    assert_mentions(
+        &load_err(&path, Format::Gguf),
+        &[
+            "value.gguf",
+            &format!("value head size {} differs from key head size {d}", d / 2),
+        ],
+    );
+
+    let path = dir.path().join("no_key_length.gguf");
+    let mut md = tiny.gguf_metadata();
+    md.retain(|(k, _)| !k.starts_with("qwen3.attention.") || !k.ends_with("_length"));
+    assert_eq!(md.len(), tiny.gguf_metadata().len() - 2);
+    common::write_gguf(&path, &md, &tensors);
+    let fallback = h / tiny.spec.heads;
+    assert_mentions(
+        &load_err(&path, Format::Gguf),
+        &[
+            "blk.0.attn_q.weight",
+            &format!(
+                "shape [{q_rows}, {h}], expected [{}, {h}]",
+                tiny.spec.heads * fallback
+            ),
+        ],
+    );
+
+    let st = dir.path().join("st");
+    tiny.write_safetensors(&st, DType::F32, 1);
+    std::fs::remove_file(st.join("model.safetensors")).unwrap();
+    let name = "model.layers.2.self_attn.q_norm.weight";
+    let mut kept = tiny.tensors.clone();
+    kept.retain(|(n, _)| n != name);
+    common::write_safetensors(&st, &kept, 1);
+    assert_mentions(
+        &load_err(&st, Format::Safetensors),
+        &[st.to_str().unwrap(), &format!("missing tensor `{name}`")],
     );
 }
 

@@ -50,6 +50,85 @@ impl RopeTable {
             out[i + h] = x0 * s[i] + x1 * c[i];
         }
     }
+
+    /// `x` (one head) through `norm` when there is one, then rotated to `pos`, into `out`.
+    #[inline]
+    fn prepare(&self, x: &[f32], norm: Option<HeadNorm>, pos: usize, out: &mut [f32]) {
+        let Some(n) = norm else {
+            return self.rotate(x, pos, out);
+        };
+        n.apply(x, out);
+        let h = self.half;
+        let (c, s) = (
+            &self.cos[pos * h..(pos + 1) * h],
+            &self.sin[pos * h..(pos + 1) * h],
+        );
+        for i in 0..h {
+            let (x0, x1) = (out[i], out[i + h]);
+            out[i] = x0 * c[i] - x1 * s[i];
+            out[i + h] = x0 * s[i] + x1 * c[i];
+        }
+    }
+}
+
+/// qwen3's RMS norms over each head of q and of k, applied before the rotary embedding: the
+/// weights as tensors (for the generic path, on the model's device) and as host floats (for
+/// the fused CPU kernels, which apply them as they rotate).
+pub struct QkNorm {
+    pub q: candle_core::Tensor,
+    pub k: candle_core::Tensor,
+    q_host: Vec<f32>,
+    k_host: Vec<f32>,
+    pub eps: f32,
+}
+
+impl QkNorm {
+    pub fn new(
+        q: candle_core::Tensor,
+        k: candle_core::Tensor,
+        eps: f32,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            q_host: q.to_vec1()?,
+            k_host: k.to_vec1()?,
+            q,
+            k,
+            eps,
+        })
+    }
+
+    fn q(&self) -> HeadNorm<'_> {
+        HeadNorm {
+            w: &self.q_host,
+            eps: self.eps,
+        }
+    }
+
+    fn k(&self) -> HeadNorm<'_> {
+        HeadNorm {
+            w: &self.k_host,
+            eps: self.eps,
+        }
+    }
+}
+
+/// One head's RMS norm.
+#[derive(Clone, Copy)]
+struct HeadNorm<'a> {
+    w: &'a [f32],
+    eps: f32,
+}
+
+impl HeadNorm<'_> {
+    /// `out = x / sqrt(mean(x^2) + eps) * w`, computed as candle's `rms_norm` computes it.
+    #[inline]
+    fn apply(self, x: &[f32], out: &mut [f32]) {
+        let sum2: f32 = x.iter().map(|v| v * v).sum();
+        let m = (sum2 / x.len() as f32 + self.eps).sqrt();
+        for ((o, &v), &w) in out.iter_mut().zip(x).zip(self.w) {
+            *o = v / m * w;
+        }
+    }
 }
 
 /// What the KV cache stores: f32, or f16 (converted a row at a time, with F16C where the CPU
@@ -143,6 +222,8 @@ pub struct WriteKv<'a> {
     pub heads: Heads,
     pub batch: &'a BatchLayout,
     pub rope: &'a RopeTable,
+    /// Norms each K head before rotating it (qwen3).
+    pub norm: Option<&'a QkNorm>,
 }
 
 impl WriteKv<'_> {
@@ -163,7 +244,8 @@ impl WriteKv<'_> {
             let (k_dst, v_dst) = dst.split_at_mut(kv * dim);
             for g in 0..kv {
                 let k = &row[(q + g) * dim..(q + g + 1) * dim];
-                self.rope.rotate(k, pos as usize, &mut rotated);
+                self.rope
+                    .prepare(k, self.norm.map(QkNorm::k), pos as usize, &mut rotated);
                 E::store(&mut k_dst[g * dim..(g + 1) * dim], &rotated);
             }
             E::store(v_dst, &row[(q + kv) * dim..(q + 2 * kv) * dim]);
@@ -201,6 +283,8 @@ pub struct PagedAttention<'a> {
     pub heads: Heads,
     pub batch: &'a BatchLayout,
     pub rope: &'a RopeTable,
+    /// Norms each query head before rotating it (qwen3).
+    pub norm: Option<&'a QkNorm>,
 }
 
 #[inline]
@@ -504,6 +588,7 @@ impl PagedAttention<'_> {
         let group = nh / kv;
         let slot_len = 2 * kv * dim;
         let scale = 1.0 / (dim as f32).sqrt();
+        let q_norm = self.norm.map(QkNorm::q);
         let mut out = vec![0f32; n_tokens * nh * dim];
         let out_ptr = out.as_mut_ptr() as usize;
         let max_ctx = batch.seq_slots.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -540,7 +625,7 @@ impl PagedAttention<'_> {
                             for h in g * group..(g + 1) * group {
                                 let at = t * w + h * dim;
                                 let q = &mut queries[n_q * dim..(n_q + 1) * dim];
-                                self.rope.rotate(&qkv[at..at + dim], pos, q);
+                                self.rope.prepare(&qkv[at..at + dim], q_norm, pos, q);
                                 visible[n_q] = pos + 1;
                                 n_q += 1;
                             }
@@ -689,6 +774,7 @@ mod tests {
                 heads,
                 batch: &b,
                 rope: &rope,
+                norm: None,
             };
             let fast = op.attend_with(&qkv, &cache, true, b.groups());
             let slow = op.attend_with(&qkv, &cache, false, b.groups());
@@ -735,6 +821,7 @@ mod tests {
             heads,
             batch: &b,
             rope: &rope,
+            norm: None,
         };
         for simd in [false, simd_fits(heads.dim)] {
             let grouped = op.attend_with(&qkv, &cache, simd, groups);

@@ -12,22 +12,59 @@ use crate::{Error, Result};
 pub enum Arch {
     Llama,
     Qwen2,
+    /// Qwen3 and Qwen3-Coder's dense models: qwen2 without the q/k/v biases, with an RMS norm
+    /// over each head of q and of k before the rotary embedding (`q_norm`, `k_norm`) and a
+    /// head size of its own (`head_dim`, GGUF `attention.key_length`), often not
+    /// hidden / heads.
+    Qwen3,
 }
+
+/// Every architecture, with its GGUF name (`general.architecture`) and the Hugging Face
+/// class names (`architectures` in config.json) read as it.
+const ARCHS: [(Arch, &str, &[&str]); 3] = [
+    (
+        Arch::Llama,
+        "llama",
+        &["LlamaForCausalLM", "MistralForCausalLM"],
+    ),
+    (Arch::Qwen2, "qwen2", &["Qwen2ForCausalLM"]),
+    (Arch::Qwen3, "qwen3", &["Qwen3ForCausalLM"]),
+];
 
 impl Arch {
     pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "llama" | "LlamaForCausalLM" | "MistralForCausalLM" => Some(Arch::Llama),
-            "qwen2" | "Qwen2ForCausalLM" => Some(Arch::Qwen2),
-            _ => None,
-        }
+        ARCHS
+            .iter()
+            .find(|(_, gguf, hf)| *gguf == name || hf.contains(&name))
+            .map(|(a, _, _)| *a)
     }
 
     pub fn as_str(&self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
+    }
+
+    /// Whether each head of q and k goes through an RMS norm of its own before the rotary
+    /// embedding.
+    pub fn qk_norm(&self) -> bool {
+        *self == Arch::Qwen3
+    }
+
+    /// The GGUF names forgeline reads, for errors: "llama, qwen2, qwen3".
+    pub fn supported_gguf() -> String {
+        ARCHS.map(|(_, g, _)| g).join(", ")
+    }
+
+    /// The Hugging Face class names forgeline reads, for errors.
+    pub fn supported_hf() -> String {
+        ARCHS
+            .iter()
+            .flat_map(|(_, _, hf)| hf.iter().copied())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -119,16 +156,42 @@ impl ModelConfig {
         let arch = Arch::parse(&arch_name).ok_or_else(|| {
             Error::bad_model(
                 path,
-                format!("unsupported architecture `{arch_name}` (supported: llama, qwen2)"),
+                format!(
+                    "unsupported architecture `{arch_name}` (supported: {})",
+                    Arch::supported_gguf()
+                ),
             )
         })?;
         let key = |k: &str| format!("{arch_name}.{k}");
         let u = |k: &str| md_u32(ct, &key(k), path).map(|v| v as usize);
+        // An optional key: absent is None, present but unreadable is an error.
+        let opt = |k: &str| -> Result<Option<usize>> {
+            if ct.metadata.contains_key(&key(k)) {
+                u(k).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         let hidden_size = u("embedding_length")?;
         let num_heads = u("attention.head_count")?;
         let num_kv_heads = u("attention.head_count_kv").unwrap_or(num_heads);
-        let head_dim = hidden_size.checked_div(num_heads).unwrap_or(0);
-        let rope_dim = u("rope.dimension_count").unwrap_or(head_dim);
+        // As llama.cpp: the head size is `attention.key_length` where the file has it (qwen3's
+        // is often not hidden / heads), else hidden / heads.
+        let head_dim = match opt("attention.key_length")? {
+            Some(d) => d,
+            None => hidden_size.checked_div(num_heads).unwrap_or(0),
+        };
+        if let Some(v) = opt("attention.value_length")? {
+            if v != head_dim {
+                return Err(Error::bad_model(
+                    path,
+                    format!(
+                        "value head size {v} differs from key head size {head_dim}: not supported"
+                    ),
+                ));
+            }
+        }
+        let rope_dim = opt("rope.dimension_count")?.unwrap_or(head_dim);
         if rope_dim != head_dim {
             return Err(Error::bad_model(
                 path,
@@ -188,7 +251,10 @@ impl ModelConfig {
             .ok_or_else(|| {
                 Error::bad_model(
                     path,
-                    format!("unsupported architecture `{arch_name}` (supported: LlamaForCausalLM, Qwen2ForCausalLM)"),
+                    format!(
+                        "unsupported architecture `{arch_name}` (supported: {})",
+                        Arch::supported_hf()
+                    ),
                 )
             })?;
         let rope_scaling = match c.rope_scaling {

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::attention::{Heads, RopeTable};
+use super::attention::{Heads, QkNorm, RopeTable};
 use super::batch::BatchLayout;
 
 /// Tensors the generic path builds once per forward call and reuses in every layer.
@@ -69,13 +69,15 @@ impl GenericBatch {
     }
 }
 
-/// The generic path: K/V written with scatter_set, attention by matmul, per sequence.
+/// The generic path: K/V written with scatter_set, attention by matmul, per sequence. `norm`:
+/// qwen3's RMS norms over each head of q and k, before the rotary embedding.
 pub fn generic_attention(
     heads: Heads,
     batch: &BatchLayout,
     gb: &GenericBatch,
     qkv: &Tensor,
     cache: &Tensor,
+    norm: Option<&QkNorm>,
 ) -> candle_core::Result<Tensor> {
     let Heads { q: nh, kv, dim } = heads;
     let n = qkv.dim(0)?;
@@ -90,6 +92,13 @@ pub fn generic_attention(
     let v = qkv
         .narrow(1, (nh + kv) * dim, kv * dim)?
         .reshape((n, 1, kv, dim))?;
+    let (q, k) = match norm {
+        Some(nm) => (
+            candle_nn::ops::rms_norm(&q, &nm.q, nm.eps)?,
+            candle_nn::ops::rms_norm(&k, &nm.k, nm.eps)?,
+        ),
+        None => (q, k),
+    };
     let q = candle_nn::rotary_emb::rope_thd(&q, &gb.cos, &gb.sin)?.squeeze(0)?;
     let k = candle_nn::rotary_emb::rope_thd(&k, &gb.cos, &gb.sin)?.reshape((n, 1, kv, dim))?;
     let new_kv = Tensor::cat(&[&k, &v], 1)?.to_dtype(cache.dtype())?;

@@ -1,4 +1,4 @@
-//! forgeline's own model code for the llama and qwen2 architectures.
+//! forgeline's own model code for the llama, qwen2 and qwen3 architectures.
 //!
 //! Weights are immutable and shared (`Model` is `Send + Sync` and takes `&self`); the KV cache
 //! is owned by the caller; every token carries its own position, so one `forward` runs many
@@ -27,7 +27,7 @@ use crate::error::{BatchError, ConfigError};
 use crate::kv_cache::{BlockTable, KvCache};
 use crate::memory::ForkExcluded;
 use crate::{Error, Result};
-use attention::{Heads, PagedAttention, RopeTable, WriteKv};
+use attention::{Heads, PagedAttention, QkNorm, RopeTable, WriteKv};
 use batch::BatchLayout;
 pub use config::{Arch, ModelConfig};
 use generic_attention::GenericBatch;
@@ -107,6 +107,8 @@ impl Stacked {
 struct Layer {
     attn_norm: Tensor,
     qkv: Stacked,
+    /// qwen3's per-head norms of q and k.
+    qk_norm: Option<QkNorm>,
     o: Linear,
     ffn_norm: Tensor,
     gate_up: Stacked,
@@ -181,9 +183,21 @@ impl Model {
                 let vb = src.dense(Weight::VBias(l), &[nkv * d], device)?;
                 biases = Some((qb, kb, vb));
             }
+            let mut qk_norm = None;
+            if cfg.arch.qk_norm() {
+                let qn = src.dense(Weight::QNorm(l), &[d], device)?;
+                let kn = src.dense(Weight::KNorm(l), &[d], device)?;
+                qk_norm = Some((qn, kn));
+            }
             if permute_qk {
                 q = q.permute_rows(&perm(nh))?;
                 k = k.permute_rows(&perm(nkv))?;
+                if let Some((qn, kn)) = qk_norm.take() {
+                    // Within a head, the norm weights follow the rows they scale.
+                    let idx: Vec<u32> = perm(1).into_iter().map(|x| x as u32).collect();
+                    let idx = Tensor::new(idx.as_slice(), device)?;
+                    qk_norm = Some((qn.index_select(&idx, 0)?, kn.index_select(&idx, 0)?));
+                }
                 if let Some((qb, kb, vb)) = biases.take() {
                     let p = |t: Tensor, heads| -> Result<Tensor> {
                         let idx: Vec<u32> = perm(heads).into_iter().map(|x| x as u32).collect();
@@ -200,9 +214,11 @@ impl Model {
             )?;
             let gate = linear(src, Weight::Gate(l), i, h)?;
             let up = linear(src, Weight::Up(l), i, h)?;
+            let eps = cfg.rms_norm_eps as f32;
             layers.push(Layer {
                 attn_norm: src.dense(Weight::AttnNorm(l), &[h], device)?,
                 qkv,
+                qk_norm: qk_norm.map(|(q, k)| QkNorm::new(q, k, eps)).transpose()?,
                 o: plain(linear(src, Weight::O(l), h, nh * d)?, path, device)?,
                 ffn_norm: src.dense(Weight::FfnNorm(l), &[h], device)?,
                 gate_up: stack(vec![gate, up], None, path, device)?,
@@ -334,12 +350,14 @@ impl Model {
             let cache = kv.layer(l);
             let attn = match &generic {
                 None => {
+                    let norm = layer.qk_norm.as_ref();
                     cache.inplace_op2(
                         &qkv,
                         &WriteKv {
                             heads,
                             batch: &batch,
                             rope: &self.rope,
+                            norm,
                         },
                     )?;
                     qkv.apply_op2_no_bwd(
@@ -348,10 +366,18 @@ impl Model {
                             heads,
                             batch: &batch,
                             rope: &self.rope,
+                            norm,
                         },
                     )?
                 }
-                Some(gb) => generic_attention::generic_attention(heads, &batch, gb, &qkv, cache)?,
+                Some(gb) => generic_attention::generic_attention(
+                    heads,
+                    &batch,
+                    gb,
+                    &qkv,
+                    cache,
+                    layer.qk_norm.as_ref(),
+                )?,
             };
             x = (x + layer.o.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
@@ -407,6 +433,10 @@ fn check_shapes(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> {
             want.push((Weight::QBias(l), vec![q]));
             want.push((Weight::KBias(l), vec![kv]));
             want.push((Weight::VBias(l), vec![kv]));
+        }
+        if cfg.arch.qk_norm() {
+            want.push((Weight::QNorm(l), vec![cfg.head_dim]));
+            want.push((Weight::KNorm(l), vec![cfg.head_dim]));
         }
         for (w, shape) in want {
             src.check_shape(w, &shape)?;

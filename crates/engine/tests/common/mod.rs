@@ -1,4 +1,4 @@
-//! Tiny random-weight llama / qwen2 models that tests write themselves: GGUF (any tensor type
+//! Tiny random-weight llama / qwen2 / qwen3 models that tests write themselves: GGUF (any tensor type
 //! candle writes) and Hugging Face safetensors directories (f32 / f16 / bf16, one file or
 //! shards), each with a small byte-level BPE tokenizer. Nothing is downloaded.
 //!
@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 pub enum Arch {
     Llama,
     Qwen2,
+    Qwen3,
 }
 
 impl Arch {
@@ -26,32 +27,43 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 
     pub fn rope_theta(self) -> f32 {
         match self {
             Arch::Llama => 10_000.0,
-            Arch::Qwen2 => 1_000_000.0,
+            Arch::Qwen2 | Arch::Qwen3 => 1_000_000.0,
         }
     }
 
     pub fn rms_norm_eps(self) -> f32 {
         match self {
             Arch::Llama => 1e-5,
-            Arch::Qwen2 => 1e-6,
+            Arch::Qwen2 | Arch::Qwen3 => 1e-6,
+        }
+    }
+
+    /// `tokenizer.ggml.pre`: Qwen3's tokenizer is Qwen2's.
+    pub fn pre_tokenizer(self) -> &'static str {
+        match self {
+            Arch::Llama => "smollm",
+            Arch::Qwen2 | Arch::Qwen3 => "qwen2",
         }
     }
 }
 
-/// The shape of a tiny model. `head_dim` is always `hidden / heads` (what candle-transformers'
-/// reference models assume).
+/// The shape of a tiny model. The head size is `hidden / heads` (what candle-transformers'
+/// llama and qwen2 assume) unless `key_length` sets one (qwen3's `head_dim`).
 #[derive(Clone, Debug)]
 pub struct Spec {
     pub arch: Arch,
     pub hidden: usize,
     pub heads: usize,
     pub kv_heads: usize,
+    /// A head size of its own (qwen3 only): GGUF `attention.key_length`, HF `head_dim`.
+    pub key_length: Option<usize>,
     pub intermediate: usize,
     pub layers: usize,
     pub context: usize,
@@ -63,30 +75,34 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// hidden 64, 4 heads over 2 kv heads (GQA), head_dim 16, 3 layers.
+    /// hidden 64, 4 heads over 2 kv heads (GQA), head_dim 16, 3 layers; qwen3's head_dim is
+    /// 32, twice hidden / heads (as Qwen3-0.6B's 128 against 1024 / 16), and its LM head tied.
     pub fn small(arch: Arch) -> Self {
         Spec {
             arch,
             hidden: 64,
             heads: 4,
             kv_heads: 2,
+            key_length: (arch == Arch::Qwen3).then_some(32),
             intermediate: 128,
             layers: 3,
             context: 256,
-            tied: arch == Arch::Qwen2,
+            tied: arch != Arch::Llama,
             std: 0.15,
             seed: 0x5eed + arch as u64,
         }
     }
 
     /// Every matrix's inner dimension a multiple of 256, as the K-quants need: hidden 256,
-    /// 8 heads over 2 kv heads (head_dim 32), intermediate 512, 2 layers.
+    /// 8 heads over 2 kv heads (head_dim 32), intermediate 512, 2 layers. qwen3 states its
+    /// head_dim (32, here hidden / heads, as Qwen3-8B's) and has an LM head of its own.
     pub fn for_k_quants(arch: Arch) -> Self {
         Spec {
             arch,
             hidden: 256,
             heads: 8,
             kv_heads: 2,
+            key_length: (arch == Arch::Qwen3).then_some(32),
             intermediate: 512,
             layers: 2,
             context: 256,
@@ -97,7 +113,7 @@ impl Spec {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+        self.key_length.unwrap_or(self.hidden / self.heads)
     }
 }
 
@@ -311,6 +327,10 @@ impl TinyModel {
                 add(p("self_attn.k_proj.bias"), &[kv], 0.0, 0.2);
                 add(p("self_attn.v_proj.bias"), &[kv], 0.0, 0.2);
             }
+            if spec.arch == Arch::Qwen3 {
+                add(p("self_attn.q_norm.weight"), &[d], 1.0, 0.2);
+                add(p("self_attn.k_norm.weight"), &[d], 1.0, 0.2);
+            }
             add(p("self_attn.o_proj.weight"), &[h, q], 0.0, std);
             add(p("post_attention_layernorm.weight"), &[h], 1.0, 0.1);
             add(p("mlp.gate_proj.weight"), &[i, h], 0.0, std);
@@ -343,7 +363,6 @@ impl TinyModel {
             u("feed_forward_length", s.intermediate),
             u("attention.head_count", s.heads),
             u("attention.head_count_kv", s.kv_heads),
-            u("rope.dimension_count", s.head_dim()),
             (
                 format!("{a}.attention.layer_norm_rms_epsilon"),
                 Value::F32(s.arch.rms_norm_eps()),
@@ -353,11 +372,20 @@ impl TinyModel {
                 Value::F32(s.arch.rope_theta()),
             ),
         ];
-        let pre = match s.arch {
-            Arch::Llama => "smollm",
-            Arch::Qwen2 => "qwen2",
-        };
-        md.extend(tokenizer_metadata(pre));
+        if s.arch == Arch::Qwen3 {
+            // As llama.cpp's converter writes a model with `head_dim` in its config: key and
+            // value lengths, no rope.dimension_count (the rotary embedding spans the head).
+            md.push(u("attention.key_length", s.head_dim()));
+            md.push(u("attention.value_length", s.head_dim()));
+            // Not a llama.cpp key: candle's quantized_qwen3 (the reference) reads it for its
+            // compute dtype, and without it builds its rotary table in f16, which moves its
+            // logits by 5e-3 here, fifty times the exact tolerance. 0 is f32. forgeline
+            // ignores it.
+            md.push(("general.dtype".into(), Value::U32(0)));
+        } else {
+            md.push(u("rope.dimension_count", s.head_dim()));
+        }
+        md.extend(tokenizer_metadata(s.arch.pre_tokenizer()));
         md
     }
 
@@ -420,6 +448,15 @@ impl TinyModel {
                 "max_window_layers": s.layers,
                 "use_sliding_window": false,
             }),
+            Arch::Qwen3 => serde_json::json!({
+                "architectures": ["Qwen3ForCausalLM"],
+                "model_type": "qwen3",
+                "head_dim": s.head_dim(),
+                "attention_bias": false,
+                "sliding_window": null,
+                "max_window_layers": s.layers,
+                "use_sliding_window": false,
+            }),
         };
         for (k, v) in extra.as_object().unwrap() {
             c[k] = v.clone();
@@ -442,13 +479,7 @@ impl TinyModel {
             serde_json::to_string_pretty(&cfg).unwrap(),
         )
         .unwrap();
-        write_hf_tokenizer(
-            dir,
-            match self.spec.arch {
-                Arch::Llama => "smollm",
-                Arch::Qwen2 => "qwen2",
-            },
-        );
+        write_hf_tokenizer(dir, self.spec.arch.pre_tokenizer());
         let tensors: Vec<(String, Tensor)> = self
             .tensors
             .iter()
@@ -515,6 +546,8 @@ pub fn gguf_name(hf: &str) -> String {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "post_attention_layernorm" => "ffn_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
