@@ -181,7 +181,10 @@ async fn completions_whole_and_streamed_with_usage() {
     for name in ["vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"] {
         let usage = metric(&m, &format!("{name}{{{model_name}}}")).unwrap();
         assert!((0.0..=1.0).contains(&usage), "{name} {usage}");
-        assert!((usage - active / budget).abs() < 1e-9, "{name} {usage}: {m}");
+        assert!(
+            (usage - active / budget).abs() < 1e-9,
+            "{name} {usage}: {m}"
+        );
     }
     server.stop().await;
 }
