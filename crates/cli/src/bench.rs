@@ -14,7 +14,7 @@ pub struct BenchEngineArgs {
     #[arg(long, conflicts_with = "synthetic")]
     pub model: Option<String>,
     /// Measure a random-weight model of this real shape instead, written to a temporary
-    /// directory: smollm2-135m, qwen2.5-coder-0.5b, -1.5b, -3b, -7b
+    /// directory: smollm2-135m, qwen2.5-coder-0.5b, -1.5b, -3b, -7b, qwen3-0.6b, -1.7b, -4b, -8b
     #[arg(long)]
     pub synthetic: Option<String>,
     /// The synthetic model's quantization (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, Q4_K_M,

@@ -20,10 +20,13 @@ use crate::error::{ConfigError, Error, Result};
 /// A model's shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Shape {
-    /// `llama` or `qwen2` (q/k/v biases).
+    /// `llama`, `qwen2` (q/k/v biases) or `qwen3` (per-head q/k norms, a head size of its
+    /// own).
     pub arch: &'static str,
     pub hidden: usize,
     pub heads: usize,
+    /// The head size where it is not `hidden / heads` (qwen3).
+    pub head_dim: Option<usize>,
     pub kv_heads: usize,
     pub intermediate: usize,
     pub layers: usize,
@@ -36,13 +39,18 @@ pub struct Shape {
 }
 
 /// The shapes `preset` knows, by name.
-pub const PRESETS: [&str; 6] = [
+pub const PRESETS: [&str; 11] = [
     "tiny",
+    "tiny-qwen3",
     "smollm2-135m",
     "qwen2.5-coder-0.5b",
     "qwen2.5-coder-1.5b",
     "qwen2.5-coder-3b",
     "qwen2.5-coder-7b",
+    "qwen3-0.6b",
+    "qwen3-1.7b",
+    "qwen3-4b",
+    "qwen3-8b",
 ];
 
 /// Tokens before the filler: three specials, 256 bytes, three FIM tokens.
@@ -54,6 +62,7 @@ pub fn preset(name: &str) -> Option<Shape> {
         arch: "qwen2",
         hidden,
         heads,
+        head_dim: None,
         kv_heads,
         intermediate,
         layers,
@@ -63,8 +72,21 @@ pub fn preset(name: &str) -> Option<Shape> {
         rope_theta: 1_000_000.0,
         rms_eps: 1e-6,
     };
+    // Qwen3's dense models: head size 128 whatever the width, 40960 positions.
+    let qwen3 = |hidden, heads, kv_heads, intermediate, layers, tied| Shape {
+        arch: "qwen3",
+        head_dim: Some(128),
+        context: 40960,
+        ..qwen2(hidden, heads, kv_heads, intermediate, layers, 151_936, tied)
+    };
     Some(match name {
         "tiny" => Shape {
+            context: 512,
+            ..qwen2(64, 4, 2, 128, 2, FIXED_TOKENS + 2, true)
+        },
+        "tiny-qwen3" => Shape {
+            arch: "qwen3",
+            head_dim: Some(32),
             context: 512,
             ..qwen2(64, 4, 2, 128, 2, FIXED_TOKENS + 2, true)
         },
@@ -79,6 +101,10 @@ pub fn preset(name: &str) -> Option<Shape> {
         "qwen2.5-coder-1.5b" => qwen2(1536, 12, 2, 8960, 28, 151_936, true),
         "qwen2.5-coder-3b" => qwen2(2048, 16, 2, 11008, 36, 151_936, true),
         "qwen2.5-coder-7b" => qwen2(3584, 28, 4, 18944, 28, 152_064, false),
+        "qwen3-0.6b" => qwen3(1024, 16, 8, 3072, 28, true),
+        "qwen3-1.7b" => qwen3(2048, 16, 8, 6144, 28, true),
+        "qwen3-4b" => qwen3(2560, 32, 8, 9728, 36, true),
+        "qwen3-8b" => qwen3(4096, 32, 8, 12288, 36, false),
         _ => return None,
     })
 }
@@ -185,10 +211,10 @@ fn tokenizer_metadata(shape: &Shape) -> Result<Vec<(String, Value)>> {
         ("tokenizer.ggml.model".into(), s("gpt2")),
         (
             "tokenizer.ggml.pre".into(),
-            s(if shape.arch == "qwen2" {
-                "qwen2"
-            } else {
+            s(if shape.arch == "llama" {
                 "smollm"
+            } else {
+                "qwen2"
             }),
         ),
         (
@@ -214,19 +240,16 @@ pub fn write_gguf(shape: &Shape, quant_name: &str, seed: u64, path: &Path) -> Re
         )))
     })?;
     let s = shape;
-    if s.heads == 0
-        || s.kv_heads == 0
-        || !s.hidden.is_multiple_of(s.heads)
-        || !s.heads.is_multiple_of(s.kv_heads)
-    {
+    let head_dim_ok = s.head_dim.is_some() || s.hidden.is_multiple_of(s.heads.max(1));
+    if s.heads == 0 || s.kv_heads == 0 || !head_dim_ok || !s.heads.is_multiple_of(s.kv_heads) {
         return Err(ConfigError::Synthetic(format!(
-            "a shape needs heads dividing hidden ({}) and kv heads dividing heads ({} / {})",
+            "a shape needs heads dividing hidden ({}) or a head size, and kv heads dividing heads ({} / {})",
             s.hidden, s.heads, s.kv_heads
         ))
         .into());
     }
     let a = s.arch;
-    let d = s.hidden / s.heads;
+    let d = s.head_dim.unwrap_or(s.hidden / s.heads);
     let u = |k: &str, v: usize| (format!("{a}.{k}"), Value::U32(v as u32));
     let mut md = vec![
         ("general.architecture".to_string(), Value::String(a.into())),
@@ -247,6 +270,10 @@ pub fn write_gguf(shape: &Shape, quant_name: &str, seed: u64, path: &Path) -> Re
         ),
         (format!("{a}.rope.freq_base"), Value::F32(s.rope_theta)),
     ];
+    if s.head_dim.is_some() {
+        md.push(u("attention.key_length", d));
+        md.push(u("attention.value_length", d));
+    }
     md.extend(tokenizer_metadata(s)?);
 
     let mut rng = Rng(seed);
@@ -286,6 +313,10 @@ pub fn write_gguf(shape: &Shape, quant_name: &str, seed: u64, path: &Path) -> Re
             add(p("attn_k.bias"), &[kv], 0.0, 0.2, matrix)?;
             add(p("attn_v.bias"), &[kv], 0.0, 0.2, matrix)?;
         }
+        if a == "qwen3" {
+            add(p("attn_q_norm.weight"), &[d], 1.0, 0.1, matrix)?;
+            add(p("attn_k_norm.weight"), &[d], 1.0, 0.1, matrix)?;
+        }
         add(p("attn_output.weight"), &[h, q], 0.0, std, matrix)?;
         add(p("ffn_norm.weight"), &[h], 1.0, 0.1, matrix)?;
         add(p("ffn_gate.weight"), &[i, h], 0.0, std, matrix)?;
@@ -318,7 +349,10 @@ mod tests {
     fn presets_and_quantizations_are_named() {
         for name in PRESETS {
             let s = preset(name).unwrap();
-            assert_eq!(s.hidden % s.heads, 0, "{name}");
+            assert!(
+                s.head_dim.is_some() || s.hidden.is_multiple_of(s.heads),
+                "{name}"
+            );
         }
         assert!(preset("gpt-5").is_none());
         assert_eq!(quant("q4_k_m"), Some((GgmlDType::Q4K, GgmlDType::Q6K)));
@@ -329,5 +363,35 @@ mod tests {
         assert_eq!(byte_char(b'a'), 'a');
         assert_eq!(byte_char(b' '), 'Ġ');
         assert_eq!(byte_char(b'\n'), 'Ċ');
+    }
+
+    /// Each architecture's tiny model loads as that architecture, with its head size, its
+    /// tokenizer's FIM tokens and its template, and generates.
+    #[test]
+    fn tiny_synthetic_models_load_and_generate() {
+        use crate::registry::{Format, ModelLocation};
+        use crate::scheduler::{GenerateRequest, LlmClient, Prompt, SchedulerConfig};
+        for (name, arch, head_dim) in [("tiny", "qwen2", 16), ("tiny-qwen3", "qwen3", 32)] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.gguf");
+            write_gguf(&preset(name).unwrap(), "Q8_0", 1, &path).unwrap();
+            let loc = ModelLocation {
+                name: name.into(),
+                format: Format::Gguf,
+                path,
+            };
+            let m = crate::loader::load(&loc, &Device::Cpu).unwrap();
+            assert_eq!(m.info.architecture, arch);
+            assert_eq!(m.model.config().head_dim, head_dim, "{name}");
+            assert!(m.tokenizer.fim_tokens().is_some());
+            let client = LlmClient::start(vec![m], SchedulerConfig::default()).unwrap();
+            let mut req = GenerateRequest::new(Prompt::Text("def f(x):".into()), 4);
+            req.ignore_eos = true;
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let done = rt
+                .block_on(client.generate(req).unwrap().collect())
+                .unwrap();
+            assert_eq!(done.tokens.len(), 4, "{name}");
+        }
     }
 }
