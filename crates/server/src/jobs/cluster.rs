@@ -34,7 +34,7 @@ use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use forgeline_pipeline::{EventStatus, Format, JobOutcome, TaskRequest};
+use forgeline_pipeline::{Format, JobOutcome, TaskRequest};
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -721,15 +721,7 @@ impl Cluster {
     }
 
     async fn event(&self, id: &str, ev: forgeline_pipeline::JobEvent) {
-        match ev.status {
-            EventStatus::Passed => self.metrics.record_stage_result(ev.stage.name(), true),
-            EventStatus::Failed => self.metrics.record_stage_result(ev.stage.name(), false),
-            _ => {}
-        }
-        let mut v = serde_json::to_value(&ev).unwrap_or(Value::Null);
-        if let Value::Object(o) = &mut v {
-            o.insert("object".into(), json!("job.event"));
-        }
+        let v = super::api_event(&self.metrics, &ev);
         self.publish_event(id, &v).await;
     }
 }

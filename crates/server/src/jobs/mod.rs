@@ -772,16 +772,23 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 
 /// Keeps (and stores) an event as the API streams it, and counts stage verdicts.
 fn record(jobs: &Jobs, job: &Job, ev: JobEvent) {
+    let v = api_event(&jobs.metrics, &ev);
+    jobs.add_event(job, v);
+}
+
+/// A stage event as the API streams it (`"object": "job.event"`), its verdict counted in
+/// the stage metrics; both job tables (local and cluster) record events through it.
+pub(crate) fn api_event(metrics: &Metrics, ev: &JobEvent) -> Value {
     match ev.status {
-        EventStatus::Passed => jobs.metrics.record_stage_result(ev.stage.name(), true),
-        EventStatus::Failed => jobs.metrics.record_stage_result(ev.stage.name(), false),
+        EventStatus::Passed => metrics.record_stage_result(ev.stage.name(), true),
+        EventStatus::Failed => metrics.record_stage_result(ev.stage.name(), false),
         _ => {}
     }
-    let mut v = serde_json::to_value(&ev).unwrap_or(Value::Null);
+    let mut v = serde_json::to_value(ev).unwrap_or(Value::Null);
     if let Value::Object(o) = &mut v {
         o.insert("object".into(), json!("job.event"));
     }
-    jobs.add_event(job, v);
+    v
 }
 
 #[cfg(test)]
