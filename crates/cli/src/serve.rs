@@ -310,7 +310,7 @@ async fn join_cluster(
         node,
         max_running: a.max_jobs.max(1),
         ack_wait: Duration::from_secs(a.cluster_ack_wait),
-        keep_for: retention.keep_for,
+        retention: *retention,
     };
     Cluster::connect(config).await.map_err(|e| match e {
         ClusterError::BadUrl(..) => crate::usage(e.to_string()),

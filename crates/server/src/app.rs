@@ -114,7 +114,9 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
 }
 
 /// Liveness: the process answers and its engine thread takes requests (503 when it has
-/// stopped: nothing can be generated until the server is restarted).
+/// stopped: nothing can be generated until the server is restarted). In cluster mode, also
+/// 503 while the node has lost its NATS server: it keeps its running jobs and reconnects,
+/// but cannot take or report jobs until the broker is back.
 async fn health(State(app): State<AppState>) -> Response {
     if !app.client.is_alive() {
         let mut body = ApiError::unavailable(
@@ -122,6 +124,16 @@ async fn health(State(app): State<AppState>) -> Response {
         )
         .body();
         body["status"] = json!("engine_stopped");
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    if let Some(c) = app.cluster.as_ref().filter(|c| !c.connected()) {
+        let mut body = ApiError::unavailable(format!(
+            "the cluster's NATS server {} cannot be reached: this node reconnects, and its \
+             running jobs wait to report until it is back",
+            c.url()
+        ))
+        .body();
+        body["status"] = json!("cluster_disconnected");
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     let stats = app.client.stats();
@@ -162,6 +174,8 @@ async fn status(State(app): State<AppState>) -> Json<serde_json::Value> {
         .collect();
     let state = if !app.client.is_alive() {
         "engine_stopped"
+    } else if app.cluster.as_ref().is_some_and(|c| !c.connected()) {
+        "cluster_disconnected"
     } else if app.is_draining() {
         "shutting_down"
     } else {

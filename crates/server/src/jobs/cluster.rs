@@ -67,8 +67,10 @@ pub struct ClusterConfig {
     /// How long the broker waits for a running job's heartbeat before giving it to another
     /// node. Heartbeats go every third of it.
     pub ack_wait: Duration,
-    /// How long finished jobs and their events are kept; None: 7 days.
-    pub keep_for: Option<Duration>,
+    /// How long finished jobs and their events are kept (None: however old), and how many
+    /// bytes the broker may keep for them (None: no bound): the bucket and the events
+    /// stream's `max_age` and `max_bytes`, the oldest going first.
+    pub retention: super::Retention,
 }
 
 /// Why a node could not join.
@@ -185,6 +187,7 @@ impl Joined {
             running: Mutex::default(),
             run_here: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
+            broker_nanos: AtomicU64::new(0),
             serial: AtomicU64::new(0),
             token,
             stopping: AtomicBool::new(false),
@@ -221,6 +224,9 @@ pub struct Cluster {
     run_here: AtomicU64,
     /// Jobs waiting in the queue, as last asked (every 2 s).
     queue_depth: AtomicU64,
+    /// Time spent waiting on the broker for the jobs' own traffic (queueing, state, events,
+    /// results, acks), in nanoseconds: its overhead per job.
+    broker_nanos: AtomicU64,
     serial: AtomicU64,
     token: u16,
     /// Set at shutdown: no more jobs are pulled.
@@ -247,13 +253,34 @@ impl Cluster {
         let opts = async_nats::ConnectOptions::new()
             .name(format!("forgeline {}", config.node))
             .connection_timeout(Duration::from_secs(5))
-            .request_timeout(Some(Duration::from_secs(5)));
+            .request_timeout(Some(Duration::from_secs(5)))
+            // A broker that went away is tried again for ever, at most 2 s apart.
+            .reconnect_delay_callback(|n| Duration::from_millis((250u64 << n.min(3)).min(2000)))
+            .event_callback(|ev| async move {
+                match ev {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("cluster: lost the NATS server; reconnecting")
+                    }
+                    async_nats::Event::Connected => tracing::info!("cluster: connected to NATS"),
+                    _ => {}
+                }
+            });
         let client = tokio::time::timeout(Duration::from_secs(10), opts.connect(url.as_str()))
             .await
             .map_err(|_| ClusterError::Unreachable(url.clone(), "timed out after 10 s".into()))?
             .map_err(|e| ClusterError::Unreachable(url.clone(), nats_err(e)))?;
         let js = jetstream::new(client.clone());
-        let keep = config.keep_for.unwrap_or(Duration::from_secs(7 * 86_400));
+        // JetStream reads 0 as no limit on age, -1 as none on size.
+        let keep = config.retention.keep_for.unwrap_or(Duration::ZERO);
+        // Quarters of the size bound: three for events, which take most of the room, one for
+        // the bucket.
+        let bytes = |quarters: u64| {
+            config.retention.max_bytes.map_or(-1, |b| {
+                (b / 4)
+                    .saturating_mul(quarters)
+                    .clamp(1 << 16, i64::MAX as u64) as i64
+            })
+        };
         let setup = |what: &'static str| {
             let url = url.clone();
             move |e: String| ClusterError::Setup(url, what, e)
@@ -283,31 +310,39 @@ impl Cluster {
             )
             .await
             .map_err(|e| setup("consumer forgeline-workers")(nats_err(e)))?;
-        let events = js
-            .get_or_create_stream(stream::Config {
+        let events = retained(
+            &js,
+            stream::Config {
                 name: EVENTS_STREAM.into(),
                 subjects: vec![format!("{EVENTS_PREFIX}*")],
                 max_age: keep,
+                max_bytes: bytes(3),
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| setup("stream FORGELINE_EVENTS")(nats_err(e)))?;
-        // The bucket's stream, made as `create_key_value` makes it (which first asks for
-        // account details that older servers, 2.9, answer in a shape it cannot read).
-        js.get_or_create_stream(stream::Config {
-            name: format!("KV_{BUCKET}"),
-            subjects: vec![format!("$KV.{BUCKET}.>")],
-            max_messages_per_subject: 1,
-            max_age: keep,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            num_replicas: 1,
-            ..Default::default()
-        })
+            },
+        )
         .await
-        .map_err(|e| setup("bucket forgeline-jobs")(nats_err(e)))?;
+        .map_err(setup("stream FORGELINE_EVENTS"))?;
+        // The bucket's stream, made as `create_key_value` makes it (which first asks for
+        // account details that older servers, 2.9, answer in a shape it cannot read), but
+        // at its size bound the oldest entries go (a bucket would refuse new ones).
+        retained(
+            &js,
+            stream::Config {
+                name: format!("KV_{BUCKET}"),
+                subjects: vec![format!("$KV.{BUCKET}.>")],
+                max_messages_per_subject: 1,
+                max_age: keep,
+                max_bytes: bytes(1),
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: stream::DiscardPolicy::Old,
+                num_replicas: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(setup("bucket forgeline-jobs"))?;
         let kv = js
             .get_key_value(BUCKET)
             .await
@@ -322,6 +357,33 @@ impl Cluster {
             workers,
         })
     }
+}
+
+/// Opens the stream, or creates it, and brings its retention (age, size, discard policy) to
+/// `want`'s: the last node started with other retention flags sets them for the cluster.
+async fn retained(js: &jetstream::Context, want: stream::Config) -> Result<stream::Stream, String> {
+    let mut s = js
+        .get_or_create_stream(want.clone())
+        .await
+        .map_err(nats_err)?;
+    let have = s.cached_info().config.clone();
+    if (have.max_age, have.max_bytes, have.discard) != (want.max_age, want.max_bytes, want.discard)
+    {
+        let config = stream::Config {
+            max_age: want.max_age,
+            max_bytes: want.max_bytes,
+            discard: want.discard,
+            ..have
+        };
+        match js.update_stream(config).await {
+            Ok(_) => s = js.get_stream(&want.name).await.map_err(nats_err)?,
+            Err(e) => tracing::warn!(
+                stream = %want.name,
+                "cluster: cannot change the stream's retention ({e}); it keeps the one it has"
+            ),
+        }
+    }
+    Ok(s)
 }
 
 impl Cluster {
@@ -342,6 +404,20 @@ impl Cluster {
         self.running_map().len()
     }
 
+    /// Whether the node is connected to the broker now (it reconnects by itself when not).
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Awaits `f`, a call to the broker, counting its time as the broker's overhead.
+    async fn timed<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        let t = std::time::Instant::now();
+        let out = f.await;
+        self.broker_nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
     /// The cluster's lines for `/metrics`: the queue's depth and this node's share.
     pub fn render_metrics(&self) -> String {
         format!(
@@ -353,10 +429,18 @@ impl Cluster {
              forgeline_cluster_jobs_run_total {}\n\
              # HELP forgeline_cluster_jobs_running Cluster jobs running on this node.\n\
              # TYPE forgeline_cluster_jobs_running gauge\n\
-             forgeline_cluster_jobs_running {}\n",
+             forgeline_cluster_jobs_running {}\n\
+             # HELP forgeline_cluster_connected 1 while this node is connected to the NATS server, 0 while it reconnects.\n\
+             # TYPE forgeline_cluster_connected gauge\n\
+             forgeline_cluster_connected {}\n\
+             # HELP forgeline_cluster_broker_seconds_total Time this node's jobs spent waiting on the broker (queueing, state, events, results, acks).\n\
+             # TYPE forgeline_cluster_broker_seconds_total counter\n\
+             forgeline_cluster_broker_seconds_total {}\n",
             self.queue_depth.load(Ordering::Relaxed),
             self.run_here.load(Ordering::Relaxed),
             self.running(),
+            u8::from(self.connected()),
+            self.broker_nanos.load(Ordering::Relaxed) as f64 / 1e9,
         )
     }
 
@@ -414,38 +498,95 @@ impl Cluster {
             .ok_or_else(|| not_found(id))
     }
 
-    async fn publish_event(&self, id: &str, ev: &Value) {
+    /// Publishes one of the job's events, trying again (at most 2 s apart) while the broker
+    /// cannot take it, until it does or this node stops: events wait, in order, rather than
+    /// being lost. `msg_id` names the event once for the stream's duplicate window, so a
+    /// try whose acknowledgement was lost does not store it twice.
+    async fn publish_event(&self, id: &str, msg_id: &str, ev: &Value) {
         let subject = format!("{EVENTS_PREFIX}{id}");
-        let sent = match self.js.publish(subject, ev.to_string().into()).await {
-            Ok(ack) => ack.await.map(|_| ()).map_err(nats_err),
-            Err(e) => Err(nats_err(e)),
-        };
-        if let Err(e) = sent {
-            tracing::warn!(job = %id, "cluster: cannot publish an event: {e}");
+        let payload = ev.to_string();
+        let mut delay = Duration::from_millis(250);
+        let mut warned = false;
+        loop {
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(payload.clone().into())
+                .message_id(msg_id);
+            let sent = self
+                .timed(async {
+                    match self.js.send_publish(subject.clone(), msg).await {
+                        Ok(ack) => ack.await.map(|_| ()).map_err(nats_err),
+                        Err(e) => Err(nats_err(e)),
+                    }
+                })
+                .await;
+            match sent {
+                Ok(()) => {
+                    if warned {
+                        tracing::info!(job = %id, "cluster: the job's events are published again");
+                    }
+                    return;
+                }
+                Err(e) if self.stopping.load(Ordering::SeqCst) => {
+                    tracing::warn!(job = %id, "cluster: an event is lost at shutdown: {e}");
+                    return;
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(job = %id, "cluster: cannot publish an event ({e}); trying again until the broker takes it");
+                        warned = true;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
         }
     }
 
     /// Writes how the job ended, unless it has ended already (true if this wrote it), and
-    /// then publishes its `job.end`.
-    async fn end(&self, rec: &Record) -> Result<bool, String> {
+    /// then publishes its `job.end`. With `persist`, a broker that cannot be reached is
+    /// tried again (at most 2 s apart) until it answers or this node stops; without, its
+    /// error is returned at once.
+    async fn end(&self, rec: &Record, persist: bool) -> Result<bool, String> {
         let bytes = serde_json::to_vec(rec).unwrap_or_default();
-        match self
-            .kv
-            .create(format!("end.{}", rec.id), bytes.into())
-            .await
-        {
-            Ok(_) => {
+        let key = format!("end.{}", rec.id);
+        let mut delay = Duration::from_millis(250);
+        let mut retried = false;
+        loop {
+            let created = self.timed(self.kv.create(&key, bytes.clone().into())).await;
+            let won = match created {
+                Ok(_) => true,
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    // An earlier try of this very write may have landed (its answer lost).
+                    retried
+                        && matches!(
+                            self.record(&key).await,
+                            Ok(Some(r)) if r.node == rec.node && r.runs == rec.runs && r.state == rec.state
+                        )
+                }
+                Err(e) if !persist || self.stopping.load(Ordering::SeqCst) => {
+                    return Err(nats_err(e))
+                }
+                Err(e) => {
+                    if !retried {
+                        tracing::warn!(job = %rec.id, "cluster: cannot write the job's end ({e}); trying again until the broker takes it");
+                    }
+                    retried = true;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            if won {
                 let ev = json!({
                     "object": "job.end",
                     "id": rec.id,
                     "state": rec.state,
                     "error": rec.error,
                 });
-                self.publish_event(&rec.id, &ev).await;
-                Ok(true)
+                self.publish_event(&rec.id, &format!("{}.end", rec.id), &ev)
+                    .await;
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(nats_err(e)),
+            return Ok(won);
         }
     }
 
@@ -472,11 +613,8 @@ impl Cluster {
             tracing::error!(job = %id, "cluster: cannot queue a job: {e}");
             ApiError::unavailable(format!("the job could not be queued ({e}); retry later"))
         };
-        self.kv
-            .put(
-                format!("state.{id}"),
-                serde_json::to_vec(&rec).unwrap_or_default().into(),
-            )
+        let state = serde_json::to_vec(&rec).unwrap_or_default();
+        self.timed(self.kv.put(format!("state.{id}"), state.into()))
             .await
             .map_err(|e| unavailable(nats_err(e)))?;
         let work = Work {
@@ -486,10 +624,14 @@ impl Cluster {
             request: StoredRequest { task, format },
         };
         let payload = serde_json::to_vec(&work).unwrap_or_default();
-        let ack = match self.js.publish(JOBS_SUBJECT, payload.into()).await {
-            Ok(ack) => ack.await.map_err(nats_err),
-            Err(e) => Err(nats_err(e)),
-        };
+        let ack = self
+            .timed(async {
+                match self.js.publish(JOBS_SUBJECT, payload.into()).await {
+                    Ok(ack) => ack.await.map_err(nats_err),
+                    Err(e) => Err(nats_err(e)),
+                }
+            })
+            .await;
         if let Err(e) = ack {
             let _ = self.kv.purge(format!("state.{id}")).await;
             if e.contains("maximum messages") {
@@ -525,7 +667,7 @@ impl Cluster {
             let mut cancelled = rec.ended("cancelled", rec.node.as_deref().unwrap_or(&self.node));
             cancelled.node = rec.node.clone();
             cancelled.error = Some(json!({"message": "the job was cancelled"}));
-            let wrote = self.end(&cancelled).await.map_err(|e| {
+            let wrote = self.end(&cancelled, false).await.map_err(|e| {
                 ApiError::unavailable(format!("the job could not be cancelled ({e}); retry later"))
             })?;
             let now = if wrote {
@@ -566,7 +708,7 @@ impl Cluster {
         };
         let id = work.id.clone();
         // Ended already: cancelled while queued, or finished by a node that did not ack.
-        match self.kv.get(format!("end.{id}")).await {
+        match self.timed(self.kv.get(format!("end.{id}"))).await {
             Ok(Some(_)) => {
                 let _ = msg.double_ack().await;
                 return;
@@ -600,18 +742,15 @@ impl Cluster {
                 ),
                 "type": "server_error",
             }));
-            if let Ok(true) = self.end(&failed).await {
+            if let Ok(true) = self.end(&failed, true).await {
                 self.metrics.record_job("failed");
             }
             let _ = msg.double_ack().await;
             return;
         }
+        let state = serde_json::to_vec(&base).unwrap_or_default();
         let _ = self
-            .kv
-            .put(
-                format!("state.{id}"),
-                serde_json::to_vec(&base).unwrap_or_default().into(),
-            )
+            .timed(self.kv.put(format!("state.{id}"), state.into()))
             .await;
         if runs > 1 {
             let ev = json!({
@@ -627,29 +766,31 @@ impl Cluster {
                     self.node
                 ),
             });
-            self.publish_event(&id, &ev).await;
+            self.publish_event(&id, &format!("{id}.{runs}.requeued"), &ev)
+                .await;
         }
 
         let (tx, mut rx) = mpsc::unbounded_channel();
         let run = tokio::spawn(self.runner.run(work.request.task, work.request.format, tx));
         self.running_map().insert(id.clone(), run.abort_handle());
         let mut run = std::pin::pin!(run);
+        let mut sent = 0u64;
         let mut beat = tokio::time::interval((self.ack_wait / 3).max(Duration::from_millis(200)));
         beat.tick().await;
         let outcome = loop {
             tokio::select! {
                 biased;
                 r = &mut run => break r,
-                Some(ev) = rx.recv() => self.event(&id, ev).await,
+                Some(ev) = rx.recv() => self.event(&id, runs, &mut sent, ev).await,
                 _ = beat.tick() => {
-                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    if let Err(e) = self.timed(msg.ack_with(AckKind::Progress)).await {
                         tracing::warn!(job = %id, "cluster: heartbeat failed: {e}");
                     }
                 }
             }
         };
         while let Ok(ev) = rx.try_recv() {
-            self.event(&id, ev).await;
+            self.event(&id, runs, &mut sent, ev).await;
         }
 
         let ended = match outcome {
@@ -687,7 +828,7 @@ impl Cluster {
             Err(_) => None,
         };
         match ended {
-            Some(r) => match self.end(&r).await {
+            Some(r) => match self.end(&r, true).await {
                 Ok(won) => {
                     if won {
                         self.metrics.record_job(match r.state.as_str() {
@@ -698,7 +839,7 @@ impl Cluster {
                         tracing::info!(job = %id, "cluster: the job had ended already (another node finished it first, or it was cancelled); this run's result is discarded");
                     }
                     self.run_here.fetch_add(1, Ordering::Relaxed);
-                    let _ = msg.double_ack().await;
+                    let _ = self.timed(msg.double_ack()).await;
                 }
                 Err(e) => {
                     tracing::warn!(job = %id, "cluster: cannot write the job's end ({e}); it is handed back to run again");
@@ -720,9 +861,12 @@ impl Cluster {
         self.ended.send_modify(|n| *n += 1);
     }
 
-    async fn event(&self, id: &str, ev: forgeline_pipeline::JobEvent) {
+    /// Publishes the `sent`-th event of the job's run `run`.
+    async fn event(&self, id: &str, run: u32, sent: &mut u64, ev: forgeline_pipeline::JobEvent) {
         let v = super::api_event(&self.metrics, &ev);
-        self.publish_event(id, &v).await;
+        *sent += 1;
+        self.publish_event(id, &format!("{id}.{run}.{sent}"), &v)
+            .await;
     }
 }
 
@@ -756,7 +900,11 @@ async fn pull_jobs(cluster: Arc<Cluster>) {
             .messages()
             .await;
         let next = match batch {
-            Ok(mut b) => b.next().await,
+            // Bounded here too: a pull the broker forgot (it restarted) never ends by itself.
+            Ok(mut b) => match tokio::time::timeout(Duration::from_secs(10), b.next()).await {
+                Ok(n) => n,
+                Err(_) => continue,
+            },
             Err(e) => {
                 tracing::warn!("cluster {}: cannot pull jobs: {e}; retrying", cluster.url);
                 tokio::time::sleep(Duration::from_secs(1)).await;

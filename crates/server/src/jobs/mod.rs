@@ -338,6 +338,27 @@ impl Jobs {
             return Ok(Restored::default());
         };
         let loaded = store.load()?;
+        // Age retention runs as jobs end and are submitted, and on a timer for an idle
+        // server: every sixteenth of the age kept, from once a second to once in ten minutes.
+        if let Some(age) = self.retention.keep_for.filter(|a| !a.is_zero()) {
+            let period = (age / 16).clamp(Duration::from_secs(1), Duration::from_secs(600));
+            let table = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(jobs) = table.upgrade() else { return };
+                    let gone = jobs.sweep();
+                    if gone > 0 {
+                        tracing::info!(
+                            "job store: {gone} finished job(s) past --keep-jobs-for removed"
+                        );
+                    }
+                }
+            });
+        }
         let mut out = Restored {
             skipped: loaded.skipped,
             ..Restored::default()
@@ -461,6 +482,14 @@ impl Jobs {
         if let Err(e) = f(store.as_ref()) {
             tracing::warn!(job = %job.id, "job store {}: cannot {what}: {e}", store.describe());
         }
+    }
+
+    /// Removes the finished jobs retention no longer keeps (the timer `restore` starts runs
+    /// it, so that an idle server forgets old jobs too). How many went.
+    pub fn sweep(&self) -> usize {
+        let victims = self.take_expired(&mut self.table(), 0);
+        self.forget_all(&victims);
+        victims.len()
     }
 
     /// Removes jobs (already out of the table) from the store.

@@ -394,3 +394,33 @@ async fn retention_applies_at_start_and_as_jobs_end() {
     assert!(!exists(&ids[3]) && exists(&j.id));
     assert!(jobs.get(&j.id).is_some());
 }
+
+#[tokio::test]
+async fn an_idle_server_forgets_jobs_past_their_age() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runner = Arc::new(ByTask::default());
+    let age = Retention {
+        keep_for: Some(Duration::from_secs(2)),
+        ..Retention::default()
+    };
+    let (jobs, _) = stored(tmp.path(), runner, 8, age);
+    let j = jobs.submit(TaskRequest::new("t"), Format::Md).unwrap();
+    ended(&j).await;
+    let dir = tmp.path().join("jobs").join(&j.id);
+    assert!(dir.exists() && jobs.get(&j.id).is_some());
+    // Nothing else happens on the server: the timer alone removes it, from the table and
+    // from disk.
+    let t = std::time::Instant::now();
+    while jobs.get(&j.id).is_some() || dir.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "a job 2 s past its end was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "removed before its age"
+    );
+    close(jobs).await;
+}
