@@ -140,6 +140,17 @@ fn bad_input_gets_exit_code_2_and_names_the_problem() {
 
     let out = expect(&["bench", "pipeline", "--repeats", "0"], 2);
     assert!(text(&out.stderr).contains("--repeats"));
+
+    let out = expect(&["bench", "cluster", "--nodes", "1,0"], 2);
+    assert!(text(&out.stderr).contains("--nodes"), "{}", text(&out.stderr));
+    // No broker to start: a clear error, not a hang.
+    let out = Command::new(env!("CARGO_BIN_EXE_forgeline"))
+        .args(["bench", "cluster", "--jobs", "1"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("nats-server"), "{}", text(&out.stderr));
 }
 
 #[test]

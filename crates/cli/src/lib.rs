@@ -20,6 +20,7 @@
 //! verified (`consistent` or `unverified`, short of `--require`).
 
 mod bench;
+mod bench_cluster;
 mod bench_pipeline;
 mod bench_sandbox;
 mod bench_serve;
@@ -112,6 +113,8 @@ enum BenchCommand {
     Sandbox(bench_sandbox::BenchSandboxArgs),
     /// Streaming clients over HTTP against the same workload in process
     Serve(bench_serve::BenchServeArgs),
+    /// Pipeline jobs on 1, 2, 3 cluster nodes (NATS JetStream) against one server alone
+    Cluster(bench_cluster::BenchClusterArgs),
 }
 
 /// Exit code for an error: 2 for input errors, 3 for runtime failures.
@@ -318,6 +321,7 @@ fn run(command: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Serve(a) => serve::run(a, &env),
         Command::Ps(a) => runtime()?.block_on(ps::run(a)),
         Command::Bench(BenchCommand::Serve(a)) => bench_serve::run_bench(a, &env),
+        Command::Bench(BenchCommand::Cluster(a)) => bench_cluster::run(a, &env),
     }
 }
 

@@ -78,6 +78,10 @@ impl HttpClient {
             .await
     }
 
+    pub async fn delete(&self, path: &str) -> ClientResult<HttpResponse> {
+        self.request(Method::DELETE, path, None).await
+    }
+
     /// Any method, with a raw body (sent as JSON).
     pub async fn request(
         &self,
