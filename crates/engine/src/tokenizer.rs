@@ -1,14 +1,22 @@
 //! Tokenizer: a real `tokenizers::Tokenizer`, loaded from tokenizer.json or built from the
-//! gpt2-style BPE vocabulary in a GGUF file's metadata, plus incremental detokenization.
+//! gpt2-style BPE or llama-style SentencePiece vocabulary in a GGUF file's metadata, plus
+//! incremental detokenization.
 //!
-//! GGUF files carry no tokenizer.json. Their `tokenizer.ggml.*` keys hold the vocabulary, the
-//! merges, the token types and the name of the pre-tokenizer (`tokenizer.ggml.pre`), which
-//! llama.cpp maps to a list of regexes applied one after the other. The same regexes become a
-//! sequence of `Split` pre-tokenizers (matches isolated, the rest kept) ahead of a byte-level
-//! step without its own regex, so that encoding gives llama.cpp's ids.
+//! GGUF files carry no tokenizer.json. For gpt2-style BPE (`tokenizer.ggml.model = "gpt2"`)
+//! their `tokenizer.ggml.*` keys hold the vocabulary, the merges, the token types and the name
+//! of the pre-tokenizer (`tokenizer.ggml.pre`), which llama.cpp maps to a list of regexes
+//! applied one after the other. The same regexes become a sequence of `Split` pre-tokenizers
+//! (matches isolated, the rest kept) ahead of a byte-level step without its own regex, so that
+//! encoding gives llama.cpp's ids.
+//!
+//! SentencePiece vocabularies (`"llama"`: Llama 2, Gemma, ...) have scores instead of merges;
+//! `spm` encodes them as llama.cpp does, and a `tokenizers` BPE equivalent decodes.
+
+mod spm;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -151,6 +159,8 @@ pub struct Tokenizer {
     eos: Option<String>,
     add_bos: bool,
     vocab_size: usize,
+    /// A SentencePiece vocabulary's own encoder (llama.cpp's algorithm); None: `hf` encodes.
+    spm: Option<Arc<spm::Spm>>,
     /// Per token id, whether DRY's matches stop at it; built on first use, shared by clones
     /// (the client's and the engine thread's).
     dry_breakers: std::sync::Arc<std::sync::OnceLock<Box<[bool]>>>,
@@ -179,25 +189,26 @@ impl Tokenizer {
         Self::from_gguf(&content, path)
     }
 
-    /// Builds a gpt2-style BPE tokenizer from `tokenizer.ggml.*` metadata; `path` names the
-    /// file in errors.
+    /// Builds a gpt2-style BPE or llama-style SentencePiece tokenizer from `tokenizer.ggml.*`
+    /// metadata; `path` names the file in errors.
     pub fn from_gguf(content: &Content, path: &Path) -> Result<Self> {
         let md = &content.metadata;
         let bad = |msg: String| Error::bad_model(path, msg);
-        if let Some(model) = md.get("tokenizer.ggml.model") {
-            let model = gguf_str(model, "tokenizer.ggml.model", path)?;
-            if model != "gpt2" {
-                return Err(bad(format!(
-                    "tokenizer.ggml.model is `{model}`: only gpt2-style BPE GGUF tokenizers are \
-                     supported (use a tokenizer.json for this model)"
-                )));
-            }
+        let model = match md.get("tokenizer.ggml.model") {
+            Some(model) => gguf_str(model, "tokenizer.ggml.model", path)?,
+            None => "gpt2",
+        };
+        if model != "gpt2" && model != "llama" {
+            return Err(bad(format!(
+                "tokenizer.ggml.model is `{model}`: only gpt2-style BPE (`gpt2`) and \
+                 SentencePiece (`llama`) GGUF tokenizers are supported (use a tokenizer.json for \
+                 this model)"
+            )));
         }
         let tokens = gguf_strings(md, "tokenizer.ggml.tokens", path)?;
         if tokens.is_empty() {
             return Err(bad("tokenizer.ggml.tokens is empty".into()));
         }
-        let merges = gguf_strings(md, "tokenizer.ggml.merges", path)?;
         let types = match md.get("tokenizer.ggml.token_type") {
             Some(v) => gguf_array(v, "tokenizer.ggml.token_type", path)?
                 .iter()
@@ -215,12 +226,6 @@ impl Tokenizer {
                 tokens.len()
             )));
         }
-        let pre = match md.get("tokenizer.ggml.pre") {
-            Some(v) => PreTokenizer::from_gguf_name(gguf_str(v, "tokenizer.ggml.pre", path)?),
-            None => PreTokenizer::from_gguf_name(""),
-        };
-        let hf = build_bpe(&tokens, &types, &merges, pre).map_err(|e| bad(e.to_string()))?;
-
         let id = |key: &str| -> Result<Option<u32>> {
             let Some(v) = md.get(key) else {
                 return Ok(None);
@@ -238,6 +243,45 @@ impl Tokenizer {
             }
             Ok(Some(id as u32))
         };
+        let flag = |key: &str| -> Result<Option<bool>> {
+            md.get(key)
+                .map(|v| v.to_bool().map_err(|_| bad(format!("{key} is not a bool"))))
+                .transpose()
+        };
+        let (hf, spm, default_add_bos) = if model == "llama" {
+            let scores = match md.get("tokenizer.ggml.scores") {
+                Some(v) => gguf_array(v, "tokenizer.ggml.scores", path)?
+                    .iter()
+                    .map(|s| gguf_float(s, "tokenizer.ggml.scores", path))
+                    .collect::<Result<Vec<_>>>()?,
+                None => {
+                    tracing::warn!(path = %path.display(), "no tokenizer.ggml.scores: no merges");
+                    vec![0.0; tokens.len()]
+                }
+            };
+            if scores.len() != tokens.len() {
+                return Err(bad(format!(
+                    "tokenizer.ggml.scores has {} entries for {} tokens",
+                    scores.len(),
+                    tokens.len()
+                )));
+            }
+            // llama.cpp's default for SentencePiece vocabularies is a leading space.
+            let add_space_prefix = flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+            let unk = id("tokenizer.ggml.unknown_token_id")?;
+            let hf = spm::build_hf(&tokens, &scores, &types, add_space_prefix, unk)
+                .map_err(|e| bad(e.to_string()))?;
+            let spm = spm::Spm::new(&tokens, &scores, &types, add_space_prefix, unk);
+            (hf, Some(Arc::new(spm)), true)
+        } else {
+            let merges = gguf_strings(md, "tokenizer.ggml.merges", path)?;
+            let pre = match md.get("tokenizer.ggml.pre") {
+                Some(v) => PreTokenizer::from_gguf_name(gguf_str(v, "tokenizer.ggml.pre", path)?),
+                None => PreTokenizer::from_gguf_name(""),
+            };
+            let hf = build_bpe(&tokens, &types, &merges, pre).map_err(|e| bad(e.to_string()))?;
+            (hf, None, pre == PreTokenizer::Llama3)
+        };
         let bos_id = id("tokenizer.ggml.bos_token_id")?;
         let pad_id = id("tokenizer.ggml.padding_token_id")?;
         let mut eos_ids: Vec<u32> = Vec::new();
@@ -253,14 +297,10 @@ impl Tokenizer {
             None => None,
         };
         add_end_tokens(&hf, template, &mut eos_ids);
-        let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
-            Some(v) => v
-                .to_bool()
-                .map_err(|_| bad("tokenizer.ggml.add_bos_token is not a bool".into()))?,
-            None => pre == PreTokenizer::Llama3,
-        };
+        let add_bos = flag("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos);
         let mut tok = Self::assemble(hf, bos_id, eos_ids, add_bos, tokens.len());
         tok.pad_id = pad_id;
+        tok.spm = spm;
         Ok(tok)
     }
 
@@ -357,6 +397,7 @@ impl Tokenizer {
             eos,
             add_bos,
             vocab_size,
+            spm: None,
             dry_breakers: Default::default(),
         }
     }
@@ -381,17 +422,21 @@ impl Tokenizer {
     /// Encodes `text`; special tokens written in it (`<|im_start|>`) become their ids.
     /// `add_bos` prepends the BOS token (an error if the model has none).
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .hf
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("encode: {e}")))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::new();
         if add_bos {
             let bos = self
                 .bos_id
                 .ok_or_else(|| Error::Tokenizer("BOS requested but the model has none".into()))?;
             ids.push(bos);
         }
+        if let Some(spm) = &self.spm {
+            spm.encode(text, &mut ids)?;
+            return Ok(ids);
+        }
+        let enc = self
+            .hf
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encode: {e}")))?;
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
     }
@@ -440,8 +485,12 @@ impl Tokenizer {
     }
 
     /// The bytes token `id` stands for, which may be part of a character: a byte-level BPE
-    /// token's characters mapped back to bytes (GPT-2's table), else its decoded text.
+    /// token's characters mapped back to bytes (GPT-2's table), a SentencePiece token's piece
+    /// with `▁` as a space (`<0x0A>`: the byte 0x0A), else its decoded text.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(spm) = &self.spm {
+            return spm.token_bytes(id).unwrap_or_default();
+        }
         let byte_level = matches!(
             self.hf.get_decoder(),
             Some(tokenizers::DecoderWrapper::ByteLevel(_))
@@ -610,6 +659,17 @@ fn gguf_str<'a>(v: &'a Value, key: &str, path: &Path) -> Result<&'a str> {
     v.to_string()
         .map(String::as_str)
         .map_err(|_| Error::bad_model(path, format!("{key} is not a string")))
+}
+
+/// A number (a score); integers are read as floats.
+fn gguf_float(v: &Value, key: &str, path: &Path) -> Result<f32> {
+    match v {
+        Value::F32(x) => Ok(*x),
+        Value::F64(x) => Ok(*x as f32),
+        v => crate::model::gguf::int_value(v)
+            .map(|x| x as f32)
+            .ok_or_else(|| Error::bad_model(path, format!("{key} is not a number"))),
+    }
 }
 
 /// An integer value; one past i64 reads as -1, which every caller's range check refuses.
