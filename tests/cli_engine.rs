@@ -142,7 +142,11 @@ fn bad_input_gets_exit_code_2_and_names_the_problem() {
     assert!(text(&out.stderr).contains("--repeats"));
 
     let out = expect(&["bench", "cluster", "--nodes", "1,0"], 2);
-    assert!(text(&out.stderr).contains("--nodes"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--nodes"),
+        "{}",
+        text(&out.stderr)
+    );
     // No broker to start: a clear error, not a hang.
     let out = Command::new(env!("CARGO_BIN_EXE_forgeline"))
         .args(["bench", "cluster", "--jobs", "1"])
@@ -150,7 +154,11 @@ fn bad_input_gets_exit_code_2_and_names_the_problem() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("nats-server"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("nats-server"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -167,6 +167,7 @@ fn engine_exit_code(e: &forgeline_engine::Error) -> u8 {
         | E::Io { .. }
         | E::Tokenizer(_)
         | E::Template(_)
+        | E::NoChatTemplate(_)
         | E::TemplateOverLimit { .. } => 2,
         // Load, time, and our own failures.
         E::Overloaded { .. }

@@ -285,7 +285,9 @@ mod reference {
 
     /// candle-transformers' own quantized model, single stream, same prompt, greedy.
     pub(super) fn decode(m: &LoadedModel, prompt: &[u32], steps: usize) -> Result<f64> {
-        use candle_transformers::models::{quantized_llama, quantized_qwen2, quantized_qwen3};
+        use candle_transformers::models::{
+            quantized_gemma3, quantized_llama, quantized_qwen2, quantized_qwen3,
+        };
         let path = &m.info.path;
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let ct = candle_core::quantized::gguf_file::Content::read(&mut f)?;
@@ -301,6 +303,12 @@ mod reference {
             }
             Arch::Qwen3 => {
                 let mut w = quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &dev)?;
+                Box::new(move |x, p| w.forward(x, p))
+            }
+            // The same work as Gemma 3 (its feed-forward activation is SiLU where Gemma's is
+            // GELU: a speed reference, not a correctness one).
+            Arch::Gemma3 => {
+                let mut w = quantized_gemma3::ModelWeights::from_gguf(ct, &mut f, &dev)?;
                 Box::new(move |x, p| w.forward(x, p))
             }
         };

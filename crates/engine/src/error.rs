@@ -30,6 +30,9 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    /// A chat for a model that has no chat template (and no override in its manifest).
+    #[error("{0}")]
+    NoChatTemplate(String),
     /// A chat template that ran past a resource limit while rendering: broken, not merely
     /// unhappy with one conversation. `origin` names the template (may be empty).
     #[error("chat template: {}render: over its limits: {limit}", prefix(origin))]

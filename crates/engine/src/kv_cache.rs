@@ -270,6 +270,7 @@ mod tests {
             rope_scaling: None,
             context_length: 64,
             tie_word_embeddings: true,
+            gemma: None,
         }
     }
 

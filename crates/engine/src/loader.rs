@@ -52,14 +52,35 @@ struct Parts {
     source: Opened,
 }
 
+/// The manifest's `chat_template`, which replaces the model's own: `chatml` is the built-in
+/// ChatML, anything else a Jinja template.
+fn override_template(loc: &ModelLocation, tok: &Tokenizer) -> Result<Option<ChatTemplate>> {
+    let Some(t) = &loc.chat_template else {
+        return Ok(None);
+    };
+    if t.trim().eq_ignore_ascii_case("chatml") {
+        return Ok(Some(ChatTemplate::chatml(tok)));
+    }
+    ChatTemplate::compile(
+        t.clone(),
+        format!("the manifest of {}, key chat_template", loc.name),
+        tok.bos_token().map(str::to_string),
+        tok.eos_token().map(str::to_string),
+    )
+    .map(Some)
+}
+
 fn open(loc: &ModelLocation) -> Result<Parts> {
     match loc.format {
         Format::Gguf => {
             let src = GgufSource::open(&loc.path)?;
             let cfg = ModelConfig::from_gguf(&src.content, &loc.path)?;
             let tokenizer = Tokenizer::from_gguf(&src.content, &loc.path)?;
-            let template = ChatTemplate::from_gguf(&src.content, &loc.path, &tokenizer)?
-                .unwrap_or_else(|| ChatTemplate::chatml(&tokenizer));
+            let template = match override_template(loc, &tokenizer)? {
+                Some(t) => t,
+                None => ChatTemplate::from_gguf(&src.content, &loc.path, &tokenizer)?
+                    .unwrap_or_else(|| ChatTemplate::missing(loc)),
+            };
             template.probe()?;
             Ok(Parts {
                 cfg,
@@ -79,12 +100,12 @@ fn open(loc: &ModelLocation) -> Result<Parts> {
             }
             let tokenizer = Tokenizer::from_file(&tok_path)?;
             let tc = dir.join("tokenizer_config.json");
-            let template = if tc.exists() {
-                ChatTemplate::from_tokenizer_config(&tc, &tokenizer)?
-            } else {
-                None
+            let template = match override_template(loc, &tokenizer)? {
+                Some(t) => Some(t),
+                None if tc.exists() => ChatTemplate::from_tokenizer_config(&tc, &tokenizer)?,
+                None => None,
             }
-            .unwrap_or_else(|| ChatTemplate::chatml(&tokenizer));
+            .unwrap_or_else(|| ChatTemplate::missing(loc));
             template.probe()?;
             let src = SafetensorsSource::open(dir)?;
             Ok(Parts {

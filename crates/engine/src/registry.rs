@@ -30,6 +30,11 @@ pub struct Manifest {
     /// The command that fetches the weights, for the error when they are missing.
     #[serde(default)]
     pub fetch: Option<String>,
+    /// The chat template to use instead of the model's own (a Jinja template as
+    /// transformers writes them, or `chatml` for the built-in ChatML): for a model that
+    /// ships none, or one that is wrong.
+    #[serde(default)]
+    pub chat_template: Option<String>,
 }
 
 /// A model located on disk, ready to load.
@@ -38,6 +43,9 @@ pub struct ModelLocation {
     pub name: String,
     pub format: Format,
     pub path: PathBuf,
+    /// Its manifest's `chat_template`, which replaces the model's own.
+    #[serde(skip)]
+    pub chat_template: Option<String>,
 }
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
@@ -106,6 +114,7 @@ impl Registry {
                 name: m.name,
                 format: m.format,
                 path,
+                chat_template: m.chat_template,
             });
         }
         if let Some(loc) = hf_cache_lookup(spec)? {
@@ -148,6 +157,7 @@ fn locate_path(p: &Path, spec: &str) -> Result<ModelLocation> {
             name,
             format: Format::Safetensors,
             path: p.to_path_buf(),
+            chat_template: None,
         });
     }
     if !crate::model::weights::is_gguf(p) {
@@ -160,6 +170,7 @@ fn locate_path(p: &Path, spec: &str) -> Result<ModelLocation> {
         name,
         format: Format::Gguf,
         path: p.to_path_buf(),
+        chat_template: None,
     })
 }
 
@@ -184,6 +195,7 @@ fn hf_cache_lookup(spec: &str) -> Result<Option<ModelLocation>> {
         name: spec.to_string(),
         format,
         path,
+        chat_template: None,
     }))
 }
 

@@ -379,6 +379,7 @@ mod tests {
                 name: name.into(),
                 format: Format::Gguf,
                 path,
+                chat_template: None,
             };
             let m = crate::loader::load(&loc, &Device::Cpu).unwrap();
             assert_eq!(m.info.architecture, arch);

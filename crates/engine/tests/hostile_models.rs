@@ -48,6 +48,7 @@ fn loc(path: &Path) -> ModelLocation {
         name: "hostile".into(),
         format: Format::Gguf,
         path: path.to_path_buf(),
+        chat_template: None,
     }
 }
 

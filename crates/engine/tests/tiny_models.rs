@@ -34,7 +34,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{
-    llama, quantized_llama, quantized_qwen2, quantized_qwen3, qwen2, qwen3,
+    gemma3, llama, quantized_llama, quantized_qwen2, quantized_qwen3, qwen2, qwen3,
 };
 use common::{Arch, Rng, Spec, TinyModel};
 use forgeline_engine::kv_cache::{BlockTable, KvCache};
@@ -56,13 +56,40 @@ enum Reference {
     Llama(llama::Llama, llama::Config),
     Qwen2(qwen2::ModelForCausalLM),
     Qwen3(qwen3::ModelForCausalLM),
+    Gemma3(gemma3::Model),
 }
 
 impl Reference {
-    fn gguf(path: &Path, arch: Arch) -> Self {
+    fn gguf(path: &Path, tiny: &TinyModel) -> Self {
         let mut f = std::fs::File::open(path).unwrap();
         let ct = gguf_file::Content::read(&mut f).unwrap();
-        match arch {
+        match tiny.spec.arch {
+            // candle's quantized_gemma3 computes SiLU where Gemma computes GELU: the
+            // reference is candle's gemma3 over the file's weights, dequantized, under their
+            // Hugging Face names, norms without the 1 the converter added.
+            Arch::Gemma3 => {
+                let tensors = tiny
+                    .tensors
+                    .iter()
+                    .map(|(hf, _)| {
+                        let name = common::gguf_name_of(Arch::Gemma3, hf);
+                        let t = ct
+                            .tensor(&mut f, &name, &Device::Cpu)
+                            .unwrap()
+                            .dequantize(&Device::Cpu)
+                            .unwrap();
+                        let t = if hf.ends_with("norm.weight") {
+                            (t - 1.0).unwrap()
+                        } else {
+                            t
+                        };
+                        (hf.clone(), t)
+                    })
+                    .collect();
+                let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+                let cfg: gemma3::Config = serde_json::from_value(tiny.hf_config()).unwrap();
+                Reference::gemma3(cfg, vb)
+            }
             Arch::Llama => Reference::QLlama(
                 quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap(),
             ),
@@ -102,7 +129,16 @@ impl Reference {
                 let cfg: qwen3::Config = serde_json::from_str(&json).unwrap();
                 Reference::Qwen3(qwen3::ModelForCausalLM::new(&cfg, vb).unwrap())
             }
+            Arch::Gemma3 => Reference::gemma3(serde_json::from_str(&json).unwrap(), vb),
         }
+    }
+
+    /// candle's gemma3 lets a sliding layer's query see `sliding_window` positions before its
+    /// own, one more than Gemma (transformers, llama.cpp) and forgeline: it is given one
+    /// less.
+    fn gemma3(mut cfg: gemma3::Config, vb: VarBuilder) -> Self {
+        cfg.sliding_window -= 1;
+        Reference::Gemma3(gemma3::Model::new(false, &cfg, vb).unwrap())
     }
 
     /// Logits of the last token of `tokens`, run alone from an empty cache.
@@ -133,6 +169,10 @@ impl Reference {
                 m.forward(&x, 0)
             }
             Reference::Qwen3(m) => {
+                m.clear_kv_cache();
+                m.forward(&x, 0)
+            }
+            Reference::Gemma3(m) => {
                 m.clear_kv_cache();
                 m.forward(&x, 0)
             }
@@ -354,6 +394,7 @@ fn loc(path: &Path, format: Format) -> ModelLocation {
         name: "tiny".into(),
         format,
         path: path.to_path_buf(),
+        chat_template: None,
     }
 }
 
@@ -374,6 +415,15 @@ fn check_loaded(m: &LoadedModel, tiny: &TinyModel) {
     assert_eq!(c.context_length, s.context);
     assert_eq!(m.tokenizer.vocab_size(), tiny.vocab_size);
     assert_eq!(m.info.architecture, s.arch.gguf_name());
+    if s.arch == Arch::Gemma3 {
+        // Both kinds of layer, as the pattern says.
+        let g = c.gemma.as_ref().expect("gemma3's parts");
+        let want: Vec<bool> = (0..s.layers)
+            .map(|l| (l + 1) % common::GEMMA3_PATTERN != 0)
+            .collect();
+        assert_eq!(g.sliding, want);
+        assert_eq!(g.sliding_window, s.window);
+    }
 }
 
 /// Writes `tiny` as a GGUF of `dtype`, loads it, and checks it against the reference.
@@ -395,7 +445,7 @@ fn gguf_case(tiny: &TinyModel, dtype: GgmlDType, check: Check) {
     let mut m = load(&loc(&path, Format::Gguf), &Device::Cpu).unwrap();
     check_loaded(&m, tiny);
     assert_eq!(m.info.quantization, format!("{dtype:?}"));
-    let mut r = Reference::gguf(&path, tiny.spec.arch);
+    let mut r = Reference::gguf(&path, tiny);
     let label = format!("gguf {:?} {dtype:?}", tiny.spec.arch);
     check_mixed_batch(&mut m, &mut r, check, &label);
 }
@@ -488,6 +538,33 @@ fn gguf_qwen3_quantized_types_match_reference() {
     }
 }
 
+/// gemma3: head size of its own, tied LM head, sliding and global layers (each with its
+/// rotary base), the norms around attention and the feed-forward block, GELU, scaled
+/// embeddings; unquantized and in every quantized type.
+#[test]
+fn gguf_gemma3_types_match_reference() {
+    let tiny = TinyModel::new(Spec::small(Arch::Gemma3));
+    assert_ne!(tiny.spec.head_dim(), tiny.spec.hidden / tiny.spec.heads);
+    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
+        gguf_case(&tiny, dtype, Check::Exact);
+    }
+    let tiny = TinyModel::new(Spec::for_k_quants(Arch::Gemma3));
+    gguf_case(&tiny, GgmlDType::F32, Check::Exact);
+    for dtype in QUANTIZED {
+        gguf_case(&tiny, dtype, Check::Quantized);
+    }
+}
+
+/// gemma3 with an 8-position window, which every test sequence but the shortest outgrows:
+/// sliding layers see their last eight positions, across cached prefixes and chunks.
+#[test]
+fn gguf_gemma3_sliding_window_matches_reference() {
+    let mut spec = Spec::small(Arch::Gemma3);
+    spec.window = 8;
+    let tiny = TinyModel::new(spec);
+    gguf_case(&tiny, GgmlDType::F32, Check::Exact);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Safetensors.
 
@@ -517,6 +594,14 @@ fn safetensors_qwen3_matches_reference() {
     safetensors_case(&tiny, DType::BF16, 1);
     let untied = TinyModel::new(Spec::for_k_quants(Arch::Qwen3));
     safetensors_case(&untied, DType::F32, 1);
+}
+
+/// gemma3 as Hugging Face stores it: norms without their 1, `layer_types`-less config.
+#[test]
+fn safetensors_gemma3_matches_reference() {
+    let tiny = TinyModel::new(Spec::small(Arch::Gemma3));
+    safetensors_case(&tiny, DType::F32, 1);
+    safetensors_case(&tiny, DType::BF16, 2);
 }
 
 /// The llama GGUF (q/k rows permuted by the converter, unpermuted by the loader) and the
@@ -637,7 +722,7 @@ fn unsupported_architectures_are_named() {
         &[
             "gpt2.gguf",
             "unsupported architecture `gpt2`",
-            "(supported: llama, qwen2, qwen3)",
+            "(supported: llama, qwen2, qwen3, gemma3)",
         ],
     );
 
@@ -853,4 +938,54 @@ fn infill_prompts_use_the_models_fim_tokens() {
         .unwrap();
     assert_eq!(done.tokens.len(), 6);
     assert_eq!(done.usage.prompt_tokens, want.len());
+}
+
+/// A model without a chat template cannot render a chat: the error says so and how to give
+/// one (never a guessed ChatML). A manifest's `chat_template` replaces the model's own:
+/// `chatml`, or a Jinja template; a broken one is named at load.
+#[test]
+fn a_model_without_a_chat_template_says_so_and_a_manifest_can_give_one() {
+    use forgeline_engine::chat::ChatMessage;
+    let tiny = TinyModel::new(Spec::small(Arch::Llama));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("base.gguf");
+    tiny.write_gguf(&path, GgmlDType::F32);
+    let chat = [ChatMessage::user("hi")];
+
+    let m = load(&loc(&path, Format::Gguf), &Device::Cpu).unwrap();
+    assert!(m.chat_template.is_missing());
+    let err = m.chat_template.render(&chat, true).unwrap_err();
+    assert!(
+        matches!(err, forgeline_engine::Error::NoChatTemplate(_)),
+        "{err:?}"
+    );
+    assert_mentions(
+        &err.to_string(),
+        &[
+            "base.gguf",
+            "no chat template",
+            "chat_template = \"chatml\"",
+        ],
+    );
+
+    let with = |t: &str| ModelLocation {
+        chat_template: Some(t.into()),
+        ..loc(&path, Format::Gguf)
+    };
+    let m = load(&with("chatml"), &Device::Cpu).unwrap();
+    assert_eq!(
+        m.chat_template.render(&chat, true).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let m = load(
+        &with("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(m.chat_template.render(&chat, true).unwrap(), "[user] hi\n");
+    let err = load(&with("{% for m in messages %}"), &Device::Cpu)
+        .err()
+        .expect("a broken template fails the load")
+        .to_string();
+    assert_mentions(&err, &["manifest", "chat_template"]);
 }

@@ -157,7 +157,9 @@ impl ApiError {
                     _ => err,
                 }
             }
-            EngineError::Template(_) | EngineError::TemplateOverLimit { .. } => {
+            EngineError::Template(_)
+            | EngineError::TemplateOverLimit { .. }
+            | EngineError::NoChatTemplate(_) => {
                 Self::invalid(e.to_string()).with_param(prompt_param)
             }
             EngineError::Tokenizer(m) => Self::invalid(format!("tokenizer: {m}")),

@@ -4,7 +4,8 @@
 //! transformers compiles templates with `trim_blocks` and `lstrip_blocks`, defines
 //! `raise_exception` and `strftime_now`, and has a `tojson` that writes Python's `json.dumps`
 //! format; templates also call Python string methods (`.strip()`, `.startswith()`), which
-//! minijinja-contrib's pycompat provides. A model without a template gets ChatML.
+//! minijinja-contrib's pycompat provides. A model without a template cannot render a chat (an
+//! error that says so) unless its manifest gives one (`chat_template`, or `chatml`).
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -85,6 +86,8 @@ pub const RENDER_DEADLINE: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Arc<Environment<'static>>,
+    /// Set for a model that has no template: why a chat cannot be rendered, and what to do.
+    missing: Option<String>,
     source: String,
     /// Where the template came from, for errors ("model.gguf, key tokenizer.chat_template").
     origin: String,
@@ -136,6 +139,7 @@ impl ChatTemplate {
         env.add_filter("format", format);
         let mut t = Self {
             env: Arc::new(Environment::empty()),
+            missing: None,
             source: source.clone(),
             origin,
             bos: bos_token,
@@ -232,7 +236,35 @@ impl ChatTemplate {
             .transpose()
     }
 
-    /// ChatML, for models without a template of their own.
+    /// A model without a chat template (a base model, most often): rendering a chat is an
+    /// error that says so and how to give one, never a guess at its format. Plain
+    /// completions still work.
+    pub fn missing(loc: &crate::registry::ModelLocation) -> Self {
+        let mut t = Self::chatml_unchecked();
+        t.source = String::new();
+        t.origin = loc.path.display().to_string();
+        t.missing = Some(format!(
+            "model `{}` ({}) has no chat template, so it cannot take chat messages (it may be \
+             a base model: give it plain text to complete instead). To chat with it anyway, \
+             give a template in its manifest (models/<name>.toml): chat_template = \"chatml\" \
+             or a Jinja template",
+            loc.name,
+            loc.path.display()
+        ));
+        t
+    }
+
+    /// Whether this stands for a missing template.
+    pub fn is_missing(&self) -> bool {
+        self.missing.is_some()
+    }
+
+    fn chatml_unchecked() -> Self {
+        Self::compile(CHATML_TEMPLATE.to_string(), String::new(), None, None)
+            .expect("the built-in ChatML template compiles")
+    }
+
+    /// ChatML, for models whose manifest asks for it.
     pub fn chatml(tok: &Tokenizer) -> Self {
         Self::with_tokens(CHATML_TEMPLATE.to_string(), "built-in ChatML".into(), tok)
             .expect("the built-in ChatML template compiles")
@@ -252,6 +284,9 @@ impl ChatTemplate {
     /// than every request. Errors that depend on the conversation (`raise_exception` on
     /// roles, say) are only logged: real requests may well satisfy the template.
     pub fn probe(&self) -> Result<()> {
+        if self.is_missing() {
+            return Ok(());
+        }
         match self.render(&[ChatMessage::user("Hello")], true) {
             Err(e @ Error::TemplateOverLimit { .. }) => Err(e),
             Err(e) => {
@@ -280,6 +315,9 @@ impl ChatTemplate {
         tools: &[serde_json::Value],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        if let Some(why) = &self.missing {
+            return Err(Error::NoChatTemplate(why.clone()));
+        }
         // On its own thread, so that work fuel does not see (inside one filter call) cannot
         // hold the caller past the deadline.
         let (tx, rx) = std::sync::mpsc::channel();

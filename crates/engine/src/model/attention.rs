@@ -22,12 +22,16 @@ pub struct RopeTable {
 
 impl RopeTable {
     pub fn new(cfg: &ModelConfig, positions: usize) -> Self {
-        let inv = cfg.rope_inv_freq();
+        Self::from_inv_freq(&cfg.rope_inv_freq(), positions)
+    }
+
+    /// The table of these inverse frequencies, one per pair of dimensions.
+    pub fn from_inv_freq(inv: &[f32], positions: usize) -> Self {
         let half = inv.len();
         let mut cos = Vec::with_capacity(positions * half);
         let mut sin = Vec::with_capacity(positions * half);
         for p in 0..positions {
-            for f in &inv {
+            for f in inv {
                 let a = p as f32 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
@@ -283,8 +287,13 @@ pub struct PagedAttention<'a> {
     pub heads: Heads,
     pub batch: &'a BatchLayout,
     pub rope: &'a RopeTable,
-    /// Norms each query head before rotating it (qwen3).
+    /// Norms each query head before rotating it (qwen3, gemma3).
     pub norm: Option<&'a QkNorm>,
+    /// What scores are scaled by (1/sqrt(head size), or the model's own).
+    pub scale: f32,
+    /// Positions each query sees, its own included (Gemma 3's sliding layers); None: all
+    /// before it.
+    pub window: Option<usize>,
 }
 
 #[inline]
@@ -329,6 +338,9 @@ struct Item<'a, E> {
     dim: usize,
     /// For each query, how many positions it sees (its own position + 1).
     visible: &'a [usize],
+    /// Of those, how many at the end count: the positions before them get no weight (a
+    /// sliding window); usize::MAX counts all.
+    window: usize,
     queries: &'a [f32],
 }
 
@@ -440,7 +452,11 @@ impl<E: KvElem> Item<'_, E> {
             }
         });
         for i in 0..n_q {
-            softmax(&mut scores[i * stride..i * stride + self.visible[i]]);
+            let row = &mut scores[i * stride..i * stride + self.visible[i]];
+            // Outside the window: weight 0 (its rows are still read, and added times 0).
+            let from = self.visible[i].saturating_sub(self.window);
+            row[..from].fill(0.0);
+            softmax(&mut row[from..]);
         }
         let acc = &mut s.acc;
         acc[..n_q * dim].fill(0.0);
@@ -587,7 +603,7 @@ impl PagedAttention<'_> {
         let n_tokens = batch.positions.len();
         let group = nh / kv;
         let slot_len = 2 * kv * dim;
-        let scale = 1.0 / (dim as f32).sqrt();
+        let scale = self.scale;
         let q_norm = self.norm.map(QkNorm::q);
         let mut out = vec![0f32; n_tokens * nh * dim];
         let out_ptr = out.as_mut_ptr() as usize;
@@ -644,6 +660,7 @@ impl PagedAttention<'_> {
                         v_off: kv * dim + g * dim,
                         dim,
                         visible: &visible[..n_q],
+                        window: self.window.unwrap_or(usize::MAX),
                         queries: &queries[..n_q * dim],
                     };
                     #[cfg(target_arch = "x86_64")]
@@ -734,6 +751,7 @@ mod tests {
             rope_scaling: None,
             context_length: 512,
             tie_word_embeddings: false,
+            gemma: None,
         }
     }
 
@@ -770,11 +788,15 @@ mod tests {
             let cache: Vec<E> = (0..400 * 2 * kv * dim)
                 .map(|_| from(rng.random_range(-2.0f32..2.0)))
                 .collect();
+            // A sliding window (Gemma 3) on the wider heads: the first sequence's query sees
+            // 17 of its 301 positions.
             let op = PagedAttention {
                 heads,
                 batch: &b,
                 rope: &rope,
                 norm: None,
+                scale: 1.0 / (dim as f32).sqrt(),
+                window: (dim >= 96).then_some(17),
             };
             let fast = op.attend_with(&qkv, &cache, true, b.groups());
             let slow = op.attend_with(&qkv, &cache, false, b.groups());
@@ -822,6 +844,8 @@ mod tests {
             batch: &b,
             rope: &rope,
             norm: None,
+            scale: 1.0 / (heads.dim as f32).sqrt(),
+            window: None,
         };
         for simd in [false, simd_fits(heads.dim)] {
             let grouped = op.attend_with(&qkv, &cache, simd, groups);

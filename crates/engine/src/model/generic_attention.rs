@@ -70,7 +70,10 @@ impl GenericBatch {
 }
 
 /// The generic path: K/V written with scatter_set, attention by matmul, per sequence. `norm`:
-/// qwen3's RMS norms over each head of q and k, before the rotary embedding.
+/// qwen3's and gemma3's RMS norms over each head of q and k, before the rotary embedding;
+/// scores scaled by `scale`; `window`: positions each query sees, its own included (Gemma
+/// 3's sliding layers), else all before it.
+#[allow(clippy::too_many_arguments)]
 pub fn generic_attention(
     heads: Heads,
     batch: &BatchLayout,
@@ -78,6 +81,8 @@ pub fn generic_attention(
     qkv: &Tensor,
     cache: &Tensor,
     norm: Option<&QkNorm>,
+    scale: f32,
+    window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     let Heads { q: nh, kv, dim } = heads;
     let n = qkv.dim(0)?;
@@ -104,7 +109,7 @@ pub fn generic_attention(
     let new_kv = Tensor::cat(&[&k, &v], 1)?.to_dtype(cache.dtype())?;
     cache.scatter_set(&gb.write_index, &new_kv, 0)?;
 
-    let scale = 1.0 / (dim as f64).sqrt();
+    let scale = scale as f64;
     let neg_inf = Tensor::new(f32::NEG_INFINITY, qkv.device())?;
     let mut outs = Vec::with_capacity(batch.seq_tokens.len());
     for (s, range) in batch.seq_tokens.iter().enumerate() {
@@ -127,7 +132,21 @@ pub fn generic_attention(
             .contiguous()?;
         let att = (q_s.matmul(&k_s.t()?)? * scale)?;
         let mask = gb.masks[s].unsqueeze(0)?.broadcast_as(att.shape())?;
-        let att = mask.where_cond(&neg_inf.broadcast_as(att.shape())?, &att)?;
+        let mut att = mask.where_cond(&neg_inf.broadcast_as(att.shape())?, &att)?;
+        if let Some(w) = window {
+            // Keys more than `w - 1` positions before the query's own.
+            let far: Vec<u8> = range
+                .clone()
+                .flat_map(|t| {
+                    let p = batch.positions[t] as usize;
+                    (0..len).map(move |j| u8::from(j + w <= p))
+                })
+                .collect();
+            let far = Tensor::from_vec(far, (range.len(), len), qkv.device())?
+                .unsqueeze(0)?
+                .broadcast_as(att.shape())?;
+            att = far.where_cond(&neg_inf.broadcast_as(att.shape())?, &att)?;
+        }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let o = att.matmul(&v_s)?; // [nh, n_s, dim]
         outs.push(o.transpose(0, 1)?.reshape((range.len(), nh * dim))?);

@@ -1,4 +1,4 @@
-//! forgeline's own model code for the llama, qwen2 and qwen3 architectures.
+//! forgeline's own model code for the llama, qwen2, qwen3 and gemma3 architectures.
 //!
 //! Weights are immutable and shared (`Model` is `Send + Sync` and takes `&self`); the KV cache
 //! is owned by the caller; every token carries its own position, so one `forward` runs many
@@ -113,6 +113,10 @@ struct Layer {
     ffn_norm: Tensor,
     gate_up: Stacked,
     down: Linear,
+    /// Gemma 3's norms of the attention and feed-forward outputs, before each residual add.
+    post_norms: Option<(Tensor, Tensor)>,
+    /// Gemma 3's sliding layers: positions each query sees, its own included.
+    window: Option<usize>,
 }
 
 /// How attention (and the feed-forward activation) run: forgeline's fused CPU kernels, or
@@ -133,6 +137,8 @@ pub struct Model {
     norm: Tensor,
     lm_head: Linear,
     rope: RopeTable,
+    /// Gemma 3's sliding layers' rotary table (a base of their own).
+    rope_local: Option<RopeTable>,
     attention: AttentionImpl,
 }
 
@@ -184,9 +190,15 @@ impl Model {
                 biases = Some((qb, kb, vb));
             }
             let mut qk_norm = None;
+            // Gemma's norm weights as Hugging Face stores them lack the 1 its norm adds.
+            let offset = cfg.gemma.as_ref().map_or(0.0, |g| g.norm_offset as f64);
+            let norm = |src: &mut dyn WeightSource, w: Weight, n: usize| -> Result<Tensor> {
+                let t = src.dense(w, &[n], device)?;
+                Ok(if offset != 0.0 { (t + offset)? } else { t })
+            };
             if cfg.arch.qk_norm() {
-                let qn = src.dense(Weight::QNorm(l), &[d], device)?;
-                let kn = src.dense(Weight::KNorm(l), &[d], device)?;
+                let qn = norm(src, Weight::QNorm(l), d)?;
+                let kn = norm(src, Weight::KNorm(l), d)?;
                 qk_norm = Some((qn, kn));
             }
             if permute_qk {
@@ -215,14 +227,30 @@ impl Model {
             let gate = linear(src, Weight::Gate(l), i, h)?;
             let up = linear(src, Weight::Up(l), i, h)?;
             let eps = cfg.rms_norm_eps as f32;
+            let gemma = cfg.gemma.is_some();
+            let post_norms = if gemma {
+                Some((
+                    norm(src, Weight::PostAttnNorm(l), h)?,
+                    norm(src, Weight::PostFfnNorm(l), h)?,
+                ))
+            } else {
+                None
+            };
+            let ffn_norm = if gemma {
+                Weight::PreFfnNorm(l)
+            } else {
+                Weight::FfnNorm(l)
+            };
             layers.push(Layer {
-                attn_norm: src.dense(Weight::AttnNorm(l), &[h], device)?,
+                attn_norm: norm(src, Weight::AttnNorm(l), h)?,
                 qkv,
                 qk_norm: qk_norm.map(|(q, k)| QkNorm::new(q, k, eps)).transpose()?,
                 o: plain(linear(src, Weight::O(l), h, nh * d)?, path, device)?,
-                ffn_norm: src.dense(Weight::FfnNorm(l), &[h], device)?,
+                ffn_norm: norm(src, ffn_norm, h)?,
                 gate_up: stack(vec![gate, up], None, path, device)?,
                 down: plain(linear(src, Weight::Down(l), h, i)?, path, device)?,
+                post_norms,
+                window: cfg.window(l),
             });
         }
         let embed = src.dense(Weight::Embed, &[cfg.vocab_size, h], device)?;
@@ -231,7 +259,10 @@ impl Model {
             path,
             device,
         )?;
-        let norm = src.dense(Weight::Norm, &[h], device)?;
+        let mut norm = src.dense(Weight::Norm, &[h], device)?;
+        if let Some(g) = cfg.gemma.as_ref().filter(|g| g.norm_offset != 0.0) {
+            norm = (norm + g.norm_offset as f64)?;
+        }
         let attention = if device.is_cpu() {
             AttentionImpl::FusedCpu
         } else {
@@ -239,6 +270,9 @@ impl Model {
         };
         Ok(Self {
             rope: RopeTable::new(&cfg, cfg.context_length),
+            rope_local: cfg
+                .rope_inv_freq_local()
+                .map(|inv| RopeTable::from_inv_freq(&inv, cfg.context_length)),
             cfg,
             device: device.clone(),
             _fork: ForkExcluded::tensor(&embed),
@@ -265,6 +299,14 @@ impl Model {
         }
         self.attention = a;
         Ok(())
+    }
+
+    /// What attention scores are scaled by: 1/sqrt(head size), or Gemma 3's own.
+    fn attn_scale(&self) -> f32 {
+        match &self.cfg.gemma {
+            Some(g) => g.attn_scale,
+            None => 1.0 / (self.cfg.head_dim as f32).sqrt(),
+        }
     }
 
     fn heads(&self) -> Heads {
@@ -336,18 +378,33 @@ impl Model {
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let heads = self.heads();
+        let scale = self.attn_scale();
+        // The generic path's rotary tensors, per rotary table (Gemma 3's sliding layers
+        // have one of their own).
         let generic = match self.attention {
-            AttentionImpl::Generic => {
-                Some(GenericBatch::new(heads, &batch, &self.rope, &self.device)?)
-            }
+            AttentionImpl::Generic => Some((
+                GenericBatch::new(heads, &batch, &self.rope, &self.device)?,
+                self.rope_local
+                    .as_ref()
+                    .map(|r| GenericBatch::new(heads, &batch, r, &self.device))
+                    .transpose()?,
+            )),
             AttentionImpl::FusedCpu => None,
         };
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&ids, 0)?;
+        if self.cfg.gemma.is_some() {
+            x = (x * (self.cfg.hidden_size as f64).sqrt())?;
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let qkv = layer.qkv.forward(&h)?;
             let cache = kv.layer(l);
+            let local = layer.window.is_some();
+            let rope = match (&self.rope_local, local) {
+                (Some(r), true) => r,
+                _ => &self.rope,
+            };
             let attn = match &generic {
                 None => {
                     let norm = layer.qk_norm.as_ref();
@@ -356,7 +413,7 @@ impl Model {
                         &WriteKv {
                             heads,
                             batch: &batch,
-                            rope: &self.rope,
+                            rope,
                             norm,
                         },
                     )?;
@@ -365,31 +422,50 @@ impl Model {
                         &PagedAttention {
                             heads,
                             batch: &batch,
-                            rope: &self.rope,
+                            rope,
                             norm,
+                            scale,
+                            window: layer.window,
                         },
                     )?
                 }
-                Some(gb) => generic_attention::generic_attention(
+                Some((gb, gb_local)) => generic_attention::generic_attention(
                     heads,
                     &batch,
-                    gb,
+                    match (gb_local, local) {
+                        (Some(g), true) => g,
+                        _ => gb,
+                    },
                     &qkv,
                     cache,
                     layer.qk_norm.as_ref(),
+                    scale,
+                    layer.window,
                 )?,
             };
-            x = (x + layer.o.forward(&attn)?)?;
+            let mut attn = layer.o.forward(&attn)?;
+            if let Some((post_attn, _)) = &layer.post_norms {
+                attn = candle_nn::ops::rms_norm(&attn, post_attn, eps)?;
+            }
+            x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gu = layer.gate_up.forward(&h)?;
             let i = self.cfg.intermediate_size;
-            let act = match self.attention {
-                AttentionImpl::FusedCpu => gu.apply_op1_no_bwd(&swiglu::SwiGlu { width: i })?,
-                AttentionImpl::Generic => {
+            let act = match (self.attention, &layer.post_norms) {
+                // Gemma: GELU (tanh approximation, gelu_pytorch_tanh) of the gate.
+                (_, Some(_)) => (gu.narrow(1, 0, i)?.gelu()? * gu.narrow(1, i, i)?)?,
+                (AttentionImpl::FusedCpu, None) => {
+                    gu.apply_op1_no_bwd(&swiglu::SwiGlu { width: i })?
+                }
+                (AttentionImpl::Generic, None) => {
                     (candle_nn::ops::silu(&gu.narrow(1, 0, i)?)? * gu.narrow(1, i, i)?)?
                 }
             };
-            x = (x + layer.down.forward(&act)?)?;
+            let mut ffn = layer.down.forward(&act)?;
+            if let Some((_, post_ffn)) = &layer.post_norms {
+                ffn = candle_nn::ops::rms_norm(&ffn, post_ffn, eps)?;
+            }
+            x = (x + ffn)?;
         }
         let rows: Vec<u32> = seqs
             .iter()
@@ -424,7 +500,6 @@ fn check_shapes(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> {
             (Weight::K(l), vec![kv, h]),
             (Weight::V(l), vec![kv, h]),
             (Weight::O(l), vec![h, q]),
-            (Weight::FfnNorm(l), vec![h]),
             (Weight::Gate(l), vec![i, h]),
             (Weight::Up(l), vec![i, h]),
             (Weight::Down(l), vec![h, i]),
@@ -437,6 +512,13 @@ fn check_shapes(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<()> {
         if cfg.arch.qk_norm() {
             want.push((Weight::QNorm(l), vec![cfg.head_dim]));
             want.push((Weight::KNorm(l), vec![cfg.head_dim]));
+        }
+        if cfg.gemma.is_some() {
+            want.push((Weight::PreFfnNorm(l), vec![h]));
+            want.push((Weight::PostAttnNorm(l), vec![h]));
+            want.push((Weight::PostFfnNorm(l), vec![h]));
+        } else {
+            want.push((Weight::FfnNorm(l), vec![h]));
         }
         for (w, shape) in want {
             src.check_shape(w, &shape)?;

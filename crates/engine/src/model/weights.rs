@@ -30,6 +30,11 @@ pub enum Weight {
     KNorm(usize),
     O(usize),
     FfnNorm(usize),
+    /// Gemma 3's norms: after attention (before the residual add), before the feed-forward
+    /// block (its `FfnNorm`, named apart in Hugging Face files), and after it.
+    PostAttnNorm(usize),
+    PreFfnNorm(usize),
+    PostFfnNorm(usize),
     Gate(usize),
     Up(usize),
     Down(usize),
@@ -222,7 +227,9 @@ impl GgufSource {
             Weight::QNorm(l) => format!("blk.{l}.attn_q_norm.weight"),
             Weight::KNorm(l) => format!("blk.{l}.attn_k_norm.weight"),
             Weight::O(l) => format!("blk.{l}.attn_output.weight"),
-            Weight::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            Weight::FfnNorm(l) | Weight::PreFfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            Weight::PostAttnNorm(l) => format!("blk.{l}.post_attention_norm.weight"),
+            Weight::PostFfnNorm(l) => format!("blk.{l}.post_ffw_norm.weight"),
             Weight::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
             Weight::Up(l) => format!("blk.{l}.ffn_up.weight"),
             Weight::Down(l) => format!("blk.{l}.ffn_down.weight"),
@@ -373,6 +380,11 @@ impl SafetensorsSource {
             Weight::KNorm(i) => l(i, "self_attn.k_norm.weight"),
             Weight::O(i) => l(i, "self_attn.o_proj.weight"),
             Weight::FfnNorm(i) => l(i, "post_attention_layernorm.weight"),
+            // Gemma 3 names its pre-feed-forward norm apart: its post_attention_layernorm
+            // is the norm after attention.
+            Weight::PostAttnNorm(i) => l(i, "post_attention_layernorm.weight"),
+            Weight::PreFfnNorm(i) => l(i, "pre_feedforward_layernorm.weight"),
+            Weight::PostFfnNorm(i) => l(i, "post_feedforward_layernorm.weight"),
             Weight::Gate(i) => l(i, "mlp.gate_proj.weight"),
             Weight::Up(i) => l(i, "mlp.up_proj.weight"),
             Weight::Down(i) => l(i, "mlp.down_proj.weight"),

@@ -71,6 +71,7 @@ fn harness() -> Harness {
         rope_scaling: None,
         context_length: 64,
         tie_word_embeddings: true,
+        gemma: None,
     };
     let kv = KvCache::new(&cfg, BS, BLOCKS, DType::F32, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();

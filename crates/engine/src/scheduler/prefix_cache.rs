@@ -273,6 +273,7 @@ mod tests {
             rope_scaling: None,
             context_length: 256,
             tie_word_embeddings: true,
+            gemma: None,
         };
         KvCache::new(&cfg, BS, num_blocks, candle_core::DType::F32, &Device::Cpu).unwrap()
     }

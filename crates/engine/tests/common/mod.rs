@@ -1,4 +1,4 @@
-//! Tiny random-weight llama / qwen2 / qwen3 models that tests write themselves: GGUF (any tensor type
+//! Tiny random-weight llama / qwen2 / qwen3 / gemma3 models that tests write themselves: GGUF (any tensor type
 //! candle writes) and Hugging Face safetensors directories (f32 / f16 / bf16, one file or
 //! shards), each with a small byte-level BPE tokenizer. Nothing is downloaded.
 //!
@@ -20,7 +20,14 @@ pub enum Arch {
     Llama,
     Qwen2,
     Qwen3,
+    Gemma3,
 }
+
+/// The tiny gemma3 models' layer pattern: every second layer global (Gemma 3's own is every
+/// sixth), so that three layers have both kinds.
+pub const GEMMA3_PATTERN: usize = 2;
+/// Gemma 3's sliding layers' rotary base.
+pub const GEMMA3_LOCAL_THETA: f32 = 10_000.0;
 
 impl Arch {
     pub fn gguf_name(self) -> &'static str {
@@ -28,29 +35,36 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
     pub fn rope_theta(self) -> f32 {
         match self {
             Arch::Llama => 10_000.0,
-            Arch::Qwen2 | Arch::Qwen3 => 1_000_000.0,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => 1_000_000.0,
         }
     }
 
     pub fn rms_norm_eps(self) -> f32 {
         match self {
             Arch::Llama => 1e-5,
-            Arch::Qwen2 | Arch::Qwen3 => 1e-6,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => 1e-6,
         }
     }
 
-    /// `tokenizer.ggml.pre`: Qwen3's tokenizer is Qwen2's.
+    /// `tokenizer.ggml.pre`: Qwen3's tokenizer is Qwen2's (gemma3's tiny models use it too:
+    /// the tokenizer is not what they test).
     pub fn pre_tokenizer(self) -> &'static str {
         match self {
             Arch::Llama => "smollm",
-            Arch::Qwen2 | Arch::Qwen3 => "qwen2",
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => "qwen2",
         }
+    }
+
+    /// Whether the model has a head size of its own (qwen3's and gemma3's `head_dim`).
+    fn own_head_dim(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
     }
 }
 
@@ -72,6 +86,8 @@ pub struct Spec {
     /// Standard deviation of the matrix entries.
     pub std: f32,
     pub seed: u64,
+    /// gemma3's sliding window: positions a sliding layer's query sees, its own included.
+    pub window: usize,
 }
 
 impl Spec {
@@ -82,14 +98,17 @@ impl Spec {
             arch,
             hidden: 64,
             heads: 4,
-            kv_heads: 2,
-            key_length: (arch == Arch::Qwen3).then_some(32),
+            // Gemma 3 270M's one kv head (candle's gemma3, the reference, appends to its
+            // cache a tensor that is contiguous only with one).
+            kv_heads: if arch == Arch::Gemma3 { 1 } else { 2 },
+            key_length: arch.own_head_dim().then_some(32),
             intermediate: 128,
             layers: 3,
             context: 256,
             tied: arch != Arch::Llama,
             std: 0.15,
             seed: 0x5eed + arch as u64,
+            window: 256,
         }
     }
 
@@ -101,14 +120,15 @@ impl Spec {
             arch,
             hidden: 256,
             heads: 8,
-            kv_heads: 2,
-            key_length: (arch == Arch::Qwen3).then_some(32),
+            kv_heads: if arch == Arch::Gemma3 { 1 } else { 2 },
+            key_length: arch.own_head_dim().then_some(32),
             intermediate: 512,
             layers: 2,
             context: 256,
-            tied: arch == Arch::Qwen2,
+            tied: matches!(arch, Arch::Qwen2 | Arch::Gemma3),
             std: 0.08,
             seed: 0xc0ffee + arch as u64,
+            window: 256,
         }
     }
 
@@ -316,9 +336,11 @@ impl TinyModel {
             0.0,
             2.0 * std,
         );
+        // Gemma's norms are stored as w with x * (1 + w) meant.
+        let norm_mean = if spec.arch == Arch::Gemma3 { 0.0 } else { 1.0 };
         for l in 0..spec.layers {
             let p = |rest: &str| format!("model.layers.{l}.{rest}");
-            add(p("input_layernorm.weight"), &[h], 1.0, 0.1);
+            add(p("input_layernorm.weight"), &[h], norm_mean, 0.1);
             add(p("self_attn.q_proj.weight"), &[q, h], 0.0, std);
             add(p("self_attn.k_proj.weight"), &[kv, h], 0.0, std);
             add(p("self_attn.v_proj.weight"), &[kv, h], 0.0, std);
@@ -327,17 +349,22 @@ impl TinyModel {
                 add(p("self_attn.k_proj.bias"), &[kv], 0.0, 0.2);
                 add(p("self_attn.v_proj.bias"), &[kv], 0.0, 0.2);
             }
-            if spec.arch == Arch::Qwen3 {
-                add(p("self_attn.q_norm.weight"), &[d], 1.0, 0.2);
-                add(p("self_attn.k_norm.weight"), &[d], 1.0, 0.2);
+            if spec.arch.own_head_dim() {
+                add(p("self_attn.q_norm.weight"), &[d], norm_mean, 0.2);
+                add(p("self_attn.k_norm.weight"), &[d], norm_mean, 0.2);
             }
             add(p("self_attn.o_proj.weight"), &[h, q], 0.0, std);
-            add(p("post_attention_layernorm.weight"), &[h], 1.0, 0.1);
+            // Gemma: after attention; the others: before the feed-forward block.
+            add(p("post_attention_layernorm.weight"), &[h], norm_mean, 0.1);
+            if spec.arch == Arch::Gemma3 {
+                add(p("pre_feedforward_layernorm.weight"), &[h], 0.0, 0.1);
+                add(p("post_feedforward_layernorm.weight"), &[h], 0.0, 0.1);
+            }
             add(p("mlp.gate_proj.weight"), &[i, h], 0.0, std);
             add(p("mlp.up_proj.weight"), &[i, h], 0.0, std);
             add(p("mlp.down_proj.weight"), &[h, i], 0.0, std);
         }
-        add("model.norm.weight".into(), &[h], 1.0, 0.1);
+        add("model.norm.weight".into(), &[h], norm_mean, 0.1);
         if !spec.tied {
             add("lm_head.weight".into(), &[vocab_size, h], 0.0, std);
         }
@@ -372,7 +399,12 @@ impl TinyModel {
                 Value::F32(s.arch.rope_theta()),
             ),
         ];
-        if s.arch == Arch::Qwen3 {
+        if s.arch == Arch::Gemma3 {
+            md.push(u("attention.key_length", s.head_dim()));
+            md.push(u("attention.value_length", s.head_dim()));
+            md.push(u("attention.sliding_window", s.window));
+            md.push(u("attention.sliding_window_pattern", GEMMA3_PATTERN));
+        } else if s.arch == Arch::Qwen3 {
             // As llama.cpp's converter writes a model with `head_dim` in its config: key and
             // value lengths, no rope.dimension_count (the rotary embedding spans the head).
             md.push(u("attention.key_length", s.head_dim()));
@@ -397,8 +429,10 @@ impl TinyModel {
         self.tensors
             .iter()
             .map(|(hf_name, t)| {
-                let name = gguf_name(hf_name);
+                let name = gguf_name_of(s.arch, hf_name);
                 let t = match (s.arch, hf_name) {
+                    // llama.cpp's converter adds Gemma's 1 to its norms.
+                    (Arch::Gemma3, n) if n.ends_with("norm.weight") => (t + 1.0).unwrap(),
                     (Arch::Llama, n) if n.ends_with("q_proj.weight") => {
                         llama_cpp_permute(t, s.heads, d)
                     }
@@ -447,6 +481,19 @@ impl TinyModel {
                 "sliding_window": s.context,
                 "max_window_layers": s.layers,
                 "use_sliding_window": false,
+            }),
+            Arch::Gemma3 => serde_json::json!({
+                "architectures": ["Gemma3ForCausalLM"],
+                "model_type": "gemma3_text",
+                "head_dim": s.head_dim(),
+                "attention_bias": false,
+                "hidden_activation": "gelu_pytorch_tanh",
+                "query_pre_attn_scalar": s.head_dim(),
+                "sliding_window": s.window,
+                "sliding_window_pattern": GEMMA3_PATTERN,
+                "rope_local_base_freq": GEMMA3_LOCAL_THETA,
+                "final_logit_softcapping": null,
+                "attn_logit_softcapping": null,
             }),
             Arch::Qwen3 => serde_json::json!({
                 "architectures": ["Qwen3ForCausalLM"],
@@ -527,6 +574,27 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[(String,
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &md, &ts).unwrap();
+}
+
+/// llama.cpp's name of a Hugging Face tensor of an `arch` model: Gemma's norms around its
+/// layers are named apart.
+pub fn gguf_name_of(arch: Arch, hf: &str) -> String {
+    if arch == Arch::Gemma3 {
+        for (from, to) in [
+            ("post_attention_layernorm.", "post_attention_norm."),
+            ("pre_feedforward_layernorm.", "ffn_norm."),
+            ("post_feedforward_layernorm.", "post_ffw_norm."),
+        ] {
+            if let Some((head, tail)) = hf.split_once(from) {
+                let l = head
+                    .strip_prefix("model.layers.")
+                    .unwrap()
+                    .trim_end_matches('.');
+                return format!("blk.{l}.{to}{tail}");
+            }
+        }
+    }
+    gguf_name(hf)
 }
 
 /// llama.cpp's name of a Hugging Face tensor.

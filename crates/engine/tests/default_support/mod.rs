@@ -26,6 +26,7 @@ pub fn load_default_model(name: &str) -> LoadedModel {
         name: name.into(),
         format: Format::Gguf,
         path: default_model_path(),
+        chat_template: None,
     };
     let mut m = load(&loc, &Device::Cpu).unwrap();
     m.info.name = name.into();
