@@ -197,3 +197,150 @@ fn bench_engine_reports_every_figure_as_json() {
     assert_eq!(batched[1]["batch"], 2);
     assert!(batched[1]["tok_s"].as_f64().unwrap() > 0.0);
 }
+
+/// `models import` checks that a model loads and writes its manifest with its sha256 (left
+/// where it is); the name then works everywhere; `models list` shows it and the local
+/// Hugging Face cache; a damaged file fails its sha256 with a clear error; `models rm`
+/// removes the manifest and leaves an imported file alone.
+#[test]
+fn models_import_list_rm_and_a_damaged_file_fails_its_sha256() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    let weights = dir.path().join("elsewhere").join("tiny-base.gguf");
+    std::fs::create_dir_all(weights.parent().unwrap()).unwrap();
+    let shape = forgeline_engine::synthetic::preset("tiny").unwrap();
+    forgeline_engine::synthetic::write_gguf(&shape, "Q8_0", 3, &weights).unwrap();
+    let hub = dir.path().join("hub");
+    let snap = hub.join("models--someorg--somerepo/snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::copy(&weights, snap.join("model-q8.gguf")).unwrap();
+    // As the hub client leaves it: refs/main names the snapshot.
+    std::fs::create_dir_all(hub.join("models--someorg--somerepo/refs")).unwrap();
+    std::fs::write(hub.join("models--someorg--somerepo/refs/main"), "0123abcd").unwrap();
+    let run = |args: &[&str], code: i32| -> Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_forgeline"))
+            .arg("--models-dir")
+            .arg(&models)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("HF_HOME")
+            .env("HF_HUB_CACHE", &hub)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "forgeline {args:?}\nstdout:\n{}\nstderr:\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        out
+    };
+    let w = weights.to_str().unwrap();
+
+    let out = run(
+        &[
+            "models",
+            "import",
+            w,
+            "--name",
+            "tiny-chat",
+            "--chat-template",
+            "chatml",
+            "--json",
+        ],
+        0,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sha = v["sha256"].as_str().unwrap().to_string();
+    assert_eq!(
+        sha,
+        forgeline_engine::registry::sha256_of(&weights).unwrap()
+    );
+    let manifest = std::fs::read_to_string(models.join("tiny-chat.toml")).unwrap();
+    assert!(
+        manifest.contains(&sha) && manifest.contains("chat_template = \"chatml\""),
+        "{manifest}"
+    );
+
+    let out = run(&["models", "list", "--json"], 0);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"tiny-chat"), "{names:?}");
+    assert!(
+        names.contains(&"someorg/somerepo:model-q8.gguf"),
+        "{names:?}"
+    );
+
+    // The name works; so does the cached one, offline.
+    run(
+        &[
+            "prompt",
+            "--model",
+            "tiny-chat",
+            "--chat",
+            "--max-tokens",
+            "3",
+            "hi",
+        ],
+        0,
+    );
+    run(
+        &[
+            "prompt",
+            "--model",
+            "someorg/somerepo:model-q8.gguf",
+            "--max-tokens",
+            "3",
+            "hi",
+        ],
+        0,
+    );
+
+    // Taken names and files that are no model are refused, naming the problem.
+    let out = run(&["models", "import", w, "--name", "tiny-chat"], 2);
+    assert!(
+        text(&out.stderr).contains("exists already"),
+        "{}",
+        text(&out.stderr)
+    );
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a model").unwrap();
+    let out = run(&["models", "import", junk.to_str().unwrap()], 2);
+    assert!(
+        text(&out.stderr).contains("junk.gguf"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!models.join("junk.toml").exists());
+
+    // A damaged file (same size): its sha256 no longer matches.
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&weights, &bytes).unwrap();
+    let out = run(
+        &["prompt", "--model", "tiny-chat", "--max-tokens", "3", "hi"],
+        2,
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("sha256 mismatch") && err.contains(&sha),
+        "{err}"
+    );
+
+    run(&["models", "rm", "tiny-chat"], 0);
+    assert!(!models.join("tiny-chat.toml").exists());
+    assert!(weights.exists(), "an imported file stays where it was");
+    let out = run(&["models", "rm", "tiny-chat"], 2);
+    assert!(
+        text(&out.stderr).contains("tiny-chat"),
+        "{}",
+        text(&out.stderr)
+    );
+}

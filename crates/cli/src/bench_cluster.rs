@@ -43,6 +43,11 @@ pub struct BenchClusterArgs {
     /// Model the nodes serve [default: smollm2-135m-instruct]
     #[arg(long)]
     pub model: Option<String>,
+    /// Compute threads of each server (CANDLE_NUM_THREADS) [default: this machine's cores
+    /// shared among the pass's nodes, at least 1: nodes on one machine do not fight over
+    /// its cores]
+    #[arg(long)]
+    pub threads_per_node: Option<usize>,
     /// The nodes' `--cluster-ack-wait`: a killed node's job starts again after about this
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub ack_wait: u64,
@@ -56,6 +61,7 @@ struct Pass {
     /// "single" (one `serve`, no cluster) or "cluster".
     mode: &'static str,
     nodes: usize,
+    threads_per_node: usize,
     jobs: usize,
     succeeded: usize,
     wall_s: f64,
@@ -157,13 +163,28 @@ struct Launcher<'a> {
 }
 
 impl Launcher<'_> {
-    /// `forgeline serve` on a free port, in the cluster at `nats` (or alone): the process and
-    /// its address once it listens.
-    fn serve(&self, name: &str, nats: Option<&str>) -> anyhow::Result<(Proc, SocketAddr)> {
+    /// Compute threads per server when `nodes` share this machine.
+    fn threads(&self, nodes: usize) -> usize {
+        self.a.threads_per_node.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / nodes.max(1)).max(1)
+        })
+    }
+
+    /// `forgeline serve` on a free port with `threads` compute threads, in the cluster at
+    /// `nats` (or alone): the process and its address once it listens.
+    fn serve(
+        &self,
+        name: &str,
+        nats: Option<&str>,
+        threads: usize,
+    ) -> anyhow::Result<(Proc, SocketAddr)> {
         let mut cmd = Command::new(&self.exe);
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("FORGELINE_")) {
             cmd.env_remove(k);
         }
+        cmd.env("CANDLE_NUM_THREADS", threads.to_string())
+            .env("RAYON_NUM_THREADS", threads.to_string());
         cmd.arg("--models-dir")
             .arg(self.env.registry.models_dir())
             .args(["serve", "--port", "0", "--max-jobs"])
@@ -317,7 +338,9 @@ async fn batch(
                 done[i] = Some((now, v));
             }
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        // Coarse enough that polling (a broker read per job on a cluster) takes no share of
+        // the machine the jobs run on.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(started
         .into_iter()
@@ -344,6 +367,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 async fn pass(
     mode: &'static str,
     nodes: &[HttpClient],
+    threads_per_node: usize,
     jobs: usize,
     window: Option<usize>,
 ) -> anyhow::Result<Pass> {
@@ -389,6 +413,7 @@ async fn pass(
     Ok(Pass {
         mode,
         nodes: nodes.len(),
+        threads_per_node,
         jobs,
         succeeded: runs.iter().filter(|r| r.2["state"] == "succeeded").count(),
         wall_s: wall,
@@ -401,8 +426,8 @@ async fn pass(
 
 /// Two nodes: a job running on one, that node killed: seconds until the job runs elsewhere.
 async fn redelivery(l: &Launcher<'_>, nats: &str) -> anyhow::Result<f64> {
-    let (p1, a1) = l.serve("redeliver-1", Some(nats))?;
-    let (p2, a2) = l.serve("redeliver-2", Some(nats))?;
+    let (p1, a1) = l.serve("redeliver-1", Some(nats), l.threads(2))?;
+    let (p2, a2) = l.serve("redeliver-2", Some(nats), l.threads(2))?;
     let h1 = HttpClient::new(a1);
     let id = submit(&h1).await?;
     let t = Instant::now();
@@ -472,21 +497,23 @@ pub fn run(a: BenchClusterArgs, env: &Env) -> anyhow::Result<ExitCode> {
         a.jobs
     ));
     {
-        let (p, addr) = l.serve("single", None)?;
+        let threads = l.threads(1);
+        let (p, addr) = l.serve("single", None, threads)?;
         let single = [HttpClient::new(addr)];
-        passes.push(rt.block_on(pass("single", &single, a.jobs, Some(a.max_jobs)))?);
+        passes.push(rt.block_on(pass("single", &single, threads, a.jobs, Some(a.max_jobs)))?);
         p.stop();
     }
     for &n in &a.nodes {
         say(format!("{} jobs on {n} node(s) at {nats} ...", a.jobs));
         let mut procs = Vec::new();
         let mut https = Vec::new();
+        let threads = l.threads(n);
         for i in 0..n {
-            let (p, addr) = l.serve(&format!("n{n}-{i}"), Some(&nats))?;
+            let (p, addr) = l.serve(&format!("n{n}-{i}"), Some(&nats), threads)?;
             procs.push(p);
             https.push(HttpClient::new(addr));
         }
-        passes.push(rt.block_on(pass("cluster", &https, a.jobs, None))?);
+        passes.push(rt.block_on(pass("cluster", &https, threads, a.jobs, None))?);
         for p in procs {
             p.stop();
         }
@@ -512,9 +539,10 @@ pub fn run(a: BenchClusterArgs, env: &Env) -> anyhow::Result<ExitCode> {
     }
     for p in &report.passes {
         println!(
-            "{:<7} {} node(s): {:>2}/{} jobs in {:>6.1} s = {:>5.2} jobs/min; submit to start: idle {:>6.1} ms, batch p50 {:>5.1} s; broker {:>6.1} ms/job",
+            "{:<7} {} node(s) x {} thread(s): {:>2}/{} jobs in {:>6.1} s = {:>5.2} jobs/min; submit to start: idle {:>6.1} ms, batch p50 {:>5.1} s; broker {:>6.1} ms/job",
             p.mode,
             p.nodes,
+            p.threads_per_node,
             p.succeeded,
             p.jobs,
             p.wall_s,

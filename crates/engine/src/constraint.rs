@@ -106,8 +106,21 @@ impl ConstraintFactory {
     /// logits per row.
     pub fn new(tok: &Tokenizer, vocab_size: usize) -> Result<Self> {
         let err = |e: String| Error::Tokenizer(format!("constrained decoding: {e}"));
-        let mut bt =
-            ByteTokenizer::from_tokenizer(tok.hf().clone()).map_err(|e| err(e.to_string()))?;
+        // The trie builder panics on some vocabularies (a `<0x..>` token that is not a byte,
+        // say): a hostile model file is an error here, not a crash.
+        let hf = tok.hf().clone();
+        let mut bt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            ByteTokenizer::from_tokenizer(hf)
+        }))
+        .map_err(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            err(format!("the vocabulary cannot be read as bytes: {why}"))
+        })?
+        .map_err(|e| err(e.to_string()))?;
         let n_tok = bt.tokrx_info().vocab_size as usize;
         let eos: Vec<u32> = tok
             .eos_token_ids()

@@ -245,6 +245,9 @@ pub enum ConfigError {
     /// A synthetic model that cannot be made (see `synthetic`).
     #[error("{0}")]
     Synthetic(String),
+    /// `models import` that cannot be done: a name that is taken or not a plain name.
+    #[error("{0}")]
+    Import(String),
 }
 
 /// Our own failures: a bug or a broken engine, never the caller's request.

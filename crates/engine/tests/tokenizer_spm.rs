@@ -400,3 +400,31 @@ fn gemma3_constrained_decoding() {
         "def f():\n\treturn 'é'"
     );
 }
+
+/// A vocabulary with a piece that looks like a byte token and is not one (`<0xZZ>`): the
+/// constraint library's trie builder panics on it; forgeline reports an error instead (a
+/// hostile model file never crashes a grammar request).
+#[test]
+fn a_vocabulary_the_constraint_library_cannot_read_is_an_error() {
+    let mut content = tiny_spm(Some(false));
+    let push = |content: &mut Content, key: &str, v: Value| match content.metadata.get_mut(key) {
+        Some(Value::Array(a)) => a.push(v),
+        _ => panic!("{key} is not an array"),
+    };
+    push(
+        &mut content,
+        "tokenizer.ggml.tokens",
+        Value::String("<0xZZ>".into()),
+    );
+    push(&mut content, "tokenizer.ggml.scores", Value::F32(-30.0));
+    push(&mut content, "tokenizer.ggml.token_type", Value::I32(1));
+    let Ok(tok) = Tokenizer::from_gguf(&content, Path::new("odd.gguf")) else {
+        return; // refused earlier: no panic either
+    };
+    let made =
+        std::panic::catch_unwind(|| ConstraintFactory::new(&tok, tok.vocab_size()).map(|_| ()));
+    let res = made.expect("ConstraintFactory::new panicked");
+    if let Err(e) = res {
+        assert!(e.to_string().contains("constrained decoding"), "{e}");
+    }
+}
