@@ -409,6 +409,24 @@ impl Cluster {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// Whether a failed call to the broker is worth trying again: the broker is away or did
+    /// not answer in time, not refusing the request itself (a message over its size limit,
+    /// say, which would fail for ever).
+    fn transient(&self, err: &str) -> bool {
+        let e = err.to_ascii_lowercase();
+        !self.connected()
+            || [
+                "timed out",
+                "timeout",
+                "broken pipe",
+                "disconnect",
+                "no responders",
+                "connection",
+            ]
+            .iter()
+            .any(|w| e.contains(w))
+    }
+
     /// Awaits `f`, a call to the broker, counting its time as the broker's overhead.
     async fn timed<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         let t = std::time::Instant::now();
@@ -530,6 +548,11 @@ impl Cluster {
                     tracing::warn!(job = %id, "cluster: an event is lost at shutdown: {e}");
                     return;
                 }
+                // Refused for itself (too large, say): trying again cannot help.
+                Err(e) if !self.transient(&e) => {
+                    tracing::warn!(job = %id, "cluster: the broker refused an event ({e}); it is left out");
+                    return;
+                }
                 Err(e) => {
                     if !warned {
                         tracing::warn!(job = %id, "cluster: cannot publish an event ({e}); trying again until the broker takes it");
@@ -563,7 +586,11 @@ impl Cluster {
                             Ok(Some(r)) if r.node == rec.node && r.runs == rec.runs && r.state == rec.state
                         )
                 }
-                Err(e) if !persist || self.stopping.load(Ordering::SeqCst) => {
+                Err(e)
+                    if !persist
+                        || self.stopping.load(Ordering::SeqCst)
+                        || !self.transient(&nats_err(&e)) =>
+                {
                     return Err(nats_err(e))
                 }
                 Err(e) => {
