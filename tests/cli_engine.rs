@@ -344,3 +344,111 @@ fn models_import_list_rm_and_a_damaged_file_fails_its_sha256() {
         text(&out.stderr)
     );
 }
+
+/// A manifest is the model's recipe: its context length, system prompt, stop strings,
+/// sampling defaults (a flag still wins) and pipeline settings apply wherever the model is
+/// named; a bad value is an error naming the manifest.
+#[test]
+fn a_manifests_recipe_applies_wherever_the_model_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let weights = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let manifest = |name: &str, recipe: &str| {
+        let head = format!(
+            "name = \"{name}\"\nformat = \"gguf\"\npath = {:?}\n",
+            weights.to_str().unwrap()
+        );
+        std::fs::write(models.join(format!("{name}.toml")), head + recipe).unwrap();
+    };
+    let run = |args: &[&str], code: i32| -> Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_forgeline"))
+            .arg("--models-dir")
+            .arg(&models)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "forgeline {args:?}\nstdout:\n{}\nstderr:\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        out
+    };
+    let complete = |model: &str, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "prompt",
+            "--model",
+            model,
+            "--chat",
+            "--json",
+            "--max-tokens",
+            "16",
+            "--seed",
+            "7",
+        ];
+        args.extend_from_slice(extra);
+        args.push("Write a haiku about the sea.");
+        serde_json::from_slice(&run(&args, 0).stdout).unwrap()
+    };
+    manifest("plain", "");
+    let plain = complete("plain", &[]);
+    let poet = complete("plain", &["--system", "You are a poet."]);
+    let greedy = poet["text"].as_str().unwrap().to_string();
+    let words: Vec<&str> = greedy.split_whitespace().collect();
+    assert!(words.len() >= 3, "{greedy:?}");
+    let stop = words[2];
+
+    manifest(
+        "tuned",
+        &format!(
+            "context_length = 64\nsystem_prompt = \"You are a poet.\"\nstop = [{stop:?}]\n\
+             [sampling]\ntemperature = 1.5\ntop_k = 50\n"
+        ),
+    );
+    // The recipe's system prompt is added to a chat without one, and its stop string ends
+    // the text; a flag wins over its sampling (greedy here).
+    let flagged = complete("tuned", &["--temperature", "0"]);
+    assert_eq!(flagged["prompt_tokens"], poet["prompt_tokens"], "{flagged}");
+    // (SmolLM2's template writes a system message of its own when a chat has none.)
+    assert_ne!(flagged["prompt_tokens"], plain["prompt_tokens"], "{plain}");
+    let cut = &greedy[..greedy.find(stop).unwrap()];
+    assert_eq!(flagged["text"].as_str().unwrap(), cut, "{flagged}");
+    // Without the flag, the recipe's sampling: not greedy.
+    let tuned = complete("tuned", &[]);
+    assert_ne!(tuned["text"], flagged["text"], "{tuned}");
+    // The context is the recipe's 64 tokens.
+    let long = "word ".repeat(80);
+    let out = run(&["prompt", "--model", "tuned", &long], 2);
+    assert!(
+        text(&out.stderr).contains("context holds 64"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["models", "show", "tuned", "--json"], 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["context_length"], 64, "{v}");
+
+    // Pipeline settings: read for the model a job runs on (here refused by name).
+    manifest("piped", "[pipeline]\nlimits = { candidates = 0 }\n");
+    let out = run(&["generate", "--model", "piped", "Add two numbers."], 2);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("piped") && err.contains("[pipeline]") && err.contains("candidates"),
+        "{err}"
+    );
+
+    // A bad value names the manifest and the key.
+    std::fs::remove_file(models.join("piped.toml")).unwrap();
+    manifest("bad", "[sampling]\ntemperature = -1\n");
+    let out = run(&["prompt", "--model", "bad", "hi"], 2);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("[sampling]") && err.contains("temperature"),
+        "{err}"
+    );
+}

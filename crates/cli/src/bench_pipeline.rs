@@ -151,7 +151,7 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
         let progress = |s: &eval::TaskScore, k: usize, n: usize| {
             eprintln!("  [{k}/{n}] {}", crate::eval::progress_line(s))
         };
-        let max_tokens = crate::eval::single_call_tokens(&a.pipeline)?;
+        let max_tokens = crate::eval::single_call_tokens(&a.pipeline, env)?;
         let options = EvalOptions::new(a.concurrency);
         eprintln!("single-call baseline on {} tasks...", tasks.len());
         let single = eval::run_eval(

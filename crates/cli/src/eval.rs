@@ -46,10 +46,10 @@ pub struct EvalArgs {
 
 /// Max tokens of the single-call baseline: the code stage's own limit, so both modes may
 /// write answers of the same length.
-pub fn single_call_tokens(args: &PipelineArgs) -> anyhow::Result<usize> {
+pub fn single_call_tokens(args: &PipelineArgs, env: &Env) -> anyhow::Result<usize> {
     use forgeline_pipeline::{workers::WorkerKind, LlmStage};
     let code = LlmStage::Worker(WorkerKind::Code);
-    Ok(args.config()?.stage(code).max_tokens)
+    Ok(args.config(env)?.stage(code).max_tokens)
 }
 
 pub async fn run(a: EvalArgs, env: &Env) -> anyhow::Result<ExitCode> {
@@ -68,11 +68,11 @@ pub async fn run(a: EvalArgs, env: &Env) -> anyhow::Result<ExitCode> {
         EvalMode::Pipeline => Runner::Pipeline(setup.pipeline.clone()),
         EvalMode::SingleCall => Runner::SingleCall {
             llm: Arc::new(setup.client.clone()),
-            max_tokens: single_call_tokens(&a.pipeline)?,
+            max_tokens: single_call_tokens(&a.pipeline, env)?,
         },
         EvalMode::SampleFilter => Runner::SampleFilter {
             llm: Arc::new(setup.client.clone()),
-            max_tokens: single_call_tokens(&a.pipeline)?,
+            max_tokens: single_call_tokens(&a.pipeline, env)?,
             samples: a.samples.map_or(eval::DEFAULT_SAMPLES, |n| n as usize),
         },
     };

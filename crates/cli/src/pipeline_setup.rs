@@ -12,6 +12,8 @@ use forgeline_engine::scheduler::{
 use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
 use forgeline_sandbox::{Sandbox, SandboxConfig};
 
+use forgeline_engine::registry::DEFAULT_MODEL;
+
 use crate::Env;
 
 #[derive(Args, Debug, Clone, Default)]
@@ -35,14 +37,21 @@ pub struct PipelineSetup {
 }
 
 impl PipelineArgs {
-    pub fn config(&self) -> anyhow::Result<PipelineConfig> {
+    /// The config file's settings; without one, those of the model's recipe (its manifest's
+    /// `[pipeline]`), else the defaults.
+    pub fn config(&self, env: &Env) -> anyhow::Result<PipelineConfig> {
+        self.config_for(env, self.model.as_deref())
+    }
+
+    /// `config`, with the recipe of `model` (None: the default model).
+    pub fn config_for(&self, env: &Env, model: Option<&str>) -> anyhow::Result<PipelineConfig> {
         let path = match &self.config {
             Some(p) => Some(p.clone()),
             None => Some(PathBuf::from("forgeline.toml")).filter(|p| p.is_file()),
         };
         let mut cfg = match path {
             Some(p) => PipelineConfig::load(&p).map_err(|e| crate::usage(e.to_string()))?,
-            None => PipelineConfig::default(),
+            None => recipe_config(env, model)?.unwrap_or_default(),
         };
         if let Some(m) = &self.model {
             cfg = cfg.with_model(m);
@@ -53,7 +62,7 @@ impl PipelineArgs {
     /// Loads every model the config names (the default model when it names none), starts
     /// the scheduler and the sandbox. Must run inside a tokio runtime.
     pub async fn build(&self, env: &Env) -> anyhow::Result<PipelineSetup> {
-        let mut cfg = self.config()?;
+        let mut cfg = self.config(env)?;
         let prompts =
             Prompts::load(self.prompts.as_deref()).map_err(|e| crate::usage(e.to_string()))?;
         let mut names: Vec<Option<String>> = Vec::new();
@@ -95,6 +104,25 @@ impl PipelineArgs {
             pipeline,
         })
     }
+}
+
+/// The pipeline settings of a model's recipe (`[pipeline]` in its manifest), if it has any. A
+/// model that cannot be resolved has none here: loading it names the problem.
+fn recipe_config(env: &Env, model: Option<&str>) -> anyhow::Result<Option<PipelineConfig>> {
+    let Ok(loc) = env.registry.resolve(model.unwrap_or(DEFAULT_MODEL)) else {
+        return Ok(None);
+    };
+    let Some(table) = &loc.recipe.pipeline else {
+        return Ok(None);
+    };
+    PipelineConfig::from_table(table.clone())
+        .map(Some)
+        .map_err(|e| {
+            crate::usage(format!(
+                "the manifest of model `{}`, [pipeline]: {e}",
+                loc.name
+            ))
+        })
 }
 
 /// Pipeline jobs run many candidates at once (16 per job by default, several jobs together):

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use forgeline_engine::chat::ChatMessage;
 use forgeline_engine::kv_cache::KvCache;
-use forgeline_engine::sampling::SamplingParams;
+use forgeline_engine::sampling::{SamplingDefaults, SamplingParams};
 use forgeline_engine::scheduler::{
     Completion, Event, GenerateRequest, LlmClient, Prompt, SchedulerConfig,
 };
@@ -26,28 +26,33 @@ pub struct PromptArgs {
     /// System message (with --chat)
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
-    /// Sampling temperature; 0 is greedy
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
-    /// DRY repetition penalty (as llama.cpp's): 0 is off; 0.8 is a usual strength
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    pub dry_multiplier: f32,
-    #[arg(long, default_value_t = 1.75)]
-    pub dry_base: f32,
-    /// Repeats shorter than this go unpenalised
-    #[arg(long, default_value_t = 2)]
-    pub dry_allowed_length: usize,
-    /// Last tokens searched for repeats: -1 all, 0 off
-    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
-    pub dry_penalty_last_n: i64,
+    /// Sampling temperature; 0 is greedy [default: the model's recipe, else 0]
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// [default: the model's recipe, else 0: no cut]
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// [default: the model's recipe, else 1]
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// [default: the model's recipe, else 0]
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// [default: the model's recipe, else 1]
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// DRY repetition penalty (as llama.cpp's): 0 is off; 0.8 is a usual strength [default: the model's recipe, else 0]
+    #[arg(long, allow_negative_numbers = true)]
+    pub dry_multiplier: Option<f32>,
+    /// [default: the model's recipe, else 1.75]
+    #[arg(long)]
+    pub dry_base: Option<f32>,
+    /// Repeats shorter than this go unpenalised [default: the model's recipe, else 2]
+    #[arg(long)]
+    pub dry_allowed_length: Option<usize>,
+    /// Last tokens searched for repeats: -1 all, 0 off [default: the model's recipe, else -1]
+    #[arg(long, allow_negative_numbers = true)]
+    pub dry_penalty_last_n: Option<i64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Most tokens to generate (capped by the context left after the prompt)
@@ -65,7 +70,11 @@ pub fn run(a: PromptArgs, env: &Env) -> anyhow::Result<ExitCode> {
     if a.max_tokens == 0 {
         return Err(crate::usage("--max-tokens must be at least 1"));
     }
-    let sampling = SamplingParams {
+    let loaded_at = std::time::Instant::now();
+    let m = env.load_model(a.model.as_deref())?;
+    let load_s = loaded_at.elapsed().as_secs_f64();
+    // The flags given, over the model's recipe, over the defaults.
+    let flags = SamplingDefaults {
         temperature: a.temperature,
         top_k: a.top_k,
         top_p: a.top_p,
@@ -75,12 +84,12 @@ pub fn run(a: PromptArgs, env: &Env) -> anyhow::Result<ExitCode> {
         dry_base: a.dry_base,
         dry_allowed_length: a.dry_allowed_length,
         dry_penalty_last_n: a.dry_penalty_last_n,
-        seed: a.seed,
     };
+    let sampling = flags.over(m.recipe.sampling.over(SamplingParams {
+        seed: a.seed,
+        ..SamplingParams::default()
+    }));
     sampling.validate()?;
-    let loaded_at = std::time::Instant::now();
-    let m = env.load_model(a.model.as_deref())?;
-    let load_s = loaded_at.elapsed().as_secs_f64();
     let name = m.info.name.clone();
     let ctx = m.model.config().context_length;
     // One request: a cache for the whole context is enough.

@@ -171,7 +171,7 @@ pub fn run(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         config: a.config.clone(),
         prompts: a.prompts.clone(),
     }
-    .config()?;
+    .config_for(env, a.models.first().map(String::as_str))?;
     let prompts = Prompts::load(a.prompts.as_deref()).map_err(|e| crate::usage(e.to_string()))?;
     let loaded = load_models(&a.models, &mut pipeline_config, env)?;
     let cards: Vec<ModelCard> = loaded.iter().map(ModelCard::of).collect();

@@ -10,7 +10,7 @@ use crate::chat::ChatTemplate;
 use crate::model::files;
 use crate::model::weights::{GgufSource, SafetensorsSource, WeightSource};
 use crate::model::{Model, ModelConfig};
-use crate::registry::{Format, ModelLocation};
+use crate::registry::{Format, ModelLocation, Recipe};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -32,12 +32,13 @@ pub struct ModelInfo {
     pub chat_template: String,
 }
 
-/// A model ready to run: weights, tokenizer, chat template.
+/// A model ready to run: weights, tokenizer, chat template, and its manifest's recipe.
 pub struct LoadedModel {
     pub info: ModelInfo,
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub chat_template: ChatTemplate,
+    pub recipe: Recipe,
 }
 
 enum Opened {
@@ -71,6 +72,18 @@ fn override_template(loc: &ModelLocation, tok: &Tokenizer) -> Result<Option<Chat
 }
 
 fn open(loc: &ModelLocation) -> Result<Parts> {
+    let mut parts = open_files(loc)?;
+    // The recipe's context length caps the model's own.
+    if let Some(n) = loc.recipe.context_length {
+        parts.cfg.context_length = parts.cfg.context_length.min(n);
+    }
+    if let Opened::Safetensors(_, cfg) = &mut parts.source {
+        cfg.context_length = parts.cfg.context_length;
+    }
+    Ok(parts)
+}
+
+fn open_files(loc: &ModelLocation) -> Result<Parts> {
     match loc.format {
         Format::Gguf => {
             let src = GgufSource::open(&loc.path)?;
@@ -186,6 +199,7 @@ pub fn load(loc: &ModelLocation, device: &Device) -> Result<LoadedModel> {
         model,
         tokenizer: parts.tokenizer,
         chat_template: parts.template,
+        recipe: loc.recipe.clone(),
     })
 }
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::sampling::{SamplingDefaults, SamplingParams};
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +40,57 @@ pub struct Manifest {
     /// ships none, or one that is wrong.
     #[serde(default)]
     pub chat_template: Option<String>,
+    /// The model's recipe (what every request on it starts from).
+    #[serde(flatten)]
+    pub recipe: Recipe,
+}
+
+/// A model's recipe, as an Ollama Modelfile is: the settings every request on the model starts
+/// from, in its manifest beside `chat_template`.
+///
+/// ```toml
+/// context_length = 4096            # at most the model's own
+/// system_prompt = "You write Python."  # for a chat that has no system message
+/// stop = ["\n### "]                # besides each request's own stop strings
+/// [sampling]                       # what a request does not set
+/// temperature = 0.2
+/// top_p = 0.95
+/// [pipeline]                       # a forgeline.toml's [limits] and [stages.*], for
+/// limits = { candidates = 8 }      # `generate`, `eval` and `serve` without --config
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub sampling: SamplingDefaults,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<toml::Table>,
+}
+
+fn is_default(s: &SamplingDefaults) -> bool {
+    *s == SamplingDefaults::default()
+}
+
+impl Recipe {
+    /// Checks the values (the pipeline table is checked where it is used); errors name the
+    /// manifest key.
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.context_length == Some(0) {
+            return Err("context_length must be at least 1".into());
+        }
+        if let Some(i) = self.stop.iter().position(String::is_empty) {
+            return Err(format!("stop[{i}] is empty"));
+        }
+        self.sampling
+            .over(SamplingParams::default())
+            .validate()
+            .map_err(|e| format!("[sampling]: {e}"))
+    }
 }
 
 /// A model located on disk, ready to load.
@@ -50,6 +102,9 @@ pub struct ModelLocation {
     /// Its manifest's `chat_template`, which replaces the model's own.
     #[serde(skip)]
     pub chat_template: Option<String>,
+    /// Its manifest's recipe (empty for a model named by path or from the cache).
+    #[serde(skip)]
+    pub recipe: Recipe,
 }
 
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
@@ -137,6 +192,7 @@ impl Registry {
                 format: m.format,
                 path,
                 chat_template: m.chat_template,
+                recipe: m.recipe,
             });
         }
         if let Some(loc) = hf_cache_lookup(spec)? {
@@ -245,6 +301,7 @@ impl Registry {
             sha256: Some(sha256),
             fetch: None,
             chat_template: imp.chat_template.clone(),
+            recipe: Recipe::default(),
         };
         std::fs::create_dir_all(&self.models_dir).map_err(|e| Error::io(&self.models_dir, e))?;
         let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
@@ -438,7 +495,12 @@ fn hex(bytes: &[u8]) -> String {
 
 fn read_manifest(p: &Path) -> Result<Manifest> {
     let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-    toml::from_str(&text).map_err(|e| Error::bad_model(p, format!("invalid model manifest: {e}")))
+    let m: Manifest = toml::from_str(&text)
+        .map_err(|e| Error::bad_model(p, format!("invalid model manifest: {e}")))?;
+    m.recipe
+        .validate()
+        .map_err(|e| Error::bad_model(p, format!("invalid model manifest: {e}")))?;
+    Ok(m)
 }
 
 fn locate_path(p: &Path, spec: &str) -> Result<ModelLocation> {
@@ -458,6 +520,7 @@ fn locate_path(p: &Path, spec: &str) -> Result<ModelLocation> {
             format: Format::Safetensors,
             path: p.to_path_buf(),
             chat_template: None,
+            recipe: Recipe::default(),
         });
     }
     if !crate::model::weights::is_gguf(p) {
@@ -471,6 +534,7 @@ fn locate_path(p: &Path, spec: &str) -> Result<ModelLocation> {
         format: Format::Gguf,
         path: p.to_path_buf(),
         chat_template: None,
+        recipe: Recipe::default(),
     })
 }
 
@@ -496,6 +560,7 @@ fn hf_cache_lookup(spec: &str) -> Result<Option<ModelLocation>> {
         format,
         path,
         chat_template: None,
+        recipe: Recipe::default(),
     }))
 }
 
@@ -521,6 +586,44 @@ mod tests {
         let loc = reg.resolve("tiny").unwrap();
         assert_eq!(loc.format, Format::Gguf);
         assert_eq!(loc.path, dir.path().join("tiny.gguf"));
+    }
+
+    #[test]
+    fn a_manifests_recipe_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let head = "name = \"tiny\"\nformat = \"gguf\"\npath = \"tiny.gguf\"\n";
+        std::fs::write(dir.path().join("tiny.gguf"), b"GGUF....").unwrap();
+        let write = |recipe: &str| {
+            std::fs::write(dir.path().join("m.toml"), format!("{head}{recipe}")).unwrap();
+        };
+        write(
+            "context_length = 2048\nsystem_prompt = \"Be brief.\"\nstop = [\"###\"]\n\
+             [sampling]\ntemperature = 0.3\ntop_k = 20\n\
+             [pipeline.limits]\ncandidates = 4\n",
+        );
+        let reg = Registry::new(dir.path());
+        let r = reg.resolve("tiny").unwrap().recipe;
+        assert_eq!(r.context_length, Some(2048));
+        assert_eq!(r.system_prompt.as_deref(), Some("Be brief."));
+        assert_eq!(r.stop, ["###"]);
+        assert_eq!(r.sampling.temperature, Some(0.3));
+        assert_eq!(r.sampling.top_k, Some(20));
+        assert_eq!(r.sampling.top_p, None);
+        let limits = r.pipeline.unwrap()["limits"].clone();
+        assert_eq!(limits["candidates"].as_integer(), Some(4));
+        for (recipe, names) in [
+            ("context_length = 0\n", "context_length"),
+            ("stop = [\"\"]\n", "stop[0]"),
+            ("[sampling]\ntop_p = 2.0\n", "top_p"),
+            ("[sampling]\ntemprature = 0.3\n", "temprature"),
+        ] {
+            write(recipe);
+            let err = reg.resolve("tiny").unwrap_err().to_string();
+            assert!(
+                err.contains("m.toml") && err.contains(names),
+                "{recipe}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -36,6 +36,48 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+/// Sampling settings a model's manifest gives (its recipe, `[sampling]`): each one replaces
+/// the built-in default, and a request's own value replaces it in turn.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub dry_multiplier: Option<f32>,
+    pub dry_base: Option<f32>,
+    pub dry_allowed_length: Option<usize>,
+    pub dry_penalty_last_n: Option<i64>,
+}
+
+impl SamplingDefaults {
+    /// Sets the fields these defaults give.
+    pub fn apply(&self, s: &mut SamplingParams) {
+        fn set<T: Copy>(to: &mut T, from: Option<T>) {
+            if let Some(v) = from {
+                *to = v;
+            }
+        }
+        set(&mut s.temperature, self.temperature);
+        set(&mut s.top_k, self.top_k);
+        set(&mut s.top_p, self.top_p);
+        set(&mut s.min_p, self.min_p);
+        set(&mut s.repetition_penalty, self.repetition_penalty);
+        set(&mut s.dry_multiplier, self.dry_multiplier);
+        set(&mut s.dry_base, self.dry_base);
+        set(&mut s.dry_allowed_length, self.dry_allowed_length);
+        set(&mut s.dry_penalty_last_n, self.dry_penalty_last_n);
+    }
+
+    /// `base` with these defaults applied.
+    pub fn over(&self, mut base: SamplingParams) -> SamplingParams {
+        self.apply(&mut base);
+        base
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {

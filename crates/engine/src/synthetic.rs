@@ -380,6 +380,7 @@ mod tests {
                 format: Format::Gguf,
                 path,
                 chat_template: None,
+                recipe: Default::default(),
             };
             let m = crate::loader::load(&loc, &Device::Cpu).unwrap();
             assert_eq!(m.info.architecture, arch);

@@ -83,6 +83,7 @@ fn gemma3_270m_matches_candles_gemma3_on_a_mixed_batch() {
             path: path.clone(),
             format: Format::Gguf,
             chat_template: None,
+            recipe: Default::default(),
         },
         &dev,
     )

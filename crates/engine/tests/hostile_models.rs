@@ -49,6 +49,7 @@ fn loc(path: &Path) -> ModelLocation {
         format: Format::Gguf,
         path: path.to_path_buf(),
         chat_template: None,
+        recipe: Default::default(),
     }
 }
 

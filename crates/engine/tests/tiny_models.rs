@@ -395,6 +395,7 @@ fn loc(path: &Path, format: Format) -> ModelLocation {
         format,
         path: path.to_path_buf(),
         chat_template: None,
+        recipe: Default::default(),
     }
 }
 
@@ -427,18 +428,21 @@ fn check_loaded(m: &LoadedModel, tiny: &TinyModel) {
 }
 
 /// Writes `tiny` as a GGUF of `dtype`, loads it, and checks it against the reference.
-/// candle picks its quantized kernels at run time, and on AVX-512 VNNI CPUs a fused GEMV
-/// whose results differ from its AVX2 kernels' by more than this file's tolerance (Qwen2
-/// Q8_0: total variation 0.054 against 0.033 for Q5_1). forgeline's own kernels do not
-/// read this; pinning candle to one tier makes the reference, and so the tolerance, the
-/// same on every machine. (Set once, before candle first reads it, under std's env lock.)
-fn pin_candle_kernel_tier() {
+/// The reference for a quantized file is candle's model over its weights dequantized to f32
+/// (`CANDLE_DEQUANTIZE_ALL`): the function the file defines, whatever kernels compute it.
+/// forgeline's kernels round the activations to 8 bits (per 32 values) and K-quant block
+/// scales to f16, which the tolerance allows. candle's own quantized kernels are no closer to
+/// each other than that (its AVX-512 VNNI GEMV and its AVX2 kernels differ by a total
+/// variation of 0.054 on Qwen2 Q8_0), so they are not the reference. (Set once, before candle
+/// first reads it, under std's env lock; candle reads it once per thread, and every test runs
+/// on a thread of its own.)
+fn pin_candle_reference() {
     static PIN: std::sync::Once = std::sync::Once::new();
-    PIN.call_once(|| std::env::set_var("MISTRALRS_FORCE_AVX2", "1"));
+    PIN.call_once(|| std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1"));
 }
 
 fn gguf_case(tiny: &TinyModel, dtype: GgmlDType, check: Check) {
-    pin_candle_kernel_tier();
+    pin_candle_reference();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     tiny.write_gguf(&path, dtype);
@@ -970,6 +974,7 @@ fn a_model_without_a_chat_template_says_so_and_a_manifest_can_give_one() {
 
     let with = |t: &str| ModelLocation {
         chat_template: Some(t.into()),
+        recipe: Default::default(),
         ..loc(&path, Format::Gguf)
     };
     let m = load(&with("chatml"), &Device::Cpu).unwrap();

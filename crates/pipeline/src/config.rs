@@ -194,6 +194,16 @@ impl Default for PipelineConfig {
     }
 }
 
+/// A config file as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    limits: Option<Limits>,
+    #[serde(default)]
+    stages: BTreeMap<String, toml::Value>,
+}
+
 impl PipelineConfig {
     /// Reads a config file; fields it does not set keep their defaults.
     pub fn load(path: &Path) -> Result<Self> {
@@ -202,15 +212,19 @@ impl PipelineConfig {
     }
 
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct File {
-            #[serde(default)]
-            limits: Option<Limits>,
-            #[serde(default)]
-            stages: BTreeMap<String, toml::Value>,
-        }
-        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        Self::from_file(toml::from_str(text).map_err(|e| e.to_string())?)
+    }
+
+    /// A config file's contents already read as TOML (a model recipe's `[pipeline]` table).
+    pub fn from_table(table: toml::Table) -> std::result::Result<Self, String> {
+        Self::from_file(
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| e.to_string())?,
+        )
+    }
+
+    fn from_file(file: File) -> std::result::Result<Self, String> {
         let mut cfg = Self::default();
         if let Some(l) = file.limits {
             cfg.limits = l;

@@ -65,10 +65,12 @@ pub use metrics::Metrics;
 pub use origin::AllowedOrigins;
 
 /// What the server knows of a loaded model: its name and context.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelCard {
     pub name: String,
     pub context_length: usize,
+    /// Its recipe's sampling: what a request that does not set a field gets.
+    pub sampling: forgeline_engine::sampling::SamplingDefaults,
 }
 
 impl ModelCard {
@@ -76,6 +78,7 @@ impl ModelCard {
         Self {
             name: m.info.name.clone(),
             context_length: m.model.config().context_length,
+            sampling: m.recipe.sampling.clone(),
         }
     }
 }

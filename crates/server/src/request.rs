@@ -7,7 +7,7 @@
 
 use forgeline_engine::chat::{ChatMessage, ToolCall};
 use forgeline_engine::constraint::Constraint;
-use forgeline_engine::sampling::SamplingParams;
+use forgeline_engine::sampling::{SamplingDefaults, SamplingParams};
 use forgeline_engine::scheduler::{GenerateRequest, Prompt, MAX_TOP_LOGPROBS};
 use serde_json::Value;
 
@@ -349,7 +349,7 @@ fn common(
         },
         None => None,
     };
-    let sampling = sampling(f)?;
+    let sampling = sampling(f, &card.sampling)?;
     let stop = match f.get("stop") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -478,12 +478,13 @@ fn check_stop_lengths(stop: &[String]) -> ApiResult<()> {
     Ok(())
 }
 
-fn sampling(f: &Fields) -> ApiResult<SamplingParams> {
-    let mut s = SamplingParams {
+/// The request's sampling fields over the model's recipe over OpenAI's defaults.
+fn sampling(f: &Fields, recipe: &SamplingDefaults) -> ApiResult<SamplingParams> {
+    let mut s = recipe.over(SamplingParams {
         // OpenAI's default.
         temperature: 1.0,
         ..SamplingParams::default()
-    };
+    });
     if let Some(t) = f.f32("temperature")? {
         if !(0.0..=2.0).contains(&t) {
             return Err(ApiError::field(

@@ -8,12 +8,42 @@ fn models() -> Vec<ModelCard> {
         ModelCard {
             name: "small".into(),
             context_length: 64,
+            sampling: Default::default(),
         },
         ModelCard {
             name: "big".into(),
             context_length: 128,
+            sampling: Default::default(),
+        },
+        ModelCard {
+            name: "tuned".into(),
+            context_length: 128,
+            sampling: SamplingDefaults {
+                temperature: Some(0.2),
+                top_k: Some(40),
+                ..Default::default()
+            },
         },
     ]
+}
+
+#[test]
+fn a_models_recipe_fills_the_sampling_fields_a_request_leaves_out() {
+    let r =
+        chat(json!({"model": "tuned", "messages": [{"role": "user", "content": "Hi"}]})).unwrap();
+    assert_eq!(r.generate.sampling.temperature, 0.2);
+    assert_eq!(r.generate.sampling.top_k, 40);
+    assert_eq!(r.generate.sampling.top_p, 1.0);
+    let r = chat(json!({"model": "tuned", "temperature": 0.9, "top_p": 0.5,
+        "messages": [{"role": "user", "content": "Hi"}]}))
+    .unwrap();
+    assert_eq!(r.generate.sampling.temperature, 0.9);
+    assert_eq!(r.generate.sampling.top_k, 40);
+    assert_eq!(r.generate.sampling.top_p, 0.5);
+    // Another model keeps OpenAI's defaults.
+    let r = chat(json!({"model": "big", "messages": [{"role": "user", "content": "Hi"}]})).unwrap();
+    assert_eq!(r.generate.sampling.temperature, 1.0);
+    assert_eq!(r.generate.sampling.top_k, 0);
 }
 
 fn chat(v: Value) -> ApiResult<ApiRequest> {

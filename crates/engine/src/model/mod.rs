@@ -20,7 +20,7 @@ pub mod weights;
 
 use std::path::Path;
 
-use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{BatchError, ConfigError};
@@ -37,8 +37,8 @@ use weights::{RawLinear, Weight, WeightSource};
 enum LinearWeight {
     /// candle's quantized or dense matmul, on any device.
     Candle(QMatMul),
-    /// forgeline's own Q4_1 / Q8_0 kernel (CPU only; candle has no SIMD Q4_1 dot product, and
-    /// its matmul decodes each weight row again for every input row).
+    /// forgeline's own kernel for GGUF's common types (CPU only; candle lacks SIMD dot products
+    /// for several of them, and its matmul decodes each weight row again for every input row).
     Quant(qmatmul::QuantWeights),
 }
 
@@ -53,19 +53,27 @@ impl Linear {
     fn new(w: RawLinear, bias: Option<Tensor>, path: &Path, device: &Device) -> Result<Self> {
         let w = match w {
             RawLinear::Quantized {
-                dtype: dtype @ (GgmlDType::Q4_1 | GgmlDType::Q8_0),
+                dtype,
                 data,
                 rows,
                 cols,
-            } if device.is_cpu() => match qmatmul::QuantWeights::new(dtype, data, rows, cols) {
-                Some(w) => LinearWeight::Quant(w),
-                None => {
-                    return Err(Error::bad_model(
-                        path,
-                        format!("{dtype:?} weight of {rows}x{cols} has a malformed size"),
-                    ))
+            } if device.is_cpu() && qmatmul::supports(dtype) => {
+                match qmatmul::QuantWeights::new(dtype, &data, rows, cols) {
+                    Ok(w) => LinearWeight::Quant(w),
+                    Err(qmatmul::RepackError::Malformed(msg)) => {
+                        return Err(Error::bad_model(path, msg))
+                    }
+                    Err(qmatmul::RepackError::Unrepresentable) => LinearWeight::Candle(
+                        RawLinear::Quantized {
+                            dtype,
+                            data,
+                            rows,
+                            cols,
+                        }
+                        .into_qmatmul(device)?,
+                    ),
                 }
-            },
+            }
             w => LinearWeight::Candle(w.into_qmatmul(device)?),
         };
         Ok(Self { w, bias })

@@ -40,11 +40,12 @@ pub use request::{GenerateRequest, ModelLimits, Priority, Prompt, ValidRequest, 
 pub use sequence::{Event, TokenLogprob, TopLogprob, Usage};
 pub use stats::{ModelSchedulerStats, Stats, BATCH_BUCKETS};
 
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::constraint::{Constraint, ConstraintState, Constraints};
 use crate::error::{ConfigError, Internal, Validation};
 use crate::kv_cache::KvCache;
 use crate::loader::LoadedModel;
+use crate::registry::Recipe;
 use crate::stop::StopReason;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -100,6 +101,8 @@ struct ModelHandle {
     limits: ModelLimits,
     tokenizer: Tokenizer,
     template: ChatTemplate,
+    /// Its manifest's recipe: a system prompt for chats without one, stop strings.
+    recipe: Recipe,
     /// The model's constraint compiler, built on the first constrained request.
     constraints: Arc<Constraints>,
 }
@@ -246,6 +249,7 @@ impl LlmClient {
                 },
                 tokenizer: m.tokenizer.clone(),
                 template: m.chat_template.clone(),
+                recipe: m.recipe.clone(),
                 constraints: Arc::new(Constraints::new(
                     m.tokenizer.clone(),
                     m.model.config().vocab_size,
@@ -318,14 +322,31 @@ impl LlmClient {
         Ok(self.model(model)?.1.limits.context_length)
     }
 
+    /// The recipe of a model (None: the default model), from its manifest.
+    pub fn recipe(&self, model: Option<&str>) -> Result<&Recipe> {
+        Ok(&self.model(model)?.1.recipe)
+    }
+
     /// The tokens a request's prompt becomes on its model.
     pub fn tokenize(&self, req: &GenerateRequest) -> Result<Vec<u32>> {
         let (_, m) = self.model(req.model.as_deref())?;
+        // A chat without a system message gets the recipe's.
+        let with_system = |msgs: &[ChatMessage]| -> Vec<ChatMessage> {
+            match &m.recipe.system_prompt {
+                Some(p) if !msgs.iter().any(|x| x.role == "system") => {
+                    std::iter::once(ChatMessage::system(p.clone()))
+                        .chain(msgs.iter().cloned())
+                        .collect()
+                }
+                _ => msgs.to_vec(),
+            }
+        };
         match &req.prompt {
             Prompt::Tokens(t) => Ok(t.clone()),
             Prompt::Text(s) => m.tokenizer.encode(s, m.tokenizer.add_bos_token()),
             Prompt::Chat(msgs) => m.tokenizer.encode(
-                &m.template.render_with_tools(msgs, &req.tools, true)?,
+                &m.template
+                    .render_with_tools(&with_system(msgs), &req.tools, true)?,
                 false,
             ),
             Prompt::Infill { prefix, suffix } => {
@@ -349,7 +370,9 @@ impl LlmClient {
                 messages,
                 assistant_prefix,
             } => {
-                let mut text = m.template.render_with_tools(messages, &req.tools, true)?;
+                let mut text =
+                    m.template
+                        .render_with_tools(&with_system(messages), &req.tools, true)?;
                 text.push_str(assistant_prefix);
                 m.tokenizer.encode(&text, false)
             }
@@ -361,7 +384,12 @@ impl LlmClient {
     pub fn generate(&self, req: GenerateRequest) -> Result<ResponseStream> {
         let (idx, m) = self.model(req.model.as_deref())?;
         let prompt = self.tokenize(&req)?;
-        let valid = ValidRequest::new(&req, idx, &m.limits, prompt)?;
+        let mut valid = ValidRequest::new(&req, idx, &m.limits, prompt)?;
+        for s in &m.recipe.stop {
+            if !valid.stop_strings.contains(s) {
+                valid.stop_strings.push(s.clone());
+            }
+        }
         if req.sampling.uses_dry() {
             // Built once per model, here on the caller's thread rather than in a decode step.
             m.tokenizer.dry_breakers();

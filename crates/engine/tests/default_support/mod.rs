@@ -27,6 +27,7 @@ pub fn load_default_model(name: &str) -> LoadedModel {
         format: Format::Gguf,
         path: default_model_path(),
         chat_template: None,
+        recipe: Default::default(),
     };
     let mut m = load(&loc, &Device::Cpu).unwrap();
     m.info.name = name.into();
