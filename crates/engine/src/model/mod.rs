@@ -459,14 +459,25 @@ impl Model {
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gu = layer.gate_up.forward(&h)?;
             let i = self.cfg.intermediate_size;
-            let act = match (self.attention, &layer.post_norms) {
-                // Gemma: GELU (tanh approximation, gelu_pytorch_tanh) of the gate.
-                (_, Some(_)) => (gu.narrow(1, 0, i)?.gelu()? * gu.narrow(1, i, i)?)?,
-                (AttentionImpl::FusedCpu, None) => {
-                    gu.apply_op1_no_bwd(&swiglu::SwiGlu { width: i })?
-                }
-                (AttentionImpl::Generic, None) => {
-                    (candle_nn::ops::silu(&gu.narrow(1, 0, i)?)? * gu.narrow(1, i, i)?)?
+            // Gemma: GELU (tanh approximation, gelu_pytorch_tanh) of the gate; else SiLU.
+            let gelu = layer.post_norms.is_some();
+            let act = match self.attention {
+                AttentionImpl::FusedCpu => gu.apply_op1_no_bwd(&swiglu::SwiGlu {
+                    width: i,
+                    act: if gelu {
+                        swiglu::Activation::GeluTanh
+                    } else {
+                        swiglu::Activation::Silu
+                    },
+                })?,
+                AttentionImpl::Generic => {
+                    let gate = gu.narrow(1, 0, i)?;
+                    let gate = if gelu {
+                        gate.gelu()?
+                    } else {
+                        candle_nn::ops::silu(&gate)?
+                    };
+                    (gate * gu.narrow(1, i, i)?)?
                 }
             };
             let mut ffn = layer.down.forward(&act)?;
