@@ -86,9 +86,10 @@ trait PanelFormat {
 /// 4-bit `q` (0..16). Byte `32 i + 4 j + u` holds weight `4 i + u` of row `j` in its low nibble
 /// and weight `4 (i + 4) + u` in its high nibble.
 struct Nib4;
-/// 5-bit `q` (0..32): `Nib4`'s nibbles, then the fifth bits: bit `4 j + u` of the u32 at
-/// `128 + 8 i` is that of weight `4 i + u` of row `j`, of the u32 at `128 + 8 i + 4` that of
-/// weight `4 (i + 4) + u`.
+/// 5-bit `q` (0..32): `Nib4`'s nibbles, then 32 bytes of fifth bits laid out as the nibble
+/// bytes: byte `128 + 4 j + u` holds in bit `i` the fifth bit of weight `4 i + u` of row `j`
+/// and in bit `4 + i` that of weight `4 (i + 4) + u` (i < 4), so that one shift and one mask
+/// move a group's bits to where they join its nibbles.
 struct Nib5;
 /// Signed 8-bit `q`. Byte `32 g + 4 j + u` is weight `4 g + u` of row `j`.
 struct Byte8;
@@ -114,8 +115,7 @@ fn nib_place(j: usize, t: usize) -> (usize, u32) {
 /// The bit of weight `t` of row `j` in `Nib5`'s plane of fifth bits: (byte, bit).
 fn fifth_bit_place(j: usize, t: usize) -> (usize, u32) {
     let (g, u) = (t / 4, t % 4);
-    let bit = 4 * j + u;
-    (128 + 8 * (g % 4) + 4 * (g / 4) + bit / 8, (bit % 8) as u32)
+    (128 + 4 * j + u, g as u32)
 }
 
 impl PanelFormat for Nib4 {
@@ -166,24 +166,6 @@ impl PanelFormat for Nib4 {
     }
 }
 
-/// 32 bits as 32 bytes: byte `b` is 0xFF where bit `b` is set, else 0 (llama.cpp's
-/// `bytes_from_bits_32`).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn bytes_from_bits(p: *const u8) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    let x = (p as *const i32).read_unaligned();
-    let shuffle = _mm256_set_epi64x(
-        0x0303030303030303,
-        0x0202020202020202,
-        0x0101010101010101,
-        0,
-    );
-    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x), shuffle);
-    let others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
-    _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
-}
-
 impl PanelFormat for Nib5 {
     const QBYTES: usize = 160;
     const HAS_MIN: bool = true;
@@ -213,6 +195,7 @@ impl PanelFormat for Nib5 {
         let mask = _mm256_set1_epi8(0x0F);
         let fifth = _mm256_set1_epi8(0x10);
         let ones = _mm256_set1_epi16(1);
+        let bits = _mm256_loadu_si256(pb.add(128) as *const __m256i);
         // Pairs reach 2 * 31 * 127 = 7874: four of them fit an i16 lane, so the sums widen to
         // i32 after every two vectors.
         let mut t = [_mm256_setzero_si256(); C];
@@ -220,17 +203,17 @@ impl PanelFormat for Nib5 {
             let mut s = [_mm256_setzero_si256(); C];
             for i in 2 * half..2 * half + 2 {
                 let v = _mm256_loadu_si256(pb.add(32 * i) as *const __m256i);
-                let bits = pb.add(128 + 8 * i);
-                let lo = _mm256_or_si256(
-                    _mm256_and_si256(v, mask),
-                    _mm256_and_si256(bytes_from_bits(bits), fifth),
-                );
+                // Bit i up to bit 4, bit 4 + i down to it: 16-bit shifts by at most 4 carry
+                // no bit of one byte into bit 4 of the other.
+                let up = _mm256_sll_epi16(bits, _mm_cvtsi32_si128(4 - i as i32));
+                let lo = _mm256_or_si256(_mm256_and_si256(v, mask), _mm256_and_si256(up, fifth));
                 for c in 0..C {
                     s[c] = _mm256_add_epi16(s[c], _mm256_maddubs_epi16(lo, broadcast4(xs[c], i)));
                 }
+                let down = _mm256_srl_epi16(bits, _mm_cvtsi32_si128(i as i32));
                 let hi = _mm256_or_si256(
                     _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-                    _mm256_and_si256(bytes_from_bits(bits.add(4)), fifth),
+                    _mm256_and_si256(down, fifth),
                 );
                 for c in 0..C {
                     s[c] =
