@@ -18,7 +18,10 @@ fn text(b: &[u8]) -> String {
 
 /// Asserts the exit code, printing the command's output when it differs.
 fn expect(args: &[&str], code: i32) -> Output {
-    let out = forgeline(args);
+    check(forgeline(args), args, code)
+}
+
+fn check(out: Output, args: &[&str], code: i32) -> Output {
     assert_eq!(
         out.status.code(),
         Some(code),
@@ -27,6 +30,18 @@ fn expect(args: &[&str], code: i32) -> Output {
         text(&out.stderr)
     );
     out
+}
+
+/// forgeline with `--models-dir models`, without RUST_LOG.
+fn with_models(models: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_forgeline"));
+    c.arg("--models-dir").arg(models).env_remove("RUST_LOG");
+    c
+}
+
+/// `cmd` run with `args`; asserts the exit code.
+fn expect_with(mut cmd: Command, args: &[&str], code: i32) -> Output {
+    check(cmd.args(args).output().expect("run forgeline"), args, code)
 }
 
 #[test]
@@ -218,23 +233,9 @@ fn models_import_list_rm_and_a_damaged_file_fails_its_sha256() {
     std::fs::create_dir_all(hub.join("models--someorg--somerepo/refs")).unwrap();
     std::fs::write(hub.join("models--someorg--somerepo/refs/main"), "0123abcd").unwrap();
     let run = |args: &[&str], code: i32| -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_forgeline"))
-            .arg("--models-dir")
-            .arg(&models)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env_remove("HF_HOME")
-            .env("HF_HUB_CACHE", &hub)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "forgeline {args:?}\nstdout:\n{}\nstderr:\n{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        out
+        let mut cmd = with_models(&models);
+        cmd.env_remove("HF_HOME").env("HF_HUB_CACHE", &hub);
+        expect_with(cmd, args, code)
     };
     let w = weights.to_str().unwrap();
 
@@ -362,23 +363,7 @@ fn a_manifests_recipe_applies_wherever_the_model_is_named() {
         );
         std::fs::write(models.join(format!("{name}.toml")), head + recipe).unwrap();
     };
-    let run = |args: &[&str], code: i32| -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_forgeline"))
-            .arg("--models-dir")
-            .arg(&models)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "forgeline {args:?}\nstdout:\n{}\nstderr:\n{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        out
-    };
+    let run = |args: &[&str], code: i32| expect_with(with_models(&models), args, code);
     let complete = |model: &str, extra: &[&str]| -> serde_json::Value {
         let mut args = vec![
             "prompt",
