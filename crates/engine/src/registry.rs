@@ -493,10 +493,35 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The keys a manifest may have: the model's and its recipe's.
+const MANIFEST_KEYS: [&str; 12] = [
+    "name",
+    "description",
+    "format",
+    "path",
+    "sha256",
+    "fetch",
+    "chat_template",
+    "context_length",
+    "system_prompt",
+    "stop",
+    "sampling",
+    "pipeline",
+];
+
 fn read_manifest(p: &Path) -> Result<Manifest> {
     let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-    let m: Manifest = toml::from_str(&text)
-        .map_err(|e| Error::bad_model(p, format!("invalid model manifest: {e}")))?;
+    let bad = |e: String| Error::bad_model(p, format!("invalid model manifest: {e}"));
+    // The recipe is flattened into the manifest, where serde cannot refuse unknown keys: a
+    // misspelt one would be silently ignored.
+    let table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if let Some(k) = table.keys().find(|k| !MANIFEST_KEYS.contains(&k.as_str())) {
+        return Err(bad(format!(
+            "unknown key `{k}` (keys: {})",
+            MANIFEST_KEYS.join(", ")
+        )));
+    }
+    let m: Manifest = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
     m.recipe
         .validate()
         .map_err(|e| Error::bad_model(p, format!("invalid model manifest: {e}")))?;
@@ -616,6 +641,10 @@ mod tests {
             ("stop = [\"\"]\n", "stop[0]"),
             ("[sampling]\ntop_p = 2.0\n", "top_p"),
             ("[sampling]\ntemprature = 0.3\n", "temprature"),
+            (
+                "sytem_prompt = \"Be brief.\"\n",
+                "unknown key `sytem_prompt`",
+            ),
         ] {
             write(recipe);
             let err = reg.resolve("tiny").unwrap_err().to_string();
