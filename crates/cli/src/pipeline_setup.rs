@@ -6,13 +6,12 @@ use std::sync::Arc;
 
 use clap::Args;
 use forgeline_engine::loader::LoadedModel;
+use forgeline_engine::registry::DEFAULT_MODEL;
 use forgeline_engine::scheduler::{
     default_kv_budget, LlmClient, ModelSchedulerConfig, SchedulerConfig,
 };
 use forgeline_pipeline::{Pipeline, PipelineConfig, Prompts};
 use forgeline_sandbox::{Sandbox, SandboxConfig};
-
-use forgeline_engine::registry::DEFAULT_MODEL;
 
 use crate::Env;
 

@@ -509,7 +509,10 @@ fn repack<F: PanelFormat>(
     let (block_bytes, block_len) = gguf_block(dtype)
         .ok_or_else(|| RepackError::Malformed(format!("{dtype:?} is not repacked")))?;
     let row_bytes = cols / block_len * block_bytes;
-    if !cols.is_multiple_of(block_len) || rows == 0 || data.len() != rows * row_bytes {
+    if !cols.is_multiple_of(block_len)
+        || rows == 0
+        || rows.checked_mul(row_bytes) != Some(data.len())
+    {
         return Err(RepackError::Malformed(format!(
             "{dtype:?} weight of {rows}x{cols} has a malformed size ({} bytes)",
             data.len()
