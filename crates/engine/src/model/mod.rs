@@ -14,6 +14,7 @@ pub mod config;
 pub(crate) mod files;
 pub mod generic_attention;
 pub mod gguf;
+mod qblocks;
 pub mod qmatmul;
 mod swiglu;
 pub mod weights;

@@ -31,28 +31,16 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
 
+use super::qblocks::{decode, f16_at, gguf_block, QK};
 use crate::memory::ForkExcluded;
 use crate::simd::has_avx2;
 
-/// Weights per panel block (and per GGUF block of the non-K types).
-const QK: usize = 32;
-/// Weights per K-quant super-block.
-const QK_K: usize = 256;
 /// Weight rows per panel: one f32 lane each in a 256-bit vector.
 const PANEL: usize = 8;
 /// Input rows per work item: keeps their quantized blocks in cache while panels stream.
 const M_CHUNK: usize = 64;
 /// Most input rows multiplied per pass over a panel block (accumulators stay in registers).
 const C_MAX: usize = 4;
-
-/// One block of 32 weights of one row, decoded from GGUF: weight `t` = `d[t / 16] * q[t] + m`.
-#[derive(Clone, Copy)]
-struct Block {
-    q: [i32; QK],
-    /// The scale of the first and of the second 16 weights (equal but for Q6_K).
-    d: [f32; 2],
-    m: f32,
-}
 
 /// A panel layout. A panel block holds block `b` of each of the panel's 8 rows: the weights
 /// (`QBYTES`), then the 8 rows' scales `d` as f16 (twice, for the two halves, when `HALVES`),
@@ -95,10 +83,6 @@ struct Nib5;
 struct Byte8;
 /// `Byte8` with a scale per 16 weights (groups 0..4 and 4..8).
 struct Byte8Halves;
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
 
 /// Four input bytes, from `4 g`, in every i32 lane.
 #[cfg(target_arch = "x86_64")]
@@ -312,111 +296,9 @@ impl PanelFormat for Byte8Halves {
     }
 }
 
-/// How a GGUF type is stored: bytes per block, weights per block (32, or 256 for K-quants).
-fn gguf_block(dtype: GgmlDType) -> Option<(usize, usize)> {
-    Some(match dtype {
-        GgmlDType::Q4_0 => (18, QK),
-        GgmlDType::Q4_1 => (20, QK),
-        GgmlDType::Q5_0 => (22, QK),
-        GgmlDType::Q5_1 => (24, QK),
-        GgmlDType::Q8_0 => (34, QK),
-        GgmlDType::Q4K => (144, QK_K),
-        GgmlDType::Q5K => (176, QK_K),
-        GgmlDType::Q6K => (210, QK_K),
-        _ => return None,
-    })
-}
-
 /// Whether this kernel multiplies by weights of this type.
 pub fn supports(dtype: GgmlDType) -> bool {
     gguf_block(dtype).is_some()
-}
-
-/// Q4_K's and Q5_K's 6-bit scale and minimum of sub-block `j` (llama.cpp's
-/// `get_scale_min_k4`).
-fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
-    let (d, m) = if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        (
-            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
-    };
-    (d as f32, m as f32)
-}
-
-/// One GGUF block (`wb`) as blocks of 32 (one, or eight for a K-quant super-block).
-fn decode(dtype: GgmlDType, wb: &[u8], out: &mut Vec<Block>) {
-    let nibbles = |qs: &[u8]| -> [i32; QK] {
-        std::array::from_fn(|t| ((qs[t % 16] >> (4 * (t / 16))) & 0x0F) as i32)
-    };
-    let fifth = |qh: u32, t: usize| (((qh >> t) & 1) << 4) as i32;
-    let one = |q, d: f32, m| Block { q, d: [d; 2], m };
-    match dtype {
-        GgmlDType::Q4_0 => {
-            let d = f16_at(wb, 0);
-            out.push(one(nibbles(&wb[2..18]), d, -8.0 * d));
-        }
-        GgmlDType::Q4_1 => out.push(one(nibbles(&wb[4..20]), f16_at(wb, 0), f16_at(wb, 2))),
-        GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
-            let (d, m, at) = match dtype {
-                GgmlDType::Q5_0 => (f16_at(wb, 0), -16.0 * f16_at(wb, 0), 2),
-                _ => (f16_at(wb, 0), f16_at(wb, 2), 4),
-            };
-            let qh = u32::from_le_bytes([wb[at], wb[at + 1], wb[at + 2], wb[at + 3]]);
-            let mut q = nibbles(&wb[at + 4..at + 20]);
-            for (t, v) in q.iter_mut().enumerate() {
-                *v |= fifth(qh, t);
-            }
-            out.push(one(q, d, m));
-        }
-        GgmlDType::Q8_0 => out.push(one(
-            std::array::from_fn(|t| wb[2 + t] as i8 as i32),
-            f16_at(wb, 0),
-            0.0,
-        )),
-        GgmlDType::Q4K | GgmlDType::Q5K => {
-            let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
-            let scales = &wb[4..16];
-            let (qh, qs) = match dtype {
-                GgmlDType::Q4K => (None, &wb[16..144]),
-                _ => (Some(&wb[16..48]), &wb[48..176]),
-            };
-            // Sub-blocks 2c and 2c + 1 are the low and high nibbles of bytes 32c..32c+32; in
-            // Q5_K their fifth bits are bits 2c and 2c + 1 of qh[t].
-            for j in 0..8 {
-                let (sc, m) = scale_min_k4(j, scales);
-                let (c, shift) = (j / 2, 4 * (j % 2));
-                let q = std::array::from_fn(|t| {
-                    let v = ((qs[32 * c + t] >> shift) & 0x0F) as i32;
-                    v | qh.map_or(0, |qh| (((qh[t] >> j) & 1) << 4) as i32)
-                });
-                out.push(one(q, d * sc, -dmin * m));
-            }
-        }
-        GgmlDType::Q6K => {
-            let (ql, qh, sc) = (&wb[0..128], &wb[128..192], &wb[192..208]);
-            let d = f16_at(wb, 208);
-            // Weight 128 n + 32 k + l (k = 0..4) takes its low bits from ql[64 n + 32 (k % 2)
-            // + l] (low nibble for k < 2) and its high bits from bits 2k of qh[32 n + l].
-            let mut all = [0i32; QK_K];
-            for (i, v) in all.iter_mut().enumerate() {
-                let (n, k, l) = (i / 128, (i % 128) / 32, i % 32);
-                let lo = (ql[64 * n + 32 * (k % 2) + l] >> (4 * (k / 2))) & 0x0F;
-                let hi = (qh[32 * n + l] >> (2 * k)) & 3;
-                *v = (lo | (hi << 4)) as i32 - 32;
-            }
-            for b in 0..8 {
-                out.push(Block {
-                    q: std::array::from_fn(|t| all[32 * b + t]),
-                    d: [d * sc[2 * b] as i8 as f32, d * sc[2 * b + 1] as i8 as f32],
-                    m: 0.0,
-                });
-            }
-        }
-        _ => unreachable!("decode of a type `supports` refuses"),
-    }
 }
 
 /// Quantized weights this kernel multiplies by, repacked into panels of 8 rows.
