@@ -83,6 +83,7 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
                     EvalOptions {
                         concurrency,
                         oracle: false,
+                        keep: None,
                     },
                     quiet,
                 )
@@ -161,7 +162,7 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
             },
             setup.sandbox.clone(),
             tasks.clone(),
-            options,
+            options.clone(),
             progress,
         )
         .await;
@@ -170,7 +171,7 @@ pub async fn run(a: BenchPipelineArgs, env: &Env) -> anyhow::Result<ExitCode> {
             Runner::Pipeline(setup.pipeline.clone()),
             setup.sandbox.clone(),
             tasks.clone(),
-            options,
+            options.clone(),
             progress,
         )
         .await;

@@ -40,6 +40,11 @@ pub struct EvalArgs {
     /// Print one JSON object instead of a table
     #[arg(long)]
     pub json: bool,
+    /// Keep each task's record in DIR (created if missing): `NNNN-<task id>.json` with the
+    /// score, the answer, every program written with its hidden test's result, and the
+    /// pipeline job's trace
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
     #[command(flatten)]
     pub pipeline: PipelineArgs,
 }
@@ -63,6 +68,10 @@ pub async fn run(a: EvalArgs, env: &Env) -> anyhow::Result<ExitCode> {
     if let Some(n) = a.limit {
         tasks.truncate(n);
     }
+    if let Some(dir) = &a.keep {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| crate::usage(format!("--keep: cannot create {}: {e}", dir.display())))?;
+    }
     let setup = a.pipeline.build(env).await?;
     let runner = match a.mode {
         EvalMode::Pipeline => Runner::Pipeline(setup.pipeline.clone()),
@@ -80,7 +89,10 @@ pub async fn run(a: EvalArgs, env: &Env) -> anyhow::Result<ExitCode> {
         runner,
         setup.sandbox.clone(),
         tasks,
-        EvalOptions::new(a.concurrency),
+        EvalOptions {
+            keep: a.keep.clone(),
+            ..EvalOptions::new(a.concurrency)
+        },
         |s, k, n| eprintln!("[{k}/{n}] {}", progress_line(s)),
     )
     .await;

@@ -48,6 +48,7 @@
 pub mod collector;
 pub mod config;
 pub mod dispatcher;
+pub mod edge_cases;
 #[cfg(feature = "eval")]
 pub mod eval;
 pub mod final_validation;

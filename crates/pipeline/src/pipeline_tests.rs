@@ -583,3 +583,89 @@ async fn examples_stated_in_prose_verify_and_fail() {
         assert_eq!(out.result.passed, want == VerdictStatus::Verified);
     }
 }
+
+/// A stub whose example leaves out the empty string.
+const LAST_STUB: &str = r#"def last_char(text: str) -> str:
+    """Return the last character of text; "" when text is empty.
+
+    >>> last_char("abc")
+    'c'
+    """
+"#;
+
+async fn run_last(model: &ScriptedModel, candidates: usize) -> JobOutcome {
+    let bed = TestBed::with_config(model.clone(), config(candidates)).await;
+    bed.pipeline
+        .run(TaskRequest::new(LAST_STUB), Format::Md, None)
+        .await
+        .unwrap()
+}
+
+fn last_model(bodies: &[&str]) -> ScriptedModel {
+    let mut model = ScriptedModel::new().on("orchestrator", ONE_CODE_PLAN);
+    for body in bodies {
+        model = model.on("code", &format!("def last_char(text):\n{body}\n```"));
+    }
+    model
+        .on("synthesizer", "Returns the last character.")
+        .on("final_validator", JUDGE_OK)
+}
+
+#[tokio::test]
+async fn code_that_passes_its_examples_but_crashes_on_an_empty_input_is_not_verified() {
+    for (body, detail) in [
+        (
+            "    return text[-1]",
+            "`last_char('')` crashed with IndexError",
+        ),
+        // An example's answer whatever the input: hard-coded.
+        (
+            "    return 'c'",
+            "returns 'c', the answer of the example `last_char(\"abc\")`",
+        ),
+    ] {
+        let model = last_model(&[body]);
+        let out = run_last(&model, 1).await;
+        let v = &out.result.verdict;
+        assert_eq!(v.status, VerdictStatus::Unverified, "{v:#?}");
+        assert!(check_named(v, CheckName::TaskExamples).passed, "{v:#?}");
+        let edge = check_named(v, CheckName::EdgeCases);
+        assert!(!edge.passed && edge.detail.contains(detail), "{edge:?}");
+        assert!(!out.result.passed);
+        assert_reported(&out, "unverified");
+        // The search went on, and the retry was told what was found.
+        let code_calls: Vec<String> = model
+            .calls()
+            .into_iter()
+            .filter(|(s, _)| s == "code")
+            .map(|(_, text)| text)
+            .collect();
+        assert!(code_calls.len() > 1, "{code_calls:?}");
+        assert!(
+            code_calls.iter().skip(1).any(|t| t.contains(detail)),
+            "{code_calls:#?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_candidate_without_the_crash_is_chosen_and_a_refusal_is_no_crash() {
+    let model = last_model(&["    return text[-1]", "    return text[-1:]"]);
+    let out = run_last(&model, 2).await;
+    let v = &out.result.verdict;
+    assert_eq!(v.status, VerdictStatus::Verified, "{v:#?}");
+    assert!(check_named(v, CheckName::EdgeCases).passed, "{v:#?}");
+    let module = out.result.module().unwrap();
+    assert!(module.contains("text[-1:]"), "{module}");
+    // Raising an exception of its own on an empty input is a choice, not a crash.
+    let model = last_model(&[
+        "    if not text:\n        raise ValueError('empty text')\n    return text[-1]",
+    ]);
+    let out = run_last(&model, 1).await;
+    assert_eq!(
+        out.result.verdict.status,
+        VerdictStatus::Verified,
+        "{:#?}",
+        out.result.verdict
+    );
+}

@@ -22,7 +22,7 @@ use crate::selection::{self, ProbePlan, Selection};
 use crate::stage::Stage;
 use crate::trace::{EventStatus, StageRecord};
 use crate::validation::ValidationPriority;
-use crate::validators::{self, Evidence, Verdict};
+use crate::validators::{self, Evidence, Verdict, VerdictStatus};
 use crate::workers::{self, Artifact, Assignment, WorkerKind, WorkerStats};
 
 /// What a retry is told.
@@ -173,7 +173,7 @@ pub async fn run_subtask(
             best_selection = outcome.selection;
         }
         let (best_artifact, best_verdict) = best.as_ref().expect("set above");
-        if best_verdict.passed {
+        if sub.done_with(best_verdict) {
             break format!(
                 "accepted on attempt {} ({})",
                 attempt + 1,
@@ -199,6 +199,22 @@ pub async fn run_subtask(
 impl Subtask<'_> {
     fn id(&self) -> Option<&str> {
         Some(&self.spec.id)
+    }
+
+    /// Whether the subtask's output can be verified: the primary code with an entry point,
+    /// and trusted checks to run (the task's examples, supplied tests).
+    fn verifies(&self) -> bool {
+        self.spec.primary
+            && self.spec.kind == WorkerKind::Code
+            && self.route.entry_point.is_some()
+            && (self.evidence.examples.is_some() || self.evidence.supplied.is_some())
+    }
+
+    /// Whether an output ends the search: it is acceptable (no hard check failed) and, where
+    /// the output can be verified, verified. Code that passes its examples but crashes on
+    /// an empty input is kept as the best so far while the search goes on.
+    fn done_with(&self, v: &Verdict) -> bool {
+        v.passed && (v.status == VerdictStatus::Verified || !self.verifies())
     }
 
     /// Whether the attempt's candidates are chosen by running them: the primary code with
@@ -285,7 +301,7 @@ impl Subtask<'_> {
                         format!("candidate {}: {}", i + 1, if v.passed { format!("accepted ({})", v.status) } else { first_line(&v.feedback) }),
                     );
                     out.verdicts.push(json!({"candidate": i + 1, "verdict": v}));
-                    let passed = v.passed;
+                    let done = self.done_with(&v);
                     if selects {
                         if received.len() <= i {
                             received.resize(i + 1, None);
@@ -295,7 +311,7 @@ impl Subtask<'_> {
                     if out.best.as_ref().is_none_or(|(_, b)| better(&v, b)) {
                         out.best = Some((i, v));
                     }
-                    if passed && !selects {
+                    if done && !selects {
                         break;
                     }
                 }
@@ -485,9 +501,11 @@ pub fn needs_selection(spec: &TaskSpec, route: &Route, evidence: &Evidence) -> b
         && evidence.supplied.is_none()
 }
 
-/// A passing verdict beats a failing one; then the higher score.
+/// A passing verdict beats a failing one; then the stronger status (a verified output
+/// beats one that passed its examples but crashed on an edge case); then the higher score.
 fn better(a: &Verdict, b: &Verdict) -> bool {
-    (a.passed, a.score) > (b.passed, b.score)
+    use std::cmp::Reverse;
+    (a.passed, Reverse(a.status), a.score) > (b.passed, Reverse(b.status), b.score)
 }
 
 fn first_line(s: &str) -> String {

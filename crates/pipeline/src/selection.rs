@@ -33,8 +33,19 @@ pub const TYPED_PROBES: usize = 5;
 pub const MIN_PROBES: usize = 3;
 /// The longest probe kept, in bytes.
 const MAX_PROBE_LEN: usize = 400;
-/// What a probe's output starts with when the call raised (`raise:ValueError`).
+/// What a probe's output starts with when the code raised an exception itself, with a
+/// `raise` or `assert` statement (`raise:ValueError`), or ran out of time (`raise:Timeout`).
 pub const RAISED: &str = "raise:";
+/// What a probe's output starts with when an operation in the code failed (`crash:IndexError`
+/// for `xs[0]` on an empty list): a crash rather than a refusal.
+pub const CRASHED: &str = "crash:";
+/// A probe that ran out of time.
+pub const TIMED_OUT: &str = "raise:Timeout";
+
+/// Whether a probe's output is an exception (raised or crashed) rather than a value.
+pub fn is_exception(output: &str) -> bool {
+    output.starts_with(RAISED) || output.starts_with(CRASHED)
+}
 /// A probe the run never reported (the whole run was killed first).
 pub const NO_RESULT: &str = "raise:NoResult";
 
@@ -423,7 +434,7 @@ pub fn probe_inputs(
 /// Typical values of an annotation, most ordinary first (no empty or zero values: a
 /// function's answer there is often a matter of taste, and would split candidates that
 /// agree elsewhere). `None` for a type it has no values for.
-fn values_of(annotation: &str) -> Option<Vec<&'static str>> {
+pub(crate) fn values_of(annotation: &str) -> Option<Vec<&'static str>> {
     let a: String = annotation.chars().filter(|c| !c.is_whitespace()).collect();
     let a = a.trim_matches(|c| c == '"' || c == '\'');
     if let Some(inner) = a
@@ -650,6 +661,7 @@ import importlib as _il
 import io as _io
 import itertools as _it
 import json as _json
+import linecache as _lc
 import signal as _sig
 import sys as _sys
 import types as _types
@@ -682,9 +694,25 @@ def _alarm(_signum, _frame):
 _sig.signal(_sig.SIGALRM, _alarm)
 
 
+_FILE = [None]
+
+
+def _deliberate(exc):
+    """Whether the code raised exc itself: the innermost frame is the module's own `raise`
+    or `assert` line (not an operation that failed, as `xs[0]` on an empty list)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or _FILE[0] is None or tb.tb_frame.f_code.co_filename != _FILE[0]:
+        return False
+    line = _lc.getline(_FILE[0], tb.tb_lineno).strip()
+    return line.startswith("raise") or line.startswith("assert")
+
+
 def _guard(fn, limit=None):
     """Runs fn under a time limit (the per-call one unless given), its output swallowed:
-    (True, value), or (False, the exception's type name)."""
+    (True, value), or (False, "raise:Type") for an exception the code raised itself and
+    (False, "crash:Type") for any other (a timeout is "raise:Timeout")."""
     sink = _io.StringIO()
     try:
         try:
@@ -695,9 +723,9 @@ def _guard(fn, limit=None):
             _sig.setitimer(_sig.ITIMER_REAL, 0)
         return True, value
     except _Timeout:
-        return False, "Timeout"
+        return False, "raise:Timeout"
     except BaseException as exc:
-        return False, type(exc).__name__
+        return False, ("raise:" if _deliberate(exc) else "crash:") + type(exc).__name__
 
 
 def _canon(x, depth=0):
@@ -745,14 +773,15 @@ def _value(code, ns):
 def _main():
     ok, mod = _guard(lambda: _il.import_module(_MODULE), _SLOW)
     if not ok:
-        _emit(imported=False, error=mod)
+        _emit(imported=False, error=mod.split(":", 1)[-1])
         return
+    _FILE[0] = getattr(mod, "__file__", None)
     ns = dict(vars(mod))
     for line in _SETUP:
         _guard(lambda: exec(line, ns), _SLOW)
     for i, code in enumerate(_PROBES):
         ok, v = _guard(lambda: _value(code, ns))
-        _emit(p=i, o=v if ok else "raise:" + v)
+        _emit(p=i, o=v)
     loaded = {}
     for k, (f, name) in enumerate(_TESTS):
         if f not in loaded:
@@ -774,7 +803,7 @@ _main()
 /// The test file that runs `plan` on the module `module`: it imports the module, runs the
 /// setup, evaluates each probe under a per-call time limit (`per_call_s`) with the
 /// candidate's own output swallowed, then each generated test, printing one JSON line per
-/// probe (`{"p": i, "o": repr or "raise:Type"}`) and per test (`{"t": k, "ok": bool}`).
+/// probe (`{"p": i, "o": repr, "raise:Type" or "crash:Type"}`) and per test (`{"t": k, "ok": bool}`).
 pub fn harness(module: &str, plan: &ProbePlan, per_call_s: f64) -> String {
     let list = |items: &mut dyn Iterator<Item = String>| items.collect::<Vec<_>>().join(", ");
     let tests = list(&mut plan.tests.iter().map(|t| {
@@ -803,7 +832,7 @@ pub fn harness(module: &str, plan: &ProbePlan, per_call_s: f64) -> String {
 /// What one candidate's run reported.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProbeRun {
-    /// Each probe's output (`repr`, or `raise:Type`); `None` when the candidate could not
+    /// Each probe's output (`repr`, `raise:Type` or `crash:Type`); `None` when the candidate could not
     /// run (it did not import, the sandbox failed).
     pub outputs: Option<Vec<String>>,
     /// Each generated test: passed.
@@ -989,7 +1018,7 @@ pub fn group(runs: &[CandidateRun]) -> (Vec<Group>, Vec<Ungrouped>) {
             });
             continue;
         };
-        if outputs.iter().all(|o| o.starts_with(RAISED)) {
+        if outputs.iter().all(|o| is_exception(o)) {
             ungrouped.push(Ungrouped {
                 candidate: r.id,
                 why: "raised on every probe".into(),
@@ -1544,24 +1573,25 @@ mod tests {
         assert!(!sel.clear_majority);
     }
 
-    /// The harness on the real sandbox: outputs as `repr`, exceptions by type, a loop cut by
+    /// The harness on the real sandbox: outputs as `repr`, exceptions by type (raised by the
+    /// code or crashed), a loop cut by
     /// the per-call limit, the candidate's own printing ignored, each generated test alone.
     #[tokio::test]
     async fn the_run_reports_each_probe_and_test() {
         use crate::testing::{ScriptedModel, TestBed};
         let bed = TestBed::new(ScriptedModel::new()).await;
         let ctx = bed.ctx();
-        let code = "class Box:\n    pass\n\ndef f(x):\n    print('noise')\n    if x == 0:\n        raise ValueError('zero')\n    if x == 1:\n        return Box()\n    if x == 2:\n        return {'b', 'a', 'c'}\n    if x == 3:\n        return 0.1 + 0.2\n    if x == 4:\n        while True:\n            pass\n    if x == 5:\n        return (i for i in range(3))\n    return x\n";
+        let code = "class Box:\n    pass\n\ndef f(x):\n    print('noise')\n    if x == 0:\n        raise ValueError('zero')\n    if x == 1:\n        return Box()\n    if x == 2:\n        return {'b', 'a', 'c'}\n    if x == 3:\n        return 0.1 + 0.2\n    if x == 4:\n        while True:\n            pass\n    if x == 5:\n        return (i for i in range(3))\n    if x == 7:\n        return [][0]\n    return x\n";
         let tests = vec![
             "from solution import f\n\ndef test_ok():\n    assert f(6) == 6\n\ndef test_bad():\n    assert f(6) == 7\n".to_string(),
             "def test_broken(:\n    pass\n".to_string(),
         ];
         let plan = ProbePlan::new("f", None, &[], &{
             let mut t = tests.clone();
-            t.push((0..7).map(|i| format!("f({i})\n")).collect());
+            t.push((0..8).map(|i| format!("f({i})\n")).collect());
             t
         });
-        assert_eq!(plan.probes.len(), 7, "{:?}", plan.probes);
+        assert_eq!(plan.probes.len(), 8, "{:?}", plan.probes);
         let run = run_candidate(&ctx, "solution", code, &plan).await;
         let outputs: Vec<String> = run
             .outputs
@@ -1584,6 +1614,8 @@ mod tests {
             ("f(4)", "raise:Timeout"),
             ("f(5)", "iter:[0, 1, 2]"),
             ("f(6)", "6"),
+            // An operation that failed, not a `raise` of the code's own.
+            ("f(7)", "crash:IndexError"),
         ] {
             assert!(by_probe.contains(&want), "{want:?} not in {by_probe:?}");
         }

@@ -8,10 +8,12 @@ use forgeline_engine::stop::StopReason;
 use forgeline_sandbox::{Check, Job, Module, RunReport, TestKind, TestSuite};
 use serde_json::json;
 
+use crate::edge_cases;
 use crate::job::{JobContext, LlmCall};
 use crate::planning::TaskSpec;
 use crate::python;
 use crate::router::Route;
+use crate::selection;
 use crate::smoke::{self, SmokeInput};
 use crate::stage::LlmStage;
 use crate::task::ContextFile;
@@ -222,6 +224,13 @@ async fn code_checks(
     if spec.primary {
         (executed, trusted_ran) = run_tests(ctx, &module, evidence, v).await;
     }
+    let trusted_passed = v
+        .checks
+        .iter()
+        .all(|c| c.passed || c.name.trust() != Trust::Trusted);
+    if trusted_ran && trusted_passed && artifact.kind == WorkerKind::Code {
+        edge_case_check(ctx, route, &evidence.module, code, v).await;
+    }
     if !trusted_ran || evidence.program {
         // Nothing trusted tested it: at least it must import cleanly.
         executed |= import_and_doctest(ctx, module.clone(), code, v).await;
@@ -231,6 +240,48 @@ async fn code_checks(
         executed |= smoke::check_program(ctx, &module, code, evidence.smoke.as_ref(), v).await;
     }
     v.executed = executed;
+}
+
+/// Code that passed the trusted checks, run on the inputs they leave out
+/// (`edge_cases`): a crash there, or an example's answer for every input, keeps it from
+/// being verified. Nothing is added where the signature gives no such inputs.
+async fn edge_case_check(
+    ctx: &JobContext,
+    route: &Route,
+    module: &str,
+    code: &str,
+    v: &mut Verdict,
+) {
+    let (Some(entry), Some(sig)) = (route.entry_point.as_deref(), route.signature.as_ref()) else {
+        return;
+    };
+    if sig.name != entry {
+        return;
+    }
+    let Some(plan) = edge_cases::plan(entry, sig, &route.examples) else {
+        return;
+    };
+    let probes = selection::ProbePlan {
+        probes: plan.probes.clone(),
+        ..selection::ProbePlan::default()
+    };
+    let run = selection::run_candidate(ctx, module, code, &probes).await;
+    // The code passed its examples, so it imports: a run that reports nothing is the
+    // sandbox's failure or a cut-short run, which proves nothing either way.
+    let Some(outputs) = run.outputs else {
+        return;
+    };
+    let (passed, detail) = match edge_cases::assess(&plan, &outputs) {
+        Ok(d) => (true, d),
+        Err(d) => (false, d),
+    };
+    v.add(CheckResult {
+        name: CheckName::EdgeCases,
+        passed,
+        hard: false,
+        detail: clip(&detail, 700),
+        tests: None,
+    });
 }
 
 /// The module, if its code parses.

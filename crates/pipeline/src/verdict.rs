@@ -23,6 +23,9 @@ pub enum CheckName {
     /// clear majority), and it passes the generated tests that majority passes.
     Agreement,
     TaskExamples,
+    /// Code that passed the task's examples, run on inputs they leave out (empty ones, and
+    /// ordinary ones): it neither crashes nor returns an example's answer for everything.
+    EdgeCases,
     SuppliedTests,
     GeneratedTests,
     Import,
@@ -50,6 +53,7 @@ impl CheckName {
             CheckName::SmokeRun => "smoke_run",
             CheckName::Agreement => "agreement",
             CheckName::TaskExamples => "task_examples",
+            CheckName::EdgeCases => "edge_cases",
             CheckName::SuppliedTests => "supplied_tests",
             CheckName::GeneratedTests => "generated_tests",
             CheckName::Import => "import",
@@ -91,6 +95,7 @@ impl CheckName {
             | CheckName::Help
             | CheckName::SmokeRun
             | CheckName::Agreement
+            | CheckName::EdgeCases
             | CheckName::Import
             | CheckName::DocstringExamples => Trust::Execution,
             CheckName::GeneratedTests => Trust::Generated,
@@ -119,6 +124,9 @@ impl CheckName {
                 "ran every candidate on the same inputs and compared their outputs"
             }
             CheckName::TaskExamples => "ran the task's own examples against the code",
+            CheckName::EdgeCases => {
+                "ran the code on inputs the examples leave out: each text, list or dict argument empty, and ordinary values of each type"
+            }
             CheckName::SuppliedTests => "ran the user's tests against the code",
             CheckName::GeneratedTests => "ran tests a model wrote against the code",
             CheckName::Import => "imported the code (its top-level statements ran)",
@@ -136,6 +144,9 @@ impl CheckName {
     pub fn proves(self) -> &'static str {
         match self {
             CheckName::TaskExamples => "the code gives the outputs the task states",
+            CheckName::EdgeCases => {
+                "the code does not crash there and its answer depends on its input; not that the answers are right. A failure is evidence against it, so it is not called verified"
+            }
             CheckName::SuppliedTests => "the code passes the user's tests",
             CheckName::Run => "the program runs to the end without an error",
             CheckName::Help => "the program's options parse and it documents them",
@@ -171,7 +182,8 @@ impl std::fmt::Display for CheckName {
 #[serde(rename_all = "snake_case")]
 pub enum VerdictStatus {
     /// Trusted checks ran and passed: the user's tests, the task's own examples (`>>>` or
-    /// stated in its text as a call and its result).
+    /// stated in its text as a call and its result); and on inputs they leave out the code
+    /// neither crashes nor returns an example's answer for everything.
     Verified,
     /// No trusted check exists, but execution agrees: the code runs on generated inputs,
     /// the candidates that agree on those outputs form a clear majority, and it passes the
@@ -302,7 +314,8 @@ impl Verdict {
 
     /// What the checks prove: `Failed` when a trusted check failed or the code could not
     /// run (it does not parse or load, lacks the entry point, crashes, or contradicts its
-    /// own examples); `Verified` when trusted checks ran and all passed; `Consistent` when
+    /// own examples); `Verified` when trusted checks ran and all passed and the edge-case
+    /// check (where it ran) found nothing against the code; `Consistent` when
     /// none exists but the candidates' agreement (from selection) holds; else `Unverified`.
     /// Generated tests and the reviewer never decide it.
     pub fn status_from_checks(&self) -> VerdictStatus {
@@ -322,9 +335,15 @@ impl Verdict {
             .checks
             .iter()
             .any(|c| c.name == CheckName::Agreement && c.passed);
+        // Execution found what the trusted checks leave out: a crash on an empty input, or
+        // an example's answer returned for everything.
+        let contradicted = self
+            .checks
+            .iter()
+            .any(|c| c.name == CheckName::EdgeCases && !c.passed);
         if failed {
             VerdictStatus::Failed
-        } else if trusted_ran {
+        } else if trusted_ran && !contradicted {
             VerdictStatus::Verified
         } else if agreed {
             VerdictStatus::Consistent

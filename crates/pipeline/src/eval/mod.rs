@@ -12,7 +12,7 @@
 //! pass@1 by the verdict it gave each result.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -155,13 +155,16 @@ pub struct EvalReport {
 }
 
 /// How a run goes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct EvalOptions {
     /// Tasks run at once.
     pub concurrency: usize,
     /// Run the oracle (every distinct program a task's method wrote, against the hidden
     /// test, after the method finished). Off for timing runs.
     pub oracle: bool,
+    /// A directory to keep each task's record in (`keep_record`): the answer, every
+    /// program with its hidden test's result, and the pipeline's trace. It must exist.
+    pub keep: Option<PathBuf>,
 }
 
 impl EvalOptions {
@@ -169,7 +172,56 @@ impl EvalOptions {
         Self {
             concurrency,
             oracle: true,
+            keep: None,
         }
+    }
+}
+
+/// The file a task's record is kept in: its place in the task file and its id, with every
+/// character that could leave the directory or confuse a shell replaced.
+pub fn keep_file_name(index: usize, task_id: &str) -> String {
+    let safe: String = task_id
+        .chars()
+        .take(80)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{index:04}-{safe}.json")
+}
+
+/// Writes one task's record: its score, the answer scored, each distinct program the
+/// method wrote with whether it passes the hidden test (null where the oracle did not
+/// run), and the pipeline job's trace.
+fn keep_record(
+    dir: &Path,
+    index: usize,
+    score: &TaskScore,
+    produced: &Produced,
+    passing: Option<&[bool]>,
+) {
+    let programs: Vec<serde_json::Value> = produced
+        .programs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| serde_json::json!({"program": p, "hidden_passed": passing.and_then(|x| x.get(i))}))
+        .collect();
+    let record = serde_json::json!({
+        "score": score,
+        "answer": produced.program,
+        "programs": programs,
+        "trace": produced.trace,
+    });
+    let path = dir.join(keep_file_name(index, &score.task_id));
+    let written = serde_json::to_vec_pretty(&record)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&path, bytes));
+    if let Err(e) = written {
+        tracing::warn!("could not keep {}: {e}", path.display());
     }
 }
 
@@ -340,6 +392,8 @@ struct Produced {
     programs: Vec<String>,
     chosen: Option<usize>,
     own_examples_passed: Option<bool>,
+    /// Pipeline: the job's trace, kept only when asked (`EvalOptions::keep`).
+    trace: Option<serde_json::Value>,
 }
 
 /// A pipeline job on a task: its prompt and entry point, nothing else.
@@ -365,8 +419,9 @@ impl Runner {
         }
     }
 
-    /// The answer for a task, the completion tokens spent on it and what the oracle needs.
-    async fn produce(&self, t: &EvalTask, sandbox: &Sandbox) -> Result<Produced> {
+    /// The answer for a task, the completion tokens spent on it and what the oracle needs;
+    /// with `keep_trace`, a pipeline job's trace.
+    async fn produce(&self, t: &EvalTask, sandbox: &Sandbox, keep_trace: bool) -> Result<Produced> {
         match self {
             Runner::Pipeline(p) => Ok(match run_pipeline(p, t).await {
                 Ok(out) => {
@@ -383,6 +438,9 @@ impl Runner {
                         verdict_status: Some(out.result.verdict.status),
                         candidates: Some(c.written),
                         programs: c.programs,
+                        trace: keep_trace
+                            .then(|| serde_json::to_value(&out.trace).ok())
+                            .flatten(),
                         ..Produced::default()
                     }
                 }
@@ -394,6 +452,9 @@ impl Runner {
                         tokens: f.trace.llm_calls.iter().map(|c| c.completion_tokens).sum(),
                         candidates: Some(c.written),
                         programs: c.programs,
+                        trace: keep_trace
+                            .then(|| serde_json::to_value(&f.trace).ok())
+                            .flatten(),
                         ..Produced::default()
                     }
                 }
@@ -470,24 +531,26 @@ pub async fn run_eval(
     // The oracle's runs share the sandbox with the jobs still running: half of it.
     let oracle_permits = Arc::new(Semaphore::new((sandbox.max_parallel() / 2).max(1)));
     let oracle = options.oracle && runner.mode() != Mode::SingleCall;
+    let keep = options.keep.clone().map(Arc::new);
     let progress = Arc::new(progress);
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut set = tokio::task::JoinSet::new();
     let task_ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
     let mut ids = HashMap::new();
     for (i, t) in tasks.into_iter().enumerate() {
-        let (runner, sandbox, permits, oracle_permits, progress, done) = (
+        let (runner, sandbox, permits, oracle_permits, progress, done, keep) = (
             runner.clone(),
             sandbox.clone(),
             permits.clone(),
             oracle_permits.clone(),
             progress.clone(),
             done.clone(),
+            keep.clone(),
         );
         let handle = set.spawn(async move {
             let permit = permits.acquire_owned().await.expect("never closed");
             let t0 = Instant::now();
-            let s = match runner.produce(&t, &sandbox).await {
+            let s = match runner.produce(&t, &sandbox, keep.is_some()).await {
                 Ok(p) => {
                     let (passed, outcome) = match &p.program {
                         Some(program) => score(&sandbox, &t, program).await,
@@ -501,21 +564,26 @@ pub async fn run_eval(
                     } else {
                         None
                     };
-                    TaskScore {
+                    let passing_count = passing.as_ref().map(|x| x.iter().filter(|&&p| p).count());
+                    let s = TaskScore {
                         task_id: t.task_id.clone(),
                         passed,
                         outcome,
-                        error: p.error,
+                        error: p.error.clone(),
                         completion_tokens: p.tokens,
                         wall_s,
                         verdict_status: p.verdict_status,
                         candidates: p.candidates,
-                        oracle_programs: passing.map(|_| p.programs.len()),
-                        oracle_passing: passing,
-                        oracle_pass: passing.map(|k| k > 0),
+                        oracle_programs: passing.as_ref().map(|_| p.programs.len()),
+                        oracle_passing: passing_count,
+                        oracle_pass: passing_count.map(|k| k > 0),
                         chosen: p.chosen,
                         own_examples_passed: p.own_examples_passed,
+                    };
+                    if let Some(dir) = &keep {
+                        keep_record(dir, i, &s, &p, passing.as_deref());
                     }
+                    s
                 }
                 Err(e) => TaskScore {
                     task_id: t.task_id.clone(),

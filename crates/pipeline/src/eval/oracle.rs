@@ -169,14 +169,14 @@ pub(super) fn distinct(texts: &[String]) -> Vec<String> {
 }
 
 /// Runs the hidden test against each program, at most `permits` at once across the run;
-/// `known` is one program's result already in hand. Returns how many passed.
+/// `known` is one program's result already in hand. Returns each program's result.
 pub(super) async fn run_oracle(
     sandbox: &Sandbox,
     t: &EvalTask,
     programs: &[String],
     known: Option<(&str, bool)>,
     permits: &Semaphore,
-) -> usize {
+) -> Vec<bool> {
     let runs = programs.iter().map(|p| async move {
         if let Some((k, passed)) = known {
             if k == p {
@@ -186,9 +186,5 @@ pub(super) async fn run_oracle(
         let _permit = permits.acquire().await.expect("never closed");
         score(sandbox, t, p).await.0
     });
-    futures_util::future::join_all(runs)
-        .await
-        .into_iter()
-        .filter(|&p| p)
-        .count()
+    futures_util::future::join_all(runs).await
 }

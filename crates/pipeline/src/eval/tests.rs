@@ -492,14 +492,34 @@ async fn the_hidden_test_never_reaches_the_job() {
     assert!(c.written >= 1, "{c:?}");
 
     let sandbox = Sandbox::new(Default::default()).await.unwrap();
+    let keep = tempfile::tempdir().unwrap();
     let r = run_eval(
         Runner::Pipeline(bed.pipeline.clone()),
         sandbox,
         vec![t.clone()],
-        EvalOptions::new(1),
+        EvalOptions {
+            keep: Some(keep.path().to_path_buf()),
+            ..EvalOptions::new(1)
+        },
         |_, _, _| {},
     )
     .await;
+    // The task's record: its score, every program with the hidden test's result, the trace.
+    let kept = keep.path().join(keep_file_name(0, &t.task_id));
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+    assert_eq!(record["score"]["task_id"], t.task_id.as_str());
+    let programs = record["programs"].as_array().unwrap();
+    assert!(
+        programs.iter().any(|p| p["hidden_passed"] == true),
+        "{record:#}"
+    );
+    assert!(
+        programs.iter().any(|p| p["program"] == record["answer"]),
+        "{record:#}"
+    );
+    assert!(record["trace"]["llm_calls"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty()));
     for (stage, text) in model.calls() {
         for line in hidden_lines(&t) {
             assert!(
@@ -525,6 +545,7 @@ async fn the_hidden_test_never_reaches_the_job() {
     let options = EvalOptions {
         concurrency: 1,
         oracle: false,
+        keep: None,
     };
     let r = run_eval(
         Runner::Pipeline(bed2.pipeline.clone()),
@@ -536,4 +557,14 @@ async fn the_hidden_test_never_reaches_the_job() {
     .await;
     assert_eq!(r.oracle, None);
     assert_eq!(r.per_task[0].oracle_pass, None);
+}
+
+#[test]
+fn a_kept_record_stays_in_its_directory() {
+    assert_eq!(keep_file_name(3, "HumanEval/12"), "0003-HumanEval_12.json");
+    assert_eq!(
+        keep_file_name(0, "../../etc/passwd"),
+        "0000-______etc_passwd.json"
+    );
+    assert_eq!(keep_file_name(7, "tâche é"), "0007-t_che__.json");
 }
