@@ -8,10 +8,13 @@
 //! The inputs are built from the signature's annotations: each `str`, list or dict
 //! parameter empty in turn (the others ordinary), and the ordinary typed calls selection
 //! uses. Only failures that say something are counted:
-//! - a *crash*: an operation in the code failed (`xs[0]` on an empty list, a `None` used
-//!   as a number). An exception the code raises itself (`raise ValueError(...)`, an
-//!   `assert`) is a refusal of the input, which a task may want, and is not counted; nor
-//!   is a call that ran out of time (a loaded machine can slow any call);
+//! - a *crash* on an empty input: an operation in the code failed (`xs[0]` on an empty
+//!   list, a `None` used as a number). An exception the code raises itself (`raise
+//!   ValueError(...)`, an `assert`) is a refusal of the input, which a task may want, and
+//!   so is a `ValueError` from Python's own conversions (`int('')`); neither counts, nor
+//!   does a call that ran out of time (a loaded machine can slow any call). Crashes on the
+//!   ordinary calls do not count either: an ordinary value of a type may be outside what
+//!   the task allows (`'abc'` for an expression to evaluate);
 //! - a *hard-coded answer*: the same value for every ordinary input, which is one of the
 //!   examples' answers and not a value a function often returns for many inputs (a bool,
 //!   `None`, zero, an empty container).
@@ -143,10 +146,13 @@ fn commonplace(output: &str) -> bool {
 /// What the outputs of `plan`'s calls show: Ok with what ran, or Err with what is wrong.
 pub fn assess(plan: &EdgePlan, outputs: &[String]) -> Result<String, String> {
     let out = |i: usize| outputs.get(i).map(String::as_str).unwrap_or_default();
-    let crashes: Vec<String> = (0..plan.edge + plan.ordinary)
+    // Only the empty inputs: an ordinary value of a type may still be outside what the
+    // task allows (`'abc'` for an expression to evaluate).
+    let crashes: Vec<String> = (0..plan.edge)
         .filter_map(|i| {
             let kind = out(i).strip_prefix(CRASHED)?;
-            Some(format!("`{}` crashed with {kind}", plan.probes[i]))
+            // Python's own refusal of a value (`int('')`): the input's fault, not a bug.
+            (kind != "ValueError").then(|| format!("`{}` crashed with {kind}", plan.probes[i]))
         })
         .collect();
     if !crashes.is_empty() {
@@ -276,10 +282,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.starts_with("`f('')` crashed with IndexError"), "{err}");
-        // The code's own raise, and a call that ran out of time, are not crashes.
+        // The code's own raise, a call that ran out of time, Python's refusal of a value,
+        // and crashes on ordinary values are not counted.
         let ok = assess(
             &p,
             &outputs(&p, &["raise:ValueError", "raise:Timeout"], &ord, &["'s'"]),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let ord_crash = ["crash:KeyError", "'d'", "'r'", "'a'", "'i'"];
+        let ok = assess(
+            &p,
+            &outputs(&p, &["crash:ValueError", "''"], &ord_crash, &["'s'"]),
         );
         assert!(ok.is_ok(), "{ok:?}");
     }

@@ -47,6 +47,7 @@
 
 pub mod collector;
 pub mod config;
+pub mod constraints;
 pub mod dispatcher;
 pub mod edge_cases;
 #[cfg(feature = "eval")]

@@ -669,3 +669,45 @@ async fn a_candidate_without_the_crash_is_chosen_and_a_refusal_is_no_crash() {
         out.result.verdict
     );
 }
+
+#[tokio::test]
+async fn code_that_uses_what_the_task_forbids_fails() {
+    const TASK: &str = r#"def evaluate(expression: str) -> int:
+    """Evaluate a sum of non-negative integers such as "1 + 2". Do not use eval().
+
+    >>> evaluate("2 + 3")
+    5
+    """
+"#;
+    let evals = "def evaluate(expression):\n    return eval(expression)\n```";
+    let sums =
+        "def evaluate(expression):\n    return sum(int(p) for p in expression.split('+'))\n```";
+    for (candidates, want) in [
+        (vec![evals], VerdictStatus::Failed),
+        (vec![evals, sums], VerdictStatus::Verified),
+    ] {
+        let mut model = ScriptedModel::new().on("orchestrator", ONE_CODE_PLAN);
+        for c in &candidates {
+            model = model.on("code", c);
+        }
+        let model = model
+            .on("synthesizer", "Evaluates.")
+            .on("final_validator", JUDGE_OK);
+        let bed = TestBed::with_config(model.clone(), config(candidates.len())).await;
+        let out = bed
+            .pipeline
+            .run(TaskRequest::new(TASK), Format::Json, None)
+            .await
+            .unwrap();
+        let v = &out.result.verdict;
+        assert_eq!(v.status, want, "{v:#?}");
+        let rule = check_named(v, CheckName::TaskConstraints);
+        assert_eq!(rule.passed, want == VerdictStatus::Verified, "{rule:?}");
+        if !rule.passed {
+            assert!(
+                rule.detail.contains("uses `eval`, which the task forbids"),
+                "{rule:?}"
+            );
+        }
+    }
+}

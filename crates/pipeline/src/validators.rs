@@ -8,6 +8,7 @@ use forgeline_engine::stop::StopReason;
 use forgeline_sandbox::{Check, Job, Module, RunReport, TestKind, TestSuite};
 use serde_json::json;
 
+use crate::constraints;
 use crate::edge_cases;
 use crate::job::{JobContext, LlmCall};
 use crate::planning::TaskSpec;
@@ -207,6 +208,30 @@ async fn code_checks(
         return;
     };
     if spec.primary && artifact.kind == WorkerKind::Code {
+        let forbidden = constraints::forbidden(&ctx.task.task);
+        if !forbidden.is_empty() {
+            let used = constraints::violations(code, &forbidden);
+            let list = |f: &[constraints::Forbidden]| {
+                f.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            v.add(CheckResult {
+                name: CheckName::TaskConstraints,
+                passed: used.is_empty(),
+                hard: true,
+                detail: if used.is_empty() {
+                    format!("does not use {}", list(&forbidden))
+                } else {
+                    format!("uses {}, which the task forbids", list(&used))
+                },
+                tests: None,
+            });
+            if !used.is_empty() {
+                return;
+            }
+        }
         if let Some(entry) = &route.entry_point {
             let c = entry_point_check(code, entry, route.signature.as_ref());
             let passed = c.passed;

@@ -30,6 +30,8 @@ pub enum CheckName {
     GeneratedTests,
     Import,
     DocstringExamples,
+    /// The code avoids what the task's words forbid (`Do not use eval()`).
+    TaskConstraints,
     /// A tests worker's answer holds test code at all.
     Tests,
     TestFunctions,
@@ -58,6 +60,7 @@ impl CheckName {
             CheckName::GeneratedTests => "generated_tests",
             CheckName::Import => "import",
             CheckName::DocstringExamples => "docstring_examples",
+            CheckName::TaskConstraints => "task_constraints",
             CheckName::Tests => "tests",
             CheckName::TestFunctions => "test_functions",
             CheckName::UsesTheCode => "uses_the_code",
@@ -102,6 +105,7 @@ impl CheckName {
             CheckName::Code
             | CheckName::Syntax
             | CheckName::EntryPoint
+            | CheckName::TaskConstraints
             | CheckName::Tests
             | CheckName::TestFunctions
             | CheckName::UsesTheCode
@@ -131,6 +135,9 @@ impl CheckName {
             CheckName::GeneratedTests => "ran tests a model wrote against the code",
             CheckName::Import => "imported the code (its top-level statements ran)",
             CheckName::DocstringExamples => "ran the examples in the code's own docstrings",
+            CheckName::TaskConstraints => {
+                "read the code for what the task says not to use (a name, a module)"
+            }
             CheckName::Tests => "looked for test code in the answer",
             CheckName::TestFunctions => "counted the test functions",
             CheckName::UsesTheCode => "read whether the tests import and call the code",
@@ -160,6 +167,9 @@ impl CheckName {
             }
             CheckName::GeneratedTests => {
                 "the code agrees with a model's tests, which may be wrong: no proof alone"
+            }
+            CheckName::TaskConstraints => {
+                "the code keeps the task's rules on what not to use; nothing about its outputs"
             }
             CheckName::Reviewer => "nothing: a model's opinion",
             CheckName::Internal => "nothing",
