@@ -8,13 +8,12 @@
 //! The inputs are built from the signature's annotations: each `str`, list or dict
 //! parameter empty in turn (the others ordinary), and the ordinary typed calls selection
 //! uses. Only failures that say something are counted:
-//! - a *crash* on an empty input: an operation in the code failed (`xs[0]` on an empty
-//!   list, a `None` used as a number). An exception the code raises itself (`raise
-//!   ValueError(...)`, an `assert`) is a refusal of the input, which a task may want, and
-//!   so is a `ValueError` from Python's own conversions (`int('')`); neither counts, nor
-//!   does a call that ran out of time (a loaded machine can slow any call). Crashes on the
-//!   ordinary calls do not count either: an ordinary value of a type may be outside what
-//!   the task allows (`'abc'` for an expression to evaluate);
+//! - a *crash*: an operation in the code failed (`xs[0]` on an empty list, a `None` used
+//!   as a number). An exception the code raises itself (`raise ValueError(...)`, an
+//!   `assert`) is a refusal of the input, which a task may want, and so is a `ValueError`
+//!   from Python's own conversions (`int('abc')`: an ordinary value of a type may still be
+//!   outside what the task allows); neither counts, nor does a call that ran out of time
+//!   (a loaded machine can slow any call);
 //! - a *hard-coded answer*: the same value for every ordinary input, which is one of the
 //!   examples' answers and not a value a function often returns for many inputs (a bool,
 //!   `None`, zero, an empty container).
@@ -146,9 +145,7 @@ fn commonplace(output: &str) -> bool {
 /// What the outputs of `plan`'s calls show: Ok with what ran, or Err with what is wrong.
 pub fn assess(plan: &EdgePlan, outputs: &[String]) -> Result<String, String> {
     let out = |i: usize| outputs.get(i).map(String::as_str).unwrap_or_default();
-    // Only the empty inputs: an ordinary value of a type may still be outside what the
-    // task allows (`'abc'` for an expression to evaluate).
-    let crashes: Vec<String> = (0..plan.edge)
+    let crashes: Vec<String> = (0..plan.edge + plan.ordinary)
         .filter_map(|i| {
             let kind = out(i).strip_prefix(CRASHED)?;
             // Python's own refusal of a value (`int('')`): the input's fault, not a bug.
@@ -282,19 +279,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.starts_with("`f('')` crashed with IndexError"), "{err}");
-        // The code's own raise, a call that ran out of time, Python's refusal of a value,
-        // and crashes on ordinary values are not counted.
+        // The code's own raise, a call that ran out of time and Python's refusal of a
+        // value are not counted; a crash on an ordinary value is.
         let ok = assess(
             &p,
             &outputs(&p, &["raise:ValueError", "raise:Timeout"], &ord, &["'s'"]),
         );
         assert!(ok.is_ok(), "{ok:?}");
-        let ord_crash = ["crash:KeyError", "'d'", "'r'", "'a'", "'i'"];
         let ok = assess(
             &p,
-            &outputs(&p, &["crash:ValueError", "''"], &ord_crash, &["'s'"]),
+            &outputs(&p, &["crash:ValueError", "''"], &ord, &["'s'"]),
         );
         assert!(ok.is_ok(), "{ok:?}");
+        let ord_crash = ["crash:KeyError", "'d'", "'r'", "'a'", "'i'"];
+        let err = assess(&p, &outputs(&p, &["''", "''"], &ord_crash, &["'s'"])).unwrap_err();
+        assert!(err.starts_with("`f('abc')` crashed with KeyError"), "{err}");
     }
 
     #[test]
