@@ -51,16 +51,8 @@ struct Param {
 
 /// The empty values of an annotation's type (`str`, lists and sequences, dicts), if any.
 fn empties_of(annotation: &str) -> Option<&'static [&'static str]> {
-    let a: String = annotation.chars().filter(|c| !c.is_whitespace()).collect();
-    let a = a.trim_matches(|c| c == '"' || c == '\'');
-    if let Some(inner) = a
-        .strip_prefix("Optional[")
-        .or_else(|| a.strip_prefix("typing.Optional["))
-        .and_then(|r| r.strip_suffix(']'))
-    {
-        return empties_of(inner);
-    }
-    let head = a.split('[').next().unwrap_or(a);
+    let a = selection::plain_annotation(annotation);
+    let head = a.split('[').next().unwrap_or(&a);
     let head = head.strip_prefix("typing.").unwrap_or(head);
     match head {
         "str" => Some(&["''", "' '"]),

@@ -308,6 +308,20 @@ const CSV_INPUT: &str = r#"{"args": ["data.csv"], "stdin": "", "files": [{"name"
 const CSV_CRASHING: &str = "import csv\nimport sys\n\n\ndef dedupe(path):\n    seen = set()\n    writer = csv.writer(None)\n    with open(path) as f:\n        for row in csv.reader(f):\n            if tuple(row) not in seen:\n                seen.add(tuple(row))\n                writer.writerow(row)\n    print(undefined_name)\n\n\nif __name__ == \"__main__\":\n    dedupe(sys.argv[1])\n```";
 const CSV_WORKING: &str = "import csv\nimport sys\n\n\ndef dedupe(path):\n    seen = set()\n    writer = csv.writer(sys.stdout)\n    with open(path, newline=\"\") as f:\n        for row in csv.reader(f):\n            if tuple(row) not in seen:\n                seen.add(tuple(row))\n                writer.writerow(row)\n\n\nif __name__ == \"__main__\":\n    dedupe(sys.argv[1])\n```";
 
+/// A whole job on `task`, `candidates` code candidates an attempt.
+async fn run_task(
+    model: &ScriptedModel,
+    candidates: usize,
+    task: &str,
+    format: Format,
+) -> JobOutcome {
+    let bed = TestBed::with_config(model.clone(), config(candidates)).await;
+    bed.pipeline
+        .run(TaskRequest::new(task), format, None)
+        .await
+        .unwrap()
+}
+
 /// The check of that name in a verdict; the test fails if it did not run.
 fn check_named(v: &crate::verdict::Verdict, name: CheckName) -> &crate::verdict::CheckResult {
     v.checks
@@ -566,12 +580,7 @@ async fn examples_stated_in_prose_verify_and_fail() {
             .on("code", code)
             .on("synthesizer", "Adds.")
             .on("final_validator", JUDGE_OK);
-        let bed = TestBed::with_config(model.clone(), config(1)).await;
-        let out = bed
-            .pipeline
-            .run(TaskRequest::new(TASK), Format::Json, None)
-            .await
-            .unwrap();
+        let out = run_task(&model, 1, TASK, Format::Json).await;
         let v = &out.result.verdict;
         assert_eq!(v.status, want, "{v:#?}");
         let examples = v
@@ -594,11 +603,7 @@ const LAST_STUB: &str = r#"def last_char(text: str) -> str:
 "#;
 
 async fn run_last(model: &ScriptedModel, candidates: usize) -> JobOutcome {
-    let bed = TestBed::with_config(model.clone(), config(candidates)).await;
-    bed.pipeline
-        .run(TaskRequest::new(LAST_STUB), Format::Md, None)
-        .await
-        .unwrap()
+    run_task(model, candidates, LAST_STUB, Format::Md).await
 }
 
 fn last_model(bodies: &[&str]) -> ScriptedModel {
@@ -693,12 +698,7 @@ async fn code_that_uses_what_the_task_forbids_fails() {
         let model = model
             .on("synthesizer", "Evaluates.")
             .on("final_validator", JUDGE_OK);
-        let bed = TestBed::with_config(model.clone(), config(candidates.len())).await;
-        let out = bed
-            .pipeline
-            .run(TaskRequest::new(TASK), Format::Json, None)
-            .await
-            .unwrap();
+        let out = run_task(&model, candidates.len(), TASK, Format::Json).await;
         let v = &out.result.verdict;
         assert_eq!(v.status, want, "{v:#?}");
         let rule = check_named(v, CheckName::TaskConstraints);

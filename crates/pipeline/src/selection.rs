@@ -431,19 +431,26 @@ pub fn probe_inputs(
     out
 }
 
-/// Typical values of an annotation, most ordinary first (no empty or zero values: a
-/// function's answer there is often a matter of taste, and would split candidates that
-/// agree elsewhere). `None` for a type it has no values for.
-pub(crate) fn values_of(annotation: &str) -> Option<Vec<&'static str>> {
+/// An annotation as the probes read it: no spaces or quotes, `Optional[...]` unwrapped.
+pub(crate) fn plain_annotation(annotation: &str) -> String {
     let a: String = annotation.chars().filter(|c| !c.is_whitespace()).collect();
-    let a = a.trim_matches(|c| c == '"' || c == '\'');
-    if let Some(inner) = a
+    let mut a = a.trim_matches(|c| c == '"' || c == '\'').to_string();
+    while let Some(inner) = a
         .strip_prefix("Optional[")
         .or_else(|| a.strip_prefix("typing.Optional["))
         .and_then(|r| r.strip_suffix(']'))
     {
-        return values_of(inner);
+        a = inner.to_string();
     }
+    a
+}
+
+/// Typical values of an annotation, most ordinary first (no empty or zero values: a
+/// function's answer there is often a matter of taste, and would split candidates that
+/// agree elsewhere). `None` for a type it has no values for.
+pub(crate) fn values_of(annotation: &str) -> Option<Vec<&'static str>> {
+    let a = plain_annotation(annotation);
+    let a = a.as_str();
     let list_of = |inner: &str| -> Option<Vec<&'static str>> {
         Some(match inner {
             "" | "int" => vec![
