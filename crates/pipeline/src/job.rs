@@ -586,7 +586,8 @@ impl Pipeline {
                 None,
                 "integrating outputs",
                 json!({"outputs": collected.outputs.iter().map(|o| &o.subtask).collect::<Vec<_>>()}),
-                crate::synthesizer::synthesize(ctx, &route, &collected),
+                // Code alone shows no prose: none is written for it.
+                crate::synthesizer::synthesize(ctx, &route, &collected, format != Format::Code),
             )
             .await?;
         // The candidates' agreement is evidence while the result is the one code output

@@ -711,3 +711,24 @@ async fn code_that_uses_what_the_task_forbids_fails() {
         }
     }
 }
+
+#[tokio::test]
+async fn code_alone_is_written_without_a_summary_nobody_reads() {
+    let model = ScriptedModel::new()
+        .on("orchestrator", ONE_CODE_PLAN)
+        .on("code", "def add(a, b):\n    return a + b\n```")
+        .on("synthesizer", "Adds two numbers.")
+        .on("final_validator", JUDGE_OK);
+    let summaries =
+        |m: &ScriptedModel| m.calls().iter().filter(|(s, _)| s == "synthesizer").count();
+    let out = run_task(&model, 1, STUB, Format::Code).await;
+    assert!(out.rendered.contains("return a + b"), "{}", out.rendered);
+    assert_eq!(summaries(&model), 0);
+    let out = run_task(&model, 1, STUB, Format::Md).await;
+    assert!(
+        out.rendered.contains("Adds two numbers."),
+        "{}",
+        out.rendered
+    );
+    assert_eq!(summaries(&model), 1);
+}

@@ -195,11 +195,13 @@ pub fn merge_tests(parts: &[&str]) -> String {
     format!("{}\n\n\n{}\n", imports.join("\n"), body.join("\n\n\n"))
 }
 
-/// Integrates the outputs and asks the LLM for the answer's prose.
+/// Integrates the outputs and, with `prose`, asks the LLM for the answer's prose (without
+/// it, where there is code, the answer is a fixed note and no model is asked).
 pub async fn synthesize(
     ctx: &JobContext,
     route: &Route,
     collected: &Collected,
+    prose: bool,
 ) -> Result<Synthesis> {
     let mut s = Synthesis::default();
     let header = route.stub.clone().unwrap_or_default();
@@ -246,6 +248,12 @@ pub async fn synthesize(
         })
         .map(|o| json!({"id": o.subtask, "kind": o.kind.name(), "text": o.artifact.text}))
         .collect();
+    if !prose && (s.module.is_some() || s.analysis.is_some()) {
+        // Only the code was asked for (`--format code`, which prints the module alone):
+        // a summary nobody reads would cost a model call.
+        s.answer = "(no summary: only the code was asked for)".into();
+        return Ok(s);
+    }
     let mode = if route.kind == RouteKind::ExplainOrResearch {
         "answer"
     } else {
