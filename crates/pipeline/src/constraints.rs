@@ -133,16 +133,13 @@ fn code_name(token: &str) -> Option<String> {
 
 /// What `task` forbids.
 pub fn forbidden(task: &str) -> Vec<Forbidden> {
-    let lower = task.to_lowercase();
-    // Lower-casing may change byte offsets outside ASCII: read only where it does not.
-    if lower.len() != task.len() {
-        return forbidden(
-            &task
-                .chars()
-                .map(|c| if c.is_ascii() { c } else { ' ' })
-                .collect::<String>(),
-        );
-    }
+    // Only ASCII is read: lower-casing anything else can change its length (`İ`, the
+    // Kelvin sign), and the offsets found in the lower-cased text slice the original.
+    let task: String = task
+        .chars()
+        .map(|c| if c.is_ascii() { c } else { ' ' })
+        .collect();
+    let lower = task.to_ascii_lowercase();
     let mut out = BTreeSet::new();
     for (phrase, imports) in PHRASES {
         let mut from = 0;
@@ -319,6 +316,7 @@ mod tests {
 
     #[test]
     fn rules_in_a_tasks_words() {
+        assert_eq!(names("\u{130}\u{212a} Do not use eval()."), ["`eval`"]);
         assert_eq!(
             names("The expression is always well formed. Do not use eval()."),
             ["`eval`"]
@@ -353,6 +351,7 @@ mod tests {
             "",
             "do not use",
             "without using `` or ``()",
+            "\u{130}\u{212a} do not use \u{130}\u{130}\u{212a}",
         ] {
             assert_eq!(names(task), Vec::<String>::new(), "{task}");
         }
